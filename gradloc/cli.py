@@ -1,0 +1,419 @@
+"""The ``gradloc`` command line: a thin click shell. Each command builds a config and calls the library.
+
+Errors in the input are printed as one line (``error: ...``) with exit status 1; usage errors exit 2 (click);
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+from gradloc import __version__
+
+logger = logging.getLogger("gradloc")
+
+# Errors that come from what the user gave us (files, values, names): one line, exit 1.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError)
+
+
+class GradlocGroup(click.Group):
+    """Runs a command and turns input errors into one line on stderr (traceback only with --debug)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as error:
+            if ctx.params.get("debug"):
+                raise
+            message = error.args[0] if isinstance(error, KeyError) and error.args else error
+            click.echo(f"error: {message}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted: finished files are kept; rerun the same command to resume", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=GradlocGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="gradloc")
+@click.option("--debug", is_flag=True, help="Show full tracebacks and debug logging.")
+@click.option("--quiet", "-q", is_flag=True, help="Print only the score tables.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
+    """gradloc: how well do Grad-CAM-family heatmaps localize objects in Pascal VOC?
+
+    \b
+    Example (offline demo, about two minutes on a laptop CPU):
+      gradloc run --config configs/demo.yaml
+    """
+    ctx.obj = {"debug": debug, "quiet": quiet}
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+# --- shared options -----------------------------------------------------------------------------------------
+
+
+def _floats(value: str | None, name: str) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(float(item) for item in value.split(",") if item.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers such as 0.01,0.02, got {value!r}",
+                                 param_hint=name) from None
+
+
+# flag name -> (dotted config key, click option kwargs)
+RUN_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "voc_root": ("data.voc_root", {"help": "VOCdevkit folder (holding VOC<year>/)."}),
+    "year": ("data.year", {"help": "VOC year: 2007, 2012 (folder VOC<year>)."}),
+    "split": ("data.split", {"help": "Image set of ImageSets/Main (train, val, trainval, test)."}),
+    "limit": ("data.limit", {"type": int, "help": "Use only the first N images of the split."}),
+    "on_error": ("data.on_error", {"type": click.Choice(["raise", "skip"]),
+                                   "help": "Bad image/annotation: stop (raise) or skip and list it."}),
+    "model": ("model.name", {"help": "Model name (see `gradloc models`)."}),
+    "weights": ("model.weights", {"help": "torchvision weights name, e.g. IMAGENET1K_V1."}),
+    "checkpoint": ("model.checkpoint", {"help": "Local checkpoint (gradloc checkpoint or state dict)."}),
+    "head": ("model.head", {"type": click.Choice(["voc", "imagenet"]), "help": "VOC head."}),
+    "input_size": ("model.input_size", {"type": int, "help": "Network input size (square, pixels)."}),
+    "method": ("cams.method", {"help": "CAM method: gradcam, gradcampp, xgradcam, layercam, hirescam, ..."}),
+    "layer": ("cams.layer", {"help": "Target layer name (see `gradloc layers MODEL`)."}),
+    "batch_size": ("cams.batch_size", {"type": int, "help": "Images per batch."}),
+    "device": ("cams.device", {"help": "torch device, e.g. cpu or cuda."}),
+    "thresholds": ("boxes.thresholds", {"help": "Comma-separated τ in [0, 1], e.g. 0.01,0.02,0.06."}),
+    "threshold_mode": ("boxes.threshold_mode", {"help": "τ semantics: max, minmax, percentile."}),
+    "box_mode": ("boxes.box_mode", {"help": "largest, all or union."}),
+    "classes": ("boxes.classes", {"type": click.Choice(["predicted", "gt"]),
+                                  "help": "Explain predicted classes or GT classes (GT-known)."}),
+    "score_cut": ("boxes.score_cut", {"type": float, "help": "Probability cut for predicted classes."}),
+    "iou": ("score.iou", {"help": "Comma-separated IoU thresholds, e.g. 0.3,0.4,0.5."}),
+    "metric": ("score.metric", {"type": click.Choice(["voc07", "voc10"]),
+                                "help": "voc07 = 11-point AP, voc10 = all-point AP."}),
+    "name": ("name", {"help": "Run name: outputs go to <out>/<name>/."}),
+    "out": ("out", {"help": "Folder holding run folders (default results)."}),
+    "cache_dir": ("cache_dir", {"help": "Heatmap cache and demo data folder (default .gradloc-cache)."}),
+    "seed": ("seed", {"type": int, "help": "Random seed (baselines, demo)."}),
+}
+LIST_FLAGS = {"thresholds", "iou"}
+
+
+def run_options(command: Callable) -> Callable:
+    """Add ``--config`` and every RUN_FLAGS flag to a command."""
+    for flag, (_, kwargs) in reversed(RUN_FLAGS.items()):
+        command = click.option(f"--{flag.replace('_', '-')}", flag, default=None, **kwargs)(command)
+    return click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                        help="YAML config (configs/*.yaml); flags override it.")(command)
+
+
+def build_config(config_path: str | None, flags: dict[str, Any]):
+    from gradloc.config import load_config
+
+    overrides = {}
+    for flag, value in flags.items():
+        if value is None or flag not in RUN_FLAGS:
+            continue
+        overrides[RUN_FLAGS[flag][0]] = _floats(value, f"--{flag}") if flag in LIST_FLAGS else value
+    return load_config(config_path, overrides)
+
+
+@contextmanager
+def progress_bar(ctx: click.Context, total: int, desc: str, unit: str = "img") -> Iterator[Callable[[int], None]]:
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=desc, unit=unit, disable=ctx.obj["quiet"] or total == 0, file=sys.stderr,
+              dynamic_ncols=True) as bar:
+        yield bar.update
+
+
+def say(ctx: click.Context, message: str) -> None:
+    """Informational output (suppressed by --quiet)."""
+    if not ctx.obj["quiet"]:
+        click.echo(message, err=True)
+
+
+# --- stages -------------------------------------------------------------------------------------------------
+
+
+def _prepare(ctx: click.Context, config):
+    from gradloc.pipeline import prepare_demo
+
+    if not config.demo.enabled:
+        return config
+    say(ctx, "demo: synthetic VOC-layout dataset and tiny CNN (generated once, then reused)")
+    from tqdm import tqdm
+
+    with tqdm(desc="train demo CNN", unit="epoch", disable=ctx.obj["quiet"], file=sys.stderr) as bar:
+
+        def report(epoch: int, epochs: int, loss: float) -> None:
+            bar.total = epochs
+            bar.set_postfix(loss=f"{loss:.3f}")
+            bar.update(epoch - bar.n)
+
+        return prepare_demo(config, progress=report)
+
+
+def _cams(ctx: click.Context, config):
+    from gradloc.pipeline import cams_cache, load_classifier, open_dataset, run_cams
+
+    dataset = open_dataset(config)
+    todo = len(cams_cache(config, load_classifier(config), dataset).missing(dataset.image_ids))
+    with progress_bar(ctx, todo, f"cams ({config.cams.method})") as update:
+        return run_cams(config, progress=update)
+
+
+def _boxes(ctx: click.Context, config, cache, dataset) -> Path:
+    from gradloc.pipeline import run_boxes
+
+    with progress_bar(ctx, len(dataset), f"boxes ({len(config.boxes.thresholds)} thresholds)") as update:
+        return run_boxes(config, cache, dataset, progress=update)
+
+
+def _score(ctx: click.Context, run_dir: Path, ious, metric: str, fmt: str = "table") -> None:
+    from gradloc.detections import load_detections
+    from gradloc.pipeline import localization_scores, score_run
+    from gradloc.report import render, save_scores
+
+    rows = score_run(run_dir, ious, metric)
+    meta = load_detections(next(iter(sorted((run_dir / "detections").glob("thr_*.pkl"))))).meta
+    save_scores(rows, run_dir, meta)
+    wsol = localization_scores(run_dir)
+    wsol.to_csv(run_dir / "localization.csv", index=False)
+    click.echo(render(rows, fmt, meta))
+    if fmt == "table" and not ctx.obj["quiet"]:
+        means = wsol[wsol["class"].isin(["mean", "all"])]
+        lines = [f"  {r.metric:<28} tau={r.threshold:<6g} {100 * r.value:6.2f} %  (n={r.n})"
+                 for r in means.itertuples()]
+        click.echo("Localization (mean over classes; CorLoc per tau, pointing game tau-free):\n" + "\n".join(lines))
+
+
+def _write_resolved_config(config) -> None:
+    from gradloc.detections import atomic_write_bytes
+
+    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+    atomic_write_bytes(config.run_dir / "config.yaml", text.encode())
+
+
+@main.command()
+@run_options
+@click.pass_context
+def run(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
+    """The whole pipeline: CAMs -> boxes at every threshold -> VOC scores.
+
+    \b
+    Examples:
+      gradloc run --config configs/demo.yaml
+      gradloc run --config configs/voc07_efficientnet_lite0.yaml --split val --thresholds 0.1,0.2
+    """
+    from gradloc.pipeline import StageTimes, write_manifest
+
+    original = build_config(config_path, flags)
+    times = StageTimes()
+    with times.stage("prepare"):
+        config = _prepare(ctx, original)
+    with times.stage("cams"):
+        cache, dataset = _cams(ctx, config)
+    with times.stage("boxes"):
+        run_dir = _boxes(ctx, config, cache, dataset)
+    _write_resolved_config(config)
+    with times.stage("score"):
+        _score(ctx, run_dir, config.score.iou, config.score.metric)
+    write_manifest(config, original, cache, times)
+    if dataset.skipped:
+        say(ctx, f"skipped {len(dataset.skipped)} item(s): " + "; ".join(f"{i}: {r}" for i, r in dataset.skipped))
+    say(ctx, f"run folder: {run_dir}  (heatmap cache: {cache.root})")
+    say(ctx, "time per stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.seconds.items()))
+
+
+@main.command()
+@run_options
+@click.pass_context
+def cams(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
+    """Compute and cache raw CAM maps of all classes (resumable; reruns skip cached images).
+
+    \b
+    Example:
+      gradloc cams --config configs/voc07_resnet50.yaml --method gradcampp
+    """
+    config = _prepare(ctx, build_config(config_path, flags))
+    start = time.perf_counter()
+    cache, dataset = _cams(ctx, config)
+    say(ctx, f"cache: {cache.root} ({len(dataset)} images, {cache.nbytes() / 1e6:.1f} MB, "
+             f"{time.perf_counter() - start:.1f} s)")
+
+
+@main.command()
+@run_options
+@click.pass_context
+def boxes(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
+    """Cut boxes from cached maps at every threshold; write gt.pkl and detections/thr_<τ>.pkl.
+
+    \b
+    Example:
+      gradloc boxes --config configs/demo.yaml --thresholds 0.1,0.2,0.3 --box-mode all
+    """
+    from gradloc.pipeline import cams_cache, load_classifier, open_dataset
+
+    config = _prepare(ctx, build_config(config_path, flags))
+    dataset = open_dataset(config)
+    cache = cams_cache(config, load_classifier(config), dataset)
+    missing = cache.missing(dataset.image_ids)
+    if missing:
+        raise FileNotFoundError(f"{cache.root}: {len(missing)} of {len(dataset)} images have no cached maps "
+                                "for this model/method/layer; run `gradloc cams` with the same options first")
+    run_dir = _boxes(ctx, config, cache, dataset)
+    _write_resolved_config(config)
+    say(ctx, f"detections: {run_dir / 'detections'}")
+
+
+@main.command()
+@click.argument("run_dir", required=False, type=click.Path(file_okay=False))
+@click.option("--gt", "gt_path", type=click.Path(dir_okay=False), help="Ground-truth pickle (gradloc.gt/1).")
+@click.option("--iou", default="0.3,0.4,0.5", show_default=True, help="Comma-separated IoU thresholds.")
+@click.option("--metric", type=click.Choice(["voc07", "voc10"]), default="voc07", show_default=True,
+              help="voc07 = 11-point AP, voc10 = all-point AP.")
+@click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv", "json"]), default="table",
+              show_default=True)
+@click.argument("detections", nargs=-1, type=click.Path(dir_okay=False))
+@click.pass_context
+def score(ctx: click.Context, run_dir: str | None, gt_path: str | None, iou: str, metric: str, fmt: str,
+          detections: tuple[str, ...]) -> None:
+    """Score detections with the VOC devkit's AP: a run folder, or pickles from anywhere.
+
+    \b
+    Examples:
+      gradloc score results/demo
+      gradloc score --gt gt.pkl detections/thr_0.020.pkl detections/thr_0.060.pkl --format json
+    """
+    import pandas as pd
+
+    from gradloc.detections import load_detections, load_ground_truth
+    from gradloc.pipeline import score_detections
+    from gradloc.report import render
+
+    ious = _floats(iou, "--iou")
+    if gt_path is None:
+        if run_dir is None or detections:
+            raise click.UsageError("give a run folder, or --gt GT.pkl and detection pickles")
+        _score(ctx, Path(run_dir), ious, metric, fmt)
+        return
+    files = ((run_dir,) if run_dir else ()) + detections  # with --gt, positional arguments are all pickles
+    if not files:
+        raise click.UsageError("--gt needs at least one detections pickle")
+    gt = load_ground_truth(gt_path)
+    frames = [score_detections(load_detections(path), gt, ious, metric, "cam") for path in files]
+    click.echo(render(pd.concat(frames, ignore_index=True), fmt, load_detections(files[0]).meta))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+def info(run_dir: str) -> None:
+    """What a run folder holds: its protocol, config hash, versions and files.
+
+    \b
+    Example:
+      gradloc info results/demo
+    """
+    import json
+
+    manifest_path = Path(run_dir) / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{manifest_path}: not found; is {run_dir} a folder made by `gradloc run`?")
+    manifest = json.loads(manifest_path.read_text())
+    config = manifest["config"]
+    click.echo(f"run: {run_dir}\nconfig hash: {manifest['config_hash']}  git: {manifest['git_commit']}")
+    click.echo(f"data: {config['data']['voc_root']} VOC{config['data']['year']} {config['data']['split']}")
+    click.echo(f"model: {config['model']}\ncams: {config['cams']}\nboxes: {config['boxes']}\nscore: {config['score']}")
+    click.echo(f"versions: {manifest['versions']}\nseconds per stage: {manifest['seconds_per_stage']}")
+    files = sorted(p.relative_to(run_dir) for p in Path(run_dir).rglob("*") if p.is_file())
+    click.echo("files:\n" + "\n".join(f"  {f}" for f in files))
+
+
+@main.command()
+def models() -> None:
+    """List the models gradloc can build, their default CAM layer and whether weights are available offline.
+
+    \b
+    Example:
+      gradloc models
+    """
+    from tabulate import tabulate
+
+    from gradloc.models import list_models
+
+    click.echo(tabulate(list_models(), headers="keys", tablefmt="simple"))
+
+
+@main.command()
+@click.argument("model_name")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), help="Checkpoint to build the model from.")
+def layers(model_name: str, checkpoint: str | None) -> None:
+    """List the layers of MODEL that CAMs can target (modules with a spatial output).
+
+    \b
+    Example:
+      gradloc layers resnet50
+    """
+    from gradloc.cams import default_layer, list_layers
+    from gradloc.models import build_architecture
+
+    model = build_architecture(model_name, checkpoint=checkpoint)
+    default = default_layer(model)
+    for name in list_layers(model):
+        click.echo(f"{name}{'   (default)' if name == default else ''}")
+
+
+@main.command()
+@click.option("--voc-root", default="../shared/voc/VOCdevkit", show_default=True)
+@click.option("--year", default="2007", show_default=True)
+@click.option("--split", default="train", show_default=True, help="Training image set.")
+@click.option("--val-split", default="val", show_default=True, help="Held-out image set for the report.")
+@click.option("--model", "model_name", default="efficientnet_lite0", show_default=True)
+@click.option("--weights", default=None, help="torchvision weights name (backbone).")
+@click.option("--mode", type=click.Choice(["linear", "finetune_last"]), default="linear", show_default=True)
+@click.option("--epochs", type=int, default=None, help="Training epochs (default: the trainer's).")
+@click.option("--batch-size", type=int, default=None)
+@click.option("--lr", type=float, default=None)
+@click.option("--input-size", type=int, default=None)
+@click.option("--limit", type=int, default=None, help="Use only the first N images of each split.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint file to write.")
+@click.pass_context
+def train(ctx: click.Context, **options: Any) -> None:
+    """Train the 20-way multi-label `voc` head on a VOC split (linear probe by default).
+
+    \b
+    Example:
+      gradloc train --model efficientnet_lite0 --split train --out checkpoints/lite0_voc.pt
+    """
+    from tqdm import tqdm
+
+    from gradloc.train import TrainConfig, train_head
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {("model" if k == "model_name" else k): v for k, v in options.items()}
+    cfg = TrainConfig(**{k: (Path(v) if k == "out" else v) for k, v in values.items()
+                         if k in fields and v is not None})
+    with tqdm(desc="train", unit="step", disable=ctx.obj["quiet"], file=sys.stderr) as bar:
+
+        def progress(done: int, total: int, loss: float) -> None:
+            bar.total = total
+            bar.set_postfix(loss=f"{loss:.4f}")
+            bar.update(done - bar.n)
+
+        report = train_head(cfg, progress=progress)
+    click.echo(yaml.safe_dump(report, sort_keys=False))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,263 @@
+"""Run configuration: frozen dataclasses, YAML loading (safe), flag overrides, validation, hashing.
+
+Loading a config has no side effects: it never creates folders, downloads or redirects output.
+Unknown keys and values of the wrong type are errors that name the key (``boxes.thresholds[2]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gradloc.voc import VOC_CLASSES
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or of the wrong type."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which images: a VOCdevkit folder, its year (``VOC<year>/``), an image set and the class list."""
+
+    voc_root: str = "../shared/voc/VOCdevkit"
+    year: str = "2007"
+    split: str = "val"
+    classes: tuple[str, ...] = VOC_CLASSES
+    limit: int | None = None
+    on_error: str = "raise"
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The built-in offline demo: a synthetic VOC-layout dataset and a tiny CNN trained on its train split."""
+
+    enabled: bool = False
+    n_train: int = 240
+    n_val: int = 80
+    n_test: int = 80
+    train_seconds: float = 90.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The classifier: registry name, torchvision weights name or local checkpoint, and its VOC head."""
+
+    name: str = "efficientnet_lite0"
+    weights: str | None = None
+    checkpoint: str | None = None
+    head: str = "voc"
+    input_size: int | None = None
+    resize_mode: str = "letterbox"
+
+
+@dataclass(frozen=True)
+class CamConfig:
+    """The CAM method, target layer (None = the model's default) and engine settings."""
+
+    method: str = "gradcam"
+    layer: str | None = None
+    batch_size: int = 16
+    device: str = "cpu"
+    store_dtype: str = "float16"
+
+
+@dataclass(frozen=True)
+class BoxConfig:
+    """How heatmaps become boxes (see gradloc.boxes) and which classes are explained."""
+
+    thresholds: tuple[float, ...] = (0.01, 0.02, 0.06, 0.15, 0.2)
+    threshold_mode: str = "max"
+    box_mode: str = "largest"
+    connectivity: int = 2
+    min_area: float = 0.0
+    confidence: str = "score"
+    nms_iou: float | None = None
+    max_side: int | None = 224
+    classes: str = "predicted"
+    score_cut: float = 0.5
+    baselines: tuple[str, ...] = ("center", "full", "random")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """How detections are scored: IoU thresholds and the AP variant."""
+
+    iou: tuple[float, ...] = (0.3, 0.4, 0.5)
+    metric: str = "voc07"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole run. Outputs go to ``<out>/<name>/``; reusable heatmaps to ``<cache_dir>``."""
+
+    name: str = "run"
+    out: str = "results"
+    cache_dir: str = ".gradloc-cache"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cams: CamConfig = field(default_factory=CamConfig)
+    boxes: BoxConfig = field(default_factory=BoxConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _to_plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_to_plain(item) for item in value]
+    return value
+
+
+def config_hash(data: Mapping[str, Any], length: int = 12) -> str:
+    """Short sha256 of the canonical JSON of ``data`` (sorted keys): the name of a cache entry."""
+    text = json.dumps(_to_plain(dict(data)), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+# --- building dataclasses from plain data, with type checks -------------------------------------------------
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check ``value`` against a type annotation (the small subset used above), converting lists to tuples."""
+    origin = typing.get_origin(annotation)
+    if origin in (types.UnionType, typing.Union):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0])
+    if origin is tuple:
+        (item_type, _) = typing.get_args(annotation)
+        if isinstance(value, str) or not isinstance(value, list | tuple):
+            raise ConfigError(f"config key {key!r}: expected a list, got {value!r}")
+        return tuple(_coerce(item, item_type, f"{key}[{i}]") for i, item in enumerate(value))
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"config key {key!r}: expected a mapping of settings, got {value!r}")
+        return _build(annotation, value, prefix=f"{key}.")
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key {key!r}: expected true or false, got {value!r}")
+        return value
+    if annotation is str:
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise ConfigError(f"config key {key!r}: expected a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported annotation {annotation!r} for {key}")  # a bug in this module, not user input
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!s}; valid keys here: {', '.join(sorted(names))}"
+        )
+    return cls(**{name: _coerce(value, hints[name], f"{prefix}{name}") for name, value in data.items()})
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """Load a YAML config (or the defaults), apply ``overrides`` (nested dict or dotted keys), validate.
+
+    Raises:
+        FileNotFoundError: the config file does not exist.
+        ConfigError: malformed YAML, unknown keys, wrong types or invalid values; the message names the key.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: config file not found (see configs/ for examples)")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+        if loaded is not None and not isinstance(loaded, Mapping):
+            raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+        data = dict(loaded or {})
+    for dotted, value in (overrides or {}).items():
+        nested: Any = value
+        for part in reversed(dotted.split(".")):
+            nested = {part: nested}
+        data = _merge(data, nested)
+    config = _build(RunConfig, data)
+    validate(config)
+    return config
+
+
+def _check_range(key: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:
+    if not (low < value <= high if low_open else low <= value <= high):
+        bound = "(" if low_open else "["
+        raise ConfigError(f"config key {key!r}: {value} is outside {bound}{low}, {high}]")
+
+
+def validate(config: RunConfig) -> None:
+    """Value checks that types alone cannot express. Registries are checked by the stages themselves."""
+    if not config.boxes.thresholds:
+        raise ConfigError("config key 'boxes.thresholds': give at least one threshold")
+    for i, tau in enumerate(config.boxes.thresholds):
+        _check_range(f"boxes.thresholds[{i}]", tau, 0.0, 1.0)
+        if abs(round(tau, 3) - tau) > 1e-9:
+            raise ConfigError(f"config key 'boxes.thresholds[{i}]': {tau} has more than 3 decimals")
+    if not config.score.iou:
+        raise ConfigError("config key 'score.iou': give at least one IoU threshold")
+    for i, iou in enumerate(config.score.iou):
+        _check_range(f"score.iou[{i}]", iou, 0.0, 1.0, low_open=True)
+    if config.boxes.classes not in ("predicted", "gt"):
+        raise ConfigError(f"config key 'boxes.classes': {config.boxes.classes!r} is not one of predicted, gt")
+    _check_range("boxes.score_cut", config.boxes.score_cut, 0.0, 1.0)
+    if config.data.on_error not in ("raise", "skip"):
+        raise ConfigError(f"config key 'data.on_error': {config.data.on_error!r} is not one of raise, skip")
+    if config.cams.store_dtype not in ("float16", "float32"):
+        raise ConfigError(f"config key 'cams.store_dtype': {config.cams.store_dtype!r} is not float16 or float32")
+    for key, value in (("cams.batch_size", config.cams.batch_size), ("data.limit", config.data.limit),
+                       ("model.input_size", config.model.input_size), ("boxes.max_side", config.boxes.max_side)):
+        if value is not None and value < 1:
+            raise ConfigError(f"config key {key!r}: {value} must be at least 1")
+    if not config.name or "/" in config.name or config.name in (".", ".."):
+        raise ConfigError(f"config key 'name': {config.name!r} is not a usable folder name")
