@@ -1,0 +1,74 @@
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from gradloc.config import ConfigError, RunConfig, config_hash, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_defaults_are_the_documented_sweep():
+    config = load_config()
+    assert config.boxes.thresholds == (0.01, 0.02, 0.06, 0.15, 0.2)
+    assert config.score.iou == (0.3, 0.4, 0.5)
+    assert config.boxes.threshold_mode == "max"
+    assert config.score.metric == "voc07"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    config = load_config(path)
+    assert isinstance(config, RunConfig)
+
+
+def test_overrides_use_dotted_keys_and_lists_become_tuples(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("boxes:\n  thresholds: [0.1, 0.2]\nname: x\n")
+    config = load_config(path, {"boxes.box_mode": "all", "score.iou": (0.5,)})
+    assert config.boxes.thresholds == (0.1, 0.2)
+    assert config.boxes.box_mode == "all"
+    assert config.score.iou == (0.5,)
+    assert config.name == "x"
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("boxes:\n  thresold: [0.1]\n", r"unknown config key boxes\.thresold"),
+        ("boxes:\n  thresholds: [0.1, high]\n", r"boxes\.thresholds\[1\]'?: expected a number"),
+        ("boxes:\n  thresholds: 0.1\n", r"boxes\.thresholds.*expected a list"),
+        ("boxes:\n  thresholds: [1.5]\n", r"boxes\.thresholds\[0\].*outside"),
+        ("boxes:\n  thresholds: [0.0125]\n", r"more than 3 decimals"),
+        ("score:\n  iou: [0]\n", r"score\.iou\[0\].*outside"),
+        ("cams:\n  batch_size: two\n", r"cams\.batch_size'?: expected an integer"),
+        ("demo:\n  enabled: 1\n", r"demo\.enabled'?: expected true or false"),
+        ("data: [1, 2]\n", r"'data': expected a mapping"),
+        ("boxes:\n  classes: everything\n", r"boxes\.classes"),
+        ("- just\n- a list\n", r"mapping of settings at the top level"),
+        ("boxes: [unclosed\n", r"not valid YAML"),
+    ],
+)
+def test_bad_configs_name_the_key(tmp_path, text, match):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(path)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_loading_has_no_side_effects(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    load_config(CONFIGS / "demo.yaml")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_config_hash_changes_with_any_setting_and_ignores_key_order():
+    config = load_config()
+    changed = dataclasses.replace(config, cams=dataclasses.replace(config.cams, layer="layer3"))
+    assert config_hash(config.to_dict()) != config_hash(changed.to_dict())
+    assert config_hash({"a": 1, "b": 2}) == config_hash({"b": 2, "a": 1})
