@@ -415,5 +415,9 @@ def train(ctx: click.Context, **options: Any) -> None:
     click.echo(yaml.safe_dump(report, sort_keys=False))
 
 
+# --- report commands: show, plot, compare, sweep ---
+# --- end of report commands ---
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,709 @@
+"""Heatmap -> boxes for a whole threshold sweep.
+
+A raw class map (after ReLU, at feature resolution) is back-projected once onto a working grid over the
+original image (``gradloc.geometry.upsample``), every threshold of the sweep is cut from that one map, and the
+boxes are converted to VOC pixel boxes by ``gradloc.geometry.grid_boxes_to_voc``.
+
+Threshold semantics (``THRESHOLD_MODES``; a pixel is foreground when ``heat >= level``, pixels equal to the
+level are in, ``level`` is computed in float64 from the float32 map on the working grid):
+
+* ``max`` (default): ``level = τ · max(heat)`` (Grad-CAM: τ = 0.15, CAM: τ = 0.20).
+* ``minmax``: ``level = min(heat) + τ · (max(heat) − min(heat))``, i.e. ``heat − min >= τ · (max − min)``.
+* ``percentile``: ``level = np.quantile(heat, τ)`` with numpy's default ``"linear"`` method over all cells
+  of the map, so about a fraction ``1 − τ`` of the cells is foreground (ties at the level are all in).
+
+A map whose maximum is ``<= 0`` (all zero after ReLU) gives no boxes at any threshold, in every mode.
+
+Connected components use ``connectivity`` 1 (4 neighbours) or 2 (8 neighbours, the default, which is also
+``skimage.measure.label``'s default for 2-D images). Components smaller than ``min_area`` original-image
+pixels (converted to working-grid cells) are dropped before the box mode is applied. Box modes
+(``BOX_MODES``): ``largest`` (one box around the largest component; equal areas -> the component whose first
+pixel comes first in raster order, as ``skimage.measure.label`` + ``argmax`` of the areas picks),
+``all`` (one box per component, in raster order of their first pixels), ``union`` (one box around all kept
+components).
+
+All thresholds of a sweep come from ONE pass over the map (max-tree idea): each cell gets the index of the
+first (highest) level it passes, cells are bucketed by that index, and a union-find adds the buckets from
+the highest level down, keeping per-component area, bounding box, heat sum, peak and first pixel; after
+each bucket the components of that level are recorded. This is exactly ``skimage.measure.label`` of
+``heat >= level`` at every level (tested), in ``O(cells · α + cells · log T)`` instead of ``T`` labellings.
+
+``max_side`` (default 224): the working grid over the original image has its longer side at most
+``max_side`` cells (``None`` = the original resolution, exact). On VOC-sized images with 14x14 maps,
+``scripts/bench_scores.py`` measures the mean IoU of 224-grid boxes with full-resolution boxes and the
+AP@0.5 difference (see the README's Results section for the numbers).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numba
+import numpy as np
+
+from gradloc.geometry import Geometry, grid_boxes_to_voc, upsample, working_size
+
+logger = logging.getLogger(__name__)
+
+# Columns of the per-level component table built by the sweep kernel.
+_K, _T, _C0, _R0, _C1, _R1, _AREA, _PEAK, _SUM, _FIRST = range(10)
+_TABLE_COLUMNS = 10
+
+
+# --- threshold semantics ------------------------------------------------------------------------------------
+
+
+def _levels_max(heat: np.ndarray, taus: np.ndarray) -> np.ndarray:
+    """Grad-CAM / CAM thresholding: foreground ⇔ ``heat >= τ · max(heat)``.
+
+    Selvaraju et al., "Grad-CAM", ICCV 2017 (τ = 0.15); Zhou et al., "Learning Deep Features for
+    Discriminative Localization", CVPR 2016 (τ = 0.20).
+
+    Args:
+        heat: float32[K, n] maps on the working grid, flattened.
+        taus: float64[T] thresholds in [0, 1].
+    Returns:
+        float64[K, T] levels.
+    """
+    peak = heat.max(axis=1).astype(np.float64)
+    return taus[None, :] * peak[:, None]
+
+
+def _levels_minmax(heat: np.ndarray, taus: np.ndarray) -> np.ndarray:
+    """Min-max normalized thresholding: foreground ⇔ ``heat >= min + τ · (max − min)``.
+
+    The normalization of Choe et al., "Evaluating Weakly Supervised Object Localization Methods Right",
+    CVPR 2020 (``(heat − min) / (max − min) >= τ``). A constant map gives the whole grid at every τ.
+
+    Args:
+        heat: float32[K, n]; taus: float64[T].
+    Returns:
+        float64[K, T] levels.
+    """
+    low = heat.min(axis=1).astype(np.float64)
+    high = heat.max(axis=1).astype(np.float64)
+    return low[:, None] + taus[None, :] * (high - low)[:, None]
+
+
+def _levels_percentile(heat: np.ndarray, taus: np.ndarray) -> np.ndarray:
+    """Quantile thresholding: foreground ⇔ ``heat >= np.quantile(heat, τ)`` (numpy's ``"linear"`` method).
+
+    About a fraction ``1 − τ`` of the cells is foreground: with ``n`` cells sorted ascending as ``v``,
+    the level is ``v[⌊h⌋] + (h − ⌊h⌋) · (v[⌊h⌋+1] − v[⌊h⌋])`` with ``h = τ · (n − 1)``.
+
+    Args:
+        heat: float32[K, n]; taus: float64[T].
+    Returns:
+        float64[K, T] levels.
+    """
+    return np.quantile(heat.astype(np.float64), taus, axis=1).T.reshape(heat.shape[0], taus.size)
+
+
+THRESHOLD_MODES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "max": _levels_max,
+    "minmax": _levels_minmax,
+    "percentile": _levels_percentile,
+}
+
+
+# --- box modes: reductions of the per-level component table ------------------------------------------------
+
+
+def _group_starts(table: np.ndarray) -> np.ndarray:
+    """Start row of each (threshold, map) group of a table sorted by (t, k, first); int64[G]."""
+    if table.shape[0] == 0:
+        return np.zeros(0, dtype=np.int64)
+    new = np.ones(table.shape[0], dtype=bool)
+    new[1:] = (table[1:, _T] != table[:-1, _T]) | (table[1:, _K] != table[:-1, _K])
+    return np.flatnonzero(new)
+
+
+def _box_all(table: np.ndarray) -> np.ndarray:
+    """One box per connected component (in raster order of the components' first pixels).
+
+    The "all contours" variant of Choe et al., CVPR 2020 (MaxBoxAccV2).
+    """
+    return table
+
+
+def _box_largest(table: np.ndarray) -> np.ndarray:
+    """Box of the largest connected component (Zhou et al., CVPR 2016; Selvaraju et al., ICCV 2017).
+
+    Equal areas: the component whose first pixel comes first in raster order.
+    """
+    if table.shape[0] == 0:
+        return table
+    order = np.lexsort((table[:, _FIRST], -table[:, _AREA], table[:, _K], table[:, _T]))
+    ranked = table[order]
+    return ranked[_group_starts(ranked)]
+
+
+def _box_union(table: np.ndarray) -> np.ndarray:
+    """Box of all foreground pixels (of the components kept by ``min_area``): one box per map and level.
+
+    Area and heat sum add up over the components, the peak is their maximum.
+    """
+    if table.shape[0] == 0:
+        return table
+    starts = _group_starts(table)
+    out = table[starts].copy()
+    for columns, ufunc in (
+        ((_C0, _R0, _FIRST), np.minimum),
+        ((_C1, _R1, _PEAK), np.maximum),
+        ((_AREA, _SUM), np.add),
+    ):
+        out[:, list(columns)] = ufunc.reduceat(table[:, list(columns)], starts, axis=0)
+    return out
+
+
+BOX_MODES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "largest": _box_largest,
+    "all": _box_all,
+    "union": _box_union,
+}
+
+
+# --- box confidences ---------------------------------------------------------------------------------------
+
+
+def _conf_score(rows: np.ndarray, score: np.ndarray, heat_max: np.ndarray) -> np.ndarray:
+    """``confidence = s_c``, the class score (the classifier's logit/probability that produced the map)."""
+    return score.astype(np.float64, copy=True)
+
+
+def _conf_score_x_peak(rows: np.ndarray, score: np.ndarray, heat_max: np.ndarray) -> np.ndarray:
+    """``confidence = s_c · max_{p ∈ component} H(p) / max_p H(p)``."""
+    return score * rows[:, 5] / heat_max
+
+
+def _conf_score_x_mean(rows: np.ndarray, score: np.ndarray, heat_max: np.ndarray) -> np.ndarray:
+    """``confidence = s_c · mean_{p ∈ component} H(p) / max_p H(p)``."""
+    return score * rows[:, 6] / heat_max
+
+
+def _conf_mass(rows: np.ndarray, score: np.ndarray, heat_max: np.ndarray) -> np.ndarray:
+    """``confidence = Σ_{p ∈ box} H(p) / Σ_p H(p)``, the share of the map's heat inside the box (in [0, 1] for
+    non-negative maps; it ignores the class score)."""
+    return rows[:, 7].copy()
+
+
+# Each takes (rows float64[n, 8] from heatmap_to_boxes, class score float64[n], map max float64[n]).
+CONFIDENCES: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]] = {
+    "score": _conf_score,
+    "score_x_peak": _conf_score_x_peak,
+    "score_x_mean": _conf_score_x_mean,
+    "mass": _conf_mass,
+}
+
+
+@dataclass(frozen=True)
+class BoxParams:
+    """How heatmaps become boxes (see the module docstring for the semantics).
+
+    Attributes:
+        threshold_mode: key of ``THRESHOLD_MODES``.
+        box_mode: key of ``BOX_MODES``.
+        connectivity: 1 (4-neighbour) or 2 (8-neighbour).
+        min_area: components smaller than this many original-image pixels are dropped (0 keeps all).
+        confidence: key of ``CONFIDENCES``.
+        nms_iou: greedy NMS among boxes of one class in one image, suppressing boxes whose IoU (VOC +1
+            areas) with a higher-confidence box is ``> nms_iou``; ``None`` = off.
+        max_side: longer side of the working grid in cells; ``None`` = original resolution (exact).
+    """
+
+    threshold_mode: str = "max"
+    box_mode: str = "largest"
+    connectivity: int = 2
+    min_area: float = 0.0
+    confidence: str = "score"
+    nms_iou: float | None = None
+    max_side: int | None = 224
+
+    def __post_init__(self) -> None:
+        for field_name, registry in (
+            ("threshold_mode", THRESHOLD_MODES),
+            ("box_mode", BOX_MODES),
+            ("confidence", CONFIDENCES),
+        ):
+            value = getattr(self, field_name)
+            if value not in registry:
+                raise ValueError(
+                    f"box params: unknown {field_name} {value!r}; choose one of {', '.join(registry)}"
+                )
+        if self.connectivity not in (1, 2):
+            raise ValueError(
+                f"box params: connectivity {self.connectivity!r} must be 1 (4-neighbour) or 2 (8-neighbour)"
+            )
+        if not (math.isfinite(self.min_area) and self.min_area >= 0):
+            raise ValueError(f"box params: min_area {self.min_area!r} must be a finite number of pixels >= 0")
+        if self.nms_iou is not None and not 0.0 <= self.nms_iou <= 1.0:
+            raise ValueError(f"box params: nms_iou {self.nms_iou!r} must be in [0, 1] or None (off)")
+        if self.max_side is not None and (not isinstance(self.max_side, int) or self.max_side < 1):
+            raise ValueError(
+                f"box params: max_side {self.max_side!r} must be a positive integer or None (full size)"
+            )
+
+
+# --- the one-pass sweep (numba) ----------------------------------------------------------------------------
+
+
+@numba.njit(cache=True, nogil=True)
+def _find(parent: np.ndarray, x: int) -> int:
+    while parent[x] != x:
+        parent[x] = parent[parent[x]]
+        x = parent[x]
+    return x
+
+
+@numba.njit(cache=True, nogil=True)
+def _component_sweep(
+    heat: np.ndarray, levels: np.ndarray, connectivity: int, min_area: float
+) -> np.ndarray:
+    """Connected components of ``heat[k] >= levels[k, t]`` for every map k and level t, in one pass per map.
+
+    Args:
+        heat: float32[K, H, W].
+        levels: float64[K, T]; ``+inf`` gives no foreground.
+        connectivity: 1 or 2.
+        min_area: components with fewer cells are not recorded.
+    Returns:
+        float64[M, 10] rows ``[k, t, c0, r0, c1, r1, area, peak, heat_sum, first]`` (0-based half-open
+        cell box, ``first`` = raster index of the component's first cell), unordered.
+    """
+    n_maps, height, width = heat.shape
+    n_levels = levels.shape[1]
+    n = height * width
+    if connectivity == 1:
+        d_row = np.array([-1, 1, 0, 0], dtype=np.int64)
+        d_col = np.array([0, 0, -1, 1], dtype=np.int64)
+    else:
+        d_row = np.array([-1, -1, -1, 0, 0, 1, 1, 1], dtype=np.int64)
+        d_col = np.array([-1, 0, 1, -1, 1, -1, 0, 1], dtype=np.int64)
+    parent = np.empty(n, dtype=np.int64)
+    area = np.empty(n, dtype=np.int64)
+    row0 = np.empty(n, dtype=np.int64)
+    row1 = np.empty(n, dtype=np.int64)
+    col0 = np.empty(n, dtype=np.int64)
+    col1 = np.empty(n, dtype=np.int64)
+    first = np.empty(n, dtype=np.int64)
+    peak = np.empty(n, dtype=np.float64)
+    total = np.empty(n, dtype=np.float64)
+    added = np.empty(n, dtype=np.bool_)
+    bucket = np.empty(n, dtype=np.int64)
+    order = np.empty(n, dtype=np.int64)
+    starts = np.empty(n_levels + 2, dtype=np.int64)
+    kept = np.empty(n, dtype=np.int64)  # roots of recorded (area >= min_area) components
+    kept_pos = np.empty(n, dtype=np.int64)  # position of a root in `kept`, -1 if absent
+    capacity = max(64, 2 * n_maps * n_levels)
+    out = np.empty((capacity, 10), dtype=np.float64)
+    n_out = 0
+    for k in range(n_maps):
+        level_order = np.argsort(-levels[k], kind="mergesort")  # descending
+        sorted_levels = levels[k][level_order]
+        # Bucket b of a cell = index of the highest level it passes (n_levels: none).
+        starts[:] = 0
+        for p in range(n):
+            value = np.float64(heat[k, p // width, p % width])
+            lo, hi = 0, n_levels
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if sorted_levels[mid] <= value:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            bucket[p] = lo
+            starts[lo + 1] += 1
+        for b in range(n_levels + 1):
+            starts[b + 1] += starts[b]
+        fill = starts[: n_levels + 1].copy()
+        for p in range(n):
+            order[fill[bucket[p]]] = p
+            fill[bucket[p]] += 1
+        added[:] = False
+        n_kept = 0
+        for level in range(n_levels):
+            for j in range(starts[level], starts[level + 1]):
+                p = order[j]
+                r = p // width
+                c = p % width
+                value = np.float64(heat[k, r, c])
+                parent[p] = p
+                area[p] = 1
+                row0[p] = r
+                row1[p] = r + 1
+                col0[p] = c
+                col1[p] = c + 1
+                first[p] = p
+                peak[p] = value
+                total[p] = value
+                kept_pos[p] = -1
+                added[p] = True
+                root = p
+                for d in range(d_row.size):
+                    rq = r + d_row[d]
+                    cq = c + d_col[d]
+                    if rq < 0 or rq >= height or cq < 0 or cq >= width:
+                        continue
+                    q = rq * width + cq
+                    if not added[q]:
+                        continue
+                    other = _find(parent, q)
+                    if other == root:
+                        continue
+                    if area[other] > area[root]:
+                        root, other = other, root
+                    parent[other] = root  # union by size; `other` is absorbed
+                    area[root] += area[other]
+                    row0[root] = min(row0[root], row0[other])
+                    row1[root] = max(row1[root], row1[other])
+                    col0[root] = min(col0[root], col0[other])
+                    col1[root] = max(col1[root], col1[other])
+                    first[root] = min(first[root], first[other])
+                    peak[root] = max(peak[root], peak[other])
+                    total[root] += total[other]
+                    pos = kept_pos[other]
+                    if pos >= 0:  # swap-remove the absorbed root from the recorded components
+                        n_kept -= 1
+                        kept[pos] = kept[n_kept]
+                        kept_pos[kept[pos]] = pos
+                        kept_pos[other] = -1
+                if kept_pos[root] < 0 and area[root] >= min_area:
+                    kept[n_kept] = root
+                    kept_pos[root] = n_kept
+                    n_kept += 1
+            if n_out + n_kept > capacity:
+                capacity = max(2 * capacity, n_out + n_kept)
+                grown = np.empty((capacity, 10), dtype=np.float64)
+                grown[:n_out] = out[:n_out]
+                out = grown
+            for i in range(n_kept):
+                root = kept[i]
+                row = out[n_out]
+                row[0] = k
+                row[1] = level_order[level]
+                row[2] = col0[root]
+                row[3] = row0[root]
+                row[4] = col1[root]
+                row[5] = row1[root]
+                row[6] = area[root]
+                row[7] = peak[root]
+                row[8] = total[root]
+                row[9] = first[root]
+                n_out += 1
+    return out[:n_out]
+
+
+@numba.njit(cache=True, nogil=True)
+def _nms_keep(boxes: np.ndarray, conf: np.ndarray, starts: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """Greedy NMS within each group ``[starts[g], starts[g + 1])`` of VOC boxes; bool[N] keep mask.
+
+    Boxes are visited by descending confidence (stable: equal confidences keep their order); a box is
+    suppressed when its IoU with a kept box is ``> iou_threshold``, IoU with VOC +1 areas.
+    """
+    keep = np.ones(boxes.shape[0], dtype=np.bool_)
+    for g in range(starts.size - 1):
+        lo, hi = starts[g], starts[g + 1]
+        if hi - lo < 2:
+            continue
+        order = lo + np.argsort(-conf[lo:hi], kind="mergesort")
+        for i in range(order.size):
+            a = order[i]
+            if not keep[a]:
+                continue
+            area_a = (boxes[a, 2] - boxes[a, 0] + 1.0) * (boxes[a, 3] - boxes[a, 1] + 1.0)
+            for j in range(i + 1, order.size):
+                b = order[j]
+                if not keep[b]:
+                    continue
+                iw = min(boxes[a, 2], boxes[b, 2]) - max(boxes[a, 0], boxes[b, 0]) + 1.0
+                ih = min(boxes[a, 3], boxes[b, 3]) - max(boxes[a, 1], boxes[b, 1]) + 1.0
+                if iw <= 0.0 or ih <= 0.0:
+                    continue
+                inter = iw * ih
+                area_b = (boxes[b, 2] - boxes[b, 0] + 1.0) * (boxes[b, 3] - boxes[b, 1] + 1.0)
+                if inter / (area_a + area_b - inter) > iou_threshold:
+                    keep[b] = False
+    return keep
+
+
+# --- library API -------------------------------------------------------------------------------------------
+
+
+def _check_thresholds(thresholds: Sequence[float]) -> np.ndarray:
+    taus = np.asarray(thresholds, dtype=np.float64)
+    if taus.ndim != 1:
+        raise ValueError(f"thresholds must be a flat sequence of numbers, got shape {taus.shape}")
+    bad = taus[~((taus >= 0.0) & (taus <= 1.0))]
+    if bad.size:
+        raise ValueError(f"threshold {bad[0]!r} is outside [0, 1]; thresholds are fractions (see BoxParams)")
+    return taus
+
+
+def _check_maps(maps: np.ndarray, what: str) -> np.ndarray:
+    maps = np.asarray(maps)
+    if maps.ndim != 3 or 0 in maps.shape:
+        raise ValueError(f"{what}: expected non-empty maps of shape (K, h, w), got shape {maps.shape}")
+    if not np.all(np.isfinite(maps)):
+        raise ValueError(f"{what}: maps hold NaN or infinite values; check the CAM engine output")
+    return np.ascontiguousarray(maps, dtype=np.float32)
+
+
+def _grid_rows(
+    heat: np.ndarray, taus: np.ndarray, params: BoxParams, min_area_cells: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Boxes of K maps on their grid for every threshold.
+
+    Args:
+        heat: float32[K, H, W] maps on the working grid (finite).
+        taus: float64[T] thresholds in [0, 1].
+        params: box parameters.
+        min_area_cells: ``params.min_area`` converted to grid cells.
+    Returns:
+        ``(rows, t, k)``: float64[N, 8] rows ``[c0, r0, c1, r1, area, peak, mean, mass]`` sorted by
+        (threshold index, map, raster order of the component), with int64[N] threshold and map indices.
+    """
+    n_maps, height, width = heat.shape
+    flat = heat.reshape(n_maps, -1)
+    levels = np.ascontiguousarray(THRESHOLD_MODES[params.threshold_mode](flat, taus), dtype=np.float64)
+    levels[flat.max(axis=1) <= 0] = np.inf  # an all-zero map gives no boxes
+    table = _component_sweep(heat, levels, params.connectivity, float(min_area_cells))
+    table = table[np.lexsort((table[:, _FIRST], table[:, _K], table[:, _T]))]
+    table = BOX_MODES[params.box_mode](table)
+    t = table[:, _T].astype(np.int64)
+    k = table[:, _K].astype(np.int64)
+    c0, r0, c1, r1 = (table[:, col].astype(np.int64) for col in (_C0, _R0, _C1, _R1))
+    # Heat inside each box from per-map integral images (summed-area tables), for the `mass` column.
+    integral = np.zeros((n_maps, height + 1, width + 1), dtype=np.float64)
+    np.cumsum(np.cumsum(heat, axis=1, dtype=np.float64), axis=2, out=integral[:, 1:, 1:])
+    inside = integral[k, r1, c1] - integral[k, r0, c1] - integral[k, r1, c0] + integral[k, r0, c0]
+    rows = np.empty((table.shape[0], 8), dtype=np.float64)
+    rows[:, :4] = table[:, [_C0, _R0, _C1, _R1]]
+    rows[:, 4] = table[:, _AREA]
+    rows[:, 5] = table[:, _PEAK]
+    rows[:, 6] = table[:, _SUM] / table[:, _AREA]
+    rows[:, 7] = inside / integral[k, height, width]
+    return rows, t, k
+
+
+def heatmap_to_boxes(
+    heat: np.ndarray, thresholds: Sequence[float], params: BoxParams, *, cell_area: float = 1.0
+) -> list[np.ndarray]:
+    """Cut every threshold of a sweep out of one map.
+
+    Args:
+        heat: float32[H, W] map on its grid (finite).
+        thresholds: T values τ in [0, 1], meaning ``params.threshold_mode``.
+        params: box parameters (``max_side`` is not used here: ``heat`` is already on its grid).
+        cell_area: original-image pixels per cell of ``heat`` (1 at full resolution); ``params.min_area``
+            is divided by it.
+    Returns:
+        T arrays float64[N_t, 8], rows ``[c0, r0, c1, r1, area, peak, mean, mass]``: the box as 0-based
+        half-open cell ranges of the grid of ``heat`` (columns c0:c1, rows r0:r1), the component's area in
+        cells, its peak and mean heat, and the share of the map's total heat inside the box. For ``union``,
+        area/peak/mean are over all kept components. Rows within a threshold are in raster order of the
+        components' first pixels.
+    """
+    heat = np.asarray(heat)
+    if heat.ndim != 2:
+        raise ValueError(f"heatmap_to_boxes: expected one map of shape (H, W), got shape {heat.shape}")
+    if not cell_area > 0:
+        raise ValueError(f"heatmap_to_boxes: cell_area {cell_area!r} must be > 0 pixels per cell")
+    maps = _check_maps(heat[None], "heatmap_to_boxes")
+    taus = _check_thresholds(thresholds)
+    rows, t, _ = _grid_rows(maps, taus, params, params.min_area / cell_area)
+    return np.split(rows, np.searchsorted(t, np.arange(1, taus.size)))
+
+
+def _image_rows(
+    maps: np.ndarray, class_scores: np.ndarray, geometry: Geometry, taus: np.ndarray, params: BoxParams
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Boxes of one image for all thresholds, flat: ``(t, k, confidence, voc_boxes)`` sorted by (t, k)."""
+    maps = _check_maps(maps, "image_boxes")
+    scores = np.asarray(class_scores, dtype=np.float64).reshape(-1)
+    if scores.size != maps.shape[0]:
+        raise ValueError(f"image_boxes: {scores.size} class scores for {maps.shape[0]} maps; give one each")
+    out_w, out_h = working_size(geometry.width, geometry.height, params.max_side)
+    heat = upsample(maps, geometry, out_w, out_h)
+    cell_area = geometry.width * geometry.height / (out_w * out_h)
+    rows, t, k = _grid_rows(heat, taus, params, params.min_area / cell_area)
+    heat_max = heat.reshape(heat.shape[0], -1).max(axis=1).astype(np.float64)
+    confidence = CONFIDENCES[params.confidence](rows, scores[k], heat_max[k])
+    boxes = grid_boxes_to_voc(rows[:, :4], out_w, out_h, geometry.width, geometry.height)
+    if params.nms_iou is not None and rows.shape[0] > 1:
+        starts = np.flatnonzero(np.r_[True, (t[1:] != t[:-1]) | (k[1:] != k[:-1]), True])
+        keep = _nms_keep(boxes, confidence, starts, float(params.nms_iou))
+        t, k, confidence, boxes = t[keep], k[keep], confidence[keep], boxes[keep]
+    return t, k, confidence, boxes
+
+
+def image_boxes(
+    maps: np.ndarray,
+    class_scores: np.ndarray,
+    geometry: Geometry,
+    thresholds: Sequence[float],
+    params: BoxParams,
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Boxes of one image for a whole threshold sweep.
+
+    Each raw map is back-projected once onto the working grid (``max_side``), every threshold is cut from
+    it, confidences are computed (``params.confidence``), boxes are converted to VOC pixel boxes by
+    ``grid_boxes_to_voc`` and, if ``params.nms_iou`` is set, NMS runs per map and threshold.
+
+    Args:
+        maps: float32[K, h, w] raw maps (after ReLU) at feature resolution, one per explained class.
+        class_scores: float64[K] the class scores that produced the maps.
+        geometry: the preprocessing of this image.
+        thresholds: T values τ in [0, 1].
+        params: box parameters.
+    Returns:
+        per threshold ``(k int64[n], confidence float64[n], boxes float64[n, 4])``: indices into the K maps,
+        confidences, VOC boxes (1-based inclusive pixels of the original image), sorted by k.
+    """
+    taus = _check_thresholds(thresholds)
+    t, k, confidence, boxes = _image_rows(maps, class_scores, geometry, taus, params)
+    cuts = np.searchsorted(t, np.arange(1, taus.size))
+    return list(zip(np.split(k, cuts), np.split(confidence, cuts), np.split(boxes, cuts), strict=True))
+
+
+def peak_points(maps: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Peak of each map back-projected at full original resolution, for the pointing game.
+
+    Zhang et al., "Top-down Neural Attention by Excitation Backprop", ECCV 2016: a hit when the map's
+    maximum falls inside a GT box of the class.
+
+    Args:
+        maps: float32[K, h, w] raw maps at feature resolution.
+        geometry: the preprocessing of this image.
+    Returns:
+        float64[K, 2] ``(x, y)`` 1-based VOC pixel of ``argmax`` of each map (ties -> first in raster order;
+        an all-zero map points at (1, 1)).
+    """
+    maps = _check_maps(maps, "peak_points")
+    heat = upsample(maps, geometry)
+    flat_index = heat.reshape(heat.shape[0], -1).argmax(axis=1)
+    y, x = np.divmod(flat_index, geometry.width)
+    return np.stack([x + 1, y + 1], axis=1).astype(np.float64)
+
+
+def _baseline_center(geometry: Geometry) -> np.ndarray:
+    """The middle half of the image: continuous ``[W/4, 3W/4) x [H/4, 3H/4)`` covered by whole pixels, i.e.
+    ``[⌊W/4⌋ + 1, ⌊H/4⌋ + 1, ⌈3W/4⌉, ⌈3H/4⌉]`` (500x375 -> [126, 94, 375, 282])."""
+    w, h = geometry.width, geometry.height
+    return grid_boxes_to_voc(np.array([[w / 4, h / 4, 3 * w / 4, 3 * h / 4]]), w, h, w, h)[0]
+
+
+def _baseline_full(geometry: Geometry) -> np.ndarray:
+    """The whole image: ``[1, 1, W, H]``."""
+    return np.array([1.0, 1.0, geometry.width, geometry.height])
+
+
+BASELINES: dict[str, Callable[[Geometry], np.ndarray]] = {
+    "center": _baseline_center,
+    "full": _baseline_full,
+}
+
+
+def random_maps(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """Maps for the random-heatmap baseline: i.i.d. uniform noise in [0, 1) at feature resolution.
+
+    Noise on the feature grid becomes smooth blobs once bilinearly back-projected onto the image.
+
+    Args:
+        shape: e.g. ``(K, h, w)`` (the shape of the real maps it replaces).
+        seed: seed of ``numpy.random.default_rng``; same seed, same maps.
+    Returns:
+        float32[*shape].
+    """
+    return np.random.default_rng(seed).random(shape, dtype=np.float32)
+
+
+# --- parallel driver over images ---------------------------------------------------------------------------
+
+
+class SweepEntry(NamedTuple):
+    """One image's cached maps: float32[K, h, w] maps, float64[K] class scores, geometry, int64[K] labels."""
+
+    maps: np.ndarray
+    class_scores: np.ndarray
+    geometry: Geometry
+    labels: np.ndarray
+
+
+class ThresholdDetections(NamedTuple):
+    """Detections of one threshold over many images, the arrays of ``gradloc.detections.Detections``."""
+
+    image_index: np.ndarray
+    labels: np.ndarray
+    scores: np.ndarray
+    boxes: np.ndarray
+
+
+def _sweep_chunk(
+    args: tuple[int, Sequence[SweepEntry], np.ndarray, BoxParams],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Flat ``(t, image_index, labels, confidence, boxes)`` of consecutive images starting at ``offset``."""
+    offset, entries, taus, params = args
+    parts = []
+    for i, entry in enumerate(entries):
+        t, k, confidence, boxes = _image_rows(entry.maps, entry.class_scores, entry.geometry, taus, params)
+        labels = np.asarray(entry.labels, dtype=np.int64).reshape(-1)
+        if labels.size != np.asarray(entry.maps).shape[0]:
+            raise ValueError(f"sweep_images: image {offset + i} has {labels.size} labels for "
+                             f"{np.asarray(entry.maps).shape[0]} maps; give one class index per map")
+        parts.append((t, np.full(t.size, offset + i, dtype=np.int64), labels[k], confidence, boxes))
+    if not parts:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty, np.zeros(0), np.zeros((0, 4))
+    return tuple(np.concatenate(column) for column in zip(*parts, strict=True))  # type: ignore[return-value]
+
+
+def sweep_images(
+    entries: Sequence[SweepEntry | tuple[np.ndarray, np.ndarray, Geometry, np.ndarray]],
+    thresholds: Sequence[float],
+    params: BoxParams,
+    workers: int = 1,
+    chunk_size: int = 100,
+) -> list[ThresholdDetections]:
+    """Boxes of many images for a whole threshold sweep, optionally over worker processes.
+
+    Results are identical whatever ``workers`` is: images are cut into chunks of consecutive images,
+    processed independently, and put back in image order.
+
+    Args:
+        entries: per image ``(maps float32[K, h, w], class_scores float64[K], geometry, labels int64[K])``.
+        thresholds: T values τ in [0, 1].
+        params: box parameters.
+        workers: 1 = in this process; more = a ``spawn`` process pool of that size.
+        chunk_size: images per task.
+    Returns:
+        per threshold, ``ThresholdDetections(image_index, labels, scores, boxes)`` sorted by image, with
+        ``image_index`` the position in ``entries``.
+    """
+    if workers < 1 or chunk_size < 1:
+        raise ValueError(f"sweep_images: workers={workers} and chunk_size={chunk_size} must be >= 1")
+    taus = _check_thresholds(thresholds)
+    entries = [SweepEntry(*entry) for entry in entries]
+    tasks = [(i, entries[i : i + chunk_size], taus, params) for i in range(0, len(entries), chunk_size)]
+    logger.debug("sweep of %d images x %d thresholds, %d tasks, %d workers", len(entries), taus.size,
+                 len(tasks), workers)
+    if workers == 1 or len(tasks) < 2:
+        results = [_sweep_chunk(task) for task in tasks]
+    else:
+        with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
+            results = pool.map(_sweep_chunk, tasks)
+    if not results:
+        results = [_sweep_chunk((0, [], taus, params))]
+    t, image_index, labels, scores, boxes = (np.concatenate(column) for column in zip(*results, strict=True))
+    order = np.argsort(t, kind="stable")
+    cuts = np.searchsorted(t[order], np.arange(1, taus.size))
+    return [
+        ThresholdDetections(*parts)
+        for parts in zip(
+            *(np.split(a[order], cuts) for a in (image_index, labels, scores, boxes)), strict=True
+        )
+    ]

@@ -1,0 +1,614 @@
+"""Localization metrics: VOC detection AP (exactly as the devkit), CorLoc, MaxBoxAcc and the pointing game.
+
+Boxes are ``float64 [x1, y1, x2, y2]`` in VOC convention (1-based, inclusive pixel coordinates of the original
+image, width = x2 - x1 + 1). Every function takes :class:`~gradloc.detections.Detections` and
+:class:`~gradloc.detections.GroundTruth` built on the *same* ``classes`` and ``image_ids`` lists (same
+order); anything else is refused with a ``ValueError``, because a detection file made on another split
+would silently score every missing image as a miss.
+
+VOC AP follows the Python port of the devkit (py-faster-rcnn ``voc_eval.py``) to the last bit; the loop
+version in ``tests/voc_reference.py`` is the executable specification and the tests compare with ``==``.
+Speed comes from two observations:
+
+* The GT a detection is matched against (highest IoU in its image among *all* GT of its class, difficult
+  and already-used boxes included) does not depend on the matching state, so it is computed once for all
+  detections, fully vectorized over (detection, GT-of-same-class-and-image) pairs.
+* Given those best GTs, the devkit's sequential greedy loop reduces to "among the detections whose best GT
+  is ``j`` with IoU > thr, the highest-ranked one is the TP, the others are FP" (``j`` non-difficult), or
+  "ignored" (``j`` difficult). That is a first-occurrence query, one stable sort per IoU threshold.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from gradloc.detections import Detections, GroundTruth
+
+logger = logging.getLogger(__name__)
+
+_EPS = np.finfo(np.float64).eps
+
+
+# --- IoU ----------------------------------------------------------------------------------------------------
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """VOC IoU of broadcastable box arrays ``a[..., 4]`` and ``b[..., 4]``.
+
+    The operations and their order are those of the devkit's ``voc_eval`` (so results are bit-identical):
+    ``iw = max(min(x2) - max(x1) + 1, 0)``, same for ``ih``; ``union = area_a + area_b - iw * ih`` with
+    ``area = (x2 - x1 + 1) * (y2 - y1 + 1)``.
+    """
+    iw = np.maximum(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]) + 1.0, 0.0)
+    ih = np.maximum(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]) + 1.0, 0.0)
+    inters = iw * ih
+    union = (
+        (a[..., 2] - a[..., 0] + 1.0) * (a[..., 3] - a[..., 1] + 1.0)
+        + (b[..., 2] - b[..., 0] + 1.0) * (b[..., 3] - b[..., 1] + 1.0)
+        - inters
+    )
+    return inters / union
+
+
+def _check_boxes(what: str, boxes: np.ndarray) -> np.ndarray:
+    """Return ``boxes`` as float64[N, 4]; refuse wrong shapes, non-finite values and x2 < x1 or y2 < y1."""
+    boxes = np.asarray(boxes, dtype=np.float64)
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"{what}: boxes have shape {boxes.shape}, expected (N, 4) as [x1, y1, x2, y2]")
+    if not np.all(np.isfinite(boxes)):
+        raise ValueError(f"{what}: boxes hold non-finite values")
+    bad = np.flatnonzero((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1]))
+    if bad.size:
+        raise ValueError(
+            f"{what}: box {bad[0]} is {boxes[bad[0]].tolist()} with x2 < x1 or y2 < y1 "
+            f"({bad.size} such boxes); VOC boxes are [x1, y1, x2, y2] with x1 <= x2, y1 <= y2"
+        )
+    return boxes
+
+
+def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise VOC intersection over union.
+
+    VOC boxes are inclusive pixel ranges, so a box covers ``(x2 - x1 + 1) * (y2 - y1 + 1)`` pixels (a box
+    with ``x1 == x2`` is one pixel wide) and the intersection width is ``min(x2) - max(x1) + 1`` clipped at
+    0 (Everingham et al., IJCV 2010; devkit ``voc_eval``):
+    ``IoU = |A ∩ B| / (|A| + |B| - |A ∩ B|)``.
+
+    Args:
+        a: float64[N, 4] boxes ``[x1, y1, x2, y2]``, VOC convention.
+        b: float64[M, 4] boxes, VOC convention.
+
+    Returns:
+        float64[N, M], ``out[i, j] = IoU(a[i], b[j])``, in [0, 1]; bit-identical to the devkit's values.
+
+    Raises:
+        ValueError: a box array has the wrong shape, non-finite values, or x2 < x1 / y2 < y1.
+    """
+    a = _check_boxes("iou_matrix: a", a)
+    b = _check_boxes("iou_matrix: b", b)
+    return _iou(a[:, None, :], b[None, :, :])
+
+
+# --- AP -----------------------------------------------------------------------------------------------------
+
+
+def _ap_11_point(recall: np.ndarray, precision: np.ndarray) -> float:
+    """VOC2007 11-point interpolated AP (Everingham et al., IJCV 2010, eq. 1).
+
+    ``AP = 1/11 * sum_{t in {0, 0.1, ..., 1}} max_{r >= t} p(r)`` (0 when no recall reaches ``t``), with the
+    devkit's exact grid ``np.arange(0, 1.1, 0.1)`` and comparison ``rec >= t``: the grid point 0.3 is
+    ``0.30000000000000004``, so a recall of exactly 0.3 does not reach it. The sum is accumulated in grid
+    order, as the devkit's loop does.
+    """
+    grid = np.arange(0.0, 1.1, 0.1)
+    reached = recall[None, :] >= grid[:, None]
+    best = np.max(np.where(reached, precision[None, :], -np.inf), axis=1, initial=-np.inf)
+    p = np.where(reached.any(axis=1), best, 0.0)
+    return float(np.cumsum(p / 11.0)[-1])
+
+
+def _ap_all_point(recall: np.ndarray, precision: np.ndarray) -> float:
+    """VOC2010+ all-point AP: area under the monotone precision envelope (Everingham et al., IJCV 2015).
+
+    With ``r_0 = 0``, ``r_{n+1} = 1``, ``p_0 = p_{n+1} = 0`` and the envelope ``P_i = max_{k >= i} p_k``:
+    ``AP = sum_{i: r_{i+1} != r_i} (r_{i+1} - r_i) * P_{i+1}``.
+    """
+    mrec = np.concatenate(([0.0], recall, [1.0]))
+    mpre = np.concatenate(([0.0], precision, [0.0]))
+    mpre = np.maximum.accumulate(mpre[::-1])[::-1]
+    steps = np.flatnonzero(mrec[1:] != mrec[:-1])
+    return float(np.sum((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]))
+
+
+METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+    "voc07": _ap_11_point,
+    "voc10": _ap_all_point,
+}  # AP variants by name: voc07 = 11-point interpolated AP, voc10 = all-point AP (VOC2010 onwards)
+
+
+def _ap_function(metric: str) -> Callable[[np.ndarray, np.ndarray], float]:
+    try:
+        return METRICS[metric]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown AP metric {metric!r}; choose one of {', '.join(METRICS)}") from None
+
+
+def voc_ap(recall: np.ndarray, precision: np.ndarray, metric: str = "voc07") -> float:
+    """Average precision of a ranked list from its recall/precision curve (devkit ``voc_ap``).
+
+    Args:
+        recall: float64[n], cumulative TP / number of non-difficult GT boxes, in rank order.
+        precision: float64[n], cumulative TP / max(cumulative TP + FP, eps), in rank order.
+        metric: a name in :data:`METRICS` (``voc07`` 11-point, ``voc10`` all-point).
+
+    Returns:
+        AP in [0, 1] (0 for an empty list).
+
+    Raises:
+        ValueError: unknown metric, or arrays that are not 1-D of equal length.
+    """
+    ap_function = _ap_function(metric)
+    recall = np.asarray(recall, dtype=np.float64)
+    precision = np.asarray(precision, dtype=np.float64)
+    if recall.ndim != 1 or recall.shape != precision.shape:
+        raise ValueError(
+            f"voc_ap: recall {recall.shape} and precision {precision.shape} must be 1-D and of equal length"
+        )
+    return ap_function(recall, precision)
+
+
+# --- input checks -------------------------------------------------------------------------------------------
+
+
+def _first_difference(a: Sequence[str], b: Sequence[str]) -> str:
+    for position, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return f"first difference at position {position}: {x!r} vs {y!r}"
+    return f"{len(a)} vs {len(b)} entries"
+
+
+def _check_compatible(dets: Detections, gt: GroundTruth, what: str = "detections") -> None:
+    """Detections and GT must share ``classes`` and ``image_ids`` (same lists, same order)."""
+    for field in ("classes", "image_ids"):
+        mine, theirs = list(getattr(dets, field)), list(getattr(gt, field))
+        if mine != theirs:
+            raise ValueError(
+                f"{what} and ground truth list different {field} ({_first_difference(mine, theirs)}); "
+                f"score detections against the GT of the same split and class list"
+            )
+    _check_boxes(what, dets.boxes)
+    if np.isnan(dets.scores).any():
+        raise ValueError(f"{what}: scores hold NaN; every detection needs a comparable score")
+
+
+def _check_gt(gt: GroundTruth) -> None:
+    _check_boxes("ground truth", gt.boxes)
+
+
+def _check_iou(iou: float) -> float:
+    iou = float(iou)
+    if not 0.0 < iou < 1.0:
+        raise ValueError(f"IoU threshold {iou!r} is outside (0, 1); use e.g. 0.5")
+    return iou
+
+
+def _check_ious(ious: Sequence[float]) -> list[float]:
+    ious = [_check_iou(iou) for iou in ious]
+    if not ious:
+        raise ValueError("no IoU thresholds given; pass at least one, e.g. (0.5,)")
+    return ious
+
+
+# --- pairing detections (or points) with the GT boxes of their class and image ----------------------------
+
+
+@dataclass(frozen=True)
+class _Pairs:
+    """Flat (query, GT box) pairs over queries whose (class, image) has >= 1 GT box.
+
+    Attributes:
+        rows: int64[Q] query rows that have GT; query ``rows[q]`` owns pairs ``seg[q] : seg[q] + count[q]``.
+        seg: int64[Q] start of each query's block of pairs.
+        owner: int64[P] index into ``rows`` of each pair.
+        local: int64[P] rank of the pair's GT box within its (class, image) block, in GT row order.
+        gt_rows: int64[P] GT row of each pair.
+        block_start: int64[Q] position (in GT key order) of the first GT box of each query's block.
+        gt_order: int64[M] GT rows sorted by (class, image), stable.
+    """
+
+    rows: np.ndarray
+    seg: np.ndarray
+    owner: np.ndarray
+    local: np.ndarray
+    gt_rows: np.ndarray
+    block_start: np.ndarray
+    gt_order: np.ndarray
+
+
+def _pair_key(labels: np.ndarray, image_index: np.ndarray, n_images: int) -> np.ndarray:
+    return labels * np.int64(n_images) + image_index
+
+
+def _pairs(image_index: np.ndarray, labels: np.ndarray, gt: GroundTruth) -> _Pairs:
+    """Pair every query (image, class) with all GT boxes of that class in that image."""
+    n_images = len(gt.image_ids)
+    gt_key = _pair_key(gt.labels, gt.image_index, n_images)
+    gt_order = np.argsort(gt_key, kind="stable")
+    sorted_keys = gt_key[gt_order]
+    query_key = _pair_key(labels, image_index, n_images)
+    start = np.searchsorted(sorted_keys, query_key, side="left")
+    count = np.searchsorted(sorted_keys, query_key, side="right") - start
+    rows = np.flatnonzero(count > 0)
+    count = count[rows]
+    seg = np.cumsum(count) - count
+    owner = np.repeat(np.arange(rows.size), count)
+    local = np.arange(int(count.sum())) - seg[owner]
+    block_start = start[rows]
+    return _Pairs(rows, seg, owner, local, gt_order[block_start[owner] + local], block_start, gt_order)
+
+
+def _best_gt(image_index: np.ndarray, labels: np.ndarray, boxes: np.ndarray, gt: GroundTruth) -> tuple[
+    np.ndarray, np.ndarray
+]:
+    """Best GT box of each detection, as in the devkit: highest IoU among all GT of its class in its image.
+
+    Ties go to the first such GT box in GT row order (``np.argmax``). Difficult and (later) used boxes are
+    candidates too; that is the devkit's rule.
+
+    Args:
+        image_index: int64[N]; labels: int64[N]; boxes: float64[N, 4].
+        gt: the ground truth.
+
+    Returns:
+        ``(best_iou float64[N], best_gt int64[N])``: IoU with and GT row of the best box; ``-inf`` and ``-1``
+        for detections with no GT of their class in their image.
+    """
+    n = labels.size
+    best_iou = np.full(n, -np.inf)
+    best_gt = np.full(n, -1, dtype=np.int64)
+    pairs = _pairs(image_index, labels, gt)
+    if pairs.rows.size == 0:
+        return best_iou, best_gt
+    iou = _iou(boxes[pairs.rows][pairs.owner], gt.boxes[pairs.gt_rows])
+    top = np.maximum.reduceat(iou, pairs.seg)
+    first = np.minimum.reduceat(np.where(iou == top[pairs.owner], pairs.local, iou.size), pairs.seg)
+    best_iou[pairs.rows] = top
+    best_gt[pairs.rows] = pairs.gt_order[pairs.block_start + first]
+    return best_iou, best_gt
+
+
+def _rank(keys: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Order by ascending key, then descending score; stable, so equal scores keep input order."""
+    order = np.argsort(-scores, kind="stable")
+    return order[np.argsort(keys[order], kind="stable")]
+
+
+# --- VOC detection AP ---------------------------------------------------------------------------------------
+
+
+def _match(best_iou: np.ndarray, best_gt: np.ndarray, best_is_difficult: np.ndarray, thr: float) -> tuple[
+    np.ndarray, np.ndarray
+]:
+    """TP/FP flags of ranked detections at IoU threshold ``thr``, equal to the devkit's greedy loop.
+
+    A detection with ``best_iou > thr`` (strictly) whose best GT is difficult is ignored (neither TP nor FP);
+    among those whose best GT ``j`` is not difficult, the highest-ranked one per ``j`` is TP (it marks ``j``
+    used) and the others are FP; every other detection is FP.
+
+    Returns:
+        ``(tp, fp)`` float64[N] of 0/1 in rank order.
+    """
+    over = best_iou > thr
+    candidate = np.flatnonzero(over & ~best_is_difficult)
+    targets = best_gt[candidate]
+    by_target = np.argsort(targets, kind="stable")
+    first = np.ones(by_target.size, dtype=bool)
+    first[1:] = targets[by_target[1:]] != targets[by_target[:-1]]
+    tp = np.zeros(best_iou.size)
+    tp[candidate[by_target[first]]] = 1.0
+    fp = np.where(over & best_is_difficult, 0.0, 1.0) - tp
+    return tp, fp
+
+
+def _class_ap(tp: np.ndarray, fp: np.ndarray, n_pos: int, ap_function: Callable) -> tuple[float, float]:
+    """AP and final recall of one class from rank-ordered TP/FP flags (devkit ``voc_eval`` tail)."""
+    if n_pos == 0:
+        return float("nan"), float("nan")
+    tp = np.cumsum(tp)
+    fp = np.cumsum(fp)
+    recall = tp / float(n_pos)
+    precision = tp / np.maximum(tp + fp, _EPS)
+    return ap_function(recall, precision), float(recall[-1]) if recall.size else 0.0
+
+
+def evaluate(
+    dets: Detections,
+    gt: GroundTruth,
+    iou_thresholds: Sequence[float] = (0.3, 0.4, 0.5),
+    metric: str = "voc07",
+) -> pd.DataFrame:
+    """Per-class VOC AP and recall, plus mAP, exactly as the devkit's Python ``voc_eval``.
+
+    Protocol (Everingham et al., IJCV 2010; py-faster-rcnn ``voc_eval.py``), per class:
+
+    * Detections are ranked by descending score with a **stable** sort: among equal scores, the detection
+      that comes first in ``dets`` ranks first.
+    * In rank order, a detection takes the GT box of highest VOC IoU (areas with +1) among *all* GT boxes
+      of its class in its image, difficult and already-used ones included (first box on ties). If that IoU
+      is ``> thr`` (strictly): a difficult box makes the detection ignored (neither TP nor FP), an unused
+      box makes it TP and marks the box used, a used box makes it FP (duplicate). Otherwise it is FP.
+    * ``recall = cumTP / n_gt`` and ``precision = cumTP / max(cumTP + cumFP, eps)``, with ``n_gt`` the number
+      of non-difficult GT boxes; AP by ``metric`` (see :data:`METRICS`); ``recall`` column = final recall.
+
+    A class with GT but no detections scores ap = recall = 0; a class without non-difficult GT scores NaN
+    and is left out of the mAP row, which averages ap and recall over the other classes.
+
+    Args:
+        dets: detections on the same ``classes`` and ``image_ids`` lists as ``gt`` (same order; a detection
+            file must cover the GT's whole image list, images without detections simply have no rows).
+        gt: ground truth.
+        iou_thresholds: IoU thresholds in (0, 1); all are scored from one set of best-GT computations.
+        metric: AP variant, a name in :data:`METRICS`.
+
+    Returns:
+        One flat row per (iou, class) and one per iou with ``class == "mAP"``; columns ``iou`` (float),
+        ``metric`` (str), ``class`` (str), ``ap`` and ``recall`` (fractions in [0, 1] or NaN), ``n_gt``
+        (non-difficult GT boxes) and ``n_det`` (detections of the class); the mAP row sums ``n_gt`` and
+        ``n_det`` over all classes.
+
+    Raises:
+        ValueError: different classes/image_ids, invalid boxes, NaN scores, IoU outside (0, 1), unknown
+            metric.
+    """
+    ap_function = _ap_function(metric)
+    thresholds = _check_ious(iou_thresholds)
+    _check_compatible(dets, gt)
+    _check_gt(gt)
+    n_classes = len(gt.classes)
+
+    order = _rank(dets.labels, dets.scores)
+    labels = dets.labels[order]
+    best_iou, best_gt = _best_gt(dets.image_index[order], labels, dets.boxes[order], gt)
+    best_is_difficult = np.zeros(labels.size, dtype=bool)
+    matched = best_gt >= 0
+    best_is_difficult[matched] = gt.difficult[best_gt[matched]]
+    bounds = np.searchsorted(labels, np.arange(n_classes + 1))
+    n_gt = np.bincount(gt.labels[~gt.difficult], minlength=n_classes)
+    n_det = np.diff(bounds)
+    scored = n_gt > 0
+
+    rows: list[dict[str, object]] = []
+    for thr in thresholds:
+        tp, fp = _match(best_iou, best_gt, best_is_difficult, thr)
+        aps, recalls = np.full(n_classes, np.nan), np.full(n_classes, np.nan)
+        for c in range(n_classes):
+            lo, hi = bounds[c], bounds[c + 1]
+            aps[c], recalls[c] = _class_ap(tp[lo:hi], fp[lo:hi], int(n_gt[c]), ap_function)
+        rows.extend(
+            {"iou": thr, "metric": metric, "class": name, "ap": aps[c], "recall": recalls[c],
+             "n_gt": int(n_gt[c]), "n_det": int(n_det[c])}
+            for c, name in enumerate(gt.classes)
+        )
+        rows.append(
+            {"iou": thr, "metric": metric, "class": "mAP",
+             "ap": float(np.mean(aps[scored])) if scored.any() else float("nan"),
+             "recall": float(np.mean(recalls[scored])) if scored.any() else float("nan"),
+             "n_gt": int(n_gt.sum()), "n_det": int(n_det.sum())}
+        )
+    logger.debug("scored %d detections against %d GT boxes at IoU %s (%s)", len(dets), len(gt.labels),
+                 thresholds, metric)
+    return pd.DataFrame(rows, columns=["iou", "metric", "class", "ap", "recall", "n_gt", "n_det"])
+
+
+# --- WSOL metrics -------------------------------------------------------------------------------------------
+
+
+def _gt_pairs(gt: GroundTruth) -> np.ndarray:
+    """Sorted unique (class, image) keys of the pairs that have >= 1 GT box (difficult included)."""
+    return np.unique(_pair_key(gt.labels, gt.image_index, len(gt.image_ids)))
+
+
+def _keys_with_hit(dets: Detections, gt: GroundTruth, best_iou: np.ndarray, iou: float) -> np.ndarray:
+    hit = best_iou >= iou
+    return np.unique(_pair_key(dets.labels[hit], dets.image_index[hit], len(gt.image_ids)))
+
+
+def corloc(dets: Detections, gt: GroundTruth, iou: float = 0.5) -> pd.DataFrame:
+    """Correct localization (CorLoc) per class.
+
+    Deselaers, Alexe & Ferrari, "Localizing objects while learning their appearance" (ECCV 2010), as used
+    in weakly-supervised detection (WSDDN, OICR): over the images that contain class ``c``,
+    ``CorLoc_c = |{images whose top-scoring detection of c has IoU >= iou with a GT box of c}| / |images|``.
+
+    Choices: an image contains ``c`` when it has >= 1 GT box of ``c``, difficult boxes included, and
+    difficult boxes count as targets; an image without any detection of ``c`` is a miss; among equal top
+    scores the detection that comes first in ``dets`` is the top one; the IoU is the VOC IoU (+1 areas) and
+    the comparison is ``>=`` (not the devkit's ``>``).
+
+    Args:
+        dets: detections on the same ``classes`` and ``image_ids`` lists as ``gt``.
+        gt: ground truth.
+        iou: IoU threshold in (0, 1).
+
+    Returns:
+        Rows ``class``, ``iou``, ``hits``, ``n_images``, ``corloc`` (NaN for classes in no image), then a
+        ``"mean"`` row: mean of the per-class CorLoc over classes present in >= 1 image, summed counts.
+
+    Raises:
+        ValueError: different classes/image_ids, invalid boxes, NaN scores, IoU outside (0, 1).
+    """
+    iou = _check_iou(iou)
+    _check_compatible(dets, gt)
+    _check_gt(gt)
+    n_classes, n_images = len(gt.classes), len(gt.image_ids)
+    keys = _pair_key(dets.labels, dets.image_index, n_images)
+    order = _rank(keys, dets.scores)
+    ranked_keys = keys[order]
+    top = order[np.r_[True, ranked_keys[1:] != ranked_keys[:-1]]] if order.size else order
+    best_iou, _ = _best_gt(dets.image_index[top], dets.labels[top], dets.boxes[top], gt)
+    hit_keys = keys[top][best_iou >= iou]
+    pair_keys = _gt_pairs(gt)
+    n_pairs = np.bincount(pair_keys // n_images, minlength=n_classes)
+    hits = np.bincount(hit_keys // n_images, minlength=n_classes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rates = np.where(n_pairs > 0, hits / n_pairs, np.nan)
+    rows = [
+        {"class": name, "iou": iou, "hits": int(hits[c]), "n_images": int(n_pairs[c]),
+         "corloc": float(rates[c])}
+        for c, name in enumerate(gt.classes)
+    ]
+    present = n_pairs > 0
+    rows.append({"class": "mean", "iou": iou, "hits": int(hits.sum()), "n_images": int(n_pairs.sum()),
+                 "corloc": float(np.mean(rates[present])) if present.any() else float("nan")})
+    return pd.DataFrame(rows, columns=["class", "iou", "hits", "n_images", "corloc"])
+
+
+def box_acc_table(
+    dets_by_threshold: Mapping[float, Detections], gt: GroundTruth, ious: Sequence[float] = (0.5,)
+) -> pd.DataFrame:
+    """GT-known BoxAcc(τ, δ) for every CAM threshold τ and IoU threshold δ (Choe et al., CVPR 2020).
+
+    Choe, Oh, Lee, Chun, Akata & Shim, "Evaluating weakly supervised object localization methods right"
+    (CVPR 2020): over the (image, class) pairs with GT of that class,
+    ``BoxAcc(τ, δ) = |{pairs with some detection at τ of IoU >= δ with some GT box of the class}| / |pairs|``.
+    Difficult boxes count as GT (pairs and targets); IoU is the VOC IoU (+1 areas).
+
+    Args:
+        dets_by_threshold: τ -> detections cut at τ, each on the same classes/image_ids lists as ``gt``.
+        gt: ground truth.
+        ious: IoU thresholds δ in (0, 1).
+
+    Returns:
+        Rows ``threshold``, ``iou``, ``hits``, ``n_pairs``, ``box_acc`` for each τ (ascending) and δ.
+
+    Raises:
+        ValueError: no thresholds, incompatible detections, invalid boxes, IoU outside (0, 1).
+    """
+    ious = _check_ious(ious)
+    if not dets_by_threshold:
+        raise ValueError("no detections given; pass a mapping threshold -> Detections with >= 1 entry")
+    _check_gt(gt)
+    pair_keys = _gt_pairs(gt)
+    rows = []
+    for tau in sorted(dets_by_threshold):
+        dets = dets_by_threshold[tau]
+        _check_compatible(dets, gt, what=f"detections at threshold {tau}")
+        best_iou, _ = _best_gt(dets.image_index, dets.labels, dets.boxes, gt)
+        for delta in ious:
+            hits = int(np.isin(pair_keys, _keys_with_hit(dets, gt, best_iou, delta)).sum())
+            rows.append({"threshold": float(tau), "iou": delta, "hits": hits, "n_pairs": int(pair_keys.size),
+                         "box_acc": hits / pair_keys.size if pair_keys.size else float("nan")})
+    return pd.DataFrame(rows, columns=["threshold", "iou", "hits", "n_pairs", "box_acc"])
+
+
+def max_box_acc(
+    dets_by_threshold: Mapping[float, Detections], gt: GroundTruth, ious: Sequence[float] = (0.5,)
+) -> pd.DataFrame:
+    """GT-known MaxBoxAcc (Choe et al., CVPR 2020): ``MaxBoxAcc(δ) = max_τ BoxAcc(τ, δ)``.
+
+    See :func:`box_acc_table` for BoxAcc. MaxBoxAcc (V1) is δ = 0.5 on detections made with box mode
+    ``largest``; MaxBoxAccV2 is the mean over δ in {0.3, 0.5, 0.7}, each δ with its own best τ, on detections
+    made with box mode ``all``. This function only scores the detections it is given: the box mode, and
+    therefore V1 vs V2, is the caller's choice. τ is chosen on the evaluated data (an oracle choice).
+
+    Args:
+        dets_by_threshold: τ -> detections cut at τ, each on the same classes/image_ids lists as ``gt``.
+        gt: ground truth.
+        ious: IoU thresholds δ in (0, 1).
+
+    Returns:
+        One row per δ: ``iou``, ``best_threshold`` (smallest τ reaching the maximum), ``max_box_acc``,
+        ``n_pairs``; with several δ, a last row with ``iou == "mean"``, the mean ``max_box_acc`` and
+        ``best_threshold`` NaN.
+
+    Raises:
+        ValueError: as :func:`box_acc_table`.
+    """
+    table = box_acc_table(dets_by_threshold, gt, ious)
+    rows: list[dict[str, object]] = []
+    for delta, group in table.groupby("iou", sort=False):
+        best = group["box_acc"].to_numpy()
+        i = int(np.argmax(best)) if not np.isnan(best).all() else 0
+        rows.append({"iou": delta, "best_threshold": float(group["threshold"].iloc[i]),
+                     "max_box_acc": float(best[i]), "n_pairs": int(group["n_pairs"].iloc[i])})
+    if len(rows) > 1:
+        rows.append({"iou": "mean", "best_threshold": float("nan"),
+                     "max_box_acc": float(np.mean([row["max_box_acc"] for row in rows])),
+                     "n_pairs": rows[0]["n_pairs"]})
+    return pd.DataFrame(rows, columns=["iou", "best_threshold", "max_box_acc", "n_pairs"])
+
+
+def pointing_game(
+    image_index: np.ndarray,
+    labels: np.ndarray,
+    points: np.ndarray,
+    gt: GroundTruth,
+    tolerance: float = 15.0,
+) -> pd.DataFrame:
+    """Pointing game accuracy per class (Zhang et al., "Top-down neural attention by excitation backprop",
+    ECCV 2016).
+
+    A pair (image, class) with its point ``(x, y)`` (e.g. the heatmap maximum) is a hit when the point lies
+    within ``tolerance`` pixels of a GT box of that class in that image:
+    ``d = sqrt(max(x1 - x, 0, x - x2)^2 + max(y1 - y, 0, y - y2)^2) <= tolerance`` (0 inside the box), with
+    the box spanning its pixel centres ``[x1, x2] x [y1, y2]``. For integer points this equals the original
+    rule "a GT pixel lies in the disc of radius ``tolerance`` around the point". Difficult boxes count as
+    targets; a pair without GT of its class in its image is a miss.
+    ``accuracy_c = hits_c / n_c``; the mean row averages the per-class rates over classes with ``n_c >= 1``.
+
+    Args:
+        image_index: int64[N], image of each pair (index into ``gt.image_ids``).
+        labels: int64[N], class of each pair (index into ``gt.classes``).
+        points: float64[N, 2], ``(x, y)`` in VOC 1-based pixel coordinates of the original image.
+        gt: ground truth.
+        tolerance: hit distance in pixels, >= 0 (15 in the paper).
+
+    Returns:
+        Rows ``class``, ``hits``, ``n``, ``accuracy`` (NaN for classes without pairs), then ``"mean"``.
+
+    Raises:
+        ValueError: arrays of mismatched lengths/shapes, indices out of range, non-finite points, bad
+            tolerance.
+    """
+    image_index = np.asarray(image_index, dtype=np.int64).reshape(-1)
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    points = np.asarray(points, dtype=np.float64)
+    if points.shape != (labels.size, 2) or image_index.size != labels.size:
+        raise ValueError(
+            f"pointing_game: image_index ({image_index.size}), labels ({labels.size}) and points "
+            f"{points.shape} must describe the same N pairs, points as (N, 2) (x, y)"
+        )
+    if not np.all(np.isfinite(points)):
+        raise ValueError("pointing_game: points hold non-finite values")
+    if not tolerance >= 0.0:
+        raise ValueError(f"pointing_game: tolerance {tolerance!r} must be >= 0 pixels (the paper uses 15)")
+    for name, values, limit in (("labels", labels, len(gt.classes)), ("image_index", image_index,
+                                                                      len(gt.image_ids))):
+        if values.size and (values.min() < 0 or values.max() >= limit):
+            raise ValueError(f"pointing_game: {name} holds values outside [0, {limit})")
+    _check_gt(gt)
+
+    hit = np.zeros(labels.size, dtype=bool)
+    pairs = _pairs(image_index, labels, gt)
+    if pairs.rows.size:
+        point = points[pairs.rows][pairs.owner]
+        box = gt.boxes[pairs.gt_rows]
+        dx = np.maximum(np.maximum(box[:, 0] - point[:, 0], point[:, 0] - box[:, 2]), 0.0)
+        dy = np.maximum(np.maximum(box[:, 1] - point[:, 1], point[:, 1] - box[:, 3]), 0.0)
+        hit[pairs.rows] = np.minimum.reduceat(np.hypot(dx, dy), pairs.seg) <= tolerance
+    n_classes = len(gt.classes)
+    n = np.bincount(labels, minlength=n_classes)
+    hits = np.bincount(labels[hit], minlength=n_classes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rates = np.where(n > 0, hits / n, np.nan)
+    rows = [{"class": name, "hits": int(hits[c]), "n": int(n[c]), "accuracy": float(rates[c])}
+            for c, name in enumerate(gt.classes)]
+    present = n > 0
+    rows.append({"class": "mean", "hits": int(hits.sum()), "n": int(n.sum()),
+                 "accuracy": float(np.mean(rates[present])) if present.any() else float("nan")})
+    return pd.DataFrame(rows, columns=["class", "hits", "n", "accuracy"])
