@@ -1,0 +1,124 @@
+"""The core commands through click's runner: help, a tiny demo run, scoring pickles, and error paths."""
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from gradloc.cli import main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    args = ["--quiet", "run", "--config", str(CONFIGS / "demo.yaml"), "--out", str(root / "results"),
+            "--cache-dir", str(root / "cache"), "--name", "tiny", "--thresholds", "0.1,0.2",
+            "--iou", "0.3,0.5"]
+    # a small demo: few images, short training (CLI behaviour, not localization quality, is tested here)
+    overrides = root / "tiny.yaml"
+    overrides.write_text((CONFIGS / "demo.yaml").read_text().replace("n_train: 240", "n_train: 48")
+                         .replace("n_val: 80", "n_val: 8").replace("n_test: 80", "n_test: 12")
+                         .replace("train_seconds: 90", "train_seconds: 5"))
+    args[3] = str(overrides)
+    result = CliRunner().invoke(main, args)
+    return root, result
+
+
+@pytest.mark.parametrize("command", ["run", "cams", "boxes", "score", "info", "models", "layers", "train"])
+def test_help_has_an_example(command):
+    result = CliRunner().invoke(main, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Example" in result.output
+
+
+@pytest.mark.slow
+def test_run_prints_owner_tables(tiny_run):
+    root, result = tiny_run
+    assert result.exit_code == 0, result.output
+    assert "threshold = 0.1\n|        | 0.3       | 0.5       |\n|--------+" in result.output
+    assert "| ap (center)" in result.output
+    assert "VOC07 11-point AP" in result.output
+    run_dir = root / "results" / "tiny"
+    for name in ("scores.csv", "scores.md", "scores.json", "manifest.json", "config.yaml", "gt.pkl"):
+        assert (run_dir / name).is_file(), name
+
+
+@pytest.mark.slow
+def test_score_run_folder_and_pickles_as_json(tiny_run):
+    root, _ = tiny_run
+    run_dir = root / "results" / "tiny"
+    result = CliRunner().invoke(main, ["score", str(run_dir), "--format", "csv", "--iou", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("threshold,threshold_mode,iou,metric,class,ap,recall,n_gt,n_det")
+    result = CliRunner().invoke(main, ["score", "--gt", str(run_dir / "gt.pkl"),
+                                       str(run_dir / "detections" / "thr_0.200.pkl"), "--format", "json",
+                                       "--metric", "voc10"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert {r["iou"] for r in rows} == {0.3, 0.4, 0.5}
+    assert {r["metric"] for r in rows} == {"voc10"}
+    assert any(r["class"] == "mAP" for r in rows)
+
+
+@pytest.mark.slow
+def test_info_describes_the_run(tiny_run):
+    root, _ = tiny_run
+    result = CliRunner().invoke(main, ["info", str(root / "results" / "tiny")])
+    assert result.exit_code == 0, result.output
+    assert "config hash:" in result.output and "detections/thr_0.100.pkl" in result.output
+
+
+def test_missing_config_is_one_line_exit_1(tmp_path):
+    result = CliRunner().invoke(main, ["run", "--config", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [f"error: {tmp_path / 'nope.yaml'}: config file not found "
+                                                  "(see configs/ for examples)"]
+    assert "Traceback" not in result.output
+
+
+def test_missing_voc_root_names_the_folder(tmp_path):
+    result = CliRunner().invoke(main, ["run", "--voc-root", str(tmp_path / "VOCdevkit"), "--model", "resnet18"])
+    assert result.exit_code == 1
+    assert str(tmp_path / "VOCdevkit") in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_bad_threshold_list_is_a_usage_error():
+    result = CliRunner().invoke(main, ["run", "--thresholds", "0.1,abc"])
+    assert result.exit_code == 2
+    assert "expected comma-separated numbers" in result.output
+
+
+def test_threshold_out_of_range_names_the_key():
+    result = CliRunner().invoke(main, ["run", "--thresholds", "0.1,1.5"])
+    assert result.exit_code == 1
+    assert "boxes.thresholds[1]" in result.output
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = CliRunner().invoke(main, ["--debug", "run", "--config", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 1
+    assert isinstance(result.exception, FileNotFoundError)
+
+
+def test_score_without_inputs_is_a_usage_error():
+    result = CliRunner().invoke(main, ["score"])
+    assert result.exit_code == 2
+
+
+def test_score_refuses_a_hostile_pickle(tmp_path):
+    import os
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    (tmp_path / "gt.pkl").write_bytes(pickle.dumps(Evil()))
+    (tmp_path / "d.pkl").write_bytes(pickle.dumps(Evil()))
+    result = CliRunner().invoke(main, ["score", "--gt", str(tmp_path / "gt.pkl"), str(tmp_path / "d.pkl")])
+    assert result.exit_code == 1
+    assert "refusing to load" in result.output and "pwned" not in result.output
