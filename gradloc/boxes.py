@@ -36,6 +36,7 @@ AP@0.5 difference (see the README's Results section for the numbers).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import multiprocessing
@@ -254,6 +255,7 @@ class BoxParams:
 
 @numba.njit(cache=True, nogil=True)
 def _find(parent: np.ndarray, x: int) -> int:
+    """Root of ``x`` in the union-find forest ``parent`` (with path halving)."""
     while parent[x] != x:
         parent[x] = parent[parent[x]]
         x = parent[x]
@@ -261,15 +263,18 @@ def _find(parent: np.ndarray, x: int) -> int:
 
 
 @numba.njit(cache=True, nogil=True)
-def _component_sweep(
-    heat: np.ndarray, levels: np.ndarray, connectivity: int, min_area: float
-) -> np.ndarray:
+def _component_sweep(heat: np.ndarray, levels: np.ndarray, connectivity: int, min_area: float) -> np.ndarray:
     """Connected components of ``heat[k] >= levels[k, t]`` for every map k and level t, in one pass per map.
+
+    Each cell gets the index (in descending level order) of the highest level it passes; a counting sort
+    groups cells by that index; a union-find (union by size, path halving) adds the groups from the highest
+    level down, merging per-component statistics, and after each group records the components of that
+    level whose area is at least ``min_area`` (their roots are kept in a swap-remove list).
 
     Args:
         heat: float32[K, H, W].
-        levels: float64[K, T]; ``+inf`` gives no foreground.
-        connectivity: 1 or 2.
+        levels: float64[K, T]; a cell is foreground at level t when ``heat >= levels[k, t]`` (never if inf).
+        connectivity: 1 (4 neighbours) or 2 (8 neighbours).
         min_area: components with fewer cells are not recorded.
     Returns:
         float64[M, 10] rows ``[k, t, c0, r0, c1, r1, area, peak, heat_sum, first]`` (0-based half-open
@@ -278,101 +283,134 @@ def _component_sweep(
     n_maps, height, width = heat.shape
     n_levels = levels.shape[1]
     n = height * width
+    # Cells live in a grid padded by one never-foreground cell on each side: no bounds checks.
+    padded_w = width + 2
+    n_padded = (height + 2) * padded_w
     if connectivity == 1:
-        d_row = np.array([-1, 1, 0, 0], dtype=np.int64)
-        d_col = np.array([0, 0, -1, 1], dtype=np.int64)
+        offsets = np.array([-padded_w, -1, 1, padded_w], dtype=np.int64)
     else:
-        d_row = np.array([-1, -1, -1, 0, 0, 1, 1, 1], dtype=np.int64)
-        d_col = np.array([-1, 0, 1, -1, 1, -1, 0, 1], dtype=np.int64)
-    parent = np.empty(n, dtype=np.int64)
-    area = np.empty(n, dtype=np.int64)
-    row0 = np.empty(n, dtype=np.int64)
-    row1 = np.empty(n, dtype=np.int64)
-    col0 = np.empty(n, dtype=np.int64)
-    col1 = np.empty(n, dtype=np.int64)
-    first = np.empty(n, dtype=np.int64)
-    peak = np.empty(n, dtype=np.float64)
-    total = np.empty(n, dtype=np.float64)
-    added = np.empty(n, dtype=np.bool_)
+        offsets = np.array(
+            [-padded_w - 1, -padded_w, -padded_w + 1, -1, 1, padded_w - 1, padded_w, padded_w + 1],
+            dtype=np.int64,
+        )
+    parent = np.empty(n_padded, dtype=np.int64)  # -1: not (yet) foreground
+    # Per-root statistics in one 64-byte row (one cache line): [c0, r0, c1, r1, area, peak, heat_sum, first].
+    stats = np.empty((n_padded, 8), dtype=np.float64)
+    kept = np.empty(n_padded, dtype=np.int64)  # roots of recorded (area >= min_area) components
+    kept_pos = np.empty(n_padded, dtype=np.int64)  # position of a root in `kept`, -1 if absent
     bucket = np.empty(n, dtype=np.int64)
     order = np.empty(n, dtype=np.int64)
     starts = np.empty(n_levels + 2, dtype=np.int64)
-    kept = np.empty(n, dtype=np.int64)  # roots of recorded (area >= min_area) components
-    kept_pos = np.empty(n, dtype=np.int64)  # position of a root in `kept`, -1 if absent
+    n_bins = 4 * n_levels + 16
+    bin_first = np.empty(n_bins, dtype=np.int64)
+    bin_stop = np.empty(n_bins, dtype=np.int64)
     capacity = max(64, 2 * n_maps * n_levels)
     out = np.empty((capacity, 10), dtype=np.float64)
     n_out = 0
     for k in range(n_maps):
+        flat = heat[k].ravel()
         level_order = np.argsort(-levels[k], kind="mergesort")  # descending
         sorted_levels = levels[k][level_order]
-        # Bucket b of a cell = index of the highest level it passes (n_levels: none).
         starts[:] = 0
+        n_finite = 0
+        while n_finite < n_levels and sorted_levels[n_levels - 1 - n_finite] < np.inf:
+            n_finite += 1
+        if n_finite == 0:
+            continue  # no level can be reached (an all-zero map)
+        # Bucket of a cell = smallest b with sorted_levels[b] <= value (n_levels if none), i.e. the highest
+        # level it passes. A monotone binning `bin(v)` of values and levels narrows the search: levels in
+        # higher bins are > value, levels in lower bins are <= value, only the value's own bin is compared.
+        low = sorted_levels[n_levels - 1]
+        high = sorted_levels[n_levels - n_finite]
+        scale = n_bins / (high - low) if high > low else 0.0
+        bin_first[:] = 0  # number of levels in higher bins
+        bin_stop[:] = 0  # number of levels in this or higher bins
+        for b in range(n_levels):
+            t = (sorted_levels[b] - low) * scale
+            bin_stop[n_bins - 1 if t >= n_bins - 1 else (0 if t <= 0.0 else int(t))] += 1
+        for b in range(n_bins - 2, -1, -1):
+            bin_stop[b] += bin_stop[b + 1]
+        bin_first[: n_bins - 1] = bin_stop[1:]
         for p in range(n):
-            value = np.float64(heat[k, p // width, p % width])
-            lo, hi = 0, n_levels
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if sorted_levels[mid] <= value:
-                    hi = mid
-                else:
-                    lo = mid + 1
-            bucket[p] = lo
-            starts[lo + 1] += 1
+            value = np.float64(flat[p])
+            t = (value - low) * scale
+            i = n_bins - 1 if t >= n_bins - 1 else (0 if t <= 0.0 else int(t))
+            b = bin_first[i]
+            stop = bin_stop[i]
+            while b < stop and sorted_levels[b] > value:
+                b += 1
+            bucket[p] = b
+            starts[b + 1] += 1
         for b in range(n_levels + 1):
             starts[b + 1] += starts[b]
         fill = starts[: n_levels + 1].copy()
         for p in range(n):
             order[fill[bucket[p]]] = p
             fill[bucket[p]] += 1
-        added[:] = False
+        parent[:] = -1
         n_kept = 0
         for level in range(n_levels):
             for j in range(starts[level], starts[level + 1]):
                 p = order[j]
                 r = p // width
-                c = p % width
-                value = np.float64(heat[k, r, c])
-                parent[p] = p
-                area[p] = 1
-                row0[p] = r
-                row1[p] = r + 1
-                col0[p] = c
-                col1[p] = c + 1
-                first[p] = p
-                peak[p] = value
-                total[p] = value
-                kept_pos[p] = -1
-                added[p] = True
-                root = p
-                for d in range(d_row.size):
-                    rq = r + d_row[d]
-                    cq = c + d_col[d]
-                    if rq < 0 or rq >= height or cq < 0 or cq >= width:
-                        continue
-                    q = rq * width + cq
-                    if not added[q]:
+                c = p - r * width
+                x = p + padded_w + 1 + 2 * r  # padded index of cell (r, c)
+                root = -1
+                for d in range(offsets.size):
+                    q = x + offsets[d]
+                    up = parent[q]
+                    if up < 0 or up == root:
                         continue
                     other = _find(parent, q)
+                    if root < 0:
+                        root = other
+                        continue
                     if other == root:
                         continue
-                    if area[other] > area[root]:
+                    if stats[other, 4] > stats[root, 4]:
                         root, other = other, root
                     parent[other] = root  # union by size; `other` is absorbed
-                    area[root] += area[other]
-                    row0[root] = min(row0[root], row0[other])
-                    row1[root] = max(row1[root], row1[other])
-                    col0[root] = min(col0[root], col0[other])
-                    col1[root] = max(col1[root], col1[other])
-                    first[root] = min(first[root], first[other])
-                    peak[root] = max(peak[root], peak[other])
-                    total[root] += total[other]
+                    a = stats[root]
+                    o = stats[other]
+                    a[0] = min(a[0], o[0])
+                    a[1] = min(a[1], o[1])
+                    a[2] = max(a[2], o[2])
+                    a[3] = max(a[3], o[3])
+                    a[4] += o[4]
+                    a[5] = max(a[5], o[5])
+                    a[6] += o[6]
+                    a[7] = min(a[7], o[7])
                     pos = kept_pos[other]
                     if pos >= 0:  # swap-remove the absorbed root from the recorded components
                         n_kept -= 1
                         kept[pos] = kept[n_kept]
                         kept_pos[kept[pos]] = pos
-                        kept_pos[other] = -1
-                if kept_pos[root] < 0 and area[root] >= min_area:
+                value = np.float64(flat[p])
+                if root < 0:  # a new component
+                    parent[x] = x
+                    a = stats[x]
+                    a[0] = c
+                    a[1] = r
+                    a[2] = c + 1
+                    a[3] = r + 1
+                    a[4] = 1.0
+                    a[5] = value
+                    a[6] = value
+                    a[7] = p
+                    kept_pos[x] = -1
+                    root = x
+                else:
+                    parent[x] = root
+                    a = stats[root]
+                    a[0] = min(a[0], c)
+                    a[1] = min(a[1], r)
+                    a[2] = max(a[2], c + 1)
+                    a[3] = max(a[3], r + 1)
+                    a[4] += 1.0
+                    a[5] = max(a[5], value)
+                    a[6] += value
+                    a[7] = min(a[7], p)
+                if kept_pos[root] < 0 and stats[root, 4] >= min_area:
                     kept[n_kept] = root
                     kept_pos[root] = n_kept
                     n_kept += 1
@@ -381,21 +419,28 @@ def _component_sweep(
                 grown = np.empty((capacity, 10), dtype=np.float64)
                 grown[:n_out] = out[:n_out]
                 out = grown
+            t_index = level_order[level]
             for i in range(n_kept):
-                root = kept[i]
                 row = out[n_out]
                 row[0] = k
-                row[1] = level_order[level]
-                row[2] = col0[root]
-                row[3] = row0[root]
-                row[4] = col1[root]
-                row[5] = row1[root]
-                row[6] = area[root]
-                row[7] = peak[root]
-                row[8] = total[root]
-                row[9] = first[root]
+                row[1] = t_index
+                row[2:] = stats[kept[i]]
                 n_out += 1
     return out[:n_out]
+
+
+@numba.njit(cache=True, nogil=True)
+def _integral_images(heat: np.ndarray) -> np.ndarray:
+    """Summed-area tables float64[K, H + 1, W + 1] of float32[K, H, W] maps: ``S[k, r, c] = heat[k, :r, :c].sum()``."""
+    n_maps, height, width = heat.shape
+    out = np.zeros((n_maps, height + 1, width + 1), dtype=np.float64)
+    for k in range(n_maps):
+        for r in range(height):
+            row_sum = 0.0
+            for c in range(width):
+                row_sum += heat[k, r, c]
+                out[k, r + 1, c + 1] = out[k, r, c + 1] + row_sum
+    return out
 
 
 @numba.njit(cache=True, nogil=True)
@@ -440,7 +485,9 @@ def _check_thresholds(thresholds: Sequence[float]) -> np.ndarray:
         raise ValueError(f"thresholds must be a flat sequence of numbers, got shape {taus.shape}")
     bad = taus[~((taus >= 0.0) & (taus <= 1.0))]
     if bad.size:
-        raise ValueError(f"threshold {bad[0]!r} is outside [0, 1]; thresholds are fractions (see BoxParams)")
+        raise ValueError(
+            f"threshold {float(bad[0])!r} is outside [0, 1]; thresholds are fractions (see BoxParams)"
+        )
     return taus
 
 
@@ -451,6 +498,14 @@ def _check_maps(maps: np.ndarray, what: str) -> np.ndarray:
     if not np.all(np.isfinite(maps)):
         raise ValueError(f"{what}: maps hold NaN or infinite values; check the CAM engine output")
     return np.ascontiguousarray(maps, dtype=np.float32)
+
+
+def _split_by_threshold(
+    t: np.ndarray, n_thresholds: int, *columns: np.ndarray
+) -> list[tuple[np.ndarray, ...]]:
+    """Split row-aligned arrays sorted by threshold index ``t`` into one tuple per threshold (views)."""
+    cuts = np.searchsorted(t, np.arange(n_thresholds + 1))
+    return [tuple(column[lo:hi] for column in columns) for lo, hi in itertools.pairwise(cuts)]
 
 
 def _grid_rows(
@@ -478,8 +533,7 @@ def _grid_rows(
     k = table[:, _K].astype(np.int64)
     c0, r0, c1, r1 = (table[:, col].astype(np.int64) for col in (_C0, _R0, _C1, _R1))
     # Heat inside each box from per-map integral images (summed-area tables), for the `mass` column.
-    integral = np.zeros((n_maps, height + 1, width + 1), dtype=np.float64)
-    np.cumsum(np.cumsum(heat, axis=1, dtype=np.float64), axis=2, out=integral[:, 1:, 1:])
+    integral = _integral_images(heat)
     inside = integral[k, r1, c1] - integral[k, r0, c1] - integral[k, r1, c0] + integral[k, r0, c0]
     rows = np.empty((table.shape[0], 8), dtype=np.float64)
     rows[:, :4] = table[:, [_C0, _R0, _C1, _R1]]
@@ -516,7 +570,7 @@ def heatmap_to_boxes(
     maps = _check_maps(heat[None], "heatmap_to_boxes")
     taus = _check_thresholds(thresholds)
     rows, t, _ = _grid_rows(maps, taus, params, params.min_area / cell_area)
-    return np.split(rows, np.searchsorted(t, np.arange(1, taus.size)))
+    return [rows_t for (rows_t,) in _split_by_threshold(t, taus.size, rows)]
 
 
 def _image_rows(
@@ -566,8 +620,7 @@ def image_boxes(
     """
     taus = _check_thresholds(thresholds)
     t, k, confidence, boxes = _image_rows(maps, class_scores, geometry, taus, params)
-    cuts = np.searchsorted(t, np.arange(1, taus.size))
-    return list(zip(np.split(k, cuts), np.split(confidence, cuts), np.split(boxes, cuts), strict=True))
+    return _split_by_threshold(t, taus.size, k, confidence, boxes)  # type: ignore[return-value]
 
 
 def peak_points(maps: np.ndarray, geometry: Geometry) -> np.ndarray:
@@ -653,8 +706,10 @@ def _sweep_chunk(
         t, k, confidence, boxes = _image_rows(entry.maps, entry.class_scores, entry.geometry, taus, params)
         labels = np.asarray(entry.labels, dtype=np.int64).reshape(-1)
         if labels.size != np.asarray(entry.maps).shape[0]:
-            raise ValueError(f"sweep_images: image {offset + i} has {labels.size} labels for "
-                             f"{np.asarray(entry.maps).shape[0]} maps; give one class index per map")
+            raise ValueError(
+                f"sweep_images: image {offset + i} has {labels.size} labels for "
+                f"{np.asarray(entry.maps).shape[0]} maps; give one class index per map"
+            )
         parts.append((t, np.full(t.size, offset + i, dtype=np.int64), labels[k], confidence, boxes))
     if not parts:
         empty = np.zeros(0, dtype=np.int64)
@@ -689,8 +744,13 @@ def sweep_images(
     taus = _check_thresholds(thresholds)
     entries = [SweepEntry(*entry) for entry in entries]
     tasks = [(i, entries[i : i + chunk_size], taus, params) for i in range(0, len(entries), chunk_size)]
-    logger.debug("sweep of %d images x %d thresholds, %d tasks, %d workers", len(entries), taus.size,
-                 len(tasks), workers)
+    logger.debug(
+        "sweep of %d images x %d thresholds, %d tasks, %d workers",
+        len(entries),
+        taus.size,
+        len(tasks),
+        workers,
+    )
     if workers == 1 or len(tasks) < 2:
         results = [_sweep_chunk(task) for task in tasks]
     else:
@@ -700,10 +760,5 @@ def sweep_images(
         results = [_sweep_chunk((0, [], taus, params))]
     t, image_index, labels, scores, boxes = (np.concatenate(column) for column in zip(*results, strict=True))
     order = np.argsort(t, kind="stable")
-    cuts = np.searchsorted(t[order], np.arange(1, taus.size))
-    return [
-        ThresholdDetections(*parts)
-        for parts in zip(
-            *(np.split(a[order], cuts) for a in (image_index, labels, scores, boxes)), strict=True
-        )
-    ]
+    columns = (image_index[order], labels[order], scores[order], boxes[order])
+    return [ThresholdDetections(*parts) for parts in _split_by_threshold(t[order], taus.size, *columns)]

@@ -416,6 +416,117 @@ def train(ctx: click.Context, **options: Any) -> None:
 
 
 # --- report commands: show, plot, compare, sweep ---
+
+
+@main.command()
+@click.argument("run_dir", required=False, type=click.Path(file_okay=False))
+@click.option("--threshold", type=float, help="τ of the detections to draw (a threshold of the run).")
+@click.option("--n", "n", type=int, default=10, show_default=True, help="Number of images to show.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random sample.")
+@click.option("--out", default="samples.png", show_default=True, type=click.Path(dir_okay=False),
+              help="PNG file to write.")
+@click.option("--guided", is_flag=True, help="Add a Guided Grad-CAM panel per class (rebuilds the model).")
+@click.option("--detections", "detections_path", type=click.Path(dir_okay=False),
+              help="Boxes only: a detections pickle instead of a run folder (needs --voc-root).")
+@click.option("--voc-root", help="With --detections: the VOCdevkit folder.")
+@click.option("--year", default="2007", show_default=True, help="With --detections: VOC year.")
+@click.option("--split", default="val", show_default=True, help="With --detections: the image set.")
+@click.pass_context
+def show(ctx: click.Context, run_dir: str | None, threshold: float | None, n: int, seed: int, out: str,
+         guided: bool, detections_path: str | None, voc_root: str | None, year: str, split: str) -> None:
+    """Draw a seeded random sample of images with heatmaps, GT boxes and predicted boxes as a PNG grid.
+
+    \b
+    Examples:
+      gradloc show results/demo --threshold 0.2 --n 8 --out samples.png
+      gradloc show --detections thr_0.200.pkl --voc-root ../shared/voc/VOCdevkit --year 2007 --split val
+    """
+    from gradloc.show import save_figure, show_detections, show_run
+
+    if (run_dir is None) == (detections_path is None):
+        raise click.UsageError("give a run folder, or --detections PKL with --voc-root (not both)")
+    if detections_path is not None:
+        if voc_root is None or guided:
+            raise click.UsageError("--detections needs --voc-root and draws boxes only (no --guided)")
+        fig = show_detections(detections_path, voc_root, year=year, split=split, n=n, seed=seed)
+    else:
+        if threshold is None:
+            raise click.UsageError("--threshold is required with a run folder (e.g. --threshold 0.2)")
+        fig = show_run(run_dir, threshold, n=n, seed=seed, guided=guided)
+    say(ctx, f"wrote {save_figure(fig, out)}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--threshold", type=float, default=None,
+              help="τ of the PR curves (default: best mAP at --iou on this run, an oracle choice).")
+@click.option("--iou", type=float, default=0.5, show_default=True, help="IoU of the PR curves.")
+@click.option("--out-dir", type=click.Path(file_okay=False), default=None,
+              help="Folder for the PNGs (default RUN_DIR/plots).")
+def plot(run_dir: str, threshold: float | None, iou: float, out_dir: str | None) -> None:
+    """Plot AP and recall versus threshold, and per-class precision-recall curves, as PNGs.
+
+    \b
+    Example:
+      gradloc plot results/demo --threshold 0.2 --iou 0.5
+    """
+    from gradloc.plots import plot_run
+
+    for path in plot_run(run_dir, threshold=threshold, iou=iou, out_dir=out_dir):
+        click.echo(str(path))
+
+
+@main.command()
+@click.argument("run_a", type=click.Path(file_okay=False))
+@click.argument("run_b", type=click.Path(file_okay=False))
+@click.option("--iou", type=float, default=0.5, show_default=True, help="IoU of the per-class table.")
+@click.option("--threshold", type=float, default=None,
+              help="τ of the per-class table (default: best mAP of RUN_A, an oracle choice).")
+@click.option("--top", type=int, default=5, show_default=True, help="How many largest disagreements to list.")
+@click.option("--format", "fmt", type=click.Choice(["table", "markdown"]), default="table", show_default=True)
+def compare(run_a: str, run_b: str, iou: float, threshold: float | None, top: int, fmt: str) -> None:
+    """Compare two runs: mAP per threshold x IoU side by side, per-class AP differences (B - A).
+
+    \b
+    Example:
+      gradloc compare results/gradcam results/gradcampp --iou 0.5 --threshold 0.2
+    """
+    from gradloc.compare import compare_runs, render_comparison
+
+    comparison = compare_runs(run_a, run_b, iou=iou, threshold=threshold, top=top)
+    click.echo(render_comparison(comparison, tablefmt="github" if fmt == "markdown" else "orgtbl"), nl=False)
+
+
+@main.command()
+@run_options
+@click.option("--select-split", required=True, help="Split τ is chosen on, e.g. train.")
+@click.option("--eval-split", required=True, help="Split the scores are reported on, e.g. val.")
+@click.option("--select-metric", default="ap@0.5", show_default=True,
+              help="What τ maximizes: ap@<iou> (mAP) or recall@<iou> (mean recall).")
+@click.pass_context
+def sweep(ctx: click.Context, config_path: str | None, select_split: str, eval_split: str, select_metric: str,
+          **flags: Any) -> None:
+    """Choose τ on one split and report it on another (a τ chosen on the evaluated split is labelled oracle).
+
+    Runs go to <out>/<name>/<split>/, the table to <out>/<name>/sweep.csv and sweep.md.
+
+    \b
+    Example:
+      gradloc sweep --config configs/voc07_efficientnet_lite0.yaml --select-split train --eval-split val
+    """
+    from gradloc.sweep import parse_select_metric, run_sweep
+
+    if flags.get("split") is not None:
+        raise click.UsageError("sweep takes --select-split and --eval-split, not --split")
+    parse_select_metric(select_metric)  # fail before any work
+    config = _prepare(ctx, build_config(config_path, flags))
+    result = run_sweep(config, select_split, eval_split, select_metric,
+                       stage=lambda desc, total: progress_bar(ctx, total, desc))
+    click.echo(result.text, nl=False)
+    say(ctx, "runs: " + ", ".join(str(p) for p in result.run_dirs.values()) + "; table: "
+        + ", ".join(str(p) for p in result.files))
+
+
 # --- end of report commands ---
 
 

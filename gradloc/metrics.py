@@ -147,7 +147,8 @@ def voc_ap(recall: np.ndarray, precision: np.ndarray, metric: str = "voc07") -> 
         metric: a name in :data:`METRICS` (``voc07`` 11-point, ``voc10`` all-point).
 
     Returns:
-        AP in [0, 1] (0 for an empty list).
+        AP in [0, 1] (0 for an empty list); like the devkit, ``voc07`` sums eleven ``p / 11`` terms, so a
+        perfect list scores ``1.0000000000000002``, kept for bit-exact agreement.
 
     Raises:
         ValueError: unknown metric, or arrays that are not 1-D of equal length.
@@ -274,7 +275,8 @@ def _best_gt(image_index: np.ndarray, labels: np.ndarray, boxes: np.ndarray, gt:
     pairs = _pairs(image_index, labels, gt)
     if pairs.rows.size == 0:
         return best_iou, best_gt
-    iou = _iou(boxes[pairs.rows][pairs.owner], gt.boxes[pairs.gt_rows])
+    # gather coordinates column-wise (float64[4, P]) so each _iou operand is a contiguous row: ~3x faster
+    iou = _iou(boxes.T[:, pairs.rows[pairs.owner]].T, gt.boxes.T[:, pairs.gt_rows].T)
     top = np.maximum.reduceat(iou, pairs.seg)
     first = np.minimum.reduceat(np.where(iou == top[pairs.owner], pairs.local, iou.size), pairs.seg)
     best_iou[pairs.rows] = top
@@ -315,15 +317,81 @@ def _match(best_iou: np.ndarray, best_gt: np.ndarray, best_is_difficult: np.ndar
     return tp, fp
 
 
-def _class_ap(tp: np.ndarray, fp: np.ndarray, n_pos: int, ap_function: Callable) -> tuple[float, float]:
-    """AP and final recall of one class from rank-ordered TP/FP flags (devkit ``voc_eval`` tail)."""
-    if n_pos == 0:
-        return float("nan"), float("nan")
-    tp = np.cumsum(tp)
-    fp = np.cumsum(fp)
-    recall = tp / float(n_pos)
-    precision = tp / np.maximum(tp + fp, _EPS)
-    return ap_function(recall, precision), float(recall[-1]) if recall.size else 0.0
+@dataclass(frozen=True)
+class Matches:
+    """Devkit TP/FP flags of a detection set, ranked class by class, at one or more IoU thresholds.
+
+    Attributes:
+        order: int64[N] detection rows in rank order: by class, then by descending score (stable sort, so
+            among equal scores the earlier row ranks first).
+        bounds: int64[C + 1]; class ``c``'s ranked detections are ``order[bounds[c]:bounds[c + 1]]``.
+        n_gt: int64[C] non-difficult GT boxes per class (the positives).
+        iou_thresholds: the T thresholds, in the order given.
+        tp, fp: float64[T, N] 0/1 flags in rank order; a detection ignored for matching a difficult box
+            has 0 in both.
+    """
+
+    order: np.ndarray
+    bounds: np.ndarray
+    n_gt: np.ndarray
+    iou_thresholds: tuple[float, ...]
+    tp: np.ndarray
+    fp: np.ndarray
+
+    def curve(self, c: int, t: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Precision-recall curve of class ``c`` at threshold ``iou_thresholds[t]`` (devkit ``voc_eval``).
+
+        ``recall = cumTP / n_gt``, ``precision = cumTP / max(cumTP + cumFP, eps)``.
+
+        Returns:
+            ``(recall, precision)``, float64[n_c] each, in rank order.
+
+        Raises:
+            ValueError: the class has no non-difficult GT box (recall undefined).
+        """
+        if self.n_gt[c] == 0:
+            raise ValueError(f"class {c} has no non-difficult GT box; its recall is undefined")
+        lo, hi = self.bounds[c], self.bounds[c + 1]
+        tp = np.cumsum(self.tp[t, lo:hi])
+        fp = np.cumsum(self.fp[t, lo:hi])
+        return tp / float(self.n_gt[c]), tp / np.maximum(tp + fp, _EPS)
+
+
+def match_detections(dets: Detections, gt: GroundTruth, iou_thresholds: Sequence[float] = (0.5,)) -> Matches:
+    """Rank detections and mark TP/FP with the devkit's matching rules (see :func:`evaluate`).
+
+    The best GT box and its IoU are computed once per detection; each threshold then costs one stable sort.
+
+    Args:
+        dets: detections on the same ``classes`` and ``image_ids`` lists as ``gt``.
+        gt: ground truth.
+        iou_thresholds: IoU thresholds in (0, 1).
+
+    Returns:
+        The ranked flags; ``curve(c, t)`` gives a class's precision-recall curve.
+
+    Raises:
+        ValueError: different classes/image_ids, invalid boxes, NaN scores, IoU outside (0, 1).
+    """
+    thresholds = tuple(_check_ious(iou_thresholds))
+    _check_compatible(dets, gt)
+    _check_gt(gt)
+    n_classes = len(gt.classes)
+    order = _rank(dets.labels, dets.scores)
+    labels = dets.labels[order]
+    best_iou, best_gt = _best_gt(dets.image_index[order], labels, dets.boxes[order], gt)
+    best_is_difficult = np.zeros(labels.size, dtype=bool)
+    matched = best_gt >= 0
+    best_is_difficult[matched] = gt.difficult[best_gt[matched]]
+    flags = [_match(best_iou, best_gt, best_is_difficult, thr) for thr in thresholds]
+    return Matches(
+        order=order,
+        bounds=np.searchsorted(labels, np.arange(n_classes + 1)),
+        n_gt=np.bincount(gt.labels[~gt.difficult], minlength=n_classes),
+        iou_thresholds=thresholds,
+        tp=np.stack([tp for tp, _ in flags]).reshape(len(thresholds), labels.size),
+        fp=np.stack([fp for _, fp in flags]).reshape(len(thresholds), labels.size),
+    )
 
 
 def evaluate(
@@ -366,42 +434,28 @@ def evaluate(
             metric.
     """
     ap_function = _ap_function(metric)
-    thresholds = _check_ious(iou_thresholds)
-    _check_compatible(dets, gt)
-    _check_gt(gt)
-    n_classes = len(gt.classes)
-
-    order = _rank(dets.labels, dets.scores)
-    labels = dets.labels[order]
-    best_iou, best_gt = _best_gt(dets.image_index[order], labels, dets.boxes[order], gt)
-    best_is_difficult = np.zeros(labels.size, dtype=bool)
-    matched = best_gt >= 0
-    best_is_difficult[matched] = gt.difficult[best_gt[matched]]
-    bounds = np.searchsorted(labels, np.arange(n_classes + 1))
-    n_gt = np.bincount(gt.labels[~gt.difficult], minlength=n_classes)
-    n_det = np.diff(bounds)
-    scored = n_gt > 0
-
+    matches = match_detections(dets, gt, iou_thresholds)
+    n_gt, n_det = matches.n_gt, np.diff(matches.bounds)
+    scored = np.flatnonzero(n_gt > 0)
     rows: list[dict[str, object]] = []
-    for thr in thresholds:
-        tp, fp = _match(best_iou, best_gt, best_is_difficult, thr)
-        aps, recalls = np.full(n_classes, np.nan), np.full(n_classes, np.nan)
-        for c in range(n_classes):
-            lo, hi = bounds[c], bounds[c + 1]
-            aps[c], recalls[c] = _class_ap(tp[lo:hi], fp[lo:hi], int(n_gt[c]), ap_function)
+    for t, thr in enumerate(matches.iou_thresholds):
+        aps, recalls = np.full(n_gt.size, np.nan), np.full(n_gt.size, np.nan)
+        for c in scored:
+            recall, precision = matches.curve(c, t)
+            aps[c], recalls[c] = ap_function(recall, precision), recall[-1] if recall.size else 0.0
         rows.extend(
-            {"iou": thr, "metric": metric, "class": name, "ap": aps[c], "recall": recalls[c],
+            {"iou": thr, "metric": metric, "class": name, "ap": float(aps[c]), "recall": float(recalls[c]),
              "n_gt": int(n_gt[c]), "n_det": int(n_det[c])}
             for c, name in enumerate(gt.classes)
         )
         rows.append(
             {"iou": thr, "metric": metric, "class": "mAP",
-             "ap": float(np.mean(aps[scored])) if scored.any() else float("nan"),
-             "recall": float(np.mean(recalls[scored])) if scored.any() else float("nan"),
+             "ap": float(np.mean(aps[scored])) if scored.size else float("nan"),
+             "recall": float(np.mean(recalls[scored])) if scored.size else float("nan"),
              "n_gt": int(n_gt.sum()), "n_det": int(n_det.sum())}
         )
     logger.debug("scored %d detections against %d GT boxes at IoU %s (%s)", len(dets), len(gt.labels),
-                 thresholds, metric)
+                 matches.iou_thresholds, metric)
     return pd.DataFrame(rows, columns=["iou", "metric", "class", "ap", "recall", "n_gt", "n_det"])
 
 

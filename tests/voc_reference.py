@@ -29,10 +29,7 @@ def voc_ap(rec: np.ndarray, prec: np.ndarray, use_07_metric: bool = False) -> fl
         # 11 point metric
         ap = 0.0
         for t in np.arange(0.0, 1.1, 0.1):
-            if np.sum(rec >= t) == 0:
-                p = 0
-            else:
-                p = np.max(prec[rec >= t])
+            p = 0 if np.sum(rec >= t) == 0 else np.max(prec[rec >= t])
             ap = ap + p / 11.0
     else:
         # correct AP calculation: first append sentinel values at the end
@@ -131,7 +128,9 @@ def voc_eval(
     return ap, float(rec[-1]) if nd else 0.0
 
 
-def reference_evaluate(dets: Detections, gt: GroundTruth, iou: float, use_07: bool) -> dict[str, tuple[float, float]]:
+def reference_evaluate(
+    dets: Detections, gt: GroundTruth, iou: float, use_07: bool
+) -> dict[str, tuple[float, float]]:
     """Score ``dets`` against ``gt`` class by class with the ported devkit loop.
 
     Returns:

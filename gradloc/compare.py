@@ -1,0 +1,244 @@
+"""Two runs side by side: mAP per (threshold, IoU) with differences, per-class AP differences at one (τ, IoU).
+
+``gradloc compare RUN_A RUN_B`` reads both runs' ``scores.csv`` (CAM boxes, ``source == "cam"``). Differences
+are ``B - A``. Both runs must use the same AP variant and the same IoU thresholds; thresholds present in
+only one run are left out (and said so). The per-class table is at one (τ, IoU): τ given by the user, or
+the τ of run A's best mAP at that IoU, an oracle choice that the output names.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tabulate import tabulate
+
+from gradloc.report import METRIC_NAMES
+
+logger = logging.getLogger(__name__)
+
+SCORE_COLUMNS = ("threshold", "threshold_mode", "iou", "metric", "class", "ap", "recall", "n_gt", "source")
+
+
+def load_scores(run_dir: str | Path) -> pd.DataFrame:
+    """The flat score rows of a run folder (``scores.csv``, see :mod:`gradloc.report`).
+
+    Raises:
+        FileNotFoundError: no run folder, or no scores.csv in it.
+        ValueError: scores.csv is unreadable or lacks the documented columns.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: run folder not found; give a folder made by `gradloc run`")
+    path = run_dir / "scores.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; score the run first with `gradloc score {run_dir}`")
+    try:
+        rows = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: unreadable CSV ({error})") from None
+    missing = [column for column in SCORE_COLUMNS if column not in rows.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; "
+                         f"rescore with `gradloc score {run_dir}`")
+    return rows
+
+
+def match_value(values: pd.Series, wanted: float, what: str, source: str | Path) -> float:
+    """The value among ``values`` equal to ``wanted`` (within 1e-9).
+
+    Raises:
+        ValueError: no such value; the message lists the available ones.
+    """
+    available = sorted({float(v) for v in values})
+    for value in available:
+        if abs(value - wanted) <= 1e-9:
+            return value
+    raise ValueError(f"{source}: no {what} {wanted:g}; available: {', '.join(f'{v:g}' for v in available)}")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The comparison of runs A and B (fractions in frames; differences are B - A).
+
+    Attributes:
+        names: labels of runs A and B.
+        metric: AP variant (``voc07`` / ``voc10``).
+        iou, threshold: the (IoU, τ) of the per-class table; ``threshold_choice`` says how τ was chosen.
+        summary: CAM mAP rows per (threshold, iou): ``ap_a, ap_b, ap_diff, recall_a, recall_b, recall_diff``.
+        per_class: per class at (τ, IoU), in class order then ``mAP``:
+            ``n_gt_a, n_gt_b, ap_a, ap_b, ap_diff``.
+        top: the ``per_class`` rows (mAP excluded) with the largest ``|ap_diff|``, largest first.
+        notes: differences of protocol worth knowing (threshold semantics, box mode, GT, dropped τ).
+    """
+
+    names: tuple[str, str]
+    metric: str
+    iou: float
+    threshold: float
+    threshold_choice: str
+    summary: pd.DataFrame
+    per_class: pd.DataFrame
+    top: pd.DataFrame
+    notes: list[str] = field(default_factory=list)
+
+
+def _single(rows: pd.DataFrame, column: str, name: str) -> str:
+    values = sorted({str(v) for v in rows[column]})
+    if len(values) != 1:
+        raise ValueError(f"run {name}: scores.csv mixes several {column} values ({', '.join(values)})")
+    return values[0]
+
+
+def compare_scores(rows_a: pd.DataFrame, rows_b: pd.DataFrame, iou: float = 0.5,
+                   threshold: float | None = None, names: tuple[str, str] = ("A", "B"),
+                   top: int = 5) -> Comparison:
+    """Compare the CAM score rows of two runs.
+
+    Args:
+        rows_a, rows_b: flat score rows (``scores.csv``) of runs A and B.
+        iou: IoU of the per-class table; must be one of the runs' IoUs.
+        threshold: τ of the per-class table (must be in both runs); None = τ of A's best mAP at ``iou``
+            (ties -> smallest τ), an oracle choice.
+        names: labels of the runs in messages and tables.
+        top: how many classes to list as the largest disagreements.
+
+    Returns:
+        The :class:`Comparison`.
+
+    Raises:
+        ValueError: different AP variants or IoU sets, IoU or τ not in both runs, no common τ, no CAM rows.
+    """
+    from gradloc.sweep import select_threshold
+
+    name_a, name_b = names
+    cam_a, cam_b = rows_a[rows_a["source"] == "cam"], rows_b[rows_b["source"] == "cam"]
+    for rows, name in ((cam_a, name_a), (cam_b, name_b)):
+        if rows.empty:
+            raise ValueError(f"run {name}: scores.csv has no CAM rows (source == 'cam')")
+    metric_a, metric_b = _single(cam_a, "metric", name_a), _single(cam_b, "metric", name_b)
+    if metric_a != metric_b:
+        raise ValueError(f"the runs use different AP variants ({name_a}: {metric_a}, {name_b}: {metric_b}); "
+                         f"rescore one with `gradloc score RUN --metric {metric_a}`")
+    ious_a, ious_b = sorted(set(cam_a["iou"])), sorted(set(cam_b["iou"]))
+    if ious_a != ious_b:
+        raise ValueError(f"the runs are scored at different IoUs ({name_a}: {_numbers(ious_a)}; "
+                         f"{name_b}: {_numbers(ious_b)}); rescore one with the other's --iou")
+    iou = match_value(cam_a["iou"], iou, "IoU", f"run {name_a}")
+    taus_a, taus_b = set(cam_a["threshold"]), set(cam_b["threshold"])
+    common = sorted(taus_a & taus_b)
+    if not common:
+        raise ValueError(f"the runs share no threshold ({name_a}: {_numbers(taus_a)}; "
+                         f"{name_b}: {_numbers(taus_b)})")
+    notes = []
+    for name, only in ((name_a, taus_a - taus_b), (name_b, taus_b - taus_a)):
+        if only:
+            notes.append(f"thresholds only in {name} left out: {_numbers(only)}")
+    for column, what in (("threshold_mode", "threshold semantics"), ("box_mode", "box modes")):
+        if column in cam_a.columns and column in cam_b.columns:
+            mode_a = ", ".join(sorted(set(map(str, cam_a[column]))))
+            mode_b = ", ".join(sorted(set(map(str, cam_b[column]))))
+            if mode_a != mode_b:
+                notes.append(f"different {what}: {name_a} {mode_a}, {name_b} {mode_b} "
+                             "(same tau, different boxes)")
+    cam_a = cam_a[cam_a["threshold"].isin(common)]
+    cam_b = cam_b[cam_b["threshold"].isin(common)]
+    if threshold is None:
+        threshold, _ = select_threshold(cam_a, "ap", iou)
+        choice = f"best mAP@{iou:g} of {name_a} on its own split: an oracle choice"
+    else:
+        threshold = match_value(pd.Series(common), threshold, "threshold common to both runs",
+                                f"runs {name_a} and {name_b}")
+        choice = "given"
+
+    keys = ["threshold", "iou"]
+    mean_a = cam_a[cam_a["class"] == "mAP"].set_index(keys)[["ap", "recall"]]
+    mean_b = cam_b[cam_b["class"] == "mAP"].set_index(keys)[["ap", "recall"]]
+    summary = mean_a.merge(mean_b, left_index=True, right_index=True, suffixes=("_a", "_b")).reset_index()
+    summary["ap_diff"] = summary["ap_b"] - summary["ap_a"]
+    summary["recall_diff"] = summary["recall_b"] - summary["recall_a"]
+    summary = summary[[*keys, "ap_a", "ap_b", "ap_diff", "recall_a", "recall_b", "recall_diff"]]
+    summary = summary.sort_values(keys, kind="stable").reset_index(drop=True)
+
+    def at(rows: pd.DataFrame) -> pd.DataFrame:
+        part = rows[(rows["threshold"] == threshold) & (rows["iou"] == iou)]
+        return part.set_index("class")[["n_gt", "ap"]]
+
+    part_a, part_b = at(cam_a), at(cam_b)
+    order = [c for c in dict.fromkeys([*part_a.index, *part_b.index]) if c != "mAP"]
+    per_class = part_a.merge(part_b, how="outer", left_index=True, right_index=True, suffixes=("_a", "_b"))
+    per_class = per_class.reindex([*order, "mAP"])
+    per_class["ap_diff"] = per_class["ap_b"] - per_class["ap_a"]
+    per_class = per_class[["n_gt_a", "n_gt_b", "ap_a", "ap_b", "ap_diff"]].rename_axis("class").reset_index()
+    classes = per_class[(per_class["class"] != "mAP") & per_class["ap_diff"].notna()]
+    top_rows = classes.iloc[np.argsort(-classes["ap_diff"].abs().to_numpy(), kind="stable")].head(top)
+    gt_a = per_class.loc[per_class["class"] != "mAP", "n_gt_a"].fillna(-1).tolist()
+    gt_b = per_class.loc[per_class["class"] != "mAP", "n_gt_b"].fillna(-1).tolist()
+    if gt_a != gt_b:
+        notes.append("the runs have different ground truth (n_gt differs): per-class differences mix data "
+                     "and method")
+    return Comparison(names=(name_a, name_b), metric=metric_a, iou=iou, threshold=float(threshold),
+                      threshold_choice=choice, summary=summary, per_class=per_class,
+                      top=top_rows.reset_index(drop=True), notes=notes)
+
+
+def compare_runs(run_a: str | Path, run_b: str | Path, iou: float = 0.5, threshold: float | None = None,
+                 top: int = 5) -> Comparison:
+    """:func:`compare_scores` on the ``scores.csv`` of two run folders (labelled by their folder names, or
+    their paths when the names are equal)."""
+    run_a, run_b = Path(run_a), Path(run_b)
+    names = (run_a.name, run_b.name) if run_a.name != run_b.name else (str(run_a), str(run_b))
+    return compare_scores(load_scores(run_a), load_scores(run_b), iou=iou, threshold=threshold, names=names,
+                          top=top)
+
+
+def _pct(value: float) -> float:
+    return 100.0 * value
+
+
+def render_comparison(comparison: Comparison, tablefmt: str = "orgtbl") -> str:
+    """The comparison as text: mAP table, per-class table, largest disagreements, protocol and notes.
+
+    Values are percentages; differences are percentage points, ``B - A``.
+    """
+    a, b = comparison.names
+    s = comparison.summary
+    summary = tabulate(
+        [[f"{r.threshold:g}", f"{r.iou:g}", _pct(r.ap_a), _pct(r.ap_b), _pct(r.ap_diff), _pct(r.recall_a),
+          _pct(r.recall_b), _pct(r.recall_diff)] for r in s.itertuples()],
+        headers=["threshold", "IoU", f"mAP {a}", f"mAP {b}", "diff", f"recall {a}", f"recall {b}", "diff"],
+        tablefmt=tablefmt, floatfmt=("", "", ".2f", ".2f", "+.2f", ".2f", ".2f", "+.2f"), numalign="right")
+    p = comparison.per_class
+    per_class = tabulate(
+        [[r["class"], _int(r["n_gt_a"]), _int(r["n_gt_b"]), _pct(r["ap_a"]), _pct(r["ap_b"]),
+          _pct(r["ap_diff"])] for _, r in p.iterrows()],
+        headers=["class", f"n_gt {a}", f"n_gt {b}", f"AP {a}", f"AP {b}", "diff"], tablefmt=tablefmt,
+        floatfmt=("", "", "", ".2f", ".2f", "+.2f"), numalign="right", missingval="-")
+    top = ", ".join(f"{r['class']} ({_pct(r['ap_diff']):+.2f})" for _, r in comparison.top.iterrows())
+    metric = METRIC_NAMES.get(comparison.metric, comparison.metric)
+    lines = [
+        f"A = {a}, B = {b}: CAM boxes, mAP and mean recall in %, diff = B - A in points",
+        summary,
+        "",
+        f"Per class at tau = {comparison.threshold:g} ({comparison.threshold_choice}), "
+        f"IoU > {comparison.iou:g}:",
+        per_class,
+        "",
+        f"Largest disagreements (AP, B - A): {top or 'none'}",
+        f"Protocol: {metric}, match when IoU > the IoU column (devkit rule), mAP over classes with "
+        "non-difficult GT.",
+    ]
+    lines += [f"Note: {note}." for note in comparison.notes]
+    return "\n".join(lines) + "\n"
+
+
+def _numbers(values: Iterable[float]) -> str:
+    return ", ".join(f"{v:g}" for v in sorted(values))
+
+
+def _int(value: float) -> int | None:
+    return None if pd.isna(value) else int(value)
