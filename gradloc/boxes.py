@@ -370,46 +370,45 @@ def _component_sweep(heat: np.ndarray, levels: np.ndarray, connectivity: int, mi
                     if stats[other, 4] > stats[root, 4]:
                         root, other = other, root
                     parent[other] = root  # union by size; `other` is absorbed
-                    a = stats[root]
-                    o = stats[other]
-                    a[0] = min(a[0], o[0])
-                    a[1] = min(a[1], o[1])
-                    a[2] = max(a[2], o[2])
-                    a[3] = max(a[3], o[3])
-                    a[4] += o[4]
-                    a[5] = max(a[5], o[5])
-                    a[6] += o[6]
-                    a[7] = min(a[7], o[7])
+                    # (element indexing only: array views in this loop would cost reference counting)
+                    stats[root, 0] = min(stats[root, 0], stats[other, 0])
+                    stats[root, 1] = min(stats[root, 1], stats[other, 1])
+                    stats[root, 2] = max(stats[root, 2], stats[other, 2])
+                    stats[root, 3] = max(stats[root, 3], stats[other, 3])
+                    stats[root, 4] += stats[other, 4]
+                    stats[root, 5] = max(stats[root, 5], stats[other, 5])
+                    stats[root, 6] += stats[other, 6]
+                    stats[root, 7] = min(stats[root, 7], stats[other, 7])
                     pos = kept_pos[other]
                     if pos >= 0:  # swap-remove the absorbed root from the recorded components
                         n_kept -= 1
                         kept[pos] = kept[n_kept]
                         kept_pos[kept[pos]] = pos
                 value = np.float64(flat[p])
+                fc = np.float64(c)
+                fr = np.float64(r)
                 if root < 0:  # a new component
                     parent[x] = x
-                    a = stats[x]
-                    a[0] = c
-                    a[1] = r
-                    a[2] = c + 1
-                    a[3] = r + 1
-                    a[4] = 1.0
-                    a[5] = value
-                    a[6] = value
-                    a[7] = p
+                    stats[x, 0] = fc
+                    stats[x, 1] = fr
+                    stats[x, 2] = fc + 1.0
+                    stats[x, 3] = fr + 1.0
+                    stats[x, 4] = 1.0
+                    stats[x, 5] = value
+                    stats[x, 6] = value
+                    stats[x, 7] = np.float64(p)
                     kept_pos[x] = -1
                     root = x
                 else:
                     parent[x] = root
-                    a = stats[root]
-                    a[0] = min(a[0], c)
-                    a[1] = min(a[1], r)
-                    a[2] = max(a[2], c + 1)
-                    a[3] = max(a[3], r + 1)
-                    a[4] += 1.0
-                    a[5] = max(a[5], value)
-                    a[6] += value
-                    a[7] = min(a[7], p)
+                    stats[root, 0] = min(stats[root, 0], fc)
+                    stats[root, 1] = min(stats[root, 1], fr)
+                    stats[root, 2] = max(stats[root, 2], fc + 1.0)
+                    stats[root, 3] = max(stats[root, 3], fr + 1.0)
+                    stats[root, 4] += 1.0
+                    stats[root, 5] = max(stats[root, 5], value)
+                    stats[root, 6] += value
+                    stats[root, 7] = min(stats[root, 7], np.float64(p))
                 if kept_pos[root] < 0 and stats[root, 4] >= min_area:
                     kept[n_kept] = root
                     kept_pos[root] = n_kept
@@ -421,17 +420,17 @@ def _component_sweep(heat: np.ndarray, levels: np.ndarray, connectivity: int, mi
                 out = grown
             t_index = level_order[level]
             for i in range(n_kept):
-                row = out[n_out]
-                row[0] = k
-                row[1] = t_index
-                row[2:] = stats[kept[i]]
+                out[n_out, 0] = k
+                out[n_out, 1] = t_index
+                for column in range(8):
+                    out[n_out, 2 + column] = stats[kept[i], column]
                 n_out += 1
     return out[:n_out]
 
 
 @numba.njit(cache=True, nogil=True)
 def _integral_images(heat: np.ndarray) -> np.ndarray:
-    """Summed-area tables float64[K, H + 1, W + 1] of float32[K, H, W] maps: ``S[k, r, c] = heat[k, :r, :c].sum()``."""
+    """Integral images: float32[K, H, W] -> float64[K, H + 1, W + 1], ``S[k, r, c] = Σ heat[k, :r, :c]``."""
     n_maps, height, width = heat.shape
     out = np.zeros((n_maps, height + 1, width + 1), dtype=np.float64)
     for k in range(n_maps):

@@ -446,8 +446,9 @@ def show(ctx: click.Context, run_dir: str | None, threshold: float | None, n: in
     if (run_dir is None) == (detections_path is None):
         raise click.UsageError("give a run folder, or --detections PKL with --voc-root (not both)")
     if detections_path is not None:
-        if voc_root is None or guided:
-            raise click.UsageError("--detections needs --voc-root and draws boxes only (no --guided)")
+        if voc_root is None or guided or threshold is not None:
+            raise click.UsageError("--detections needs --voc-root, draws boxes only (no --guided) and "
+                                   "takes τ from the pickle (no --threshold)")
         fig = show_detections(detections_path, voc_root, year=year, split=split, n=n, seed=seed)
     else:
         if threshold is None:

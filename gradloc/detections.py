@@ -246,6 +246,9 @@ _ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "scalar"),
     ("numpy._core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "scalar"),
+    ("numpy._core.numeric", "_frombuffer"),  # numpy arrays pickled with protocol 5
+    ("numpy.core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),  # numpy arrays pickled with protocol 2 (bytes as latin-1 text)
     ("numpy", "int64"),
     ("numpy", "float64"),
     ("numpy", "bool_"),
@@ -253,11 +256,15 @@ _ALLOWED_GLOBALS = {
 _NUMPY_DTYPE_CLASSES = {"numpy.dtypes", "numpy._core.dtypes", "numpy.core.dtypes"}
 
 
+class _Refused(pickle.UnpicklingError):
+    """The pickle names something beyond plain data."""
+
+
 class _SafeUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED_GLOBALS or (module in _NUMPY_DTYPE_CLASSES and name.endswith("DType")):
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        raise _Refused(f"refusing to load {module}.{name}")
 
 
 def safe_load_pickle(path: str | os.PathLike[str]) -> Any:
@@ -273,9 +280,9 @@ def safe_load_pickle(path: str | os.PathLike[str]) -> Any:
     data = path.read_bytes()
     try:
         return _SafeUnpickler(io.BytesIO(data)).load()
-    except pickle.UnpicklingError as error:
+    except _Refused as error:
         raise ValueError(f"{path}: not a plain-data pickle ({error}); only gradloc formats are loaded") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as error:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as error:
         raise ValueError(f"{path}: unreadable pickle ({type(error).__name__}: {error})") from None
 
 

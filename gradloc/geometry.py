@@ -90,13 +90,15 @@ def preprocess_image(
         std, np.float32
     )
     canvas = np.zeros((geometry.input_h, geometry.input_w, 3), dtype=np.float32)
-    canvas[geometry.pad_y : geometry.pad_y + geometry.resized_h, geometry.pad_x : geometry.pad_x + geometry.resized_w] = (
-        pixels
-    )
+    rows = slice(geometry.pad_y, geometry.pad_y + geometry.resized_h)
+    cols = slice(geometry.pad_x, geometry.pad_x + geometry.resized_w)
+    canvas[rows, cols] = pixels
     return np.ascontiguousarray(canvas.transpose(2, 0, 1))
 
 
-def _interpolation_matrix(n_out: int, n_original: int, n_resized: int, pad: int, n_input: int, n_feat: int) -> np.ndarray:
+def _interpolation_matrix(
+    n_out: int, n_original: int, n_resized: int, pad: int, n_input: int, n_feat: int
+) -> np.ndarray:
     """Bilinear weights float32[n_out, n_feat] from feature cells to output cells along one axis.
 
     Output cell ``i`` of a grid of ``n_out`` cells over the original axis of ``n_original`` pixels has its

@@ -275,7 +275,7 @@ def _best_gt(image_index: np.ndarray, labels: np.ndarray, boxes: np.ndarray, gt:
     pairs = _pairs(image_index, labels, gt)
     if pairs.rows.size == 0:
         return best_iou, best_gt
-    # gather coordinates column-wise (float64[4, P]) so each _iou operand is a contiguous row: ~3x faster
+    # gather coordinates column-wise (float64[4, P]): contiguous operands for _iou, faster than strided rows
     iou = _iou(boxes.T[:, pairs.rows[pairs.owner]].T, gt.boxes.T[:, pairs.gt_rows].T)
     top = np.maximum.reduceat(iou, pairs.seg)
     first = np.minimum.reduceat(np.where(iou == top[pairs.owner], pairs.local, iou.size), pairs.seg)

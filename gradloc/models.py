@@ -301,9 +301,10 @@ _TORCHVISION_FAMILIES: dict[str, _Family] = {
     ),
     "alexnet": _Family(("alexnet",), "features.11", "classifier.6", False, ("classifier",),
                        notes="fc layers after the map: no CAM"),
-    # DenseNet applies a functional ReLU after norm5, so the output is linear(GAP(relu(norm5))): no CAM.
-    "densenet": _Family(("densenet",), "features.norm5", "classifier", False,
-                        ("features.denseblock4", "features.norm5"), notes="layer is before the final ReLU"),
+    # DenseNet's forward applies F.relu(..., inplace=True) to the norm5 output, so the tensor a hook on
+    # norm5 holds (and that CAM gradients are taken on) *is* the rectified map: output = linear(GAP(it)).
+    "densenet": _Family(("densenet",), "features.norm5", "classifier", True,
+                        ("features.denseblock4", "features.norm5"), notes="map rectified in place after norm5"),
     "efficientnet": _Family(("efficientnet_b", "efficientnet_v2"), "features.8", "classifier.1", True,
                             ("features.7", "features.8"), per_model={"efficientnet_v2_s": _last_blocks(8)}),
     "mobilenet_v2": _Family(("mobilenet_v2",), "features.18", "classifier.1", True,

@@ -55,10 +55,8 @@ class PRCurve:
 def precision_recall_curves(dets: Detections, gt: GroundTruth, iou: float) -> dict[int, PRCurve]:
     """Per-class precision-recall curves with the devkit's matching (Everingham et al., IJCV 2010).
 
-    A thin wrapper over :mod:`gradloc.metrics`' ranking (``_rank``: descending score, stable) and matching
-    (``_best_gt``, ``_match``: best GT of the class in the image, ``IoU > iou`` strictly, difficult ignored,
-    duplicates FP); it does not restate those rules. ``recall = cumTP / n_gt``, ``precision = cumTP /
-    max(cumTP + cumFP, eps)``; ``metrics.voc_ap(recall, precision)`` is the AP of ``metrics.evaluate``.
+    Built on :func:`gradloc.metrics.match_detections` (the devkit's ranking and matching rules live there
+    only); ``metrics.voc_ap(recall, precision)`` of a curve is the AP of ``metrics.evaluate``.
 
     Args:
         dets, gt: detections and ground truth on the same classes and image lists.
@@ -70,26 +68,13 @@ def precision_recall_curves(dets: Detections, gt: GroundTruth, iou: float) -> di
     Raises:
         ValueError: as :func:`gradloc.metrics.evaluate`.
     """
-    thr = metrics._check_iou(iou)
-    metrics._check_compatible(dets, gt)
-    metrics._check_gt(gt)
-    n_classes = len(gt.classes)
-    order = metrics._rank(dets.labels, dets.scores)
-    labels = dets.labels[order]
-    best_iou, best_gt = metrics._best_gt(dets.image_index[order], labels, dets.boxes[order], gt)
-    best_is_difficult = np.zeros(labels.size, dtype=bool)
-    matched = best_gt >= 0
-    best_is_difficult[matched] = gt.difficult[best_gt[matched]]
-    tp, fp = metrics._match(best_iou, best_gt, best_is_difficult, thr)
-    bounds = np.searchsorted(labels, np.arange(n_classes + 1))
-    n_gt = np.bincount(gt.labels[~gt.difficult], minlength=n_classes)
+    matches = metrics.match_detections(dets, gt, iou_thresholds=(iou,))
     curves = {}
-    for c in np.flatnonzero(n_gt > 0):
-        lo, hi = bounds[c], bounds[c + 1]
-        ctp, cfp = np.cumsum(tp[lo:hi]), np.cumsum(fp[lo:hi])
-        curves[int(c)] = PRCurve(recall=ctp / float(n_gt[c]),
-                                 precision=ctp / np.maximum(ctp + cfp, metrics._EPS),
-                                 scores=dets.scores[order][lo:hi], n_gt=int(n_gt[c]))
+    for c in np.flatnonzero(matches.n_gt > 0):
+        recall, precision = matches.curve(int(c))
+        ranked = matches.order[matches.bounds[c] : matches.bounds[c + 1]]
+        curves[int(c)] = PRCurve(recall=recall, precision=precision, scores=dets.scores[ranked],
+                                 n_gt=int(matches.n_gt[c]))
     return curves
 
 

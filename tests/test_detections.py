@@ -220,9 +220,8 @@ def test_safe_loader_accepts_plain_data(tmp_path, protocol):
     _check_plain_round_trip(tmp_path / "plain.pkl", protocol)
 
 
-# Known gap, reported to the lead: numpy arrays pickled with protocol 2 need ``_codecs.encode`` and with
-# protocol 5 ``numpy._core.numeric._frombuffer``; both are plain-data constructors that the allow-list lacks.
-@pytest.mark.xfail(strict=True, reason="allow-list lacks _codecs.encode (protocol 2) and _frombuffer (5)")
+# numpy arrays pickled with protocol 2 need ``_codecs.encode`` and with protocol 5
+# ``numpy._core.numeric._frombuffer``: plain-data constructors that the allow-list includes.
 @pytest.mark.parametrize("protocol", [2, 5])
 def test_safe_loader_accepts_numpy_pickled_with_protocol_2_and_5(tmp_path, protocol):
     _check_plain_round_trip(tmp_path / "plain.pkl", protocol)
