@@ -23,15 +23,24 @@ pixel comes first in raster order, as ``skimage.measure.label`` + ``argmax`` of 
 components).
 
 All thresholds of a sweep come from ONE pass over the map (max-tree idea): each cell gets the index of the
-first (highest) level it passes, cells are bucketed by that index, and a union-find adds the buckets from
-the highest level down, keeping per-component area, bounding box, heat sum, peak and first pixel; after
-each bucket the components of that level are recorded. This is exactly ``skimage.measure.label`` of
-``heat >= level`` at every level (tested), in ``O(cells · α + cells · log T)`` instead of ``T`` labellings.
+highest level it passes, cells are bucketed by that index (counting sort), and a union-find adds the buckets
+from the highest level down, keeping per-component area, bounding box, heat sum, peak and first pixel;
+after each bucket the components of that level are recorded. This is exactly ``skimage.measure.label`` of
+``heat >= level`` at every level (tested), in ``O(cells · α(cells) + T)`` per map instead of ``T``
+labellings (numba; about 1.2 ms per 224x168 map for 100 thresholds on this project's CPU, against
+~16 ms for 100 ``skimage.measure.label`` calls).
 
 ``max_side`` (default 224): the working grid over the original image has its longer side at most
-``max_side`` cells (``None`` = the original resolution, exact). On VOC-sized images with 14x14 maps,
-``scripts/bench_scores.py`` measures the mean IoU of 224-grid boxes with full-resolution boxes and the
-AP@0.5 difference (see the README's Results section for the numbers).
+``max_side`` cells (``None`` = the original resolution, exact). Measured by ``scripts/bench_scores.py`` on
+synthetic VOC-sized images (14x14 maps, 300 images, 100 thresholds, ``largest`` box): 224-grid boxes have a
+mean IoU of 0.98 with the full-resolution boxes for τ < 0.3 (0.97 for τ in [0.3, 0.6), 0.67 for τ >= 0.9,
+where boxes shrink to a few pixels around the peak), the best AP@0.5 moves by -0.005 and AP@0.5 by 0.007 on
+average over τ, at 1/4 of the time (112: 0.97 / 0.95, -0.006 / 0.010, 1/12 of the time).
+
+``sweep_images`` runs ``image_boxes`` over many images, optionally in worker processes (``spawn``), and
+returns per-threshold arrays ready for ``gradloc.detections.Detections``; results do not depend on the
+number of workers. Numerical work stays single-threaded: set ``OPENBLAS_NUM_THREADS=1`` (before numpy is
+imported) on a shared machine, as the back-projection multiplies tiny matrices.
 """
 
 from __future__ import annotations
@@ -53,7 +62,6 @@ logger = logging.getLogger(__name__)
 
 # Columns of the per-level component table built by the sweep kernel.
 _K, _T, _C0, _R0, _C1, _R1, _AREA, _PEAK, _SUM, _FIRST = range(10)
-_TABLE_COLUMNS = 10
 
 
 # --- threshold semantics ------------------------------------------------------------------------------------
@@ -233,9 +241,7 @@ class BoxParams:
         ):
             value = getattr(self, field_name)
             if value not in registry:
-                raise ValueError(
-                    f"box params: unknown {field_name} {value!r}; choose one of {', '.join(registry)}"
-                )
+                raise ValueError(f"box params: unknown {field_name} {value!r}; choose one of {', '.join(registry)}")
         if self.connectivity not in (1, 2):
             raise ValueError(
                 f"box params: connectivity {self.connectivity!r} must be 1 (4-neighbour) or 2 (8-neighbour)"
@@ -245,9 +251,7 @@ class BoxParams:
         if self.nms_iou is not None and not 0.0 <= self.nms_iou <= 1.0:
             raise ValueError(f"box params: nms_iou {self.nms_iou!r} must be in [0, 1] or None (off)")
         if self.max_side is not None and (not isinstance(self.max_side, int) or self.max_side < 1):
-            raise ValueError(
-                f"box params: max_side {self.max_side!r} must be a positive integer or None (full size)"
-            )
+            raise ValueError(f"box params: max_side {self.max_side!r} must be a positive integer or None (full size)")
 
 
 # --- the one-pass sweep (numba) ----------------------------------------------------------------------------
@@ -484,9 +488,7 @@ def _check_thresholds(thresholds: Sequence[float]) -> np.ndarray:
         raise ValueError(f"thresholds must be a flat sequence of numbers, got shape {taus.shape}")
     bad = taus[~((taus >= 0.0) & (taus <= 1.0))]
     if bad.size:
-        raise ValueError(
-            f"threshold {float(bad[0])!r} is outside [0, 1]; thresholds are fractions (see BoxParams)"
-        )
+        raise ValueError(f"threshold {float(bad[0])!r} is outside [0, 1]; thresholds are fractions (see BoxParams)")
     return taus
 
 
@@ -499,9 +501,7 @@ def _check_maps(maps: np.ndarray, what: str) -> np.ndarray:
     return np.ascontiguousarray(maps, dtype=np.float32)
 
 
-def _split_by_threshold(
-    t: np.ndarray, n_thresholds: int, *columns: np.ndarray
-) -> list[tuple[np.ndarray, ...]]:
+def _split_by_threshold(t: np.ndarray, n_thresholds: int, *columns: np.ndarray) -> list[tuple[np.ndarray, ...]]:
     """Split row-aligned arrays sorted by threshold index ``t`` into one tuple per threshold (views)."""
     cuts = np.searchsorted(t, np.arange(n_thresholds + 1))
     return [tuple(column[lo:hi] for column in columns) for lo, hi in itertools.pairwise(cuts)]
@@ -702,13 +702,13 @@ def _sweep_chunk(
     offset, entries, taus, params = args
     parts = []
     for i, entry in enumerate(entries):
-        t, k, confidence, boxes = _image_rows(entry.maps, entry.class_scores, entry.geometry, taus, params)
         labels = np.asarray(entry.labels, dtype=np.int64).reshape(-1)
-        if labels.size != np.asarray(entry.maps).shape[0]:
+        if labels.size != np.shape(entry.maps)[0]:
             raise ValueError(
                 f"sweep_images: image {offset + i} has {labels.size} labels for "
-                f"{np.asarray(entry.maps).shape[0]} maps; give one class index per map"
+                f"{np.shape(entry.maps)[0]} maps; give one class index per map"
             )
+        t, k, confidence, boxes = _image_rows(entry.maps, entry.class_scores, entry.geometry, taus, params)
         parts.append((t, np.full(t.size, offset + i, dtype=np.int64), labels[k], confidence, boxes))
     if not parts:
         empty = np.zeros(0, dtype=np.int64)

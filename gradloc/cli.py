@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +20,10 @@ import click
 import yaml
 
 from gradloc import __version__
+
+# Box extraction does many tiny matrix products (back-projection); OpenBLAS's thread pool makes each of them
+# 10-100x slower than one thread. Set before numpy is first imported (torch keeps its own thread pool).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 logger = logging.getLogger("gradloc")
 

@@ -36,6 +36,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import argparse  # noqa: E402
+import resource  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -76,9 +77,7 @@ def blob(geometry: Geometry, box: np.ndarray, amplitude: float, rng: np.random.G
     (fx, fy), (fx1, fy1) = feature_coords(geometry, cx, cy), feature_coords(geometry, cx + w / 4, cy + h / 4)
     sx, sy = max(fx1 - fx, 0.3), max(fy1 - fy, 0.3)
     grid = np.arange(FEATURE) + 0.5
-    return amplitude * np.outer(
-        np.exp(-0.5 * ((grid - fy) / sy) ** 2), np.exp(-0.5 * ((grid - fx) / sx) ** 2)
-    )
+    return amplitude * np.outer(np.exp(-0.5 * ((grid - fy) / sy) ** 2), np.exp(-0.5 * ((grid - fx) / sx) ** 2))
 
 
 def make_data(n_images: int, seed: int) -> tuple[list[SweepEntry], GroundTruth]:
@@ -113,9 +112,7 @@ def make_data(n_images: int, seed: int) -> tuple[list[SweepEntry], GroundTruth]:
                 scores[k] = rng.uniform(0.4, 1.0)
             else:
                 fake = np.array([rng.uniform(1, width / 2), rng.uniform(1, height / 2), 0, 0])
-                fake[2:] = fake[:2] + np.array(
-                    [rng.uniform(0.1, 0.5) * width, rng.uniform(0.1, 0.5) * height]
-                )
+                fake[2:] = fake[:2] + np.array([rng.uniform(0.1, 0.5) * width, rng.uniform(0.1, 0.5) * height])
                 maps[k] += blob(geometry, fake, rng.uniform(0.2, 0.8), rng)
                 scores[k] = rng.uniform(0.0, 0.6)
         entries.append(SweepEntry(maps.astype(np.float32), scores, geometry, explained))
@@ -168,39 +165,48 @@ def markdown(rows: list[dict]) -> str:
     return pd.DataFrame(rows).to_markdown(index=False, floatfmt=".4g")
 
 
-def bench_sweep(entries, gt, thresholds, params, workers: int) -> tuple[list[dict], dict[str, float]]:
-    rows = []
-    timings = {}
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children (the worker processes)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def bench_sweep(entries, gt, thresholds, params, workers: int) -> tuple[list[dict], dict]:
+    rows, boxes_wall, boxes_cpu = [], {}, {}
     for n_workers in sorted({1, workers}):
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), cpu_seconds()
         swept = sweep_images(entries, thresholds, params, workers=n_workers)
-        timings[f"boxes_{n_workers}"] = time.perf_counter() - start
-        rows.append(
-            {
-                "stage": f"boxes, {len(thresholds)} thresholds, sweep_images workers={n_workers}",
-                "seconds": timings[f"boxes_{n_workers}"],
-            }
-        )
-    start = time.perf_counter()
+        boxes_wall[n_workers] = time.perf_counter() - wall
+        boxes_cpu[n_workers] = cpu_seconds() - cpu
+        rows.append({
+            "stage": f"boxes, {len(thresholds)} thresholds (sweep_images, workers={n_workers})",
+            "wall s": boxes_wall[n_workers], "CPU s": boxes_cpu[n_workers],
+        })  # fmt: skip
+    wall, cpu = time.perf_counter(), cpu_seconds()
     maps_at = {}
     for tau, part in zip(thresholds, swept, strict=True):
         table = evaluate(to_detections(part, tau, params, gt), gt, IOUS, "voc07")
         maps_at[tau] = table[table["class"] == "mAP"].set_index("iou")["ap"]
-    timings["score"] = time.perf_counter() - start
-    rows.append(
-        {
-            "stage": f"scoring, {len(thresholds)} thresholds x {len(IOUS)} IoUs (evaluate, voc07)",
-            "seconds": timings["score"],
-        }
-    )
-    timings["total"] = timings[f"boxes_{workers}"] + timings["score"]
-    rows.append(
-        {"stage": f"whole sweep (boxes with workers={workers} + scoring)", "seconds": timings["total"]}
-    )
+    score_wall, score_cpu = time.perf_counter() - wall, cpu_seconds() - cpu
+    rows.append({
+        "stage": f"scoring, {len(thresholds)} thresholds x {len(IOUS)} IoUs (evaluate, voc07)",
+        "wall s": score_wall, "CPU s": score_cpu,
+    })  # fmt: skip
+    for n_workers, seconds in boxes_wall.items():
+        rows.append(
+            {
+                "stage": f"whole sweep, workers={n_workers}",
+                "wall s": seconds + score_wall,
+                "CPU s": boxes_cpu[n_workers] + score_cpu,
+            }
+        )
     best = pd.DataFrame(maps_at).T
-    timings["best"] = {iou: (float(best[iou].idxmax()), float(best[iou].max())) for iou in IOUS}
-    timings["n_dets"] = sum(len(part.scores) for part in swept)
-    return rows, timings
+    info = {
+        "total": min(boxes_wall.values()) + score_wall,
+        "best": {iou: (float(best[iou].idxmax()), float(best[iou].max())) for iou in IOUS},
+        "n_dets": sum(len(part.scores) for part in swept),
+    }
+    return rows, info
 
 
 def bench_scorer(entries, gt, params, tau: float, repeats: int) -> list[dict]:
@@ -265,9 +271,7 @@ def bench_max_side(entries, gt, thresholds, n_images: int) -> list[dict]:
         for lo, hi in bands:
             in_band = [iou for tau, iou in zip(taus, ious, strict=True) if lo <= tau < hi]
             if in_band:
-                row[f"τ in [{lo}, {min(hi, 1.0)}{']' if hi > 1 else ')'}"] = float(
-                    np.concatenate(in_band).mean()
-                )
+                row[f"τ in [{lo}, {min(hi, 1.0)}{']' if hi > 1 else ')'}"] = float(np.concatenate(in_band).mean())
         row.update({
             "identical boxes": float(np.concatenate(same).mean()),
             "best AP@0.5": float(ap50.max()), "ΔAP@0.5 at best τ": float(ap50.max() - full_ap.max()),
@@ -285,9 +289,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--subset", type=int, default=300, help="images for the max_side comparison")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--quick", action="store_true", help="smoke run: 200 images, 10 thresholds, subset 50"
-    )
+    parser.add_argument("--quick", action="store_true", help="smoke run: 200 images, 10 thresholds, subset 50")
     args = parser.parse_args()
     if args.quick:
         args.images, args.thresholds, args.subset = 200, 10, 50
@@ -317,7 +319,7 @@ def main() -> None:
     )
     print(
         f"\nTarget whole sweep <= 60 s: {'PASS' if timings['total'] <= 60 else 'FAIL'} "
-        f"({timings['total']:.1f} s)\n"
+        f"({timings['total']:.1f} s with the faster worker count; the machine's load shows in wall vs CPU)\n"
     )
 
     print("## 2. Scorer vs the per-detection loop (tests/voc_reference.py), τ = 0.2\n")

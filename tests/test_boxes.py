@@ -135,9 +135,7 @@ def test_percentile_threshold_uses_numpy_linear_quantile() -> None:
 @pytest.mark.parametrize("threshold_mode", sorted(THRESHOLD_MODES))
 @pytest.mark.parametrize("box_mode", sorted(BOX_MODES))
 def test_all_zero_map_gives_no_boxes(threshold_mode: str, box_mode: str) -> None:
-    got = boxes_of(
-        np.zeros((4, 6), np.float32), [0.0, 0.5, 1.0], threshold_mode=threshold_mode, box_mode=box_mode
-    )
+    got = boxes_of(np.zeros((4, 6), np.float32), [0.0, 0.5, 1.0], threshold_mode=threshold_mode, box_mode=box_mode)
     assert [rows.shape for rows in got] == [(0, 8)] * 3
     t_boxes = image_boxes(
         np.zeros((2, 3, 3), np.float32),
@@ -201,9 +199,7 @@ def test_min_area_drops_small_components_in_every_mode() -> None:
     assert_rows(boxes_of(A, [0.25], box_mode="union", min_area=3)[0], [ROW_B])
     assert boxes_of(A, [0.25], box_mode="largest", min_area=5)[0].shape == (0, 8)
     # min_area is in original pixels: 12 pixels at 4 pixels per cell = 3 cells
-    assert_rows(
-        heatmap_to_boxes(A, [0.25], BoxParams(box_mode="all", min_area=12), cell_area=4.0)[0], [ROW_B]
-    )
+    assert_rows(heatmap_to_boxes(A, [0.25], BoxParams(box_mode="all", min_area=12), cell_area=4.0)[0], [ROW_B])
 
 
 def test_a_component_that_grows_past_min_area_is_recorded_from_then_on() -> None:
@@ -293,9 +289,7 @@ def test_full_resolution_blob_gives_its_pixels_as_voc_box() -> None:
     maps = np.zeros((1, 30, 40), np.float32)
     maps[0, 4:10, 10:20] = 1.0  # original pixels x = 11..20, y = 5..10 (1-based)
     for max_side in (None, 20):  # 20: a 20x15 grid of 2x2-pixel cells, aligned with the blob
-        [(_, _, boxes)] = image_boxes(
-            maps, np.ones(1), identity_geometry(40, 30), [0.75], BoxParams(max_side=max_side)
-        )
+        [(_, _, boxes)] = image_boxes(maps, np.ones(1), identity_geometry(40, 30), [0.75], BoxParams(max_side=max_side))
         np.testing.assert_array_equal(boxes, [[11, 5, 20, 10]])
 
 
@@ -358,9 +352,7 @@ def reference_boxes(
         for rr, cc in comps:
             r0, r1, c0, c1 = rr.min(), rr.max() + 1, cc.min(), cc.max() + 1
             values = h[rr, cc]
-            rows.append(
-                [c0, r0, c1, r1, rr.size, values.max(), values.mean(), h[r0:r1, c0:c1].sum() / h.sum()]
-            )
+            rows.append([c0, r0, c1, r1, rr.size, values.max(), values.mean(), h[r0:r1, c0:c1].sum() / h.sum()])
         out.append(np.asarray(rows, dtype=np.float64).reshape(-1, 8))
     return out
 
@@ -437,9 +429,7 @@ def test_peak_points() -> None:
 
 def test_baselines() -> None:
     g = plan(500, 375, 224)
-    np.testing.assert_array_equal(
-        BASELINES["center"](g), [126, 94, 375, 282]
-    )  # pixels [125, 375) x [93.75, ..)
+    np.testing.assert_array_equal(BASELINES["center"](g), [126, 94, 375, 282])  # pixels [125, 375) x [93.75, ..)
     np.testing.assert_array_equal(BASELINES["center"](identity_geometry(4, 4)), [2, 2, 3, 3])
     np.testing.assert_array_equal(BASELINES["center"](identity_geometry(5, 3)), [2, 1, 4, 3])
     np.testing.assert_array_equal(BASELINES["full"](g), [1, 1, 500, 375])

@@ -103,9 +103,7 @@ def test_grid_boxes_to_voc_on_the_full_grid_is_plus_one_on_the_start() -> None:
 
 def test_grid_boxes_to_voc_on_coarse_grids_covers_the_cells_with_whole_pixels() -> None:
     # 2x2-pixel cells: cells [3, 5) x [1, 4) are pixels [6, 10) x [2, 8)
-    np.testing.assert_array_equal(
-        grid_boxes_to_voc(np.array([[3, 1, 5, 4]]), 50, 25, 100, 50), [[7, 3, 10, 8]]
-    )
+    np.testing.assert_array_equal(grid_boxes_to_voc(np.array([[3, 1, 5, 4]]), 50, 25, 100, 50), [[7, 3, 10, 8]])
     # 224x168 grid over 500x375: cells [10, 20) -> x [22.32, 44.64) -> pixels 22..44 (0-based) -> 23..45;
     # cells [20, 30) -> y [44.64, 66.96) -> pixels 44..66 -> 45..67
     np.testing.assert_array_equal(
@@ -117,9 +115,7 @@ def test_grid_boxes_to_voc_on_coarse_grids_covers_the_cells_with_whole_pixels() 
 
 
 def test_grid_boxes_to_voc_clips_and_keeps_shape() -> None:
-    np.testing.assert_array_equal(
-        grid_boxes_to_voc(np.array([[-1, 0, 12, 6]]), 10, 5, 10, 5), [[1, 1, 10, 5]]
-    )
+    np.testing.assert_array_equal(grid_boxes_to_voc(np.array([[-1, 0, 12, 6]]), 10, 5, 10, 5), [[1, 1, 10, 5]])
     out = grid_boxes_to_voc(np.zeros((0, 4)), 10, 5, 10, 5)
     assert out.shape == (0, 4) and out.dtype == np.float64
 

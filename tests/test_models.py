@@ -209,6 +209,7 @@ def test_every_torchvision_entry_names_modules_that_exist() -> None:
     assert checked >= 50
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "shufflenet_v2_x0_5", "mnasnet0_5",
                                   "regnet_x_400mf", "efficientnet_b0", "googlenet", "efficientnet_lite0"])
 def test_gap_linear_models_are_linear_of_the_pooled_layer(name: str) -> None:
@@ -229,6 +230,7 @@ def test_gap_linear_models_are_linear_of_the_pooled_layer(name: str) -> None:
         torch.testing.assert_close(linear(seen["a"].mean(dim=(2, 3))), scores, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_densenet_map_is_rectified_in_place_so_it_is_gap_linear() -> None:
     torch.manual_seed(0)
     model = build_architecture("densenet121", head="voc")
@@ -508,10 +510,11 @@ def test_lite0_classifies_real_voc_photographs(lite0: Lite0) -> None:
 def test_lite0_normalization_is_the_tf_lite_one(lite0: Lite0) -> None:
     """mean = std = 0.5 (TF-Lite's 127 / 128 on 0..255) beats ImageNet mean/std on real photographs.
 
-    Measured on the first 100 val images: the top-1 ImageNet class is one of a present VOC class's synsets
-    for 64 % of them with 0.5 / 0.5 and 56 % with ImageNet's mean / std (200 images: 63.5 % vs 54.5 %).
+    Measured on the first 50 val images: the top-1 ImageNet class is one of a present VOC class's synsets
+    for 70 % of them with 0.5 / 0.5 and 58 % with ImageNet's mean / std (first 100: 64 % vs 56 %; first
+    200: 63.5 % vs 54.5 %).
     """
-    dataset = VOCDataset(VOC_ROOT, "2007", "val", limit=100)
+    dataset = VOCDataset(VOC_ROOT, "2007", "val", limit=50)
     labels = dataset.image_labels()
     groups = imagenet_groups(list(VOC_CLASSES))
     images = [dataset.load_image(i) for i in dataset.image_ids]
@@ -526,4 +529,4 @@ def test_lite0_normalization_is_the_tf_lite_one(lite0: Lite0) -> None:
     tf_lite = hit_rate(lite0[1])
     imagenet = hit_rate(Preprocessing(224, "letterbox", models.IMAGENET_MEAN, models.IMAGENET_STD))
     assert lite0[1].mean == (0.5, 0.5, 0.5) and lite0[1].std == (0.5, 0.5, 0.5)
-    assert tf_lite == pytest.approx(0.64) and imagenet == pytest.approx(0.56)
+    assert tf_lite == pytest.approx(0.70) and imagenet == pytest.approx(0.58)
