@@ -400,10 +400,11 @@ def gradcampp_map(activation: Tensor, grads: Tensor) -> Tensor:
     Returns:
         ``[B, K, h, w]``, same dtype.
     """
-    denominator = 2.0 + activation.sum(dim=(-2, -1))[..., None, None] * grads  # [K, B, C, h, w]
-    valid = (grads > 0) & (denominator != 0)
-    weights = torch.where(valid, grads / torch.where(valid, denominator, 1.0), 0.0).sum(dim=(-2, -1))
-    return _channel_weighted(weights, activation)
+    totals = activation.sum(dim=(-2, -1))[..., None, None]  # [B, C, 1, 1]
+    denominator = torch.addcmul(torch.full((), 2.0, dtype=grads.dtype, device=grads.device), totals, grads)
+    # ReLU(g) / denominator; x/0 (inf or nan) only where the denominator is 0, which contributes 0
+    ratio = grads.clamp(min=0).div_(denominator).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    return _channel_weighted(ratio.sum(dim=(-2, -1)), activation)
 
 
 def xgradcam_map(activation: Tensor, grads: Tensor) -> Tensor:
@@ -420,7 +421,7 @@ def xgradcam_map(activation: Tensor, grads: Tensor) -> Tensor:
         ``[B, K, h, w]``, same dtype.
     """
     totals = activation.sum(dim=(-2, -1))  # [B, C]
-    weighted = (grads * activation).sum(dim=(-2, -1))  # [K, B, C]
+    weighted = torch.einsum("kbchw,bchw->kbc", grads, activation)
     alpha = torch.where(totals != 0, weighted / torch.where(totals != 0, totals, 1.0), 0.0)
     return _channel_weighted(alpha, activation)
 

@@ -281,7 +281,7 @@ def boxes(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
 
 
 @main.command()
-@click.argument("run_dir", required=False, type=click.Path(file_okay=False))
+@click.argument("run_dir", required=False, type=click.Path())
 @click.option("--gt", "gt_path", type=click.Path(dir_okay=False), help="Ground-truth pickle (gradloc.gt/1).")
 @click.option("--iou", default="0.3,0.4,0.5", show_default=True, help="Comma-separated IoU thresholds.")
 @click.option("--metric", type=click.Choice(["voc07", "voc10"]), default="voc07", show_default=True,
@@ -413,7 +413,8 @@ def train(ctx: click.Context, **options: Any) -> None:
 
         def progress(done: int, total: int, loss: float) -> None:
             bar.total = total
-            bar.set_postfix(loss=f"{loss:.4f}")
+            if loss == loss:  # NaN while features are extracted
+                bar.set_postfix(loss=f"{loss:.4f}")
             bar.update(done - bar.n)
 
         report = train_head(cfg, progress=progress)

@@ -204,6 +204,13 @@ def parse_annotation(path: Path, classes: Sequence[str] = VOC_CLASSES) -> Annota
     return Annotation(image_id=path.stem, width=width, height=height, depth=depth, objects=objects, path=path)
 
 
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise DatasetError(f"{path}: not a text file of image ids ({error})") from None
+
+
 def _resolve_year_folder(root: Path, year: str) -> Path:
     """The ``VOC<year>`` folder, given the VOCdevkit folder, the ``VOC<year>`` folder or their parent."""
     name = f"VOC{year}"
@@ -291,7 +298,7 @@ class VOCDataset:
             raise MissingFileError(f"{path}: split file not found; splits in {self.main_dir}: {splits}")
         ids: list[str] = []
         seen: set[str] = set()
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for number, line in enumerate(_read_lines(path), start=1):
             fields = line.split()
             if not fields:
                 continue
@@ -395,7 +402,7 @@ class VOCDataset:
         if not path.is_file():
             raise MissingFileError(f"{path}: per-class image set not found")
         flags: dict[str, int] = {}
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for number, line in enumerate(_read_lines(path), start=1):
             fields = line.split()
             if not fields:
                 continue

@@ -54,6 +54,14 @@ def build_vgg16(num_classes: int) -> nn.Module:
     return model.eval()
 
 
+# key -> (model, layer, gradient path, builder taking the number of classes)
+SETUPS: dict[str, tuple[str, str, str, Callable[[int], nn.Module]]] = {
+    "resnet50": ("resnet50", "layer4", "closed form", lambda n: build_resnet50(n, closed_form=True)),
+    "resnet50-autograd": ("resnet50", "layer4", "autograd", lambda n: build_resnet50(n, closed_form=False)),
+    "vgg16": ("vgg16", "features.29", "autograd", build_vgg16),
+}
+
+
 def naive_gradcam(model: nn.Module, images: Tensor, classes: list[int], layer: str) -> Tensor:
     """Per class: one full forward with autograd, a backward to the layer, Grad-CAM. Maps [B, K, h, w]."""
     module = resolve_layer(model, layer)[1]
@@ -109,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="paired repeats per method (median)")
     parser.add_argument("--naive-repeats", type=int, default=1, help="repeats of the naive per-class loop")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--models", nargs="+", choices=list(SETUPS), default=list(SETUPS),
+                        help="which setups to run (default: all)")
     args = parser.parse_args(argv)
     if args.quick:
         args.batch, args.size, args.repeats, args.naive_repeats = 2, 112, 2, 1
@@ -116,14 +126,11 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     images = torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(1))
     classes = list(range(args.classes))
-    setups = [
-        ("resnet50", "layer4", "closed form", build_resnet50(args.classes, closed_form=True)),
-        ("resnet50", "layer4", "autograd", build_resnet50(args.classes, closed_form=False)),
-        ("vgg16", "features.29", "autograd", build_vgg16(args.classes)),
-    ]
     load_before = os.getloadavg()[0]
     rows = []
-    for name, layer, path, model in setups:
+    for key in args.models:
+        name, layer, path, build = SETUPS[key]
+        model = build(args.classes)
         naive = ""
         if path == "autograd":
             fwd, run, ratio = paired(

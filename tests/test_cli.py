@@ -1,6 +1,7 @@
 """The core commands through click's runner: help, a tiny demo run, scoring pickles, and error paths."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,11 @@ def test_help_has_an_example(command):
 def test_run_prints_owner_tables(tiny_run):
     root, result = tiny_run
     assert result.exit_code == 0, result.output
-    assert "threshold = 0.1\n|        | 0.3       | 0.5       |\n|--------+" in result.output
+    block = result.output.split("threshold = 0.1\n", 1)[1].splitlines()
+    assert re.fullmatch(r"\| +\| 0\.3 +\| 0\.5 +\|", block[0])
+    assert re.fullmatch(r"\|-+\+-+\+-+\|", block[1])
+    assert [line.split("|")[1].strip() for line in block[2:4]] == ["ap", "recall"]
+    assert re.fullmatch(r"\| ap +\| \d+\.\d{6} +\| \d+\.\d{6} +\|", block[2])
     assert "| ap (center)" in result.output
     assert "VOC07 11-point AP" in result.output
     run_dir = root / "results" / "tiny"

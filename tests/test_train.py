@@ -62,7 +62,7 @@ def test_fit_linear_separates_and_is_deterministic() -> None:
     with torch.no_grad():
         scores = heads[0](features).numpy()
     ap_map, aps = classification_map(scores, labels)
-    assert ap_map == 1.0 and list(aps) == [1.0, 1.0]
+    assert ap_map == pytest.approx(1.0) and list(aps) == pytest.approx([1.0, 1.0])
 
 
 # --- configuration ------------------------------------------------------------------------------------------

@@ -1,0 +1,40 @@
+"""Shared fixtures: the real VOC2007 subset (or a skip) and a small synthetic demo dataset and model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+# ../shared/voc/VOCdevkit seen from the repository root
+VOC_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "voc" / "VOCdevkit"
+
+# Parameters of the small demo dataset used by the test suite (a few dozen images, generated in ~0.3 s).
+DEMO_SMALL = {"n_train": 24, "n_val": 12, "n_test": 8, "seed": 0}
+
+
+@pytest.fixture(scope="session")
+def voc_root() -> Path:
+    """The real VOC2007 train/val subset (VOCdevkit folder); skips the test when it is absent."""
+    if not (VOC_ROOT / "VOC2007" / "ImageSets" / "Main").is_dir():
+        pytest.skip(f"real VOC2007 subset not found at {VOC_ROOT} (see ../shared/voc/README.md)")
+    return VOC_ROOT
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """VOCdevkit folder of a small demo dataset (``DEMO_SMALL``); open with ``VOCDataset(p, year="demo",
+    classes=gradloc.demo.DEMO_CLASSES)``. Shared by the session: do not modify it."""
+    from gradloc.demo import generate_demo
+
+    return generate_demo(tmp_path_factory.mktemp("demo_data"), **DEMO_SMALL)
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ``gradloc.checkpoint/1`` DemoNet trained for 3 epochs on ``demo_data`` (about a second; it
+    classifies poorly, use it for plumbing, not for accuracy). Load with ``gradloc.demo.load_demo_model``."""
+    from gradloc.demo import train_demo_model
+
+    return train_demo_model(demo_data, tmp_path_factory.mktemp("demo_model") / "demo_cnn.pt", epochs=3,
+                            max_seconds=60.0)
