@@ -167,45 +167,20 @@ def _prepare(ctx: click.Context, config):
         return prepare_demo(config, progress=report)
 
 
-def _cams(ctx: click.Context, config):
-    from gradloc.pipeline import cams_cache, load_classifier, open_dataset, run_cams
-
-    dataset = open_dataset(config)
-    todo = len(cams_cache(config, load_classifier(config), dataset).missing(dataset.image_ids))
-    with progress_bar(ctx, todo, f"cams ({config.cams.method})") as update:
-        return run_cams(config, progress=update)
+def _stage(ctx: click.Context):
+    """The progress factory the pipeline expects: ``(description, total) -> tqdm's update``."""
+    return lambda description, total: progress_bar(ctx, total, description)
 
 
-def _boxes(ctx: click.Context, config, cache, dataset) -> Path:
-    from gradloc.pipeline import run_boxes
+def _print_scores(ctx: click.Context, rows, meta, wsol, fmt: str = "table") -> None:
+    from gradloc.report import render
 
-    with progress_bar(ctx, len(dataset), f"boxes ({len(config.boxes.thresholds)} thresholds)") as update:
-        return run_boxes(config, cache, dataset, progress=update)
-
-
-def _score(ctx: click.Context, run_dir: Path, ious, metric: str, fmt: str = "table") -> None:
-    from gradloc.detections import load_detections
-    from gradloc.pipeline import localization_scores, score_run
-    from gradloc.report import render, save_scores
-
-    rows = score_run(run_dir, ious, metric)
-    meta = load_detections(next(iter(sorted((run_dir / "detections").glob("thr_*.pkl"))))).meta
-    save_scores(rows, run_dir, meta)
-    wsol = localization_scores(run_dir)
-    wsol.to_csv(run_dir / "localization.csv", index=False)
     click.echo(render(rows, fmt, meta))
     if fmt == "table" and not ctx.obj["quiet"]:
         means = wsol[wsol["class"].isin(["mean", "all"])]
         lines = [f"  {r.metric:<28} tau={r.threshold:<6g} {100 * r.value:6.2f} %  (n={r.n})"
                  for r in means.itertuples()]
         click.echo("Localization (mean over classes; CorLoc per tau, pointing game tau-free):\n" + "\n".join(lines))
-
-
-def _write_resolved_config(config) -> None:
-    from gradloc.detections import atomic_write_bytes
-
-    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
-    atomic_write_bytes(config.run_dir / "config.yaml", text.encode())
 
 
 @main.command()
@@ -219,24 +194,20 @@ def run(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
       gradloc run --config configs/demo.yaml
       gradloc run --config configs/voc07_efficientnet_lite0.yaml --split val --thresholds 0.1,0.2
     """
-    from gradloc.pipeline import StageTimes, write_manifest
+    from gradloc.pipeline import run as run_pipeline
 
     original = build_config(config_path, flags)
-    times = StageTimes()
-    with times.stage("prepare"):
-        config = _prepare(ctx, original)
-    with times.stage("cams"):
-        cache, dataset = _cams(ctx, config)
-    with times.stage("boxes"):
-        run_dir = _boxes(ctx, config, cache, dataset)
-    _write_resolved_config(config)
-    with times.stage("score"):
-        _score(ctx, run_dir, config.score.iou, config.score.metric)
-    write_manifest(config, original, cache, times)
-    if dataset.skipped:
-        say(ctx, f"skipped {len(dataset.skipped)} item(s): " + "; ".join(f"{i}: {r}" for i, r in dataset.skipped))
-    say(ctx, f"run folder: {run_dir}  (heatmap cache: {cache.root})")
-    say(ctx, "time per stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.seconds.items()))
+    start = time.perf_counter()
+    config = _prepare(ctx, original)
+    prepare_seconds = time.perf_counter() - start
+    result = run_pipeline(config, original, stage=_stage(ctx))
+    _print_scores(ctx, result.rows, result.meta, result.localization)
+    if result.dataset.skipped:
+        say(ctx, f"skipped {len(result.dataset.skipped)} item(s): "
+                 + "; ".join(f"{i}: {r}" for i, r in result.dataset.skipped))
+    say(ctx, f"run folder: {result.run_dir}  (heatmap cache: {result.cache.root})")
+    times = {"prepare": prepare_seconds, **result.times.seconds}
+    say(ctx, "time per stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
 
 
 @main.command()
@@ -249,9 +220,14 @@ def cams(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
     Example:
       gradloc cams --config configs/voc07_resnet50.yaml --method gradcampp
     """
+    from gradloc.pipeline import cams_cache, load_classifier, open_dataset, run_cams
+
     config = _prepare(ctx, build_config(config_path, flags))
     start = time.perf_counter()
-    cache, dataset = _cams(ctx, config)
+    dataset, loaded = open_dataset(config), load_classifier(config)
+    todo = len(cams_cache(config, loaded, dataset).missing(dataset.image_ids))
+    with progress_bar(ctx, todo, f"cams ({config.cams.method})") as update:
+        cache, dataset = run_cams(config, progress=update, dataset=dataset, loaded=loaded)
     say(ctx, f"cache: {cache.root} ({len(dataset)} images, {cache.nbytes() / 1e6:.1f} MB, "
              f"{time.perf_counter() - start:.1f} s)")
 
@@ -266,7 +242,7 @@ def boxes(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
     Example:
       gradloc boxes --config configs/demo.yaml --thresholds 0.1,0.2,0.3 --box-mode all
     """
-    from gradloc.pipeline import cams_cache, load_classifier, open_dataset
+    from gradloc.pipeline import cams_cache, load_classifier, open_dataset, run_boxes, write_resolved_config
 
     config = _prepare(ctx, build_config(config_path, flags))
     dataset = open_dataset(config)
@@ -275,8 +251,9 @@ def boxes(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
     if missing:
         raise FileNotFoundError(f"{cache.root}: {len(missing)} of {len(dataset)} images have no cached maps "
                                 "for this model/method/layer; run `gradloc cams` with the same options first")
-    run_dir = _boxes(ctx, config, cache, dataset)
-    _write_resolved_config(config)
+    with progress_bar(ctx, len(dataset), f"boxes ({len(config.boxes.thresholds)} thresholds)") as update:
+        run_dir = run_boxes(config, cache, dataset, progress=update)
+    write_resolved_config(config)
     say(ctx, f"detections: {run_dir / 'detections'}")
 
 
@@ -302,14 +279,14 @@ def score(ctx: click.Context, run_dir: str | None, gt_path: str | None, iou: str
     import pandas as pd
 
     from gradloc.detections import load_detections, load_ground_truth
-    from gradloc.pipeline import score_detections
+    from gradloc.pipeline import score_and_save, score_detections
     from gradloc.report import render
 
     ious = _floats(iou, "--iou")
     if gt_path is None:
         if run_dir is None or detections:
             raise click.UsageError("give a run folder, or --gt GT.pkl and detection pickles")
-        _score(ctx, Path(run_dir), ious, metric, fmt)
+        _print_scores(ctx, *score_and_save(Path(run_dir), ious, metric), fmt=fmt)
         return
     files = ((run_dir,) if run_dir else ()) + detections  # with --gt, positional arguments are all pickles
     if not files:
@@ -528,7 +505,7 @@ def sweep(ctx: click.Context, config_path: str | None, select_split: str, eval_s
     parse_select_metric(select_metric)  # fail before any work
     config = _prepare(ctx, build_config(config_path, flags))
     result = run_sweep(config, select_split, eval_split, select_metric,
-                       stage=lambda desc, total: progress_bar(ctx, total, desc))
+                       stage=_stage(ctx))
     click.echo(result.text, nl=False)
     say(ctx, "runs: " + ", ".join(str(p) for p in result.run_dirs.values()) + "; table: "
         + ", ".join(str(p) for p in result.files))

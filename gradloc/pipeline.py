@@ -17,7 +17,7 @@ import platform
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -150,15 +150,18 @@ def cams_cache(config: RunConfig, loaded: Any, dataset: VOCDataset) -> HeatmapCa
     return HeatmapCache(config.cache_dir, key)
 
 
-def run_cams(config: RunConfig, progress: Progress = None) -> tuple[HeatmapCache, VOCDataset]:
-    """Compute raw CAM maps of all classes for every image of the split that is not cached yet."""
+def run_cams(config: RunConfig, progress: Progress = None, *, dataset: VOCDataset | None = None,
+             loaded: Any = None) -> tuple[HeatmapCache, VOCDataset]:
+    """Compute raw CAM maps of all classes for every image of the split that is not cached yet.
+
+    ``dataset`` and ``loaded`` (the classifier) are opened from the config unless given."""
     import torch
 
     from gradloc.cams import compute_cams
     from gradloc.geometry import plan, preprocess_image
 
-    dataset = open_dataset(config)
-    loaded = load_classifier(config)
+    dataset = dataset or open_dataset(config)
+    loaded = loaded or load_classifier(config)
     cache = cams_cache(config, loaded, dataset)
     todo = cache.missing(dataset.image_ids)
     logger.info("cams: %d of %d images to compute into %s", len(todo), len(dataset), cache.root)
@@ -397,7 +400,74 @@ def localization_scores(run_dir: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def score_and_save(run_dir: str | Path, ious: Sequence[float], metric: str
+                   ) -> tuple[pd.DataFrame, dict[str, Any], pd.DataFrame]:
+    """Score a run folder and save scores.csv/json/md and localization.csv in it.
+
+    Returns:
+        (score rows, the protocol of its CAM detections, WSOL rows).
+    """
+    from gradloc.report import save_scores
+
+    run_dir = Path(run_dir)
+    rows = score_run(run_dir, ious, metric)
+    meta = load_detections(sorted((run_dir / "detections").glob("thr_*.pkl"))[0]).meta
+    save_scores(rows, run_dir, meta)
+    wsol = localization_scores(run_dir)
+    atomic_write_bytes(run_dir / "localization.csv", wsol.to_csv(index=False).encode())
+    return rows, meta, wsol
+
+
 # --- the whole run ------------------------------------------------------------------------------------------
+
+# ``stage(description, total)`` -> context manager yielding a progress callback (or None); the CLI's tqdm.
+StageProgress = Callable[[str, int], AbstractContextManager[Callable[[int], None] | None]]
+
+
+@dataclass
+class RunResult:
+    """What :func:`run` made: the run folder, score rows and protocol, WSOL rows, cache, dataset, times."""
+
+    run_dir: Path
+    rows: pd.DataFrame
+    meta: dict[str, Any]
+    localization: pd.DataFrame
+    cache: HeatmapCache
+    dataset: VOCDataset
+    times: StageTimes
+
+
+def run(config: RunConfig, original: RunConfig | None = None, stage: StageProgress | None = None) -> RunResult:
+    """The whole pipeline for a prepared config (see :func:`prepare_demo`): cams -> boxes -> scores, plus
+    config.yaml and manifest.json (``original`` = the config as given, recorded beside the resolved one)."""
+
+    def quiet(description: str, total: int) -> AbstractContextManager[None]:
+        return nullcontext(None)
+
+    stage = stage or quiet
+    times = StageTimes()
+    dataset = open_dataset(config)
+    loaded = load_classifier(config)
+    todo = len(cams_cache(config, loaded, dataset).missing(dataset.image_ids))
+    with times.stage("cams"), stage(f"cams {config.data.split} ({config.cams.method})", todo) as update:
+        cache, dataset = run_cams(config, progress=update, dataset=dataset, loaded=loaded)
+    n_thresholds = len(config.boxes.thresholds)
+    with times.stage("boxes"), stage(f"boxes {config.data.split} ({n_thresholds} τ)", len(dataset)) as update:
+        run_dir = run_boxes(config, cache, dataset, progress=update)
+    write_resolved_config(config)
+    with times.stage("score"):
+        rows, meta, wsol = score_and_save(run_dir, config.score.iou, config.score.metric)
+    write_manifest(config, original or config, cache, times)
+    return RunResult(run_dir, rows, meta, wsol, cache, dataset, times)
+
+
+def write_resolved_config(config: RunConfig) -> None:
+    """``config.yaml`` in the run folder: the config after flags and demo preparation."""
+    import yaml
+
+    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+    atomic_write_bytes(config.run_dir / "config.yaml", text.encode())
+
 
 
 def write_manifest(config: RunConfig, original: RunConfig, cache: HeatmapCache | None,

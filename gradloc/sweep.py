@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -29,13 +27,15 @@ from tabulate import tabulate
 from gradloc.detections import atomic_write_bytes
 from gradloc.report import METRIC_NAMES
 
+if TYPE_CHECKING:
+    from gradloc.pipeline import StageProgress
+
 logger = logging.getLogger(__name__)
 
 # selection metric name -> score column of the CAM mAP row it maximizes
 SELECT_METRICS: dict[str, str] = {"ap": "ap", "recall": "recall"}
 
 # (description, total) -> context manager yielding an ``update(n)`` callback (the CLI wraps tqdm around it)
-StageProgress = Callable[[str, int], AbstractContextManager[Callable[[int], None]]]
 
 
 def parse_select_metric(text: str) -> tuple[str, float]:
@@ -189,30 +189,10 @@ def run_split(config: Any, stage: StageProgress | None = None) -> tuple[Path, pd
     Returns:
         ``(run_dir, score rows)``.
     """
-    from contextlib import nullcontext
-
     from gradloc import pipeline
-    from gradloc.detections import load_detections
-    from gradloc.report import save_scores
 
-    def progress(desc: str, total: int) -> AbstractContextManager[Callable[[int], None] | None]:
-        return stage(desc, total) if stage else nullcontext(None)
-
-    times = pipeline.StageTimes()
-    split = config.data.split
-    dataset = pipeline.open_dataset(config)
-    cache = pipeline.cams_cache(config, pipeline.load_classifier(config), dataset)
-    todo = len(cache.missing(dataset.image_ids))
-    with times.stage("cams"), progress(f"cams {split} ({config.cams.method})", todo) as update:
-        cache, dataset = pipeline.run_cams(config, progress=update)
-    with times.stage("boxes"), progress(f"boxes {split}", len(dataset)) as update:
-        run_dir = pipeline.run_boxes(config, cache, dataset, progress=update)
-    with times.stage("score"):
-        rows = pipeline.score_run(run_dir, config.score.iou, config.score.metric)
-        first = sorted((Path(run_dir) / "detections").glob("thr_*.pkl"))[0]
-        save_scores(rows, run_dir, load_detections(first).meta)
-    pipeline.write_manifest(config, config, cache, times)
-    return Path(run_dir), rows
+    result = pipeline.run(config, stage=stage)
+    return result.run_dir, result.rows
 
 
 def run_sweep(config: Any, select_split: str, eval_split: str, select_metric: str = "ap@0.5",
