@@ -11,9 +11,12 @@ batch with one forward pass:
 * the forward runs under ``torch.no_grad()``; a forward hook on the target layer switches grad mode on and
   hands the rest of the network a copy of a detached leaf ``A`` that requires grad, so autograd records only
   the head after the layer (the outer ``no_grad`` context restores the caller's grad mode on exit);
-* one ``torch.autograd.grad(scores, A, grad_outputs=onehot[K, B, N], is_grads_batched=True)`` call
-  back-propagates the K one-hot output gradients at once (vmap over the VJP), only through that head and only
-  to ``A``: parameters' ``.grad`` are never written;
+* one ``torch.func.vmap`` over ``torch.autograd.grad(scores, A, grad_outputs=onehot[k])`` back-propagates
+  the K one-hot output gradients ``onehot[K, B, N]`` at once (one batched VJP), only through that head and
+  only to ``A``: parameters' ``.grad`` are never written. (``torch.autograd.grad(..., is_grads_batched=True)``
+  gives the same numbers but runs on the legacy vmap, which has no batching rule for the max-pool and
+  adaptive-average-pool backward ops and loops over the K classes there: on VGG16 this made the backward
+  2-6x slower and very sensitive to CPU contention; see ``scripts/bench_cams.py``);
 * when the model declares ``gradloc_gap_linear = (layer, linear)`` and the target is that layer, the output
   is ``y_c = sum_k w_ck (1/Z) sum_ij A^k_ij + b_c`` so ``g^{kc}_{ij} = w_ck / Z`` at every cell: the
   gradients come in closed form and no backward pass runs at all (the claim is checked against the output).
@@ -295,6 +298,24 @@ def _onehot(classes: list[int], scores: Tensor) -> Tensor:
     return onehot
 
 
+def _batched_vjp(outputs: Tensor, inputs: Tensor, cotangents: Tensor,
+                 retain_graph: bool = False) -> Tensor | None:
+    """``[K, *inputs.shape]`` vector-Jacobian products of ``K`` cotangents ``[K, *outputs.shape]`` in one
+    batched backward pass (``torch.func.vmap`` over ``torch.autograd.grad``); None when ``outputs`` does not
+    depend on ``inputs``."""
+    unused = []
+
+    def vjp(cotangent: Tensor) -> Tensor:
+        (grad,) = torch.autograd.grad(outputs, inputs, cotangent, retain_graph=retain_graph, allow_unused=True)
+        if grad is None:
+            unused.append(True)
+            return torch.zeros_like(inputs)
+        return grad
+
+    grads = torch.func.vmap(vjp)(cotangents)
+    return None if unused else grads
+
+
 def _activations_and_gradients(model: nn.Module, images: Tensor, classes: list[int],
                                layer: tuple[str, nn.Module]) -> tuple[Tensor, Tensor, Tensor]:
     """Engine behind ``activations_and_gradients`` for an already resolved layer (model in eval mode)."""
@@ -310,10 +331,7 @@ def _activations_and_gradients(model: nn.Module, images: Tensor, classes: list[i
         return activation, grads, scores
     activation, scores = _forward_capture(model, images, layer, track_grad=True)
     _check_class_range(classes, scores.shape[1])
-    grads = None
-    if scores.requires_grad:
-        (grads,) = torch.autograd.grad(scores, activation, grad_outputs=_onehot(classes, scores),
-                                       is_grads_batched=True, allow_unused=True)
+    grads = _batched_vjp(scores, activation, _onehot(classes, scores)) if scores.requires_grad else None
     if grads is None:
         raise ValueError(f"the output of {type(model).__name__} does not depend on layer {layer[0]!r}; "
                          "pick a module on the path to the output (see gradloc.cams.list_layers)")
@@ -559,9 +577,9 @@ def _guided_backprop(model: nn.Module, images: Tensor, classes: list[int],
         maps = []
         for start in range(0, len(classes), step):
             chunk = classes[start:start + step]
-            (grads,) = torch.autograd.grad(scores, inputs, grad_outputs=_onehot(chunk, scores),
-                                           is_grads_batched=True,
-                                           retain_graph=start + step < len(classes))
+            grads = _batched_vjp(scores, inputs, _onehot(chunk, scores), retain_graph=start + step < len(classes))
+            if grads is None:
+                raise ValueError(f"the output of {type(model).__name__} does not depend on its input")
             maps.append(grads.abs().amax(dim=2).transpose(0, 1))  # [B, k, H, W]
     return torch.cat(maps, dim=1), scores.detach()
 

@@ -68,7 +68,7 @@ class CamConfig:
     layer: str | None = None
     batch_size: int = 16
     device: str = "cpu"
-    store_dtype: str = "float16"
+    store_dtype: str = "float32"
 
 
 @dataclass(frozen=True)

@@ -111,3 +111,28 @@ def test_killed_cams_run_resumes(demo_run, tmp_path):
     assert len(list((resumed.root / "maps").glob("*.pkl"))) == len(dataset)
     for image_id in dataset.image_ids[:3]:  # batch composition may change float rounding, nothing more
         np.testing.assert_allclose(resumed.get(image_id).maps, cache.get(image_id).maps, rtol=1e-2, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_float16_cache_moves_boxes_by_at_most_one_pixel(demo_run, tmp_path):
+    """The cache stores float32 maps by default; float16 (half the size) is an option whose effect on boxes
+    is bounded here: same detections, a few coordinates moved by one pixel."""
+    import dataclasses
+
+    config, _, dataset, _, _ = demo_run
+    assert config.cams.store_dtype == "float32"
+    config16 = dataclasses.replace(config, cache_dir=str(tmp_path / "cache16"), out=str(tmp_path / "out"),
+                                   cams=dataclasses.replace(config.cams, store_dtype="float16"))
+    cache16, _ = run_cams(config16)
+    run_dir16 = run_boxes(config16, cache16, dataset)
+    changed = total = 0
+    for tau in config.boxes.thresholds:
+        name = f"thr_{tau:.3f}.pkl"
+        a = load_detections(config.run_dir / "detections" / name)
+        b = load_detections(run_dir16 / "detections" / name)
+        np.testing.assert_array_equal(a.labels, b.labels)
+        np.testing.assert_array_equal(a.scores, b.scores)
+        assert np.abs(a.boxes - b.boxes).max(initial=0) <= 1
+        changed += int(np.any(a.boxes != b.boxes, axis=1).sum())
+        total += len(a)
+    assert changed <= 0.02 * total, (changed, total)
