@@ -56,8 +56,9 @@ def per_class_table(rows: pd.DataFrame, threshold: float, iou: float, tablefmt: 
     wide.columns = [f"{metric} ({source})" if source != "cam" else metric for metric, source in wide.columns]
     counts = part[part["source"] == "cam"].set_index("class")[["n_gt", "n_det"]]
     table = counts.join(wide)
+    table[["n_gt", "n_det"]] = table[["n_gt", "n_det"]].astype(int)
     ordered = [c for c in table.index if c != "mAP"] + (["mAP"] if "mAP" in table.index else [])
-    return tabulate(table.loc[ordered], headers="keys", tablefmt=tablefmt, floatfmt=".2f")
+    return tabulate(table.loc[ordered].astype(object), headers="keys", tablefmt=tablefmt, floatfmt=".2f")
 
 
 def protocol_line(rows: pd.DataFrame, meta: Mapping[str, Any] | None = None, oracle: bool = True) -> str:
