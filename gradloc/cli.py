@@ -121,14 +121,18 @@ def run_options(command: Callable) -> Callable:
 
 
 def build_config(config_path: str | None, flags: dict[str, Any]):
+    """The config file with flags applied, validated (names included) before any work starts."""
     from gradloc.config import load_config
+    from gradloc.pipeline import check_names
 
     overrides = {}
     for flag, value in flags.items():
         if value is None or flag not in RUN_FLAGS:
             continue
         overrides[RUN_FLAGS[flag][0]] = _floats(value, f"--{flag}") if flag in LIST_FLAGS else value
-    return load_config(config_path, overrides)
+    config = load_config(config_path, overrides)
+    check_names(config)
+    return config
 
 
 @contextmanager

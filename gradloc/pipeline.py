@@ -110,6 +110,31 @@ def prepare_demo(config: RunConfig, progress: Callable[[int, int, float], None] 
     return dataclasses.replace(config, data=data, model=model)
 
 
+def check_names(config: RunConfig) -> None:
+    """Fail before any work on a name no registry knows: CAM method, box settings, model.
+
+    Raises:
+        ValueError: naming the key and the valid choices.
+    """
+    from gradloc.cams import METHODS
+    from gradloc.models import get_spec
+
+    method = METHODS.get(config.cams.method)
+    if method is None:
+        raise ValueError(f"unknown CAM method {config.cams.method!r} (cams.method); choose one of "
+                         f"{', '.join(METHODS)}")
+    if method.input_resolution:
+        raise ValueError(f"CAM method {config.cams.method!r} makes pixel-level pictures, not heatmaps for "
+                         "boxes; use it with `gradloc show --guided`")
+    box_params(config)
+    for name in config.boxes.baselines:
+        if name not in (*BASELINES, "random"):
+            raise ValueError(f"unknown baseline {name!r} (boxes.baselines); choose from "
+                             f"{', '.join([*BASELINES, 'random'])}")
+    if not config.demo.enabled:
+        get_spec(config.model.name)
+
+
 def open_dataset(config: RunConfig, split: str | None = None) -> VOCDataset:
     data = config.data
     return VOCDataset(data.voc_root, year=data.year, split=split or data.split, classes=data.classes,
@@ -160,6 +185,7 @@ def run_cams(config: RunConfig, progress: Progress = None, *, dataset: VOCDatase
     from gradloc.cams import compute_cams
     from gradloc.geometry import plan, preprocess_image
 
+    check_names(config)
     dataset = dataset or open_dataset(config)
     loaded = loaded or load_classifier(config)
     cache = cams_cache(config, loaded, dataset)
@@ -179,9 +205,6 @@ def run_cams(config: RunConfig, progress: Progress = None, *, dataset: VOCDatase
         ])).to(device)
         maps, scores = compute_cams(model, inputs, all_classes, method=config.cams.method,
                                     layer=cache.key_data["layer"])
-        if maps.shape[-2:] == inputs.shape[-2:] and config.cams.method.startswith("guided"):
-            raise ValueError(f"CAM method {config.cams.method!r} makes pixel-level pictures, not boxes; "
-                             "use it with `gradloc show --guided`")
         maps_np, scores_np = maps.cpu().numpy(), scores.detach().cpu().numpy()
         for i, image_id in enumerate(batch):
             cache.put(image_id, maps_np[i], scores_np[i], geometries[i], config.cams.store_dtype)
@@ -260,9 +283,7 @@ def run_boxes(config: RunConfig, cache: HeatmapCache, dataset: VOCDataset, progr
     params = box_params(config)
     thresholds = list(config.boxes.thresholds)
     probability = PROBABILITIES[cache.key_data["score_kind"]]
-    for name in config.boxes.baselines:
-        if name not in (*BASELINES, "random"):
-            raise ValueError(f"unknown baseline {name!r}; choose from {', '.join([*BASELINES, 'random'])}")
+    check_names(config)
     cam_rows = [_Rows() for _ in thresholds]
     random_rows = [_Rows() for _ in thresholds]
     fixed_rows = {name: _Rows() for name in config.boxes.baselines if name in BASELINES}

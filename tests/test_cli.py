@@ -127,3 +127,24 @@ def test_score_refuses_a_hostile_pickle(tmp_path):
     result = CliRunner().invoke(main, ["score", "--gt", str(tmp_path / "gt.pkl"), str(tmp_path / "d.pkl")])
     assert result.exit_code == 1
     assert "refusing to load" in result.output and "pwned" not in result.output
+
+
+@pytest.mark.parametrize(("flags", "match"), [
+    (["--method", "guided_backprop"], "pixel-level pictures"),
+    (["--method", "gradcam_plus"], "unknown CAM method 'gradcam_plus'"),
+    (["--box-mode", "biggest"], "biggest"),
+    (["--threshold-mode", "mean"], "mean"),
+])
+def test_unknown_names_are_refused_before_any_work(tmp_path, flags, match):
+    result = CliRunner().invoke(main, ["run", "--config", str(CONFIGS / "demo.yaml"), *flags,
+                                       "--cache-dir", str(tmp_path), "--out", str(tmp_path)])
+    assert result.exit_code == 1
+    assert match in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []  # nothing generated, trained or written
+
+
+def test_unknown_model_is_refused_with_suggestions(tmp_path):
+    result = CliRunner().invoke(main, ["run", "--model", "resnet5O", "--out", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "resnet5O" in result.output and "resnet50" in result.output
