@@ -478,7 +478,7 @@ def run(config: RunConfig, original: RunConfig | None = None, stage: StageProgre
     write_resolved_config(config)
     with times.stage("score"):
         rows, meta, wsol = score_and_save(run_dir, config.score.iou, config.score.metric)
-    write_manifest(config, original or config, cache, times)
+    write_manifest(config, original or config, cache, times, dataset.skipped)
     return RunResult(run_dir, rows, meta, wsol, cache, dataset, times)
 
 
@@ -492,7 +492,9 @@ def write_resolved_config(config: RunConfig) -> None:
 
 
 def write_manifest(config: RunConfig, original: RunConfig, cache: HeatmapCache | None,
-                   times: StageTimes) -> None:
+                   times: StageTimes, skipped: Sequence[tuple[str, str]] = ()) -> None:
+    """``manifest.json``: what the run was (configs, hash, cache, versions, commit), how long each stage
+    took, and the items skipped with ``data.on_error: skip`` (with the reason)."""
     manifest = {
         "config": config.to_dict(),
         "config_as_given": original.to_dict(),
@@ -502,5 +504,6 @@ def write_manifest(config: RunConfig, original: RunConfig, cache: HeatmapCache |
         "versions": package_versions(),
         "git_commit": git_commit(),
         "seconds_per_stage": {k: round(v, 2) for k, v in times.seconds.items()},
+        "skipped": [{"item": item, "reason": reason} for item, reason in skipped],
     }
     atomic_write_bytes(config.run_dir / "manifest.json", json.dumps(manifest, indent=2, default=str).encode())

@@ -148,3 +148,28 @@ def test_unknown_model_is_refused_with_suggestions(tmp_path):
     result = CliRunner().invoke(main, ["run", "--model", "resnet5O", "--out", str(tmp_path)])
     assert result.exit_code == 1
     assert "resnet5O" in result.output and "resnet50" in result.output
+
+
+@pytest.mark.slow
+def test_on_error_skip_runs_and_lists_skipped_items_in_the_manifest(demo_data, demo_checkpoint, tmp_path):
+    import shutil
+
+    from gradloc.demo import DEMO_CLASSES
+
+    devkit = tmp_path / "VOCdevkit"
+    shutil.copytree(demo_data, devkit)
+    test_ids = (devkit / "VOCdemo" / "ImageSets" / "Main" / "test.txt").read_text().split()
+    (devkit / "VOCdemo" / "Annotations" / f"{test_ids[0]}.xml").write_text("<annotation><object>")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data:\n  year: demo\n  split: test\n  classes: {list(DEMO_CLASSES)}\n"
+                      f"model:\n  name: demo_cnn\n  input_size: 128\n")
+    args = ["--quiet", "run", "--config", str(config), "--voc-root", str(devkit), "--checkpoint",
+            str(demo_checkpoint), "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"),
+            "--name", "skip", "--score-cut", "0.0"]
+    failed = CliRunner().invoke(main, args)
+    assert failed.exit_code == 1 and f"{test_ids[0]}.xml" in failed.output
+    result = CliRunner().invoke(main, [*args, "--on-error", "skip"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "out" / "skip" / "manifest.json").read_text())
+    assert [entry["item"] for entry in manifest["skipped"]] == [test_ids[0]]
+    assert "malformed XML" in manifest["skipped"][0]["reason"]
