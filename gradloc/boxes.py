@@ -241,17 +241,17 @@ class BoxParams:
         ):
             value = getattr(self, field_name)
             if value not in registry:
-                raise ValueError(f"box params: unknown {field_name} {value!r}; choose one of {', '.join(registry)}")
+                raise ValueError(f"unknown boxes.{field_name} {value!r}; choose one of {', '.join(registry)}")
         if self.connectivity not in (1, 2):
             raise ValueError(
-                f"box params: connectivity {self.connectivity!r} must be 1 (4-neighbour) or 2 (8-neighbour)"
+                f"boxes.connectivity {self.connectivity!r} must be 1 (4-neighbour) or 2 (8-neighbour)"
             )
         if not (math.isfinite(self.min_area) and self.min_area >= 0):
-            raise ValueError(f"box params: min_area {self.min_area!r} must be a finite number of pixels >= 0")
+            raise ValueError(f"boxes.min_area {self.min_area!r} must be a finite number of pixels >= 0")
         if self.nms_iou is not None and not 0.0 <= self.nms_iou <= 1.0:
-            raise ValueError(f"box params: nms_iou {self.nms_iou!r} must be in [0, 1] or None (off)")
+            raise ValueError(f"boxes.nms_iou {self.nms_iou!r} must be in [0, 1] or None (off)")
         if self.max_side is not None and (not isinstance(self.max_side, int) or self.max_side < 1):
-            raise ValueError(f"box params: max_side {self.max_side!r} must be a positive integer or None (full size)")
+            raise ValueError(f"boxes.max_side {self.max_side!r} must be a positive integer or None (full size)")
 
 
 # --- the one-pass sweep (numba) ----------------------------------------------------------------------------

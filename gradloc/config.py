@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from gradloc.boxes import BoxParams
 from gradloc.voc import VOC_CLASSES
 
 
@@ -72,17 +73,12 @@ class CamConfig:
 
 
 @dataclass(frozen=True)
-class BoxConfig:
-    """How heatmaps become boxes (see gradloc.boxes) and which classes are explained."""
+class BoxConfig(BoxParams):
+    """How heatmaps become boxes: the box parameters of :class:`gradloc.boxes.BoxParams` (threshold_mode,
+    box_mode, connectivity, min_area, confidence, nms_iou, max_side; validated there) plus the sweep of
+    thresholds, which classes are explained, and the baselines."""
 
     thresholds: tuple[float, ...] = (0.01, 0.02, 0.06, 0.15, 0.2)
-    threshold_mode: str = "max"
-    box_mode: str = "largest"
-    connectivity: int = 2
-    min_area: float = 0.0
-    confidence: str = "score"
-    nms_iou: float | None = None
-    max_side: int | None = 224
     classes: str = "predicted"
     score_cut: float = 0.5
     baselines: tuple[str, ...] = ("center", "full", "random")
@@ -188,7 +184,11 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
         raise ConfigError(
             f"unknown config key {prefix}{unknown[0]!s}; valid keys here: {', '.join(sorted(names))}"
         )
-    return cls(**{name: _coerce(value, hints[name], f"{prefix}{name}") for name, value in data.items()})
+    values = {name: _coerce(value, hints[name], f"{prefix}{name}") for name, value in data.items()}
+    try:
+        return cls(**values)
+    except ValueError as error:  # a dataclass's own validation (e.g. BoxParams)
+        raise ConfigError(f"config: {error}") from None
 
 
 def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from gradloc import __version__
-from gradloc.boxes import BASELINES, BoxParams, image_boxes, peak_points, random_maps
+from gradloc.boxes import BASELINES, image_boxes, peak_points, random_maps
 from gradloc.cache import HeatmapCache
 from gradloc.config import RunConfig, config_hash
 from gradloc.detections import (
@@ -126,7 +126,6 @@ def check_names(config: RunConfig) -> None:
     if method.input_resolution:
         raise ValueError(f"CAM method {config.cams.method!r} makes pixel-level pictures, not heatmaps for "
                          "boxes; use it with `gradloc show --guided`")
-    box_params(config)
     for name in config.boxes.baselines:
         if name not in (*BASELINES, "random"):
             raise ValueError(f"unknown baseline {name!r} (boxes.baselines); choose from "
@@ -216,12 +215,6 @@ def run_cams(config: RunConfig, progress: Progress = None, *, dataset: VOCDatase
 # --- stage 2: boxes -----------------------------------------------------------------------------------------
 
 
-def box_params(config: RunConfig) -> BoxParams:
-    b = config.boxes
-    return BoxParams(threshold_mode=b.threshold_mode, box_mode=b.box_mode, connectivity=b.connectivity,
-                     min_area=b.min_area, confidence=b.confidence, nms_iou=b.nms_iou, max_side=b.max_side)
-
-
 class _Rows:
     """Growing per-box arrays of one detections file."""
 
@@ -280,7 +273,7 @@ def run_boxes(config: RunConfig, cache: HeatmapCache, dataset: VOCDataset, progr
     run_dir = config.run_dir
     gt = dataset.ground_truth()
     save_pickle(gt, run_dir / "gt.pkl")
-    params = box_params(config)
+    params = config.boxes
     thresholds = list(config.boxes.thresholds)
     probability = PROBABILITIES[cache.key_data["score_kind"]]
     check_names(config)

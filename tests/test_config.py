@@ -72,3 +72,10 @@ def test_config_hash_changes_with_any_setting_and_ignores_key_order():
     changed = dataclasses.replace(config, cams=dataclasses.replace(config.cams, layer="layer3"))
     assert config_hash(config.to_dict()) != config_hash(changed.to_dict())
     assert config_hash({"a": 1, "b": 2}) == config_hash({"b": 2, "a": 1})
+
+
+def test_box_settings_are_validated_at_load_and_name_the_key():
+    with pytest.raises(ConfigError, match=r"unknown boxes\.box_mode 'biggest'; choose one of largest, all, union"):
+        load_config(overrides={"boxes.box_mode": "biggest"})
+    with pytest.raises(ConfigError, match=r"boxes\.connectivity 3"):
+        load_config(overrides={"boxes.connectivity": 3})
