@@ -176,6 +176,19 @@ def _stage(ctx: click.Context):
     return lambda description, total: progress_bar(ctx, total, description)
 
 
+def _print_per_class(rows, threshold: float) -> None:
+    from gradloc.report import per_class_table
+
+    taus = sorted(rows["threshold"].unique())
+    if not any(abs(threshold - tau) < 1e-9 for tau in taus):
+        raise ValueError(f"--per-class {threshold:g}: not a threshold of these detections "
+                         f"({', '.join(f'{t:g}' for t in taus)})")
+    tau = next(t for t in taus if abs(threshold - t) < 1e-9)
+    for iou in sorted(rows["iou"].unique()):
+        click.echo(f"\nper class, threshold = {tau:g}, IoU = {iou:g} (AP and recall in %)")
+        click.echo(per_class_table(rows, tau, iou))
+
+
 def _print_scores(ctx: click.Context, rows, meta, wsol, fmt: str = "table") -> None:
     from gradloc.report import render
 
@@ -269,16 +282,19 @@ def boxes(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
               help="voc07 = 11-point AP, voc10 = all-point AP.")
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv", "json"]), default="table",
               show_default=True)
+@click.option("--per-class", "per_class", type=float, default=None, metavar="TAU",
+              help="Also print per-class AP/recall (%) at this τ, one table per IoU, baselines beside.")
 @click.argument("detections", nargs=-1, type=click.Path(dir_okay=False))
 @click.pass_context
 def score(ctx: click.Context, run_dir: str | None, gt_path: str | None, iou: str, metric: str, fmt: str,
-          detections: tuple[str, ...]) -> None:
+          per_class: float | None, detections: tuple[str, ...]) -> None:
     """Score detections with the VOC devkit's AP: a run folder, or pickles from anywhere.
 
     \b
     Examples:
       gradloc score results/demo
       gradloc score --gt gt.pkl detections/thr_0.020.pkl detections/thr_0.060.pkl --format json
+      gradloc score results/demo --iou 0.5 --per-class 0.4
     """
     import pandas as pd
 
@@ -290,14 +306,20 @@ def score(ctx: click.Context, run_dir: str | None, gt_path: str | None, iou: str
     if gt_path is None:
         if run_dir is None or detections:
             raise click.UsageError("give a run folder, or --gt GT.pkl and detection pickles")
-        _print_scores(ctx, *score_and_save(Path(run_dir), ious, metric), fmt=fmt)
+        rows, meta, wsol = score_and_save(Path(run_dir), ious, metric)
+        _print_scores(ctx, rows, meta, wsol, fmt=fmt)
+        if per_class is not None:
+            _print_per_class(rows, per_class)
         return
     files = ((run_dir,) if run_dir else ()) + detections  # with --gt, positional arguments are all pickles
     if not files:
         raise click.UsageError("--gt needs at least one detections pickle")
     gt = load_ground_truth(gt_path)
     frames = [score_detections(load_detections(path), gt, ious, metric, "cam") for path in files]
-    click.echo(render(pd.concat(frames, ignore_index=True), fmt, load_detections(files[0]).meta))
+    rows = pd.concat(frames, ignore_index=True)
+    click.echo(render(rows, fmt, load_detections(files[0]).meta))
+    if per_class is not None:
+        _print_per_class(rows, per_class)
 
 
 @main.command()

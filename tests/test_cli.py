@@ -173,3 +173,16 @@ def test_on_error_skip_runs_and_lists_skipped_items_in_the_manifest(demo_data, d
     manifest = json.loads((tmp_path / "out" / "skip" / "manifest.json").read_text())
     assert [entry["item"] for entry in manifest["skipped"]] == [test_ids[0]]
     assert "malformed XML" in manifest["skipped"][0]["reason"]
+
+
+@pytest.mark.slow
+def test_score_per_class_tables(tiny_run):
+    root, _ = tiny_run
+    run_dir = str(root / "results" / "tiny")
+    result = CliRunner().invoke(main, ["score", run_dir, "--iou", "0.5", "--per-class", "0.2"])
+    assert result.exit_code == 0, result.output
+    assert "per class, threshold = 0.2, IoU = 0.5" in result.output
+    lines = result.output.split("per class, threshold = 0.2, IoU = 0.5")[1].splitlines()
+    assert any(line.startswith("| disc") for line in lines) and any(line.startswith("| mAP") for line in lines)
+    bad = CliRunner().invoke(main, ["score", run_dir, "--per-class", "0.7"])
+    assert bad.exit_code == 1 and "not a threshold of these detections (0.1, 0.2)" in bad.output
