@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import pickle
 import platform
 import subprocess
 import time
@@ -216,23 +217,26 @@ def run_cams(config: RunConfig, progress: Progress = None, *, dataset: VOCDatase
 
 
 class _Rows:
-    """Growing per-box arrays of one detections file."""
+    """Growing per-row arrays of one output file: image index, label, score and a float64[n, width] value
+    (a box, width 4, or a point, width 2)."""
 
-    def __init__(self) -> None:
+    def __init__(self, width: int = 4) -> None:
+        self.width = width
         self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
 
-    def add(self, image: int, labels: np.ndarray, scores: np.ndarray, boxes: np.ndarray) -> None:
+    def add(self, image: int, labels: np.ndarray, scores: np.ndarray, values: np.ndarray) -> None:
         if len(labels):
             self.parts.append((np.full(len(labels), image, np.int64), np.asarray(labels, np.int64),
-                               np.asarray(scores, np.float64), np.asarray(boxes, np.float64).reshape(-1, 4)))
+                               np.asarray(scores, np.float64),
+                               np.asarray(values, np.float64).reshape(-1, self.width)))
 
-    def arrays(self) -> dict[str, np.ndarray]:
+    def arrays(self, value_name: str = "boxes") -> dict[str, np.ndarray]:
+        names = ("image_index", "labels", "scores", value_name)
         if not self.parts:
-            return {"image_index": np.zeros(0, np.int64), "labels": np.zeros(0, np.int64),
-                    "scores": np.zeros(0, np.float64), "boxes": np.zeros((0, 4), np.float64)}
-        columns = list(zip(*self.parts, strict=True))
-        return {name: np.concatenate(column) for name, column in
-                zip(("image_index", "labels", "scores", "boxes"), columns, strict=True)}
+            empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), np.zeros((0, self.width)))
+            return dict(zip(names, empty, strict=True))
+        return {name: np.concatenate(column) for name, column in zip(names, zip(*self.parts, strict=True),
+                                                                      strict=True)}
 
 
 def explained_classes(config: RunConfig, probabilities: np.ndarray, gt_labels: np.ndarray) -> np.ndarray:
@@ -280,7 +284,7 @@ def run_boxes(config: RunConfig, cache: HeatmapCache, dataset: VOCDataset, progr
     cam_rows = [_Rows() for _ in thresholds]
     random_rows = [_Rows() for _ in thresholds]
     fixed_rows = {name: _Rows() for name in config.boxes.baselines if name in BASELINES}
-    points = _Rows()
+    points = _Rows(width=2)
     order = np.argsort(gt.image_index, kind="stable")
     bounds = np.searchsorted(gt.image_index[order], np.arange(len(gt.image_ids) + 1))
     rng = np.random.default_rng(config.seed)
@@ -288,24 +292,20 @@ def run_boxes(config: RunConfig, cache: HeatmapCache, dataset: VOCDataset, progr
         entry = cache.get(image_id)
         probs = probability(entry.scores)
         classes = explained_classes(config, probs, gt.labels[order[bounds[index] : bounds[index + 1]]])
-        if len(classes) == 0:
-            if progress:
-                progress(1)
-            continue
         maps = entry.maps[classes]
-        for rows, (k, conf, boxes) in zip(cam_rows, image_boxes(maps, probs[classes], entry.geometry,
-                                                                thresholds, params), strict=True):
-            rows.add(index, classes[k], conf, boxes)
-        if "random" in config.boxes.baselines:
-            noise = random_maps(maps.shape, int(rng.integers(2**31)))
-            for rows, (k, conf, boxes) in zip(random_rows, image_boxes(noise, probs[classes], entry.geometry,
-                                                                       thresholds, params), strict=True):
+        if len(classes):
+            for rows, (k, conf, boxes) in zip(cam_rows, image_boxes(maps, probs[classes], entry.geometry,
+                                                                    thresholds, params), strict=True):
                 rows.add(index, classes[k], conf, boxes)
-        for name, rows in fixed_rows.items():
-            box = BASELINES[name](entry.geometry)
-            rows.add(index, classes, probs[classes], np.repeat(box[None], len(classes), axis=0))
-        xy = peak_points(maps, entry.geometry)
-        points.add(index, classes, probs[classes], np.concatenate([xy, xy], axis=1))
+            if "random" in config.boxes.baselines:
+                noise = random_maps(maps.shape, int(rng.integers(2**31)))
+                for rows, (k, conf, boxes) in zip(random_rows, image_boxes(
+                        noise, probs[classes], entry.geometry, thresholds, params), strict=True):
+                    rows.add(index, classes[k], conf, boxes)
+            for name, rows in fixed_rows.items():
+                box = BASELINES[name](entry.geometry)
+                rows.add(index, classes, probs[classes], np.repeat(box[None], len(classes), axis=0))
+            points.add(index, classes, probs[classes], peak_points(maps, entry.geometry))
         if progress:
             progress(1)
 
@@ -325,17 +325,9 @@ def run_boxes(config: RunConfig, cache: HeatmapCache, dataset: VOCDataset, progr
                   params.threshold_mode, params.box_mode, {**protocol, "source": "random"})
     for name, rows in fixed_rows.items():
         write(rows, run_dir / "baselines" / f"{name}.pkl", 0.0, "none", name, {**protocol, "source": name})
-    point_arrays = points.arrays()
-    atomic_write_bytes(run_dir / "points.pkl", _points_bytes(point_arrays, common, protocol))
+    record = {"format": POINTS_FORMAT, **common, **points.arrays("points"), "meta": protocol}
+    atomic_write_bytes(run_dir / "points.pkl", pickle.dumps(record, protocol=4))
     return run_dir
-
-
-def _points_bytes(arrays: dict[str, np.ndarray], common: dict[str, Any], protocol: dict[str, Any]) -> bytes:
-    import pickle
-
-    return pickle.dumps({"format": POINTS_FORMAT, **common, "image_index": arrays["image_index"],
-                         "labels": arrays["labels"], "scores": arrays["scores"],
-                         "points": arrays["boxes"][:, :2].copy(), "meta": protocol}, protocol=4)
 
 
 # --- stage 3: scores ----------------------------------------------------------------------------------------
