@@ -27,8 +27,9 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 logger = logging.getLogger("gradloc")
 
-# Errors that come from what the user gave us (files, values, names): one line, exit 1.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError)
+# Errors that come from what the user gave us (files, values, names) or from the file system: one line,
+# exit 1. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError)
 
 
 class GradlocGroup(click.Group):
@@ -40,8 +41,7 @@ class GradlocGroup(click.Group):
         except USER_ERRORS as error:
             if ctx.params.get("debug"):
                 raise
-            message = error.args[0] if isinstance(error, KeyError) and error.args else error
-            click.echo(f"error: {message}", err=True)
+            click.echo(f"error: {error}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted: finished files are kept; rerun the same command to resume", err=True)
