@@ -136,3 +136,30 @@ def test_float16_cache_moves_boxes_by_at_most_one_pixel(demo_run, tmp_path):
         changed += int(np.any(a.boxes != b.boxes, axis=1).sum())
         total += len(a)
     assert changed <= 0.02 * total, (changed, total)
+
+
+@pytest.mark.slow
+def test_gt_known_run_reports_maxboxacc_and_localization_rows(demo_run, tmp_path):
+    """With ``boxes.classes: gt`` every GT class of every image is explained, and the WSOL metrics include
+    MaxBoxAcc at IoU 0.3 / 0.5 / 0.7 and their mean (MaxBoxAccV2 when box_mode is ``all``), each with the
+    best τ of the run's sweep, labelled as an oracle choice."""
+    import dataclasses
+
+    from gradloc.pipeline import localization_scores
+
+    config, cache, dataset, _, _ = demo_run
+    gt_config = dataclasses.replace(config, out=str(tmp_path), boxes=dataclasses.replace(
+        config.boxes, classes="gt", box_mode="all"))
+    run_dir = run_boxes(gt_config, cache, dataset)
+    gt = load_ground_truth(run_dir / "gt.pkl")
+    dets = load_detections(run_dir / "detections" / "thr_0.600.pkl")
+    pairs = {(int(i), int(c)) for i, c in zip(gt.image_index, gt.labels, strict=True)}
+    assert {(int(i), int(c)) for i, c in zip(dets.image_index, dets.labels, strict=True)} <= pairs
+    assert dets.meta["classes_explained"] == "gt"
+    rows = localization_scores(run_dir)
+    box_acc = rows[rows["metric"].str.startswith("maxboxacc")]
+    assert len(box_acc) == 4 and all("oracle" in m for m in box_acc["metric"])
+    assert set(box_acc["threshold"].dropna()) <= set(config.boxes.thresholds)
+    values = box_acc.set_index("metric")["value"]
+    assert values.iloc[:3].is_monotonic_decreasing  # a stricter IoU never scores more
+    assert values.iloc[3] == pytest.approx(values.iloc[:3].mean())
