@@ -38,7 +38,7 @@ from torch import nn
 
 from gradloc.detections import atomic_write_bytes
 from gradloc.geometry import plan, preprocess_image
-from gradloc.metrics import voc_ap
+from gradloc.metrics import classification_map
 from gradloc.voc import VOCDataset
 
 logger = logging.getLogger(__name__)
@@ -460,43 +460,6 @@ def _data_fingerprint(voc_root: Path, splits: Sequence[str]) -> str:
             digest.update(dataset.annotation(image_id).path.read_bytes())
             digest.update(dataset.image_path(image_id).read_bytes())
     return digest.hexdigest()
-
-
-def _average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
-    """VOC07 11-point AP of a ranking (descending score, stable sort), via :func:`gradloc.metrics.voc_ap`.
-
-    Args:
-        scores: float[N] scores of the images that count for the class (label 1 or -1).
-        positive: bool[N] whether each image holds the class.
-    """
-    hits = positive[np.argsort(-scores, kind="stable")].astype(np.float64)
-    tp, fp = np.cumsum(hits), np.cumsum(1.0 - hits)
-    recall = tp / max(int(positive.sum()), 1)
-    precision = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
-    return voc_ap(recall, precision, "voc07")
-
-
-def classification_map(scores: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
-    """VOC classification mAP of image scores against devkit labels (Everingham et al., 2010).
-
-    Per class, AP = (1/11) * sum over t in {0, 0.1, ..., 1} of max(precision[recall >= t]) (VOC07 11-point),
-    ranking images by descending score with a stable sort.
-
-    Images whose only instances of a class are difficult (label 0) are ignored for that class, as in the
-    devkit; mAP averages over classes with at least one positive image.
-
-    Args:
-        scores: float[N, C] class scores. labels: int[N, C] in {1, 0, -1}.
-
-    Returns:
-        (mAP, float64[C] per-class AP with NaN for classes without positives).
-    """
-    aps = np.full(labels.shape[1], np.nan)
-    for c in range(labels.shape[1]):
-        counted = labels[:, c] != 0
-        if np.any(labels[:, c] == 1):
-            aps[c] = _average_precision(scores[counted, c], labels[counted, c] == 1)
-    return (float(np.nanmean(aps)) if np.any(~np.isnan(aps)) else float("nan")), aps
 
 
 def _reusable(out: Path, expected: dict[str, Any]) -> bool:

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from gradloc.demo import classification_map
+from gradloc.metrics import classification_map
 from gradloc.models import (
     ModelSpec,
     Preprocessing,

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradloc.demo import classification_map
+from gradloc.metrics import classification_map
 from gradloc.models import build_pretrained, load_checkpoint, load_model
 from gradloc.train import TrainConfig, balanced_bce, fit_linear, train_head
 from gradloc.voc import VOC_CLASSES, VOCDataset
