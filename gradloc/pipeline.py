@@ -183,7 +183,6 @@ def run_cams(config: RunConfig, progress: Progress = None, *, dataset: VOCDatase
     import torch
 
     from gradloc.cams import compute_cams
-    from gradloc.geometry import plan, preprocess_image
 
     check_names(config)
     dataset = dataset or open_dataset(config)
@@ -197,12 +196,8 @@ def run_cams(config: RunConfig, progress: Progress = None, *, dataset: VOCDatase
     all_classes = list(range(len(loaded.classes)))
     for start in range(0, len(todo), config.cams.batch_size):
         batch = todo[start : start + config.cams.batch_size]
-        images = [dataset.load_image(image_id) for image_id in batch]
-        geometries = [plan(image.width, image.height, pre.input_size, pre.resize_mode) for image in images]
-        inputs = torch.from_numpy(np.stack([
-            preprocess_image(image, geometry, pre.mean, pre.std)
-            for image, geometry in zip(images, geometries, strict=True)
-        ])).to(device)
+        inputs, geometries = pre.batch([dataset.load_image(image_id) for image_id in batch])
+        inputs = inputs.to(device)
         maps, scores = compute_cams(model, inputs, all_classes, method=config.cams.method,
                                     layer=cache.key_data["layer"])
         maps_np, scores_np = maps.cpu().numpy(), scores.detach().cpu().numpy()
