@@ -32,14 +32,33 @@ logger = logging.getLogger("gradloc")
 USER_ERRORS = (ValueError, OSError)
 
 
+def _output_flag(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    """``--quiet`` / ``--debug`` given after the command name: same effect as before it."""
+    if value:
+        ctx.ensure_object(dict)[param.name] = True
+        logging.getLogger().setLevel(logging.DEBUG if param.name == "debug" else logging.WARNING)
+    return value
+
+
 class GradlocGroup(click.Group):
-    """Runs a command and turns input errors into one line on stderr (traceback only with --debug)."""
+    """Runs a command and turns input errors into one line on stderr (traceback only with --debug).
+
+    Every command also accepts ``--quiet``/``-q`` and ``--debug`` after its name."""
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        cmd.params += [
+            click.Option(["--quiet", "-q"], is_flag=True, expose_value=False, callback=_output_flag,
+                         help="Print only the score tables."),
+            click.Option(["--debug"], is_flag=True, expose_value=False, callback=_output_flag,
+                         help="Show full tracebacks and debug logging."),
+        ]
+        super().add_command(cmd, name)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except USER_ERRORS as error:
-            if ctx.params.get("debug"):
+            if ctx.obj and ctx.obj.get("debug"):
                 raise
             click.echo(f"error: {error}", err=True)
             sys.exit(1)
@@ -60,7 +79,7 @@ def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
     Example (offline demo, about two minutes on a laptop CPU):
       gradloc run --config configs/demo.yaml
     """
-    ctx.obj = {"debug": debug, "quiet": quiet}
+    ctx.ensure_object(dict).update(debug=debug, quiet=quiet)
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
 

@@ -186,3 +186,11 @@ def test_score_per_class_tables(tiny_run):
     assert any(line.startswith("| disc") for line in lines) and any(line.startswith("| mAP") for line in lines)
     bad = CliRunner().invoke(main, ["score", run_dir, "--per-class", "0.7"])
     assert bad.exit_code == 1 and "not a threshold of these detections (0.1, 0.2)" in bad.output
+
+
+def test_quiet_and_debug_also_work_after_the_command(tmp_path):
+    result = CliRunner().invoke(main, ["run", "--config", str(tmp_path / "nope.yaml"), "--debug"])
+    assert result.exit_code == 1 and isinstance(result.exception, FileNotFoundError)
+    result = CliRunner().invoke(main, ["run", "--config", str(tmp_path / "nope.yaml"), "-q"])
+    assert result.exit_code == 1 and "config file not found" in result.output
+    assert "--quiet" in CliRunner().invoke(main, ["score", "--help"]).output
