@@ -18,7 +18,7 @@ def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     config = load_config(CONFIGS / "demo.yaml", {
         "out": str(root / "results"), "cache_dir": str(root / "cache"), "name": "mini",
-        "demo.n_train": 120, "demo.n_val": 24, "demo.n_test": 36, "demo.train_seconds": 30.0,
+        "demo.n_train": 120, "demo.n_val": 24, "demo.n_test": 36, "demo.train_seconds": 120.0,
         "boxes.thresholds": (0.2, 0.4, 0.6),
     })
     config = prepare_demo(config)
