@@ -51,6 +51,25 @@ class HeatmapCache:
         self.key = config_hash(key_data)
         self.root = Path(cache_dir) / "cams" / self.key
 
+    @classmethod
+    def open(cls, root: str | Path) -> HeatmapCache:
+        """An existing cache folder ``<cache_dir>/cams/<key>``, rebuilt from its ``key.json``.
+
+        Raises:
+            FileNotFoundError: the folder or its key.json is missing.
+            ValueError: key.json does not hash to the folder name (renamed or edited folder).
+        """
+        root = Path(root)
+        key_path = root / "key.json"
+        if not key_path.is_file():
+            raise FileNotFoundError(f"{key_path}: heatmap cache not found (moved or deleted?); rerun "
+                                    "`gradloc cams` with the run's config")
+        cache = cls(root.parent.parent, json.loads(key_path.read_text()))
+        if cache.root.resolve() != root.resolve():
+            raise ValueError(f"{key_path}: its key hashes to {cache.key}, not to the folder name {root.name}; "
+                             "the cache folder was renamed or edited")
+        return cache
+
     def _path(self, image_id: str) -> Path:
         if not image_id or "/" in image_id or image_id.startswith("."):
             raise ValueError(f"image id {image_id!r} cannot be used as a cache file name")

@@ -350,12 +350,9 @@ def info(run_dir: str) -> None:
     Example:
       gradloc info results/demo
     """
-    import json
+    from gradloc.pipeline import read_manifest
 
-    manifest_path = Path(run_dir) / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{manifest_path}: not found; is {run_dir} a folder made by `gradloc run`?")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(run_dir)
     config = manifest["config"]
     click.echo(f"run: {run_dir}\nconfig hash: {manifest['config_hash']}  git: {manifest['git_commit']}")
     click.echo(f"data: {config['data']['voc_root']} VOC{config['data']['year']} {config['data']['split']}")

@@ -47,12 +47,6 @@ logger = logging.getLogger(__name__)
 
 Progress = Callable[[int], None] | None
 
-# How a model's outputs (the CAM targets) become the class probabilities used as confidences and for the
-# ``predicted`` cut: sigmoid of logits (multi-label heads) or exp of log-probabilities (ImageNet head).
-PROBABILITIES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "logit": lambda s: 1.0 / (1.0 + np.exp(-s.astype(np.float64))),
-    "log_prob": lambda s: np.exp(s.astype(np.float64)),
-}
 POINTS_FORMAT = "gradloc.points/1"
 
 
@@ -75,13 +69,14 @@ class StageTimes:
 
 
 def git_commit() -> str | None:
-    """The commit of the gradloc source tree, when it is a git checkout (None otherwise)."""
+    """``git rev-parse HEAD`` of the source tree holding gradloc, or None (not a checkout, no git)."""
     try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=5, check=False)
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                                capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
-    return result.stdout.strip() or None if result.returncode == 0 else None
+    commit = result.stdout.strip()
+    return commit if result.returncode == 0 and len(commit) == 40 else None
 
 
 def package_versions() -> dict[str, str]:
@@ -133,6 +128,38 @@ def check_names(config: RunConfig) -> None:
                              f"{', '.join([*BASELINES, 'random'])}")
     if not config.demo.enabled:
         get_spec(config.model.name)
+
+
+def class_probabilities(scores: np.ndarray, score_kind: str) -> np.ndarray:
+    """float64[C] class probabilities of cached model outputs (the CAM targets): ``sigmoid`` of logits or
+    ``exp`` of log-probabilities (``gradloc.models.SCORE_KINDS``). They are the detection confidences and
+    what the ``predicted`` cut compares with."""
+    import torch
+
+    from gradloc.models import SCORE_KINDS
+
+    return SCORE_KINDS[score_kind](torch.from_numpy(np.asarray(scores, dtype=np.float64))).numpy()
+
+
+def read_manifest(run_dir: str | Path, hint: str = "") -> dict[str, Any]:
+    """The ``manifest.json`` of a run folder, checked; ``hint`` is appended to the missing-manifest error.
+
+    Raises:
+        FileNotFoundError: no such folder or no manifest. ValueError: not JSON or no ``config`` mapping.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / "manifest.json"
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: run folder not found; give a folder made by `gradloc run`")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; is {run_dir} a folder made by `gradloc run`?{hint}")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict):
+        raise ValueError(f"{path}: has no 'config' mapping; rerun `gradloc run` to rewrite it")
+    return manifest
 
 
 def open_dataset(config: RunConfig, split: str | None = None) -> VOCDataset:
@@ -274,7 +301,7 @@ def run_boxes(config: RunConfig, cache: HeatmapCache, dataset: VOCDataset, progr
     save_pickle(gt, run_dir / "gt.pkl")
     params = config.boxes
     thresholds = list(config.boxes.thresholds)
-    probability = PROBABILITIES[cache.key_data["score_kind"]]
+    score_kind = cache.key_data["score_kind"]
     check_names(config)
     cam_rows = [_Rows() for _ in thresholds]
     random_rows = [_Rows() for _ in thresholds]
@@ -285,7 +312,7 @@ def run_boxes(config: RunConfig, cache: HeatmapCache, dataset: VOCDataset, progr
     rng = np.random.default_rng(config.seed)
     for index, image_id in enumerate(dataset.image_ids):
         entry = cache.get(image_id)
-        probs = probability(entry.scores)
+        probs = class_probabilities(entry.scores, score_kind)
         classes = explained_classes(config, probs, gt.labels[order[bounds[index] : bounds[index + 1]]])
         maps = entry.maps[classes]
         if len(classes):

@@ -19,7 +19,6 @@ Figures are :class:`matplotlib.figure.Figure` objects made without pyplot (no gl
 
 from __future__ import annotations
 
-import json
 import logging
 import textwrap
 from collections.abc import Sequence
@@ -279,41 +278,19 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
 # --- heatmaps of a run --------------------------------------------------------------------------------------
 
 
-def _read_manifest(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "manifest.json"
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"{run_dir}: run folder not found; give a folder made by `gradloc run`")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found; is {run_dir} a folder made by `gradloc run`? "
-                                "(for boxes only use --detections PKL --voc-root PATH)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict):
-        raise ValueError(f"{path}: has no 'config' mapping; rerun `gradloc run` to rewrite it")
-    return manifest
-
-
 def open_run_cache(manifest: dict[str, Any], run_dir: Path):  # -> gradloc.cache.HeatmapCache
-    """The heatmap cache a run was made from (``manifest["cache_dir"]``, its ``key.json`` gives the key)."""
+    """The heatmap cache a run was made from (``manifest["cache_dir"]``)."""
     from gradloc.cache import HeatmapCache
 
     root = manifest.get("cache_dir")
     if not root:
         raise ValueError(f"{run_dir / 'manifest.json'}: no 'cache_dir'; the run kept no heatmap cache "
                          "(use --detections PKL --voc-root PATH for boxes only)")
-    root = Path(root)
-    key_path = root / "key.json"
-    if not key_path.is_file():
-        raise FileNotFoundError(f"{key_path}: heatmap cache of run {run_dir} not found (moved or deleted?); "
-                                "rerun `gradloc cams` with the run's config, or use --detections for boxes "
-                                "only")
-    cache = HeatmapCache(root.parent.parent, json.loads(key_path.read_text()))
-    if cache.root.resolve() != root.resolve():
-        raise ValueError(f"{key_path}: its key hashes to {cache.key}, not to the folder name {root.name}; "
-                         "the cache folder was renamed or edited")
-    return cache
+    try:
+        return HeatmapCache.open(root)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{error}; it is the heatmap cache of run {run_dir} (or use --detections PKL "
+                                "--voc-root PATH for boxes only)") from None
 
 
 def _detections_path(run_dir: Path, threshold: float) -> Path:
@@ -364,22 +341,21 @@ def show_run(run_dir: str | Path, threshold: float, n: int = 10, seed: int = 0, 
         ValueError: bad threshold, malformed files.
     """
     from gradloc.config import load_config
-    from gradloc.pipeline import PROBABILITIES, explained_classes, open_dataset
+    from gradloc.pipeline import class_probabilities, explained_classes, open_dataset, read_manifest
 
     run_dir = Path(run_dir)
-    manifest = _read_manifest(run_dir)
+    manifest = read_manifest(run_dir, hint=" (for boxes only use --detections PKL --voc-root PATH)")
     dets = load_detections(_detections_path(run_dir, threshold))
     gt = load_ground_truth(run_dir / "gt.pkl")
     config = load_config(None, manifest["config"])
     cache = open_run_cache(manifest, run_dir)
-    probability = PROBABILITIES[cache.key_data["score_kind"]]
     dataset = open_dataset(config)
     samples, entries = [], []
     for index in sample_images(dets, gt, n, seed):
         image_id = gt.image_ids[index]
         image = dataset.load_image(image_id)
         entry = cache.get(image_id)
-        probs = probability(entry.scores)
+        probs = class_probabilities(entry.scores, cache.key_data["score_kind"])
         explained = np.union1d(explained_classes(config, probs, gt.labels[gt.image_index == index]),
                                dets.labels[dets.image_index == index]).astype(np.int64)
         explained = explained[np.argsort(-probs[explained], kind="stable")][:max_classes]

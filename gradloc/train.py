@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import math
-import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -50,6 +49,7 @@ from gradloc.models import (
     replace_linear,
     save_checkpoint,
 )
+from gradloc.pipeline import git_commit
 from gradloc.voc import VOC_CLASSES, VOCDataset
 
 logger = logging.getLogger(__name__)
@@ -300,17 +300,6 @@ TRAIN_MODES: dict[str, _Mode] = {
 
 
 # --- the command --------------------------------------------------------------------------------------------
-
-
-def git_commit() -> str | None:
-    """``git rev-parse HEAD`` of the source tree holding gradloc, or None (not a checkout, no git)."""
-    try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                                capture_output=True, text=True, timeout=10, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    commit = result.stdout.strip()
-    return commit if result.returncode == 0 and len(commit) == 40 else None
 
 
 def _ap_dict(classes: Sequence[str], aps: np.ndarray) -> dict[str, float | None]:
