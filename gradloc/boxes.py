@@ -327,18 +327,20 @@ def _component_sweep(heat: np.ndarray, levels: np.ndarray, connectivity: int, mi
         low = sorted_levels[n_levels - 1]
         high = sorted_levels[n_levels - n_finite]
         scale = n_bins / (high - low) if high > low else 0.0
+        if not scale < np.inf:  # levels closer than n_bins / max-float (subnormal thresholds): one bin
+            scale = 0.0
         bin_first[:] = 0  # number of levels in higher bins
         bin_stop[:] = 0  # number of levels in this or higher bins
         for b in range(n_levels):
             t = (sorted_levels[b] - low) * scale
-            bin_stop[n_bins - 1 if t >= n_bins - 1 else (0 if t <= 0.0 else int(t))] += 1
+            bin_stop[n_bins - 1 if t >= n_bins - 1 else (int(t) if t > 0.0 else 0)] += 1
         for b in range(n_bins - 2, -1, -1):
             bin_stop[b] += bin_stop[b + 1]
         bin_first[: n_bins - 1] = bin_stop[1:]
         for p in range(n):
             value = np.float64(flat[p])
             t = (value - low) * scale
-            i = n_bins - 1 if t >= n_bins - 1 else (0 if t <= 0.0 else int(t))
+            i = n_bins - 1 if t >= n_bins - 1 else (int(t) if t > 0.0 else 0)  # NaN-safe: NaN -> 0
             b = bin_first[i]
             stop = bin_stop[i]
             while b < stop and sorted_levels[b] > value:

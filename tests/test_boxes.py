@@ -496,3 +496,14 @@ def test_sweep_images_rejects_bad_arguments() -> None:
     maps, scores, geometry, _ = make_entries(1)[0]
     with pytest.raises(ValueError, match="image 0 has 1 labels for 2 maps"):
         sweep_images([(maps, scores, geometry, np.array([3]))], [0.5], BoxParams())
+
+
+@pytest.mark.parametrize("thresholds", [[0.0, 5e-324], [5e-324, 1e-320, 1.0], [1.0, 1.0 - 2**-53]])
+def test_thresholds_closer_than_float_resolution_do_not_break_the_sweep(thresholds: list[float]) -> None:
+    """Levels that differ by a subnormal amount once overflowed the sweep's binning (0 * inf = NaN index)
+    and crashed the process; they must give skimage's boxes like any other thresholds."""
+    heat = np.array([[0.0, 1.0, 0.0], [0.5, 0.0, 0.25], [0.0, 0.0, 1.0]], dtype=np.float32)
+    for box_mode in BOX_MODES:
+        params = BoxParams(box_mode=box_mode, connectivity=1)
+        assert_same_boxes(heatmap_to_boxes(heat, thresholds, params),
+                          reference_boxes(heat, thresholds, "max", box_mode, 1, 0.0))
