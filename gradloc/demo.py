@@ -21,9 +21,7 @@ import json
 import logging
 import math
 import os
-import pickle
 import shutil
-import struct
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -36,9 +34,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
-from gradloc.detections import atomic_write_bytes
-from gradloc.geometry import plan, preprocess_image
 from gradloc.metrics import classification_map
+from gradloc.models import CHECKPOINT_FORMAT, Preprocessing, load_checkpoint, save_checkpoint
 from gradloc.voc import VOCDataset
 
 logger = logging.getLogger(__name__)
@@ -48,7 +45,6 @@ DEMO_YEAR = "demo"
 # Bump when the generator's output changes, so stale datasets are regenerated.
 DEMO_VERSION = 1
 STAMP_NAME = "gradloc_demo.json"
-CHECKPOINT_FORMAT = "gradloc.checkpoint/1"
 DEMO_ARCH = "demo_cnn"
 DEMO_MEAN = (0.5, 0.5, 0.5)
 DEMO_STD = (0.25, 0.25, 0.25)
@@ -434,20 +430,15 @@ class DemoNet(nn.Module):
 _BATCH_SIZE = 32
 _LEARNING_RATE = 3e-3
 _WEIGHT_DECAY = 1e-4
-# what torch.load raises on truncated, foreign or unsafe files
-_LOAD_ERRORS = (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError, KeyError, IndexError,
-                TypeError, AttributeError, struct.error)
 _ARCH_KWARGS: dict[str, Any] = {"n_classes": len(DEMO_CLASSES), "widths": [16, 32, 48, 64]}
 
 
 def _load_split(voc_root: Path, split: str, input_size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Preprocessed images float32[N, 3, S, S], devkit labels int8[N, C] (1 / 0 / -1) and image ids."""
     dataset = VOCDataset(voc_root, year=DEMO_YEAR, split=split, classes=DEMO_CLASSES)
-    images = np.empty((len(dataset), 3, input_size, input_size), dtype=np.float32)
-    for row, image_id in enumerate(dataset.image_ids):
-        image = dataset.load_image(image_id)
-        images[row] = preprocess_image(image, plan(*image.size, input_size, "letterbox"), DEMO_MEAN, DEMO_STD)
-    return torch.from_numpy(images), torch.from_numpy(dataset.image_labels()), dataset.image_ids
+    preprocessing = Preprocessing(input_size, "letterbox", DEMO_MEAN, DEMO_STD)
+    images, _ = preprocessing.batch([dataset.load_image(image_id) for image_id in dataset.image_ids])
+    return images, torch.from_numpy(dataset.image_labels()), dataset.image_ids
 
 
 def _data_fingerprint(voc_root: Path, splits: Sequence[str]) -> str:
@@ -466,9 +457,9 @@ def _reusable(out: Path, expected: dict[str, Any]) -> bool:
     if not out.is_file():
         return False
     try:
-        checkpoint = torch.load(out, map_location="cpu", weights_only=True)
-    except _LOAD_ERRORS as error:  # an unreadable file is simply trained over
-        logger.warning("retraining: cannot read existing checkpoint %s (%s)", out, error)
+        checkpoint = load_checkpoint(out)
+    except ValueError as error:  # an unreadable or foreign file is simply trained over
+        logger.warning("retraining: cannot use existing checkpoint %s (%s)", out, error)
         return False
     found = {key: checkpoint.get(key) for key in expected if key != "train"}
     found["train"] = {key: checkpoint.get("train", {}).get(key) for key in expected["train"]}
@@ -533,16 +524,13 @@ def train_demo_model(
     logger.info("demo CNN: %d/%d epochs in %.1f s; val classification mAP (VOC07 11-point) %.3f (%s)",
                 epochs_done, epochs, seconds, val_map,
                 ", ".join(f"{n} {ap:.3f}" for n, ap in zip(DEMO_CLASSES, aps, strict=True)))
-    checkpoint = {
-        **{key: value for key, value in expected.items() if key != "train"},
-        "weights": None, "head": "voc", "state_dict": model.state_dict(),
+    save_checkpoint(out, model, {
+        **{key: value for key, value in expected.items() if key not in ("format", "train")},
+        "weights": None, "head": "voc",
         "train": {**expected["train"], "epochs": epochs_done, "seconds": round(seconds, 1),
                   "val_map": val_map},
         "git_commit": None,
-    }
-    buffer = io.BytesIO()
-    torch.save(checkpoint, buffer)
-    atomic_write_bytes(out, buffer.getvalue())
+    })
     return out
 
 
@@ -622,13 +610,7 @@ def load_demo_model(path: str | os.PathLike[str]) -> tuple[DemoNet, dict[str, An
     if not path.is_file():
         raise FileNotFoundError(f"{path}: demo checkpoint not found; create it with train_demo_model / "
                                 "`gradloc run --config configs/demo.yaml`")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except _LOAD_ERRORS as error:
-        message = str(error).replace("\n", " ")
-        raise ValueError(f"{path}: unreadable checkpoint ({type(error).__name__}: {message})") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a {CHECKPOINT_FORMAT} checkpoint")
+    checkpoint = load_checkpoint(path)
     if checkpoint.get("arch") != DEMO_ARCH:
         raise ValueError(f"{path}: checkpoint arch is {checkpoint.get('arch')!r}, expected {DEMO_ARCH!r}")
     with torch.random.fork_rng(devices=[]):  # the random initialization is overwritten: keep the global RNG

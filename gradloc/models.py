@@ -40,6 +40,7 @@ import logging
 import os
 import pickle
 import re
+import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -70,7 +71,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 N_IMAGENET_CLASSES = 1000
 # what torch.load raises on truncated, foreign or unsafe files
-_LOAD_ERRORS = (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError, KeyError, AttributeError)
+_LOAD_ERRORS = (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError, KeyError, IndexError,
+                TypeError, AttributeError, struct.error)
 
 
 # --- preprocessing and the loaded model ---------------------------------------------------------------------

@@ -291,21 +291,22 @@ def test_max_seconds_stops_early(demo_data, tmp_path):
     assert load_demo_model(out)[1]["train"]["epochs"] < 50
 
 
-def test_load_errors(tmp_path):
+def test_load_errors(tmp_path, demo_checkpoint):
     with pytest.raises(FileNotFoundError, match=r"missing\.pt: demo checkpoint not found"):
         load_demo_model(tmp_path / "missing.pt")
     (tmp_path / "junk.pt").write_bytes(b"junk")
-    with pytest.raises(ValueError, match=r"junk\.pt: unreadable checkpoint"):
+    with pytest.raises(ValueError, match=r"junk\.pt: not a loadable torch checkpoint"):
         load_demo_model(tmp_path / "junk.pt")
     torch.save({"format": "something/1"}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match=r"other\.pt: not a gradloc\.checkpoint/1 checkpoint"):
+    with pytest.raises(ValueError, match=r"other\.pt: format is 'something/1', expected 'gradloc\.checkpoint/1'"):
         load_demo_model(tmp_path / "other.pt")
-    torch.save({"format": "gradloc.checkpoint/1", "arch": "resnet50"}, tmp_path / "arch.pt")
+    other_arch = {**torch.load(demo_checkpoint, weights_only=True), "arch": "resnet50"}
+    torch.save(other_arch, tmp_path / "arch.pt")
     with pytest.raises(ValueError, match="checkpoint arch is 'resnet50', expected 'demo_cnn'"):
         load_demo_model(tmp_path / "arch.pt")
     state = DemoNet(widths=(8, 8, 8, 8)).state_dict()
-    torch.save({"format": "gradloc.checkpoint/1", "arch": "demo_cnn", "arch_kwargs": {}, "state_dict": state},
-               tmp_path / "shape.pt")
+    wrong_shape = {**torch.load(demo_checkpoint, weights_only=True), "arch_kwargs": {}, "state_dict": state}
+    torch.save(wrong_shape, tmp_path / "shape.pt")
     with pytest.raises(ValueError, match=r"shape\.pt: state_dict does not fit DemoNet"):
         load_demo_model(tmp_path / "shape.pt")
 
