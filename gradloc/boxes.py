@@ -201,12 +201,19 @@ def _conf_mass(rows: np.ndarray, score: np.ndarray, heat_max: np.ndarray) -> np.
     return rows[:, 7].copy()
 
 
+def _conf_score_x_mass(rows: np.ndarray, score: np.ndarray, heat_max: np.ndarray) -> np.ndarray:
+    """``confidence = s_c · Σ_{p ∈ box} H(p) / Σ_p H(p)``: the class score times the share of the map's heat
+    inside the box, so a confident class whose box misses most of its heat ranks below one whose box holds it."""
+    return score * rows[:, 7]
+
+
 # Each takes (rows float64[n, 8] from heatmap_to_boxes, class score float64[n], map max float64[n]).
 CONFIDENCES: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]] = {
     "score": _conf_score,
     "score_x_peak": _conf_score_x_peak,
     "score_x_mean": _conf_score_x_mean,
     "mass": _conf_mass,
+    "score_x_mass": _conf_score_x_mass,
 }
 
 

@@ -59,7 +59,7 @@ def assert_rows(got: np.ndarray, expected: list[list[float]]) -> None:
 def test_registries_hold_the_documented_names() -> None:
     assert set(THRESHOLD_MODES) == {"max", "minmax", "percentile"}
     assert set(BOX_MODES) == {"largest", "all", "union"}
-    assert set(CONFIDENCES) == {"score", "score_x_peak", "score_x_mean", "mass"}
+    assert set(CONFIDENCES) == {"score", "score_x_peak", "score_x_mean", "mass", "score_x_mass"}
     assert set(BASELINES) == {"center", "full"}
 
 
@@ -220,6 +220,7 @@ def test_a_component_that_grows_past_min_area_is_recorded_from_then_on() -> None
         ("score_x_peak", [0.5 * 8 / 8, 0.5 * 2 / 8]),
         ("score_x_mean", [0.5 * 5 / 8, 0.5 * 2 / 8]),
         ("mass", [20 / 24, 4 / 24]),
+        ("score_x_mass", [0.5 * 20 / 24, 0.5 * 4 / 24]),
     ],
 )
 def test_confidences(confidence: str, expected: list[float]) -> None:
