@@ -1,4 +1,4 @@
-"""Detection and ground-truth containers, their pickle formats, and safe pickle loading.
+"""Detection and ground-truth containers and their pickle formats (loaded through ``gradloc.io``).
 
 Both formats hold flat arrays (one row per box) so that scoring is vectorized and files made by other tools
 are easy to write. Boxes are ``float64 [x1, y1, x2, y2]`` in VOC convention: 1-based, inclusive pixel
@@ -19,16 +19,16 @@ coordinates of the original image (width = x2 - x1 + 1).
 
 from __future__ import annotations
 
-import io
 import os
-import pickle
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+# atomic_write_bytes and save_pickle are re-exported for cache.py and models.py, which import them from here
+# until their owner switches them to gradloc.io (issue 9, part B).
+from gradloc.io import atomic_write_bytes, safe_load_pickle, save_pickle  # noqa: F401
 
 DETECTIONS_FORMAT = "gradloc.detections/1"
 GT_FORMAT = "gradloc.gt/1"
@@ -102,7 +102,7 @@ class GroundTruth:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "ground truth") -> GroundTruth:
         _check_format(data, GT_FORMAT, source)
-        return cls(
+        return _named(source, lambda: cls(
             classes=list(data["classes"]),
             image_ids=list(data["image_ids"]),
             image_sizes=np.asarray(data["image_sizes"], dtype=np.int64).reshape(-1, 2),
@@ -110,7 +110,7 @@ class GroundTruth:
             labels=np.asarray(data["labels"], dtype=np.int64),
             boxes=np.asarray(data["boxes"], dtype=np.float64).reshape(-1, 4),
             difficult=np.asarray(data["difficult"], dtype=bool),
-        )
+        ))
 
 
 @dataclass(frozen=True, eq=False)
@@ -172,7 +172,7 @@ class Detections:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "detections") -> Detections:
         _check_format(data, DETECTIONS_FORMAT, source)
-        return cls(
+        return _named(source, lambda: cls(
             threshold=float(data["threshold"]),
             threshold_mode=str(data["threshold_mode"]),
             box_mode=str(data["box_mode"]),
@@ -183,7 +183,16 @@ class Detections:
             scores=np.asarray(data["scores"], dtype=np.float64),
             boxes=np.asarray(data["boxes"], dtype=np.float64).reshape(-1, 4),
             meta=dict(data.get("meta", {})),
-        )
+        ))
+
+
+def _named(source: str, build: Any) -> Any:
+    """``build()``, with a ValueError of the content checks prefixed by ``source`` (the file it came from)."""
+    try:
+        return build()
+    except (ValueError, TypeError) as error:
+        message = str(error)
+        raise ValueError(message if message.startswith(f"{source}:") else f"{source}: {message}") from None
 
 
 def _check_format(data: Mapping[str, Any], expected: str, source: str) -> None:
@@ -223,98 +232,7 @@ def _check_rows(what: str, arrays: dict[str, tuple[np.ndarray, type]], n_classes
             raise ValueError(f"{what}: field {name!r} holds values outside [0, {limit})")
 
 
-# --- pickle I/O ---------------------------------------------------------------------------------------------
-
-# Everything the two formats need: containers, numpy arrays and scalars. Nothing that can run code.
-_ALLOWED_GLOBALS = {
-    ("builtins", "dict"),
-    ("builtins", "list"),
-    ("builtins", "tuple"),
-    ("builtins", "set"),
-    ("builtins", "frozenset"),
-    ("builtins", "str"),
-    ("builtins", "int"),
-    ("builtins", "float"),
-    ("builtins", "bool"),
-    ("builtins", "complex"),
-    ("builtins", "bytes"),
-    ("builtins", "bytearray"),
-    ("collections", "OrderedDict"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "scalar"),
-    ("numpy._core.numeric", "_frombuffer"),  # numpy arrays pickled with protocol 5
-    ("numpy.core.numeric", "_frombuffer"),
-    ("_codecs", "encode"),  # numpy arrays pickled with protocol 2 (bytes as latin-1 text)
-    ("numpy", "int64"),
-    ("numpy", "float64"),
-    ("numpy", "bool_"),
-}
-_NUMPY_DTYPE_CLASSES = {"numpy.dtypes", "numpy._core.dtypes", "numpy.core.dtypes"}
-
-
-class _Refused(pickle.UnpicklingError):
-    """The pickle names something beyond plain data."""
-
-
-class _SafeUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED_GLOBALS or (module in _NUMPY_DTYPE_CLASSES and name.endswith("DType")):
-            return super().find_class(module, name)
-        raise _Refused(f"refusing to load {module}.{name}")
-
-
-def safe_load_pickle(path: str | os.PathLike[str]) -> Any:
-    """Load a pickle that may come from someone else, allowing only builtins and numpy arrays/scalars.
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: the file is not a pickle or refers to anything beyond plain data.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    data = path.read_bytes()
-    try:
-        return _SafeUnpickler(io.BytesIO(data)).load()
-    except _Refused as error:
-        raise ValueError(f"{path}: not a plain-data pickle ({error}); only gradloc formats are loaded") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as error:
-        raise ValueError(f"{path}: unreadable pickle ({type(error).__name__}: {error})") from None
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp's temporary files are 0600
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, _FILE_MODE)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def save_pickle(obj: GroundTruth | Detections, path: str | os.PathLike[str]) -> None:
-    """Pickle a container's plain-data dict atomically (protocol 4, no timestamps: same data, same bytes)."""
-    atomic_write_bytes(path, pickle.dumps(obj.to_dict(), protocol=4))
+# --- pickle I/O (the helpers live in gradloc.io) -------------------------------------------------------------
 
 
 def load_ground_truth(path: str | os.PathLike[str]) -> GroundTruth:

@@ -31,16 +31,8 @@ from gradloc import __version__
 from gradloc.boxes import BASELINES, image_boxes, peak_points, random_maps
 from gradloc.cache import HeatmapCache
 from gradloc.config import RunConfig, config_hash
-from gradloc.detections import (
-    Detections,
-    GroundTruth,
-    atomic_write_bytes,
-    load_detections,
-    load_ground_truth,
-    safe_load_pickle,
-    save_pickle,
-    threshold_filename,
-)
+from gradloc.detections import Detections, GroundTruth, load_detections, load_ground_truth, threshold_filename
+from gradloc.io import atomic_write_bytes, safe_load_pickle, save_pickle
 from gradloc.voc import VOCDataset
 
 logger = logging.getLogger(__name__)

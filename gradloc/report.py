@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 from tabulate import tabulate
 
-from gradloc.detections import atomic_write_bytes
+from gradloc.io import atomic_write_bytes
 
 METRIC_NAMES = {"voc07": "VOC07 11-point AP", "voc10": "all-point AP (VOC2010+)"}
 FORMATS = ("table", "markdown", "csv", "json")

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
-from gradloc.detections import atomic_write_bytes
+from gradloc.io import atomic_write_bytes
 from gradloc.report import METRIC_NAMES
 
 if TYPE_CHECKING:

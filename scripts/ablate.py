@@ -20,7 +20,8 @@ import pandas as pd
 import yaml
 
 from gradloc.config import load_config
-from gradloc.detections import atomic_write_bytes, load_ground_truth
+from gradloc.detections import load_ground_truth
+from gradloc.io import atomic_write_bytes
 from gradloc.sweep import run_sweep
 
 

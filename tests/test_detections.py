@@ -1,27 +1,23 @@
-"""Tests for gradloc.detections: containers, validation, pickle round trips, safe loading, atomic writes."""
+"""Tests for gradloc.detections: containers, validation, pickle round trips (safe loading: test_io.py)."""
 
 from __future__ import annotations
 
-import os
 import pickle
-from pathlib import Path
+import re
 
 import numpy as np
 import pytest
 
-from gradloc import detections as detections_module
 from gradloc.detections import (
     DETECTIONS_FORMAT,
     GT_FORMAT,
     Detections,
     GroundTruth,
-    atomic_write_bytes,
     load_detections,
     load_ground_truth,
-    safe_load_pickle,
-    save_pickle,
     threshold_filename,
 )
+from gradloc.io import safe_load_pickle, save_pickle
 
 
 def gt_fields(**overrides) -> dict:
@@ -161,103 +157,15 @@ def test_loaders_validate_content(tmp_path):
         load_detections(path)
 
 
-# --- safe loading -------------------------------------------------------------------------------------------
-
-
-class Payload:
-    """A class instance that a plain-data loader must refuse."""
-
-    def __init__(self) -> None:
-        self.value = 1
-
-
-class RunsCommand:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
-def test_safe_loader_refuses_code(tmp_path):
-    marker = tmp_path / "executed"
-    path = tmp_path / "evil.pkl"
-    path.write_bytes(pickle.dumps({"format": DETECTIONS_FORMAT, "x": RunsCommand(marker)}))
-    refused = r"evil\.pkl: not a plain-data pickle .*refusing to load (posix|os|nt)\.system"
-    with pytest.raises(ValueError, match=refused):
-        safe_load_pickle(path)
-    assert not marker.exists()
-    with pytest.raises(ValueError, match="refusing to load"):
-        load_detections(path)
-
-
-@pytest.mark.parametrize(
-    "obj",
-    [Payload(), [np.zeros(2), Payload()], eval, np.array([Payload()], dtype=object)],
-    ids=["instance", "nested instance", "builtin function", "object array"],
-)
-def test_safe_loader_refuses_non_data(tmp_path, obj):
-    path = tmp_path / "obj.pkl"
-    path.write_bytes(pickle.dumps(obj))
-    with pytest.raises(ValueError, match="refusing to load"):
-        safe_load_pickle(path)
-
-
-PLAIN = {"a": [1, 2.5, "x", None, (True, b"z")], "arr": np.arange(6, dtype=np.int64).reshape(2, 3),
-         "flags": np.array([True, False]), "scalar": np.float64(0.5)}
-
-
-def _check_plain_round_trip(path: Path, protocol: int) -> None:
-    path.write_bytes(pickle.dumps(PLAIN, protocol=protocol))
-    loaded = safe_load_pickle(path)
-    assert loaded["a"] == PLAIN["a"] and loaded["scalar"] == 0.5
-    assert np.array_equal(loaded["arr"], PLAIN["arr"]) and loaded["arr"].dtype == np.int64
-    assert loaded["flags"].dtype == bool
-
-
-@pytest.mark.parametrize("protocol", [3, 4])
-def test_safe_loader_accepts_plain_data(tmp_path, protocol):
-    _check_plain_round_trip(tmp_path / "plain.pkl", protocol)
-
-
-# numpy arrays pickled with protocol 2 need ``_codecs.encode`` and with protocol 5
-# ``numpy._core.numeric._frombuffer``: plain-data constructors that the allow-list includes.
-@pytest.mark.parametrize("protocol", [2, 5])
-def test_safe_loader_accepts_numpy_pickled_with_protocol_2_and_5(tmp_path, protocol):
-    _check_plain_round_trip(tmp_path / "plain.pkl", protocol)
-
-
-def test_safe_loader_file_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"missing\.pkl: no such file"):
-        safe_load_pickle(tmp_path / "missing.pkl")
-    (tmp_path / "text.pkl").write_text("not a pickle at all")
-    with pytest.raises(ValueError, match=r"text\.pkl"):
-        safe_load_pickle(tmp_path / "text.pkl")
-    (tmp_path / "cut.pkl").write_bytes(pickle.dumps({"a": list(range(100))})[:20])
-    with pytest.raises(ValueError, match=r"cut\.pkl: .*truncated"):
-        safe_load_pickle(tmp_path / "cut.pkl")
-
-
-# --- atomic writes ------------------------------------------------------------------------------------------
-
-
-def test_atomic_write_leaves_no_temp_file(tmp_path):
-    target = tmp_path / "out" / "thr_0.100.pkl"
-    atomic_write_bytes(target, b"first")
-    atomic_write_bytes(target, b"second")
-    assert target.read_bytes() == b"second"
-    assert sorted(p.name for p in target.parent.iterdir()) == ["thr_0.100.pkl"]
-
-
-def test_atomic_write_failure_keeps_old_file_and_removes_temp(tmp_path, monkeypatch):
-    target = tmp_path / "gt.pkl"
-    target.write_bytes(b"old")
-
-    def failing_replace(src, dst):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(detections_module.os, "replace", failing_replace)
-    with pytest.raises(OSError, match="disk full"):
-        save_pickle(GroundTruth(**gt_fields()), target)
-    assert target.read_bytes() == b"old"
-    assert [p.name for p in tmp_path.iterdir()] == ["gt.pkl"]
+@pytest.mark.parametrize("change, message", [
+    ({"boxes": np.array([[np.nan, 1, 10, 10], [5, 5, 353, 500], [20, 30, 40, 50]])}, "non-finite"),
+    ({"labels": np.array([0, 1], dtype=np.int64)}, "differ in length"),
+    ({"labels": np.array([0, 1, 5], dtype=np.int64)}, "outside"),
+], ids=["nan box", "array lengths", "class index"])
+def test_content_errors_name_the_file(tmp_path, change, message):
+    """Issue 9 item 5: validation errors of a loaded pickle name the file (before: 'ground truth: ...')."""
+    data = GroundTruth(**gt_fields()).to_dict() | change
+    path = tmp_path / "broken_gt.pkl"
+    path.write_bytes(pickle.dumps(data))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: .*{message}"):
+        load_ground_truth(path)

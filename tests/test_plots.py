@@ -6,7 +6,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from gradloc.cli import main
-from gradloc.detections import Detections, GroundTruth, save_pickle
+from gradloc.detections import Detections, GroundTruth
+from gradloc.io import save_pickle
 from gradloc.metrics import evaluate, voc_ap
 from gradloc.pipeline import score_run
 from gradloc.plots import precision_recall_curves

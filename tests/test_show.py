@@ -15,8 +15,9 @@ from PIL import Image
 from gradloc.cache import HeatmapCache
 from gradloc.cli import main
 from gradloc.config import load_config
-from gradloc.detections import Detections, GroundTruth, save_pickle
+from gradloc.detections import Detections, GroundTruth
 from gradloc.geometry import plan
+from gradloc.io import save_pickle
 from gradloc.show import (
     DPI,
     PANEL_INCHES,
