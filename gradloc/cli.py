@@ -63,7 +63,8 @@ class GradlocGroup(click.Group):
             click.echo(f"error: {error}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
-            click.echo("interrupted: finished files are kept; rerun the same command to resume", err=True)
+            click.echo("interrupted: the run folder keeps its previous results and finished heatmaps stay "
+                       "cached; rerun the same command to resume", err=True)
             sys.exit(130)
 
 
@@ -231,8 +232,10 @@ def run(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
       gradloc run --config configs/voc07_efficientnet_lite0.yaml --split val --thresholds 0.1,0.2
     """
     from gradloc.pipeline import run as run_pipeline
+    from gradloc.runs import check_writable
 
     original = build_config(config_path, flags)
+    check_writable(original.run_dir)  # before the demo is prepared: an unwritable --out costs no work
     start = time.perf_counter()
     config = _prepare(ctx, original)
     prepare_seconds = time.perf_counter() - start
@@ -278,9 +281,12 @@ def boxes(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
     Example:
       gradloc boxes --config configs/demo.yaml --thresholds 0.1,0.2,0.3 --box-mode all
     """
-    from gradloc.pipeline import cams_cache, load_classifier, open_dataset, run_boxes, write_resolved_config
+    from gradloc.pipeline import cams_cache, load_classifier, open_dataset, run_boxes
+    from gradloc.runs import check_writable
 
-    config = _prepare(ctx, build_config(config_path, flags))
+    config = build_config(config_path, flags)
+    check_writable(config.run_dir)
+    config = _prepare(ctx, config)
     dataset = open_dataset(config)
     cache = cams_cache(config, load_classifier(config), dataset)
     missing = cache.missing(dataset.image_ids)
@@ -289,7 +295,6 @@ def boxes(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
                                 "for this model/method/layer; run `gradloc cams` with the same options first")
     with progress_bar(ctx, len(dataset), f"boxes ({len(config.boxes.thresholds)} thresholds)") as update:
         run_dir = run_boxes(config, cache, dataset, progress=update)
-    write_resolved_config(config)
     say(ctx, f"detections: {run_dir / 'detections'}")
 
 
@@ -350,16 +355,16 @@ def info(run_dir: str) -> None:
     Example:
       gradloc info results/demo
     """
-    from gradloc.pipeline import read_manifest
+    from gradloc.runs import open_run
 
-    manifest = read_manifest(run_dir)
+    run = open_run(run_dir)
+    manifest = run.manifest
     config = manifest["config"]
     click.echo(f"run: {run_dir}\nconfig hash: {manifest['config_hash']}  git: {manifest['git_commit']}")
     click.echo(f"data: {config['data']['voc_root']} VOC{config['data']['year']} {config['data']['split']}")
     click.echo(f"model: {config['model']}\ncams: {config['cams']}\nboxes: {config['boxes']}\nscore: {config['score']}")
     click.echo(f"versions: {manifest['versions']}\nseconds per stage: {manifest['seconds_per_stage']}")
-    files = sorted(p.relative_to(run_dir) for p in Path(run_dir).rglob("*") if p.is_file())
-    click.echo("files:\n" + "\n".join(f"  {f}" for f in files))
+    click.echo("files:\n" + "\n".join(f"  {f}" for f in run.files()))
 
 
 @main.command()
@@ -540,12 +545,15 @@ def sweep(ctx: click.Context, config_path: str | None, select_split: str, eval_s
     Example:
       gradloc sweep --config configs/voc07_efficientnet_lite0.yaml --select-split train --eval-split val
     """
+    from gradloc.runs import check_writable
     from gradloc.sweep import parse_select_metric, run_sweep
 
     if flags.get("split") is not None:
         raise click.UsageError("sweep takes --select-split and --eval-split, not --split")
     parse_select_metric(select_metric)  # fail before any work
-    config = _prepare(ctx, build_config(config_path, flags))
+    config = build_config(config_path, flags)
+    check_writable(config.run_dir)
+    config = _prepare(ctx, config)
     result = run_sweep(config, select_split, eval_split, select_metric,
                        stage=_stage(ctx))
     click.echo(result.text, nl=False)

@@ -18,35 +18,9 @@ import pandas as pd
 from tabulate import tabulate
 
 from gradloc.report import METRIC_NAMES
+from gradloc.runs import open_run
 
 logger = logging.getLogger(__name__)
-
-SCORE_COLUMNS = ("threshold", "threshold_mode", "iou", "metric", "class", "ap", "recall", "n_gt", "source")
-
-
-def load_scores(run_dir: str | Path) -> pd.DataFrame:
-    """The flat score rows of a run folder (``scores.csv``, see :mod:`gradloc.report`).
-
-    Raises:
-        FileNotFoundError: no run folder, or no scores.csv in it.
-        ValueError: scores.csv is unreadable or lacks the documented columns.
-    """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"{run_dir}: run folder not found; give a folder made by `gradloc run`")
-    path = run_dir / "scores.csv"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found; score the run first with `gradloc score {run_dir}`")
-    try:
-        rows = pd.read_csv(path, keep_default_na=False, na_values=[""])
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: unreadable CSV ({error})") from None
-    missing = [column for column in SCORE_COLUMNS if column not in rows.columns]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; "
-                         f"rescore with `gradloc score {run_dir}`")
-    return rows
-
 
 def match_value(values: pd.Series, wanted: float, what: str, source: str | Path) -> float:
     """The value among ``values`` equal to ``wanted`` (within 1e-9).
@@ -192,7 +166,7 @@ def compare_runs(run_a: str | Path, run_b: str | Path, iou: float = 0.5, thresho
     their paths when the names are equal)."""
     run_a, run_b = Path(run_a), Path(run_b)
     names = (run_a.name, run_b.name) if run_a.name != run_b.name else (str(run_a), str(run_b))
-    return compare_scores(load_scores(run_a), load_scores(run_b), iou=iou, threshold=threshold, names=names,
+    return compare_scores(open_run(run_a).scores, open_run(run_b).scores, iou=iou, threshold=threshold, names=names,
                           top=top)
 
 

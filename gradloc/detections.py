@@ -4,13 +4,13 @@ Both formats hold flat arrays (one row per box) so that scoring is vectorized an
 are easy to write. Boxes are ``float64 [x1, y1, x2, y2]`` in VOC convention: 1-based, inclusive pixel
 coordinates of the original image (width = x2 - x1 + 1).
 
-``detections/thr_<τ>.pkl`` (format ``gradloc.detections/1``)::
+A detections file (format ``gradloc.detections/1``; where a run keeps them: ``gradloc.runs``)::
 
     {"format": "gradloc.detections/1", "threshold": float, "threshold_mode": str, "box_mode": str,
      "classes": list[str], "image_ids": list[str], "image_index": int64[N], "labels": int64[N],
      "scores": float64[N], "boxes": float64[N, 4], "meta": dict}
 
-``gt.pkl`` (format ``gradloc.gt/1``)::
+Ground truth (format ``gradloc.gt/1``)::
 
     {"format": "gradloc.gt/1", "classes": list[str], "image_ids": list[str],
      "image_sizes": int64[n_images, 2] (width, height), "image_index": int64[M], "labels": int64[M],
@@ -32,19 +32,6 @@ from gradloc.io import atomic_write_bytes, safe_load_pickle, save_pickle  # noqa
 
 DETECTIONS_FORMAT = "gradloc.detections/1"
 GT_FORMAT = "gradloc.gt/1"
-
-
-def threshold_filename(threshold: float) -> str:
-    """Stable, readable file name of a per-threshold output, e.g. ``0.02 -> "thr_0.020.pkl"``.
-
-    Raises:
-        ValueError: if the threshold is outside [0, 1] or needs more than 3 decimals.
-    """
-    if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold {threshold!r} is outside [0, 1]")
-    if abs(round(threshold, 3) - threshold) > 1e-9:
-        raise ValueError(f"threshold {threshold!r} has more than 3 decimals; file names keep 3 (thr_0.020.pkl)")
-    return f"thr_{threshold:.3f}.pkl"
 
 
 @dataclass(frozen=True, eq=False)

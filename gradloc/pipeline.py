@@ -11,35 +11,27 @@ around it); the library itself never prints.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import pickle
-import platform
-import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from gradloc import __version__
+from gradloc import __version__, runs
 from gradloc.boxes import BASELINES, image_boxes, peak_points, random_maps
 from gradloc.cache import HeatmapCache
 from gradloc.config import RunConfig, config_hash
-from gradloc.detections import Detections, GroundTruth, load_detections, load_ground_truth, threshold_filename
-from gradloc.io import atomic_write_bytes, safe_load_pickle, save_pickle
+from gradloc.detections import Detections, GroundTruth
 from gradloc.voc import VOCDataset
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[int], None] | None
-
-POINTS_FORMAT = "gradloc.points/1"
 
 
 @dataclass
@@ -58,27 +50,6 @@ class StageTimes:
 
 
 # --- shared helpers -----------------------------------------------------------------------------------------
-
-
-def git_commit() -> str | None:
-    """``git rev-parse HEAD`` of the source tree holding gradloc, or None (not a checkout, no git)."""
-    try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                                capture_output=True, text=True, timeout=10, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    commit = result.stdout.strip()
-    return commit if result.returncode == 0 and len(commit) == 40 else None
-
-
-def package_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version(), "gradloc": __version__}
-    for name in ("torch", "torchvision", "numpy", "scikit-image", "pandas", "numba"):
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
 
 
 def prepare_demo(config: RunConfig, progress: Callable[[int, int, float], None] | None = None) -> RunConfig:
@@ -131,27 +102,6 @@ def class_probabilities(scores: np.ndarray, score_kind: str) -> np.ndarray:
     from gradloc.models import SCORE_KINDS
 
     return SCORE_KINDS[score_kind](torch.from_numpy(np.asarray(scores, dtype=np.float64))).numpy()
-
-
-def read_manifest(run_dir: str | Path, hint: str = "") -> dict[str, Any]:
-    """The ``manifest.json`` of a run folder, checked; ``hint`` is appended to the missing-manifest error.
-
-    Raises:
-        FileNotFoundError: no such folder or no manifest. ValueError: not JSON or no ``config`` mapping.
-    """
-    run_dir = Path(run_dir)
-    path = run_dir / "manifest.json"
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"{run_dir}: run folder not found; give a folder made by `gradloc run`")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found; is {run_dir} a folder made by `gradloc run`?{hint}")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict):
-        raise ValueError(f"{path}: has no 'config' mapping; rerun `gradloc run` to rewrite it")
-    return manifest
 
 
 def open_dataset(config: RunConfig, split: str | None = None) -> VOCDataset:
@@ -286,11 +236,33 @@ def run_protocol(config: RunConfig, cache: HeatmapCache) -> dict[str, Any]:
     }
 
 
-def run_boxes(config: RunConfig, cache: HeatmapCache, dataset: VOCDataset, progress: Progress = None) -> Path:
-    """Cut boxes from the cached maps at every threshold; write gt.pkl, detections, baselines, points."""
-    run_dir = config.run_dir
+def require_images(dataset: VOCDataset) -> None:
+    """Refuse a split with no images left (empty image set, or every item skipped) before any work.
+
+    Raises:
+        ValueError: naming the split and, when items were skipped, the first reason.
+    """
+    if len(dataset):
+        return
+    why = (f"all {len(dataset.skipped)} item(s) were skipped (first: {dataset.skipped[0][0]}: "
+           f"{dataset.skipped[0][1]})" if dataset.skipped else "its image set lists no images")
+    raise ValueError(f"{dataset.base / 'ImageSets' / 'Main' / (dataset.split + '.txt')}: no images to evaluate, "
+                     f"{why}; nothing was written")
+
+
+def run_boxes(config: RunConfig, cache: HeatmapCache, dataset: VOCDataset, progress: Progress = None,
+              writer: runs.RunWriter | None = None) -> Path:
+    """Cut boxes from the cached maps at every threshold; write gt.pkl, detections, baselines, points.
+
+    With ``writer`` (a run being staged by :func:`gradloc.runs.new_run`) the files go to its staging folder;
+    without, they replace ``config.run_dir`` as a whole (with ``config.yaml``). Returns ``config.run_dir``."""
+    if writer is None:
+        with runs.new_run(config.run_dir) as staged:
+            run_boxes(config, cache, dataset, progress, staged)
+            staged.write_config(config.to_dict())
+        return config.run_dir
+    require_images(dataset)
     gt = dataset.ground_truth()
-    save_pickle(gt, run_dir / "gt.pkl")
     params = config.boxes
     thresholds = list(config.boxes.thresholds)
     score_kind = cache.key_data["score_kind"]
@@ -326,22 +298,19 @@ def run_boxes(config: RunConfig, cache: HeatmapCache, dataset: VOCDataset, progr
     protocol = run_protocol(config, cache)
     common = {"classes": list(gt.classes), "image_ids": list(gt.image_ids)}
 
-    def write(rows: _Rows, path: Path, threshold: float, threshold_mode: str, box_mode: str,
-              meta: dict[str, Any]) -> None:
-        save_pickle(Detections(threshold=threshold, threshold_mode=threshold_mode, box_mode=box_mode,
-                               meta=meta, **common, **rows.arrays()), path)
+    def detections(rows: _Rows, threshold: float, threshold_mode: str, box_mode: str, source: str) -> Detections:
+        return Detections(threshold=threshold, threshold_mode=threshold_mode, box_mode=box_mode,
+                          meta={**protocol, "source": source}, **common, **rows.arrays())
 
+    writer.write_gt(gt)
     for tau, rows, noise_rows in zip(thresholds, cam_rows, random_rows, strict=True):
-        write(rows, run_dir / "detections" / threshold_filename(tau), tau, params.threshold_mode,
-              params.box_mode, {**protocol, "source": "cam"})
+        writer.write_detections(detections(rows, tau, params.threshold_mode, params.box_mode, "cam"))
         if "random" in config.boxes.baselines:
-            write(noise_rows, run_dir / "baselines" / "random" / threshold_filename(tau), tau,
-                  params.threshold_mode, params.box_mode, {**protocol, "source": "random"})
+            writer.write_random(detections(noise_rows, tau, params.threshold_mode, params.box_mode, "random"))
     for name, rows in fixed_rows.items():
-        write(rows, run_dir / "baselines" / f"{name}.pkl", 0.0, "none", name, {**protocol, "source": name})
-    record = {"format": POINTS_FORMAT, **common, **points.arrays("points"), "meta": protocol}
-    atomic_write_bytes(run_dir / "points.pkl", pickle.dumps(record, protocol=4))
-    return run_dir
+        writer.write_baseline(name, detections(rows, 0.0, "none", name, name))
+    writer.write_points({**common, **points.arrays("points"), "meta": protocol})
+    return config.run_dir
 
 
 # --- stage 3: scores ----------------------------------------------------------------------------------------
@@ -360,56 +329,50 @@ def score_detections(dets: Detections, gt: GroundTruth, ious: Sequence[float], m
     return frame
 
 
-def score_run(run_dir: str | Path, ious: Sequence[float], metric: str) -> pd.DataFrame:
+def _score_file(path: Path, dets: Detections, gt: GroundTruth, ious: Sequence[float], metric: str,
+                source: str) -> pd.DataFrame:
+    """:func:`score_detections` with a content error (class lists, image ids, NaN scores) naming the file."""
+    try:
+        return score_detections(dets, gt, ious, metric, source)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
+def score_run(run_dir: str | Path | runs.Run, ious: Sequence[float], metric: str) -> pd.DataFrame:
     """Score every detections file of a run folder (CAM boxes and baselines) against its gt.pkl."""
-    run_dir = Path(run_dir)
-    gt_path = run_dir / "gt.pkl"
-    if not gt_path.is_file():
-        raise FileNotFoundError(f"{gt_path}: no ground truth; is {run_dir} a gradloc run folder "
-                                "(made by `gradloc run` or `gradloc boxes`)?")
-    gt = load_ground_truth(gt_path)
-    cam_files = sorted((run_dir / "detections").glob("thr_*.pkl"))
-    if not cam_files:
-        raise FileNotFoundError(f"{run_dir / 'detections'}: no thr_*.pkl detection files; run `gradloc boxes`")
+    run = run_dir if isinstance(run_dir, runs.Run) else runs.open_run(run_dir)
+    gt = run.gt
+    thresholds = run.thresholds
+    if not thresholds:
+        raise FileNotFoundError(f"{run.path}: no CAM detections files; run `gradloc boxes`")
     frames = []
-    thresholds = []
-    for path in cam_files:
-        dets = load_detections(path)
-        thresholds.append(dets.threshold)
-        frames.append(score_detections(dets, gt, ious, metric, dets.meta.get("source", "cam")))
-    for path in sorted((run_dir / "baselines" / "random").glob("thr_*.pkl")):
-        frames.append(score_detections(load_detections(path), gt, ious, metric, "random"))
-    for path in sorted((run_dir / "baselines").glob("*.pkl")):
-        dets = load_detections(path)
+    for tau in thresholds:
+        dets = run.detections_at(tau)
+        frames.append(_score_file(run.detections_path(tau), dets, gt, ious, metric, dets.meta.get("source", "cam")))
+    for tau in run.random_thresholds:
+        frames.append(_score_file(run.path, run.random_at(tau), gt, ious, metric, "random"))
+    for name, dets in run.baselines.items():
         for tau in thresholds:  # threshold-free boxes: repeat under every threshold so tables line up
-            frames.append(score_detections(dataclasses.replace(dets, threshold=tau), gt, ious, metric, path.stem))
+            frames.append(_score_file(run.path, dataclasses.replace(dets, threshold=tau), gt, ious, metric, name))
     return pd.concat(frames, ignore_index=True)
 
 
-def load_points(run_dir: str | Path) -> dict[str, Any]:
-    path = Path(run_dir) / "points.pkl"
-    data = safe_load_pickle(path)
-    if not isinstance(data, dict) or data.get("format") != POINTS_FORMAT:
-        raise ValueError(f"{path}: not a {POINTS_FORMAT} file")
-    return data
-
-
-def localization_scores(run_dir: str | Path) -> pd.DataFrame:
+def localization_scores(run_dir: str | Path | runs.Run) -> pd.DataFrame:
     """WSOL metrics of a run: CorLoc per threshold (IoU 0.5), pointing game (15 px), and MaxBoxAcc when the
     classes explained are the GT classes (GT-known protocol). Rows: metric, threshold, class, value, n."""
     from gradloc.metrics import corloc, max_box_acc, pointing_game
 
-    run_dir = Path(run_dir)
-    gt = load_ground_truth(run_dir / "gt.pkl")
+    run = run_dir if isinstance(run_dir, runs.Run) else runs.open_run(run_dir)
+    gt = run.gt
     rows = []
     dets_by_tau = {}
-    for path in sorted((run_dir / "detections").glob("thr_*.pkl")):
-        dets = load_detections(path)
+    for tau in run.thresholds:
+        dets = run.detections_at(tau)
         dets_by_tau[dets.threshold] = dets
         frame = corloc(dets, gt, iou=0.5)
         rows += [{"metric": "corloc@0.5", "threshold": dets.threshold, "class": r["class"], "value": r["corloc"],
                   "n": r["n_images"]} for r in frame.to_dict("records")]
-    points = load_points(run_dir)
+    points = run.points
     frame = pointing_game(points["image_index"], points["labels"], points["points"], gt, tolerance=15.0)
     rows += [{"metric": "pointing@15px", "threshold": float("nan"), "class": r["class"], "value": r["accuracy"],
               "n": r["n"]} for r in frame.to_dict("records")]
@@ -420,22 +383,25 @@ def localization_scores(run_dir: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _score_into(run: runs.Run, ious: Sequence[float], metric: str
+                ) -> tuple[pd.DataFrame, dict[str, Any], pd.DataFrame]:
+    rows = score_run(run, ious, metric)
+    meta = run.detections_at(run.thresholds[0]).meta
+    wsol = localization_scores(run)
+    runs.write_scores(run.path, rows, meta, wsol)
+    return rows, meta, wsol
+
+
 def score_and_save(run_dir: str | Path, ious: Sequence[float], metric: str
                    ) -> tuple[pd.DataFrame, dict[str, Any], pd.DataFrame]:
-    """Score a run folder and save scores.csv/json/md and localization.csv in it.
+    """Score a finished run folder and rewrite its scores.csv/json/md and localization.csv (holding its lock).
 
     Returns:
         (score rows, the protocol of its CAM detections, WSOL rows).
     """
-    from gradloc.report import save_scores
-
-    run_dir = Path(run_dir)
-    rows = score_run(run_dir, ious, metric)
-    meta = load_detections(sorted((run_dir / "detections").glob("thr_*.pkl"))[0]).meta
-    save_scores(rows, run_dir, meta)
-    wsol = localization_scores(run_dir)
-    atomic_write_bytes(run_dir / "localization.csv", wsol.to_csv(index=False).encode())
-    return rows, meta, wsol
+    run = runs.open_run(run_dir)
+    with runs.locked(run.path):
+        return _score_into(run, ious, metric)
 
 
 # --- the whole run ------------------------------------------------------------------------------------------
@@ -459,50 +425,36 @@ class RunResult:
 
 def run(config: RunConfig, original: RunConfig | None = None, stage: StageProgress | None = None) -> RunResult:
     """The whole pipeline for a prepared config (see :func:`prepare_demo`): cams -> boxes -> scores, plus
-    config.yaml and manifest.json (``original`` = the config as given, recorded beside the resolved one)."""
+    config.yaml and manifest.json (``original`` = the config as given, recorded beside the resolved one).
+
+    The run is staged and swapped in whole (:func:`gradloc.runs.new_run`): on any error or interruption the
+    run folder keeps the previous results; finished heatmaps stay in the cache for the rerun."""
 
     def quiet(description: str, total: int) -> AbstractContextManager[None]:
         return nullcontext(None)
 
     stage = stage or quiet
     times = StageTimes()
-    dataset = open_dataset(config)
-    loaded = load_classifier(config)
-    todo = len(cams_cache(config, loaded, dataset).missing(dataset.image_ids))
-    with times.stage("cams"), stage(f"cams {config.data.split} ({config.cams.method})", todo) as update:
-        cache, dataset = run_cams(config, progress=update, dataset=dataset, loaded=loaded)
-    n_thresholds = len(config.boxes.thresholds)
-    with times.stage("boxes"), stage(f"boxes {config.data.split} ({n_thresholds} τ)", len(dataset)) as update:
-        run_dir = run_boxes(config, cache, dataset, progress=update)
-    write_resolved_config(config)
-    with times.stage("score"):
-        rows, meta, wsol = score_and_save(run_dir, config.score.iou, config.score.metric)
-    write_manifest(config, original or config, cache, times, dataset.skipped)
-    return RunResult(run_dir, rows, meta, wsol, cache, dataset, times)
+    with runs.new_run(config.run_dir) as writer:
+        dataset = open_dataset(config)
+        require_images(dataset)
+        loaded = load_classifier(config)
+        todo = len(cams_cache(config, loaded, dataset).missing(dataset.image_ids))
+        with times.stage("cams"), stage(f"cams {config.data.split} ({config.cams.method})", todo) as update:
+            cache, dataset = run_cams(config, progress=update, dataset=dataset, loaded=loaded)
+        n_thresholds = len(config.boxes.thresholds)
+        with times.stage("boxes"), stage(f"boxes {config.data.split} ({n_thresholds} τ)", len(dataset)) as update:
+            run_boxes(config, cache, dataset, progress=update, writer=writer)
+        writer.write_config(config.to_dict())
+        with times.stage("score"):
+            rows, meta, wsol = _score_into(writer.run, config.score.iou, config.score.metric)
+        writer.write_manifest(run_manifest(config, original or config, cache, times, dataset.skipped))
+    return RunResult(config.run_dir, rows, meta, wsol, cache, dataset, times)
 
 
-def write_resolved_config(config: RunConfig) -> None:
-    """``config.yaml`` in the run folder: the config after flags and demo preparation."""
-    import yaml
-
-    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
-    atomic_write_bytes(config.run_dir / "config.yaml", text.encode())
-
-
-
-def write_manifest(config: RunConfig, original: RunConfig, cache: HeatmapCache | None,
-                   times: StageTimes, skipped: Sequence[tuple[str, str]] = ()) -> None:
-    """``manifest.json``: what the run was (configs, hash, cache, versions, commit), how long each stage
-    took, and the items skipped with ``data.on_error: skip`` (with the reason)."""
-    manifest = {
-        "config": config.to_dict(),
-        "config_as_given": original.to_dict(),
-        "config_hash": config_hash(config.to_dict()),
-        "cache_key": cache.key if cache else None,
-        "cache_dir": str(cache.root) if cache else None,
-        "versions": package_versions(),
-        "git_commit": git_commit(),
-        "seconds_per_stage": {k: round(v, 2) for k, v in times.seconds.items()},
-        "skipped": [{"item": item, "reason": reason} for item, reason in skipped],
-    }
-    atomic_write_bytes(config.run_dir / "manifest.json", json.dumps(manifest, indent=2, default=str).encode())
+def run_manifest(config: RunConfig, original: RunConfig, cache: HeatmapCache | None, times: StageTimes,
+                 skipped: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
+    """The ``manifest.json`` record of a run (see :func:`gradloc.runs.manifest_record`)."""
+    return runs.manifest_record(config.to_dict(), original.to_dict(), config_hash(config.to_dict()),
+                                cache.key if cache else None, str(cache.root) if cache else None,
+                                times.seconds, skipped)

@@ -23,9 +23,10 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from gradloc import metrics
-from gradloc.compare import load_scores, match_value
-from gradloc.detections import Detections, GroundTruth, load_detections, load_ground_truth, threshold_filename
+from gradloc.compare import match_value
+from gradloc.detections import Detections, GroundTruth
 from gradloc.report import METRIC_NAMES
+from gradloc.runs import Run, open_run, threshold_filename
 from gradloc.sweep import select_threshold
 
 logger = logging.getLogger(__name__)
@@ -164,13 +165,11 @@ def plot_pr_curves(curves: dict[str, dict[int, PRCurve]], classes: list[str], me
 # --- a run folder -------------------------------------------------------------------------------------------
 
 
-def _baseline_detections(run_dir: Path, threshold: float) -> dict[str, Detections]:
-    found = {}
-    for path in sorted((run_dir / "baselines").glob("*.pkl")):
-        found[path.stem] = load_detections(path)
-    random_path = run_dir / "baselines" / "random" / threshold_filename(threshold)
-    if random_path.is_file():
-        found["random"] = load_detections(random_path)
+def _baseline_detections(run: Run, threshold: float) -> dict[str, Detections]:
+    found = dict(run.baselines)
+    random = run.random_at(threshold)
+    if random is not None:
+        found["random"] = random
     return found
 
 
@@ -192,9 +191,10 @@ def plot_run(run_dir: str | Path, threshold: float | None = None, iou: float = 0
         FileNotFoundError: missing run folder, scores.csv, gt.pkl or detections file.
         ValueError: τ or IoU not in the run, malformed files.
     """
-    run_dir = Path(run_dir)
-    rows = load_scores(run_dir)
-    scores_path = run_dir / "scores.csv"
+    run = open_run(run_dir)
+    run_dir = run.path
+    rows = run.scores
+    scores_path = run.scores_path
     iou = match_value(rows["iou"], iou, "IoU", scores_path)
     if threshold is None:
         threshold, _ = select_threshold(rows, "ap", iou)
@@ -215,9 +215,8 @@ def plot_run(run_dir: str | Path, threshold: float | None = None, iou: float = 0
     written.append(out_dir / "ap_recall_vs_threshold.png")
     fig.savefig(written[-1], dpi=DPI, format="png")
 
-    gt = load_ground_truth(run_dir / "gt.pkl")
-    cam_path = run_dir / "detections" / threshold_filename(threshold)
-    dets = {"cam": load_detections(cam_path), **_baseline_detections(run_dir, threshold)}
+    gt = run.gt
+    dets = {"cam": run.detections_at(threshold), **_baseline_detections(run, threshold)}
     curves = {source: precision_recall_curves(d, gt, iou) for source, d in dets.items()}
     fig = plot_pr_curves(curves, gt.classes, metric,
                          f"{run_dir.name}: precision-recall at {choice} ({mode}), IoU > {iou:g}; "

@@ -31,7 +31,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
-from gradloc.detections import Detections, GroundTruth, load_detections, load_ground_truth, threshold_filename
+from gradloc.detections import Detections, GroundTruth, load_detections
 from gradloc.metrics import iou_matrix
 
 logger = logging.getLogger(__name__)
@@ -278,28 +278,20 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
 # --- heatmaps of a run --------------------------------------------------------------------------------------
 
 
-def open_run_cache(manifest: dict[str, Any], run_dir: Path):  # -> gradloc.cache.HeatmapCache
-    """The heatmap cache a run was made from (``manifest["cache_dir"]``)."""
+def open_run_cache(run: Any):  # (gradloc.runs.Run) -> gradloc.cache.HeatmapCache
+    """The heatmap cache a run was made from (its manifest's ``cache_dir``)."""
     from gradloc.cache import HeatmapCache
+    from gradloc.runs import MANIFEST_FILE
 
-    root = manifest.get("cache_dir")
+    root = run.manifest.get("cache_dir")
     if not root:
-        raise ValueError(f"{run_dir / 'manifest.json'}: no 'cache_dir'; the run kept no heatmap cache "
+        raise ValueError(f"{run.path / MANIFEST_FILE}: no 'cache_dir'; the run kept no heatmap cache "
                          "(use --detections PKL --voc-root PATH for boxes only)")
     try:
         return HeatmapCache.open(root)
     except FileNotFoundError as error:
-        raise FileNotFoundError(f"{error}; it is the heatmap cache of run {run_dir} (or use --detections PKL "
+        raise FileNotFoundError(f"{error}; it is the heatmap cache of run {run.path} (or use --detections PKL "
                                 "--voc-root PATH for boxes only)") from None
-
-
-def _detections_path(run_dir: Path, threshold: float) -> Path:
-    path = run_dir / "detections" / threshold_filename(threshold)
-    if not path.is_file():
-        found = sorted(p.stem.removeprefix("thr_") for p in (run_dir / "detections").glob("thr_*.pkl"))
-        raise FileNotFoundError(f"{path}: no detections at threshold {threshold:g}; this run has thresholds "
-                                f"{', '.join(found) or 'none'}")
-    return path
 
 
 def _display_heat(raw: np.ndarray, geometry: Any, max_side: int | None) -> np.ndarray:
@@ -341,14 +333,17 @@ def show_run(run_dir: str | Path, threshold: float, n: int = 10, seed: int = 0, 
         ValueError: bad threshold, malformed files.
     """
     from gradloc.config import load_config
-    from gradloc.pipeline import class_probabilities, explained_classes, open_dataset, read_manifest
+    from gradloc.pipeline import class_probabilities, explained_classes, open_dataset
+    from gradloc.runs import open_run
 
-    run_dir = Path(run_dir)
-    manifest = read_manifest(run_dir, hint=" (for boxes only use --detections PKL --voc-root PATH)")
-    dets = load_detections(_detections_path(run_dir, threshold))
-    gt = load_ground_truth(run_dir / "gt.pkl")
+    hint = " (for boxes only use --detections PKL --voc-root PATH)"
+    run = open_run(run_dir, hint=hint)
+    run_dir = run.path
+    manifest = run.manifest
+    dets = run.detections_at(threshold)
+    gt = run.gt
     config = load_config(None, manifest["config"])
-    cache = open_run_cache(manifest, run_dir)
+    cache = open_run_cache(run)
     dataset = open_dataset(config)
     samples, entries = [], []
     for index in sample_images(dets, gt, n, seed):

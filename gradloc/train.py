@@ -49,7 +49,7 @@ from gradloc.models import (
     replace_linear,
     save_checkpoint,
 )
-from gradloc.pipeline import git_commit
+from gradloc.runs import git_commit
 from gradloc.voc import VOC_CLASSES, VOCDataset
 
 logger = logging.getLogger(__name__)

@@ -5,7 +5,8 @@ import pytest
 from click.testing import CliRunner
 
 from gradloc.cli import main
-from gradloc.compare import compare_scores, load_scores, render_comparison
+from gradloc.compare import compare_scores, render_comparison
+from gradloc.runs import open_run
 
 # (threshold, iou) -> (mAP, mean recall)
 MEANS_A = {(0.1, 0.3): (0.40, 0.60), (0.1, 0.5): (0.20, 0.30),
@@ -98,12 +99,12 @@ def test_incompatible_runs_are_refused(rows_b, message):
 
 def test_load_scores_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="run folder not found"):
-        load_scores(tmp_path / "nope")
+        _ = open_run(tmp_path / "nope").scores
     with pytest.raises(FileNotFoundError, match=r"scores\.csv: not found; score the run first"):
-        load_scores(tmp_path)
+        _ = open_run(tmp_path).scores
     (tmp_path / "scores.csv").write_text("threshold,iou\n0.1,0.5\n")
     with pytest.raises(ValueError, match=r"missing column\(s\) threshold_mode, metric, class"):
-        load_scores(tmp_path)
+        _ = open_run(tmp_path).scores
 
 
 def test_help_has_an_example():

@@ -15,9 +15,9 @@ from gradloc.detections import (
     GroundTruth,
     load_detections,
     load_ground_truth,
-    threshold_filename,
 )
 from gradloc.io import safe_load_pickle, save_pickle
+from gradloc.runs import threshold_filename
 
 
 def gt_fields(**overrides) -> dict:

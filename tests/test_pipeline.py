@@ -8,7 +8,8 @@ import pytest
 
 from gradloc.config import load_config
 from gradloc.detections import load_detections, load_ground_truth
-from gradloc.pipeline import StageTimes, prepare_demo, run_boxes, run_cams, score_run, write_manifest
+from gradloc.pipeline import StageTimes, prepare_demo, run_boxes, run_cams, run_manifest, score_run
+from gradloc.runs import new_run
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -23,8 +24,10 @@ def demo_run(tmp_path_factory):
     })
     config = prepare_demo(config)
     cache, dataset = run_cams(config)
-    run_dir = run_boxes(config, cache, dataset)
-    write_manifest(config, config, cache, StageTimes())
+    with new_run(config.run_dir) as writer:
+        run_boxes(config, cache, dataset, writer=writer)
+        writer.write_manifest(run_manifest(config, config, cache, StageTimes()))
+    run_dir = config.run_dir
     rows = score_run(run_dir, config.score.iou, config.score.metric)
     return config, cache, dataset, run_dir, rows
 
