@@ -27,6 +27,34 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class Interval:
+    """A range of valid values, e.g. ``Interval(0, 1, low_open=True, high_open=True)`` is (0, 1).
+
+    ``value in interval`` tests membership; ``str(interval)`` is the usual notation."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = self.low < value if self.low_open else self.low <= value
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+# The one definition of each valid range, shared by config validation and the code that uses the value.
+# IoU thresholds: a match needs IoU > thr strictly, so thr = 1 could never match and thr = 0 would match any
+# overlap of zero area; the scorer (gradloc.metrics) checks the same interval.
+IOU_RANGE = Interval(0.0, 1.0, low_open=True, high_open=True)
+THRESHOLD_RANGE = Interval(0.0, 1.0)  # τ: a fraction with a named meaning (boxes.threshold_mode)
+SCORE_CUT_RANGE = Interval(0.0, 1.0)  # a class probability
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Which images: a VOCdevkit folder, its year (``VOC<year>/``), an image set and the class list."""
 
@@ -230,10 +258,9 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
     return config
 
 
-def _check_range(key: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:
-    if not (low < value <= high if low_open else low <= value <= high):
-        bound = "(" if low_open else "["
-        raise ConfigError(f"config key {key!r}: {value} is outside {bound}{low}, {high}]")
+def _check_range(key: str, value: float, valid: Interval) -> None:
+    if value not in valid:
+        raise ConfigError(f"config key {key!r}: {value} is outside {valid}")
 
 
 def validate(config: RunConfig) -> None:
@@ -241,16 +268,16 @@ def validate(config: RunConfig) -> None:
     if not config.boxes.thresholds:
         raise ConfigError("config key 'boxes.thresholds': give at least one threshold")
     for i, tau in enumerate(config.boxes.thresholds):
-        _check_range(f"boxes.thresholds[{i}]", tau, 0.0, 1.0)
+        _check_range(f"boxes.thresholds[{i}]", tau, THRESHOLD_RANGE)
         if abs(round(tau, 3) - tau) > 1e-9:
             raise ConfigError(f"config key 'boxes.thresholds[{i}]': {tau} has more than 3 decimals")
     if not config.score.iou:
         raise ConfigError("config key 'score.iou': give at least one IoU threshold")
     for i, iou in enumerate(config.score.iou):
-        _check_range(f"score.iou[{i}]", iou, 0.0, 1.0, low_open=True)
+        _check_range(f"score.iou[{i}]", iou, IOU_RANGE)
     if config.boxes.classes not in ("predicted", "gt"):
         raise ConfigError(f"config key 'boxes.classes': {config.boxes.classes!r} is not one of predicted, gt")
-    _check_range("boxes.score_cut", config.boxes.score_cut, 0.0, 1.0)
+    _check_range("boxes.score_cut", config.boxes.score_cut, SCORE_CUT_RANGE)
     if config.data.on_error not in ("raise", "skip"):
         raise ConfigError(f"config key 'data.on_error': {config.data.on_error!r} is not one of raise, skip")
     if config.cams.store_dtype not in ("float16", "float32"):

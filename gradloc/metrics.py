@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from gradloc.config import IOU_RANGE
 from gradloc.detections import Detections, GroundTruth
 
 logger = logging.getLogger(__name__)
@@ -193,8 +194,8 @@ def _check_gt(gt: GroundTruth) -> None:
 
 def _check_iou(iou: float) -> float:
     iou = float(iou)
-    if not 0.0 < iou < 1.0:
-        raise ValueError(f"IoU threshold {iou!r} is outside (0, 1); use e.g. 0.5")
+    if iou not in IOU_RANGE:
+        raise ValueError(f"IoU threshold {iou!r} is outside {IOU_RANGE}; use e.g. 0.5")
     return iou
 
 

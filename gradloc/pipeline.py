@@ -70,12 +70,13 @@ def prepare_demo(config: RunConfig, progress: Callable[[int, int, float], None] 
 
 
 def check_names(config: RunConfig) -> None:
-    """Fail before any work on a name no registry knows: CAM method, box settings, model.
+    """Fail before any work on a name no registry knows: CAM method, baselines, AP metric, model.
 
     Raises:
         ValueError: naming the key and the valid choices.
     """
     from gradloc.cams import METHODS
+    from gradloc.metrics import METRICS
     from gradloc.models import get_spec
 
     method = METHODS.get(config.cams.method)
@@ -89,6 +90,9 @@ def check_names(config: RunConfig) -> None:
         if name not in (*BASELINES, "random"):
             raise ValueError(f"unknown baseline {name!r} (boxes.baselines); choose from "
                              f"{', '.join([*BASELINES, 'random'])}")
+    if config.score.metric not in METRICS:
+        raise ValueError(f"unknown AP metric {config.score.metric!r} (score.metric); choose one of "
+                         f"{', '.join(METRICS)}")
     if not config.demo.enabled:
         get_spec(config.model.name)
 

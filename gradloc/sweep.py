@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
+from gradloc.config import IOU_RANGE
 from gradloc.io import atomic_write_bytes
 from gradloc.report import METRIC_NAMES
 
@@ -49,9 +50,9 @@ def parse_select_metric(text: str) -> tuple[str, float]:
         iou = float(iou_text)
     except ValueError:
         iou = float("nan")
-    if not at or name not in SELECT_METRICS or not 0.0 < iou < 1.0:
+    if not at or name not in SELECT_METRICS or iou not in IOU_RANGE:
         raise ValueError(f"selection metric {text!r} is not <name>@<iou> with a name of "
-                         f"{', '.join(SELECT_METRICS)} and an IoU in (0, 1), e.g. ap@0.5")
+                         f"{', '.join(SELECT_METRICS)} and an IoU in {IOU_RANGE}, e.g. ap@0.5")
     return name, iou
 
 
