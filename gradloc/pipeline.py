@@ -107,13 +107,13 @@ def prepare_demo(config: RunConfig, progress: Callable[[int, int, float], None] 
 
 
 def check_names(config: RunConfig) -> None:
-    """Fail before any work on a name no registry knows: CAM method, box settings, model.
+    """Fail before any work on a name no registry knows: CAM method, box settings, model, device.
 
     Raises:
         ValueError: naming the key and the valid choices.
     """
     from gradloc.cams import METHODS
-    from gradloc.models import get_spec
+    from gradloc.models import get_spec, resolve_device
 
     method = METHODS.get(config.cams.method)
     if method is None:
@@ -128,6 +128,7 @@ def check_names(config: RunConfig) -> None:
                              f"{', '.join([*BASELINES, 'random'])}")
     if not config.demo.enabled:
         get_spec(config.model.name)
+    resolve_device(config.cams.device)
 
 
 def class_probabilities(scores: np.ndarray, score_kind: str) -> np.ndarray:
@@ -180,7 +181,8 @@ def load_classifier(config: RunConfig):  # -> gradloc.models.LoadedModel
 
 
 def cams_cache(config: RunConfig, loaded: Any, dataset: VOCDataset) -> HeatmapCache:
-    """The cache folder for this (model, method, layer, preprocessing, dataset) -- named by their hash."""
+    """The cache folder for this (model, method, layer, preprocessing, classes) -- named by their hash. The
+    images are not in the key: each cached file records its image's fingerprint (see gradloc.cache)."""
     from gradloc.cams import default_layer, resolve_layer
 
     layer, _ = resolve_layer(loaded.model, config.cams.layer or default_layer(loaded.model))
@@ -195,43 +197,43 @@ def cams_cache(config: RunConfig, loaded: Any, dataset: VOCDataset) -> HeatmapCa
         "mean": list(pre.mean),
         "std": list(pre.std),
         "store_dtype": config.cams.store_dtype,
-        "dataset": {"root": str(Path(dataset.root).resolve()), "year": dataset.year, "split": dataset.split,
-                    "classes": list(dataset.classes)},
+        "classes": list(loaded.classes),
+        "dataset": {"year": dataset.year, "classes": list(dataset.classes)},
         "gradloc": __version__,
     }
     return HeatmapCache(config.cache_dir, key)
 
 
 def run_cams(config: RunConfig, progress: Progress = None, *, dataset: VOCDataset | None = None,
-             loaded: Any = None) -> tuple[HeatmapCache, VOCDataset]:
-    """Compute raw CAM maps of all classes for every image of the split that is not cached yet.
+             loaded: Any = None, cache: HeatmapCache | None = None) -> tuple[HeatmapCache, VOCDataset]:
+    """Compute raw CAM maps of all classes for every image of the split not validly cached yet
+    (:meth:`HeatmapCache.todo`); with ``data.on_error: skip`` unreadable images leave ``dataset``.
 
-    ``dataset`` and ``loaded`` (the classifier) are opened from the config unless given."""
-    import torch
-
+    ``dataset``, ``loaded`` (the classifier) and ``cache`` are opened from the config unless given."""
     from gradloc.cams import compute_cams
+    from gradloc.models import resolve_device
 
     check_names(config)
+    device = resolve_device(config.cams.device)
     dataset = dataset or open_dataset(config)
     loaded = loaded or load_classifier(config)
-    cache = cams_cache(config, loaded, dataset)
-    todo = cache.missing(dataset.image_ids)
+    cache = cache or cams_cache(config, loaded, dataset)
+    todo = cache.todo(dataset, config.data.on_error)
     logger.info("cams: %d of %d images to compute into %s", len(todo), len(dataset), cache.root)
     pre = loaded.preprocessing
-    device = torch.device(config.cams.device)
     model = loaded.model.to(device)
     all_classes = list(range(len(loaded.classes)))
     for start in range(0, len(todo), config.cams.batch_size):
-        batch = todo[start : start + config.cams.batch_size]
-        inputs, geometries = pre.batch([dataset.load_image(image_id) for image_id in batch])
-        inputs = inputs.to(device)
-        maps, scores = compute_cams(model, inputs, all_classes, method=config.cams.method,
-                                    layer=cache.key_data["layer"])
-        maps_np, scores_np = maps.cpu().numpy(), scores.detach().cpu().numpy()
-        for i, image_id in enumerate(batch):
-            cache.put(image_id, maps_np[i], scores_np[i], geometries[i], config.cams.store_dtype)
+        batch = dataset.read_images(todo[start : start + config.cams.batch_size])
+        if batch:
+            inputs, geometries = pre.batch([image for _, image, _ in batch])
+            maps, scores = compute_cams(model, inputs.to(device), all_classes, method=config.cams.method,
+                                        layer=cache.key_data["layer"])
+            maps_np, scores_np = maps.cpu().numpy(), scores.detach().cpu().numpy()
+            for i, (image_id, _, source) in enumerate(batch):
+                cache.put(image_id, maps_np[i], scores_np[i], geometries[i], config.cams.store_dtype, source)
         if progress:
-            progress(len(batch))
+            progress(len(todo[start : start + config.cams.batch_size]))
     return cache, dataset
 
 
@@ -454,7 +456,8 @@ StageProgress = Callable[[str, int], AbstractContextManager[Callable[[int], None
 
 @dataclass
 class RunResult:
-    """What :func:`run` made: the run folder, score rows and protocol, WSOL rows, cache, dataset, times."""
+    """What :func:`run` made: the run folder, score rows and protocol, WSOL rows, cache, dataset, times, and
+    the images left out with ``data.on_error: skip`` ({image_id, file, reason})."""
 
     run_dir: Path
     rows: pd.DataFrame
@@ -463,6 +466,7 @@ class RunResult:
     cache: HeatmapCache
     dataset: VOCDataset
     times: StageTimes
+    skipped: list[dict[str, str]] = field(default_factory=list)
 
 
 def run(config: RunConfig, original: RunConfig | None = None, stage: StageProgress | None = None) -> RunResult:
@@ -476,9 +480,10 @@ def run(config: RunConfig, original: RunConfig | None = None, stage: StageProgre
     times = StageTimes()
     dataset = open_dataset(config)
     loaded = load_classifier(config)
-    todo = len(cams_cache(config, loaded, dataset).missing(dataset.image_ids))
+    cache = cams_cache(config, loaded, dataset)
+    todo = len(cache.todo(dataset, config.data.on_error))
     with times.stage("cams"), stage(f"cams {config.data.split} ({config.cams.method})", todo) as update:
-        cache, dataset = run_cams(config, progress=update, dataset=dataset, loaded=loaded)
+        cache, dataset = run_cams(config, progress=update, dataset=dataset, loaded=loaded, cache=cache)
     n_thresholds = len(config.boxes.thresholds)
     with times.stage("boxes"), stage(f"boxes {config.data.split} ({n_thresholds} τ)", len(dataset)) as update:
         run_dir = run_boxes(config, cache, dataset, progress=update)
@@ -486,7 +491,7 @@ def run(config: RunConfig, original: RunConfig | None = None, stage: StageProgre
     with times.stage("score"):
         rows, meta, wsol = score_and_save(run_dir, config.score.iou, config.score.metric)
     write_manifest(config, original or config, cache, times, dataset.skipped)
-    return RunResult(run_dir, rows, meta, wsol, cache, dataset, times)
+    return RunResult(run_dir, rows, meta, wsol, cache, dataset, times, list(dataset.skipped))
 
 
 def write_resolved_config(config: RunConfig) -> None:
@@ -499,9 +504,9 @@ def write_resolved_config(config: RunConfig) -> None:
 
 
 def write_manifest(config: RunConfig, original: RunConfig, cache: HeatmapCache | None,
-                   times: StageTimes, skipped: Sequence[tuple[str, str]] = ()) -> None:
+                   times: StageTimes, skipped: Sequence[dict[str, str]] = ()) -> None:
     """``manifest.json``: what the run was (configs, hash, cache, versions, commit), how long each stage
-    took, and the items skipped with ``data.on_error: skip`` (with the reason)."""
+    took, and the items skipped with ``data.on_error: skip`` ({image_id, file, reason})."""
     manifest = {
         "config": config.to_dict(),
         "config_as_given": original.to_dict(),
@@ -511,6 +516,6 @@ def write_manifest(config: RunConfig, original: RunConfig, cache: HeatmapCache |
         "versions": package_versions(),
         "git_commit": git_commit(),
         "seconds_per_stage": {k: round(v, 2) for k, v in times.seconds.items()},
-        "skipped": [{"item": item, "reason": reason} for item, reason in skipped],
+        "skipped": list(skipped),
     }
     atomic_write_bytes(config.run_dir / "manifest.json", json.dumps(manifest, indent=2, default=str).encode())

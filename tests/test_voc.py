@@ -311,9 +311,10 @@ def test_skip_mode_counts_and_lists(small_devkit):
     write(base / "Annotations" / "000003.xml", "<annotation>")
     ds = VOCDataset(small_devkit, split="val", on_error="skip")
     assert ds.image_ids == ["000001"]
-    assert [image_id for image_id, _ in ds.skipped] == ["000002", "000003"]
-    assert "000002.jpg: image file not found" in ds.skipped[0][1]
-    assert "000003.xml: malformed XML" in ds.skipped[1][1]
+    assert [item["image_id"] for item in ds.skipped] == ["000002", "000003"]
+    assert [Path(item["file"]).name for item in ds.skipped] == ["000002.jpg", "000003.xml"]
+    assert "000002.jpg: image file not found" in ds.skipped[0]["reason"]
+    assert "000003.xml: malformed XML" in ds.skipped[1]["reason"]
     assert ds.ground_truth().image_ids == ["000001"] and ds.image_labels().shape == (1, 20)
 
 
