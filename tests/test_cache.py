@@ -14,13 +14,15 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from PIL import Image
 
 from gradloc.cache import CacheError, HeatmapCache, clean_tmp
-from gradloc.config import load_config
-from gradloc.demo import DEMO_CLASSES
+from gradloc.cli import main
+from gradloc.detections import load_detections
 from gradloc.geometry import plan
-from gradloc.pipeline import run_cams
+from gradloc.models import resolve_device
+from gradloc.pipeline import run_boxes, run_cams
 
 
 def _entry(seed):
@@ -94,20 +96,6 @@ def test_bad_image_id_and_foreign_file(tmp_path):
 # --- the verified cache, through the cams stage on a copy of the small demo dataset -------------------------
 
 
-def demo_config(voc_root, checkpoint, root, **extra):
-    """A config computing the demo CNN's Grad-CAM maps of the val split of ``voc_root`` into root/cache."""
-    return load_config(None, {
-        "data.voc_root": str(voc_root), "data.year": "demo", "data.split": "val", "data.classes": list(DEMO_CLASSES),
-        "model.name": "demo_cnn", "model.checkpoint": str(checkpoint), "model.head": "voc",
-        "cache_dir": str(root / "cache"), "out": str(root / "results"), "name": "t", **extra})
-
-
-@pytest.fixture
-def demo_copy(demo_data, tmp_path):
-    """A private copy of the session's demo dataset (tests edit it)."""
-    return Path(shutil.copytree(demo_data, tmp_path / "data" / "VOCdevkit"))
-
-
 def computed(config, **kwargs):
     """run_cams; returns (cache, dataset, number of images it computed)."""
     counts = []
@@ -119,8 +107,8 @@ def map_stamps(cache):
     return {p.name: p.stat().st_mtime_ns for p in (cache.root / "maps").glob("*.pkl")}
 
 
-def test_editing_one_image_recomputes_that_image_alone(demo_copy, demo_checkpoint, tmp_path):
-    config = demo_config(demo_copy, demo_checkpoint, tmp_path)
+def test_editing_one_image_recomputes_that_image_alone(demo_copy, cams_config):
+    config = cams_config(demo_copy)
     cache, dataset, n = computed(config)
     assert n == len(dataset) == 12
     stamps = map_stamps(cache)
@@ -135,10 +123,10 @@ def test_editing_one_image_recomputes_that_image_alone(demo_copy, demo_checkpoin
     assert cache2.get(dataset.image_ids[4]).source["size"] == edited.stat().st_size
 
 
-def test_cache_follows_content_not_dataset_path(demo_copy, demo_checkpoint, tmp_path):
-    cache, dataset, _ = computed(demo_config(demo_copy, demo_checkpoint, tmp_path))
+def test_cache_follows_content_not_dataset_path(demo_copy, cams_config, tmp_path):
+    cache, dataset, _ = computed(cams_config(demo_copy))
     moved = Path(shutil.copytree(demo_copy, tmp_path / "moved" / "VOCdevkit"))  # new path and mtimes
-    cache2, _, n = computed(demo_config(moved, demo_checkpoint, tmp_path))
+    cache2, _, n = computed(cams_config(moved))
     assert (cache2.root, n) == (cache.root, 0)
 
 
@@ -176,9 +164,8 @@ BAD_RECORDS = {
 
 
 @pytest.mark.parametrize("kind", BAD_RECORDS)
-def test_bad_cache_file_is_recomputed_with_a_warning_or_named_in_an_error(kind, demo_copy, demo_checkpoint,
-                                                                          tmp_path, caplog):
-    config = demo_config(demo_copy, demo_checkpoint, tmp_path, **{"data.on_error": "skip"})
+def test_bad_cache_file_is_recomputed_with_a_warning_or_named_in_an_error(kind, demo_copy, cams_config, caplog):
+    config = cams_config(demo_copy, **{"data.on_error": "skip"})
     cache, dataset, _ = computed(config)
     assert dataset.image_ids[0] == "000025"
     path = cache.root / "maps" / "000025.pkl"
@@ -186,7 +173,7 @@ def test_bad_cache_file_is_recomputed_with_a_warning_or_named_in_an_error(kind, 
     damage, message = BAD_RECORDS[kind]
     damage(path)
     with pytest.raises(CacheError, match=rf"000025\.pkl: .*{re.escape(message)}") as error:
-        computed(demo_config(demo_copy, demo_checkpoint, tmp_path))
+        computed(cams_config(demo_copy))
     assert "\n" not in str(error.value)
     with caplog.at_level(logging.WARNING, logger="gradloc.cache"):
         cache2, _, n = computed(config)
@@ -195,8 +182,8 @@ def test_bad_cache_file_is_recomputed_with_a_warning_or_named_in_an_error(kind, 
     np.testing.assert_allclose(cache2.get("000025").maps, good.maps, rtol=1e-3, atol=1e-5)
 
 
-def test_edited_annotation_size_is_not_served_from_the_cache(demo_copy, demo_checkpoint, tmp_path):
-    config = demo_config(demo_copy, demo_checkpoint, tmp_path)
+def test_edited_annotation_size_is_not_served_from_the_cache(demo_copy, cams_config):
+    config = cams_config(demo_copy)
     cache, dataset, _ = computed(config)
     xml = dataset.annotation("000025").path
     text = xml.read_text()
@@ -234,3 +221,38 @@ def test_tmp_of_a_live_writer_is_kept_until_an_hour_old(tmp_path):
     os.utime(old, (two_hours_ago, two_hours_ago))
     assert clean_tmp(tmp_path) == [old]
     assert live.exists() and nameless.exists()
+
+
+def test_all_zero_cached_map_gives_no_box_and_no_crash(demo_copy, cams_config):
+    config = cams_config(demo_copy, **{"boxes.classes": "gt", "boxes.baselines": ()})
+    cache, dataset, _ = computed(config)
+    entry = cache.get("000025")
+    cache.put("000025", np.zeros_like(entry.maps), entry.scores, entry.geometry, "float32", entry.source)
+    run_dir = run_boxes(config, cache, dataset)
+    dets = load_detections(next((run_dir / "detections").glob("thr_*.pkl")))
+    assert 0 not in dets.image_index and 1 in dets.image_index  # 000025 is image 0
+
+
+# --- the device is checked before any work -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", ["bogus", "cuda", "cuda:7"])
+def test_bad_device_is_one_line_error_before_the_model_loads(device, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = CliRunner().invoke(main, ["cams", "--model", "demo_cnn", "--checkpoint", str(tmp_path / "none.pt"),
+                                       "--voc-root", str(tmp_path), "--device", device,
+                                       "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --device '{device}' (cams.device)"), result.output
+    assert "use --device cpu" in lines[0] or "use cpu" in lines[0]
+
+
+def test_resolve_device():
+    assert resolve_device("cpu").type == "cpu"
+    with pytest.raises(ValueError, match=r"'gpu0' .* is not a torch device"):
+        resolve_device("gpu0")
+    with pytest.raises(ValueError, match="runs on cpu, cuda or mps, not meta"):
+        resolve_device("meta")
