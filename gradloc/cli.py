@@ -243,7 +243,7 @@ def run(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
     _print_scores(ctx, result.rows, result.meta, result.localization)
     if result.dataset.skipped:
         say(ctx, f"skipped {len(result.dataset.skipped)} item(s): "
-                 + "; ".join(f"{i}: {r}" for i, r in result.dataset.skipped))
+                 + "; ".join(f"{item['image_id']}: {item['reason']}" for item in result.dataset.skipped))
     say(ctx, f"run folder: {result.run_dir}  (heatmap cache: {result.cache.root})")
     times = {"prepare": prepare_seconds, **result.times.seconds}
     say(ctx, "time per stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
@@ -264,9 +264,10 @@ def cams(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
     config = _prepare(ctx, build_config(config_path, flags))
     start = time.perf_counter()
     dataset, loaded = open_dataset(config), load_classifier(config)
-    todo = len(cams_cache(config, loaded, dataset).missing(dataset.image_ids))
+    cache = cams_cache(config, loaded, dataset)
+    todo = len(cache.todo(dataset, config.data.on_error))
     with progress_bar(ctx, todo, f"cams ({config.cams.method})") as update:
-        cache, dataset = run_cams(config, progress=update, dataset=dataset, loaded=loaded)
+        cache, dataset = run_cams(config, progress=update, dataset=dataset, loaded=loaded, cache=cache)
     say(ctx, f"cache: {cache.root} ({len(dataset)} images, {cache.nbytes() / 1e6:.1f} MB, "
              f"{time.perf_counter() - start:.1f} s)")
 
@@ -289,10 +290,14 @@ def boxes(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
     config = _prepare(ctx, config)
     dataset = open_dataset(config)
     cache = cams_cache(config, load_classifier(config), dataset)
-    missing = cache.missing(dataset.image_ids)
-    if missing:
-        raise FileNotFoundError(f"{cache.root}: {len(missing)} of {len(dataset)} images have no cached maps "
-                                "for this model/method/layer; run `gradloc cams` with the same options first")
+    missing = cache.todo(dataset, config.data.on_error)
+    if missing and config.data.on_error == "raise":
+        raise FileNotFoundError(f"{cache.root}: {len(missing)} of {len(dataset)} images (e.g. {missing[0]}) have "
+                                "no valid cached maps for this model/method/layer; run `gradloc cams` with the "
+                                "same options first")
+    for image_id in missing:
+        dataset.skip(image_id, dataset.image_path(image_id), ValueError("no valid cached maps (unreadable, or "
+                                                                        "edited since `gradloc cams` ran)"))
     with progress_bar(ctx, len(dataset), f"boxes ({len(config.boxes.thresholds)} thresholds)") as update:
         run_dir = run_boxes(config, cache, dataset, progress=update)
     say(ctx, f"detections: {run_dir / 'detections'}")

@@ -54,7 +54,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torchvision.models import get_model, get_model_weights
 
-from gradloc.detections import atomic_write_bytes
+from gradloc.io import atomic_write_bytes
 from gradloc.geometry import RESIZE_MODES, Geometry, plan, preprocess_image
 from gradloc.imagenet_voc import imagenet_groups
 from gradloc.voc import VOC_CLASSES
@@ -871,3 +871,33 @@ def build_architecture(name: str, *, checkpoint: str | os.PathLike[str] | None =
     source = _Source(module, source_classes, spec.preprocessing, {}, None)
     model, _ = HEADS[head][0](spec, source, classes)
     return model.eval()
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device named ``name`` (``cams.device`` / ``--device``), checked to exist on this machine,
+    so a bad name fails before any model is loaded.
+
+    Raises:
+        ValueError: not a device name, or a CUDA/MPS device this machine does not have; names what to pass.
+    """
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"--device {name!r} (cams.device) is not a torch device; use cpu, cuda, cuda:<index> "
+                         "or mps") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {name!r} (cams.device): no CUDA GPU is available to torch "
+                             f"{torch.__version__} on this machine; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {name!r} (cams.device): this machine has {count} CUDA device(s) "
+                             f"(cuda:0 to cuda:{count - 1}); pick one of them or cpu")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"--device {name!r} (cams.device): MPS is not available on this machine; use "
+                             "--device cpu")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name!r} (cams.device): gradloc runs on cpu, cuda or mps, not "
+                         f"{device.type}")
+    return device

@@ -70,14 +70,14 @@ def prepare_demo(config: RunConfig, progress: Callable[[int, int, float], None] 
 
 
 def check_names(config: RunConfig) -> None:
-    """Fail before any work on a name no registry knows: CAM method, baselines, AP metric, model.
+    """Fail before any work on a name no registry knows: CAM method, baselines, AP metric, model, device.
 
     Raises:
         ValueError: naming the key and the valid choices.
     """
     from gradloc.cams import METHODS
     from gradloc.metrics import METRICS
-    from gradloc.models import get_spec
+    from gradloc.models import get_spec, resolve_device
 
     method = METHODS.get(config.cams.method)
     if method is None:
@@ -95,6 +95,7 @@ def check_names(config: RunConfig) -> None:
                          f"{', '.join(METRICS)}")
     if not config.demo.enabled:
         get_spec(config.model.name)
+    resolve_device(config.cams.device)
 
 
 def class_probabilities(scores: np.ndarray, score_kind: str) -> np.ndarray:
@@ -126,7 +127,8 @@ def load_classifier(config: RunConfig):  # -> gradloc.models.LoadedModel
 
 
 def cams_cache(config: RunConfig, loaded: Any, dataset: VOCDataset) -> HeatmapCache:
-    """The cache folder for this (model, method, layer, preprocessing, dataset) -- named by their hash."""
+    """The cache folder for this (model, method, layer, preprocessing, classes) -- named by their hash. The
+    images are not in the key: each cached file records its image's fingerprint (see gradloc.cache)."""
     from gradloc.cams import default_layer, resolve_layer
 
     layer, _ = resolve_layer(loaded.model, config.cams.layer or default_layer(loaded.model))
@@ -141,43 +143,43 @@ def cams_cache(config: RunConfig, loaded: Any, dataset: VOCDataset) -> HeatmapCa
         "mean": list(pre.mean),
         "std": list(pre.std),
         "store_dtype": config.cams.store_dtype,
-        "dataset": {"root": str(Path(dataset.root).resolve()), "year": dataset.year, "split": dataset.split,
-                    "classes": list(dataset.classes)},
+        "classes": list(loaded.classes),
+        "dataset": {"year": dataset.year, "classes": list(dataset.classes)},
         "gradloc": __version__,
     }
     return HeatmapCache(config.cache_dir, key)
 
 
 def run_cams(config: RunConfig, progress: Progress = None, *, dataset: VOCDataset | None = None,
-             loaded: Any = None) -> tuple[HeatmapCache, VOCDataset]:
-    """Compute raw CAM maps of all classes for every image of the split that is not cached yet.
+             loaded: Any = None, cache: HeatmapCache | None = None) -> tuple[HeatmapCache, VOCDataset]:
+    """Compute raw CAM maps of all classes for every image of the split not validly cached yet
+    (:meth:`HeatmapCache.todo`); with ``data.on_error: skip`` unreadable images leave ``dataset``.
 
-    ``dataset`` and ``loaded`` (the classifier) are opened from the config unless given."""
-    import torch
-
+    ``dataset``, ``loaded`` (the classifier) and ``cache`` are opened from the config unless given."""
     from gradloc.cams import compute_cams
+    from gradloc.models import resolve_device
 
     check_names(config)
+    device = resolve_device(config.cams.device)
     dataset = dataset or open_dataset(config)
     loaded = loaded or load_classifier(config)
-    cache = cams_cache(config, loaded, dataset)
-    todo = cache.missing(dataset.image_ids)
+    cache = cache or cams_cache(config, loaded, dataset)
+    todo = cache.todo(dataset, config.data.on_error)
     logger.info("cams: %d of %d images to compute into %s", len(todo), len(dataset), cache.root)
     pre = loaded.preprocessing
-    device = torch.device(config.cams.device)
     model = loaded.model.to(device)
     all_classes = list(range(len(loaded.classes)))
     for start in range(0, len(todo), config.cams.batch_size):
-        batch = todo[start : start + config.cams.batch_size]
-        inputs, geometries = pre.batch([dataset.load_image(image_id) for image_id in batch])
-        inputs = inputs.to(device)
-        maps, scores = compute_cams(model, inputs, all_classes, method=config.cams.method,
-                                    layer=cache.key_data["layer"])
-        maps_np, scores_np = maps.cpu().numpy(), scores.detach().cpu().numpy()
-        for i, image_id in enumerate(batch):
-            cache.put(image_id, maps_np[i], scores_np[i], geometries[i], config.cams.store_dtype)
+        batch = dataset.read_images(todo[start : start + config.cams.batch_size])
+        if batch:
+            inputs, geometries = pre.batch([image for _, image, _ in batch])
+            maps, scores = compute_cams(model, inputs.to(device), all_classes, method=config.cams.method,
+                                        layer=cache.key_data["layer"])
+            maps_np, scores_np = maps.cpu().numpy(), scores.detach().cpu().numpy()
+            for i, (image_id, _, source) in enumerate(batch):
+                cache.put(image_id, maps_np[i], scores_np[i], geometries[i], config.cams.store_dtype, source)
         if progress:
-            progress(len(batch))
+            progress(len(todo[start : start + config.cams.batch_size]))
     return cache, dataset
 
 
@@ -248,8 +250,9 @@ def require_images(dataset: VOCDataset) -> None:
     """
     if len(dataset):
         return
-    why = (f"all {len(dataset.skipped)} item(s) were skipped (first: {dataset.skipped[0][0]}: "
-           f"{dataset.skipped[0][1]})" if dataset.skipped else "its image set lists no images")
+    first = dataset.skipped[0] if dataset.skipped else None
+    why = (f"all {len(dataset.skipped)} item(s) were skipped (first: {first['file']}: {first['reason']})"
+           if first else "its image set lists no images")
     raise ValueError(f"{dataset.base / 'ImageSets' / 'Main' / (dataset.split + '.txt')}: no images to evaluate, "
                      f"{why}; nothing was written")
 
@@ -416,7 +419,8 @@ StageProgress = Callable[[str, int], AbstractContextManager[Callable[[int], None
 
 @dataclass
 class RunResult:
-    """What :func:`run` made: the run folder, score rows and protocol, WSOL rows, cache, dataset, times."""
+    """What :func:`run` made: the run folder, score rows and protocol, WSOL rows, cache, dataset, times, and
+    the images left out with ``data.on_error: skip`` ({image_id, file, reason})."""
 
     run_dir: Path
     rows: pd.DataFrame
@@ -425,6 +429,7 @@ class RunResult:
     cache: HeatmapCache
     dataset: VOCDataset
     times: StageTimes
+    skipped: list[dict[str, str]] = field(default_factory=list)
 
 
 def run(config: RunConfig, original: RunConfig | None = None, stage: StageProgress | None = None) -> RunResult:
@@ -443,9 +448,11 @@ def run(config: RunConfig, original: RunConfig | None = None, stage: StageProgre
         dataset = open_dataset(config)
         require_images(dataset)
         loaded = load_classifier(config)
-        todo = len(cams_cache(config, loaded, dataset).missing(dataset.image_ids))
+        cache = cams_cache(config, loaded, dataset)
+        todo = len(cache.todo(dataset, config.data.on_error))
         with times.stage("cams"), stage(f"cams {config.data.split} ({config.cams.method})", todo) as update:
-            cache, dataset = run_cams(config, progress=update, dataset=dataset, loaded=loaded)
+            cache, dataset = run_cams(config, progress=update, dataset=dataset, loaded=loaded,
+                                    cache=cache)
         n_thresholds = len(config.boxes.thresholds)
         with times.stage("boxes"), stage(f"boxes {config.data.split} ({n_thresholds} τ)", len(dataset)) as update:
             run_boxes(config, cache, dataset, progress=update, writer=writer)
@@ -453,11 +460,11 @@ def run(config: RunConfig, original: RunConfig | None = None, stage: StageProgre
         with times.stage("score"):
             rows, meta, wsol = _score_into(writer.run, config.score.iou, config.score.metric)
         writer.write_manifest(run_manifest(config, original or config, cache, times, dataset.skipped))
-    return RunResult(config.run_dir, rows, meta, wsol, cache, dataset, times)
+    return RunResult(config.run_dir, rows, meta, wsol, cache, dataset, times, list(dataset.skipped))
 
 
 def run_manifest(config: RunConfig, original: RunConfig, cache: HeatmapCache | None, times: StageTimes,
-                 skipped: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
+                 skipped: Sequence[dict[str, str]] = ()) -> dict[str, Any]:
     """The ``manifest.json`` record of a run (see :func:`gradloc.runs.manifest_record`)."""
     return runs.manifest_record(config.to_dict(), original.to_dict(), config_hash(config.to_dict()),
                                 cache.key if cache else None, str(cache.root) if cache else None,

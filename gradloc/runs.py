@@ -115,7 +115,7 @@ def package_versions() -> dict[str, str]:
 
 def manifest_record(config: Mapping[str, Any], config_as_given: Mapping[str, Any], config_hash: str,
                     cache_key: str | None, cache_dir: str | None, seconds: Mapping[str, float],
-                    skipped: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
+                    skipped: Sequence[dict[str, str]] = ()) -> dict[str, Any]:
     """The ``manifest.json`` of a run: what it was (configs, hash, cache, versions, commit), how long each stage
     took, and the items skipped with ``data.on_error: skip`` (with the reason)."""
     return {
@@ -127,7 +127,7 @@ def manifest_record(config: Mapping[str, Any], config_as_given: Mapping[str, Any
         "versions": package_versions(),
         "git_commit": git_commit(),
         "seconds_per_stage": {k: round(v, 2) for k, v in seconds.items()},
-        "skipped": [{"item": item, "reason": reason} for item, reason in skipped],
+        "skipped": [dict(item) for item in skipped],
     }
 
 

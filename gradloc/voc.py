@@ -17,12 +17,17 @@ rejected with a one-line :class:`DatasetError` instead of being expanded.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 import math
+import os
+import struct
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import defusedxml
 import defusedxml.ElementTree as DefusedET
@@ -226,6 +231,35 @@ def _resolve_year_folder(root: Path, year: str) -> Path:
     raise MissingFileError(f"VOC root {root} has no {name}/ folder{other}; {_VOC_ROOT_HINT}")
 
 
+def fingerprint(data: bytes, stat: os.stat_result) -> dict[str, Any]:
+    """What an image file was: ``{"size": bytes, "mtime_ns": int, "blake2b": hex digest of data}``, from
+    the bytes read and the ``os.fstat`` of the open file."""
+    return {"size": len(data), "mtime_ns": stat.st_mtime_ns,
+            "blake2b": hashlib.blake2b(data, digest_size=16).hexdigest()}
+
+
+def file_fingerprint(path: str | Path) -> dict[str, Any]:
+    """:func:`fingerprint` of a file as it is now."""
+    with Path(path).open("rb") as handle:
+        return fingerprint(handle.read(), os.fstat(handle.fileno()))
+
+
+# Integer modes of 16-bit files (PNG, TIFF): PIL keeps their full range; scaled to 8 bits by / 257.
+_WIDE_INT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An image of any PIL mode as 8-bit RGB: grayscale is replicated, palette and CMYK converted, alpha
+    dropped, 16-bit values (0..65535) scaled to 0..255 and float values clipped to 0..255."""
+    if image.mode in _WIDE_INT_MODES or image.mode == "F":
+        pixels = np.asarray(image, dtype=np.float64)
+        if image.mode != "F":
+            pixels = pixels / 257.0
+        gray = np.clip(np.round(pixels), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    return image.convert("RGB")
+
+
 class VOCDataset:
     """One split of a VOCdevkit: image ids, annotations (all parsed up front) and images.
 
@@ -234,7 +268,9 @@ class VOCDataset:
         year: ``"2007"``, ``"2012"``, ``"demo"``, ... (folder ``VOC<year>``).
         split: any ``ImageSets/Main/<split>.txt`` (train, val, trainval, test, ...).
         classes: class names, in label order.
-        on_error: ``"raise"`` stops at the first bad image; ``"skip"`` drops it and records it in ``skipped``.
+        on_error: ``"raise"`` stops at the first bad image; ``"skip"`` drops it (from ``image_ids``, also
+            when it proves unreadable later, in :meth:`read_images`) and records it in ``skipped`` as
+            ``{"image_id", "file", "reason"}``.
         limit: keep only the first ``limit`` ids of the split.
         check_sizes: compare each image's size with its annotation's ``<size>`` in :meth:`load_image`.
 
@@ -266,12 +302,13 @@ class VOCDataset:
         self.check_sizes = check_sizes
         self.base = _resolve_year_folder(Path(root).expanduser(), self.year)
         self.root = self.base.parent
-        self.skipped: list[tuple[str, str]] = []
+        self.skipped: list[dict[str, str]] = []
         self._annotations: dict[str, Annotation] = {}
         ids = self._read_split()
         if limit is not None:
             ids = ids[:limit]
-        self.image_ids: list[str] = [image_id for image_id in ids if self._load_checked(image_id)]
+        self.image_ids: list[str] = []
+        self.image_ids = [image_id for image_id in ids if self._load_checked(image_id)]
         logger.info("%s %s: %d images, %d objects, %d skipped", self.base.name, split, len(self.image_ids),
                     sum(len(self._annotations[i].objects) for i in self.image_ids), len(self.skipped))
 
@@ -310,16 +347,16 @@ class VOCDataset:
 
     def _load_checked(self, image_id: str) -> bool:
         """Parse the annotation and check that the image exists; record a skipped error and return False."""
+        path = self.base / "Annotations" / f"{image_id}.xml"
         try:
             self.annotation(image_id)
-            image = self.image_path(image_id)
-            if not image.is_file():
-                raise MissingFileError(f"{image}: image file not found")
+            path = self.image_path(image_id)
+            if not path.is_file():
+                raise MissingFileError(f"{path}: image file not found")
         except DatasetError as error:
             if self.on_error == "raise":
                 raise
-            logger.warning("skipping %s: %s", image_id, error)
-            self.skipped.append((image_id, str(error)))
+            self.skip(image_id, path, error)
             return False
         return True
 
@@ -336,27 +373,64 @@ class VOCDataset:
         return self.base / "JPEGImages" / f"{image_id}.jpg"
 
     def load_image(self, image_id: str) -> Image.Image:
-        """Load an image as RGB, after checking its size against the annotation (header only) if asked.
+        """The image as RGB (see :meth:`read_image`)."""
+        return self.read_image(image_id)[0]
+
+    def read_image(self, image_id: str) -> tuple[Image.Image, dict[str, Any]]:
+        """Load an image as 8-bit RGB (grayscale, palette, CMYK, RGBA and 16-bit files converted), after
+        checking its size against the annotation (header only) if asked.
+
+        Returns:
+            (the RGB image, the :func:`fingerprint` of the bytes it was decoded from).
 
         Raises:
             MissingFileError: the image file does not exist.
-            DatasetError: unreadable image, or its size differs from the annotation's ``<size>``.
+            DatasetError: unreadable image, over PIL's decompression-bomb limit, or its size differs from
+                the annotation's ``<size>``.
         """
         path = self.image_path(image_id)
         annotation = self.annotation(image_id)
         if not path.is_file():
             raise MissingFileError(f"{path}: image file not found")
         try:
-            with Image.open(path) as image:
+            with path.open("rb") as handle:
+                data, stat = handle.read(), os.fstat(handle.fileno())
+            with Image.open(io.BytesIO(data)) as image:
                 if self.check_sizes and image.size != (annotation.width, annotation.height):
                     raise DatasetError(
                         f"{path}: image is {image.size[0]}x{image.size[1]} but {annotation.path.name} <size> "
-                        f"says {annotation.width}x{annotation.height}; fix the annotation or pass "
-                        "check_sizes=False"
+                        f"says {annotation.width}x{annotation.height}; fix the annotation (or the image), or "
+                        "pass --on-error skip to leave such images out"
                     )
-                return image.convert("RGB")
-        except (UnidentifiedImageError, OSError) as error:
-            raise DatasetError(f"{path}: unreadable image ({error})") from None
+                return to_rgb(image), fingerprint(data, stat)
+        except Image.DecompressionBombError as error:
+            raise DatasetError(f"{path}: refused as a possible decompression bomb ({error}); shrink the image, "
+                               "or pass --on-error skip to leave it out") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error) as error:
+            if isinstance(error, DatasetError):
+                raise
+            raise DatasetError(f"{path}: unreadable image ({type(error).__name__}: {error}); replace the file, "
+                               "or pass --on-error skip to leave it out") from None
+
+    def read_images(self, image_ids: Sequence[str]) -> list[tuple[str, Image.Image, dict[str, Any]]]:
+        """:meth:`read_image` of each id, as (id, image, fingerprint). With ``on_error="skip"`` an
+        unreadable image is dropped from the dataset (``image_ids``) and recorded in ``skipped``."""
+        loaded = []
+        for image_id in image_ids:
+            try:
+                loaded.append((image_id, *self.read_image(image_id)))
+            except DatasetError as error:
+                if self.on_error == "raise":
+                    raise
+                self.skip(image_id, self.image_path(image_id), error)
+        return loaded
+
+    def skip(self, image_id: str, path: Path, error: Exception) -> None:
+        """Leave an image out of the dataset (``on_error="skip"``), recording why in ``skipped``."""
+        logger.warning("skipping %s: %s", image_id, error)
+        self.skipped.append({"image_id": image_id, "file": str(path), "reason": str(error)})
+        if image_id in self.image_ids:
+            self.image_ids.remove(image_id)
 
     def image_labels(self) -> np.ndarray:
         """Image-level labels in the devkit's classification convention.

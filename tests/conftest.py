@@ -38,3 +38,28 @@ def demo_checkpoint(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -
 
     return train_demo_model(demo_data, tmp_path_factory.mktemp("demo_model") / "demo_cnn.pt", epochs=3,
                             max_seconds=60.0)
+
+
+@pytest.fixture
+def demo_copy(demo_data: Path, tmp_path: Path) -> Path:
+    """A private copy of ``demo_data`` (VOCdevkit folder) that the test may edit."""
+    import shutil
+
+    return Path(shutil.copytree(demo_data, tmp_path / "data" / "VOCdevkit"))
+
+
+@pytest.fixture
+def cams_config(demo_checkpoint: Path, tmp_path: Path):
+    """``cams_config(voc_root, **overrides)``: a RunConfig computing ``demo_checkpoint``'s Grad-CAM maps of
+    the val split of a demo VOCdevkit, with cache and outputs under tmp_path."""
+    from gradloc.config import load_config
+    from gradloc.demo import DEMO_CLASSES
+
+    def make(voc_root: Path, **overrides):
+        return load_config(None, {
+            "data.voc_root": str(voc_root), "data.year": "demo", "data.split": "val",
+            "data.classes": list(DEMO_CLASSES), "model.name": "demo_cnn", "model.checkpoint": str(demo_checkpoint),
+            "model.head": "voc", "cache_dir": str(tmp_path / "cache"), "out": str(tmp_path / "results"),
+            "name": "t", **overrides})
+
+    return make

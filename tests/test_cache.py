@@ -1,8 +1,28 @@
+"""Tests of gradloc.cache: the per-image heatmap files, their verification on read (content fingerprint,
+record checks) through the cams stage, temporary-file litter, and the device check before any work."""
+
+import logging
+import os
+import pickle
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
+from click.testing import CliRunner
+from PIL import Image
 
-from gradloc.cache import HeatmapCache
+from gradloc.cache import CacheError, HeatmapCache, clean_tmp
+from gradloc.cli import main
+from gradloc.detections import load_detections
 from gradloc.geometry import plan
+from gradloc.models import resolve_device
+from gradloc.pipeline import run_boxes, run_cams
 
 
 def _entry(seed):
@@ -69,5 +89,170 @@ def test_bad_image_id_and_foreign_file(tmp_path):
     import pickle
 
     (cache.root / "maps" / "x.pkl").write_bytes(pickle.dumps({"format": "other"}))
-    with pytest.raises(ValueError, match="not a gradloc heatmap cache file"):
+    with pytest.raises(ValueError, match=r"x\.pkl: not a gradloc\.cam/2 heatmap cache file"):
         cache.get("x")
+
+
+# --- the verified cache, through the cams stage on a copy of the small demo dataset -------------------------
+
+
+def computed(config, **kwargs):
+    """run_cams; returns (cache, dataset, number of images it computed)."""
+    counts = []
+    cache, dataset = run_cams(config, progress=counts.append, **kwargs)
+    return cache, dataset, sum(counts)
+
+
+def map_stamps(cache):
+    return {p.name: p.stat().st_mtime_ns for p in (cache.root / "maps").glob("*.pkl")}
+
+
+def test_editing_one_image_recomputes_that_image_alone(demo_copy, cams_config):
+    config = cams_config(demo_copy)
+    cache, dataset, n = computed(config)
+    assert n == len(dataset) == 12
+    stamps = map_stamps(cache)
+    edited = dataset.image_path(dataset.image_ids[4])
+    pixels = np.asarray(Image.open(edited)).copy()
+    pixels[: pixels.shape[0] // 2] = 255 - pixels[: pixels.shape[0] // 2]
+    Image.fromarray(pixels).save(edited, quality=95)
+    cache2, _, n = computed(config)
+    assert (cache2.root, n) == (cache.root, 1)
+    changed = {name for name, stamp in map_stamps(cache2).items() if stamps[name] != stamp}
+    assert changed == {f"{dataset.image_ids[4]}.pkl"}
+    assert cache2.get(dataset.image_ids[4]).source["size"] == edited.stat().st_size
+
+
+def test_cache_follows_content_not_dataset_path(demo_copy, cams_config, tmp_path):
+    cache, dataset, _ = computed(cams_config(demo_copy))
+    moved = Path(shutil.copytree(demo_copy, tmp_path / "moved" / "VOCdevkit"))  # new path and mtimes
+    cache2, _, n = computed(cams_config(moved))
+    assert (cache2.root, n) == (cache.root, 0)
+
+
+def _rewrite(path, change):
+    record = pickle.loads(path.read_bytes())
+    change(record)
+    path.write_bytes(pickle.dumps(record, protocol=4))
+
+
+def _other_image(path):
+    path.write_bytes((path.parent / "000026.pkl").read_bytes())
+
+
+def _fewer_classes(record):
+    record["maps"], record["classes"] = record["maps"][:2], record["classes"][:2]
+    record["map_shape"], record["scores"] = list(record["maps"].shape), record["scores"][:2]
+
+
+def _other_shape(record):
+    record["maps"] = np.ones((4, 3, 3), record["maps"].dtype)
+    record["map_shape"] = [4, 3, 3]
+
+
+BAD_RECORDS = {
+    "junk bytes": (lambda path: path.write_bytes(b"junk"), "unreadable pickle"),
+    "another image's record": (_other_image, "holds the maps of image '000026', not '000025'"),
+    "fewer classes": (lambda path: _rewrite(path, _fewer_classes), "made for classes"),
+    "other map shape": (lambda path: _rewrite(path, _other_shape), "maps are 3x3, this cache's are"),
+    "impossible geometry": (lambda path: _rewrite(path, lambda r: r["geometry"].update(pad_x=-5)),
+                            "geometry"),
+    "NaN maps": (lambda path: _rewrite(path, lambda r: r["maps"].fill(np.nan)), "NaN or infinite"),
+    "random signed values": (lambda path: _rewrite(path, lambda r: r.update(
+        maps=np.random.default_rng(0).standard_normal(r["maps"].shape).astype(np.float16))), "negative"),
+}
+
+
+@pytest.mark.parametrize("kind", BAD_RECORDS)
+def test_bad_cache_file_is_recomputed_with_a_warning_or_named_in_an_error(kind, demo_copy, cams_config, caplog):
+    config = cams_config(demo_copy, **{"data.on_error": "skip"})
+    cache, dataset, _ = computed(config)
+    assert dataset.image_ids[0] == "000025"
+    path = cache.root / "maps" / "000025.pkl"
+    good = cache.get("000025")
+    damage, message = BAD_RECORDS[kind]
+    damage(path)
+    with pytest.raises(CacheError, match=rf"000025\.pkl: .*{re.escape(message)}") as error:
+        computed(cams_config(demo_copy))
+    assert "\n" not in str(error.value)
+    with caplog.at_level(logging.WARNING, logger="gradloc.cache"):
+        cache2, _, n = computed(config)
+    assert n == 1
+    assert any("000025.pkl" in r.getMessage() and message in r.getMessage() for r in caplog.records)
+    np.testing.assert_allclose(cache2.get("000025").maps, good.maps, rtol=1e-3, atol=1e-5)
+
+
+def test_edited_annotation_size_is_not_served_from_the_cache(demo_copy, cams_config):
+    config = cams_config(demo_copy)
+    cache, dataset, _ = computed(config)
+    xml = dataset.annotation("000025").path
+    text = xml.read_text()
+    width = dataset.annotation("000025").width
+    xml.write_text(text.replace(f"<width>{width}</width>", f"<width>{width + 7}</width>"))
+    with pytest.raises(ValueError, match=rf"000025\.jpg: image is {width}x\d+ but 000025\.xml <size> says"):
+        computed(config)
+
+
+def test_killed_write_litter_is_cleaned_on_the_next_run(tmp_path):
+    cache = HeatmapCache(tmp_path, {"k": 4})
+    maps, scores = _entry(4)
+    cache.put("a", maps, scores, plan(8, 8, 8), "float32")
+    script = ("import os, sys; from gradloc.io import atomic_write_bytes\n"
+              "os.replace = lambda *a: os._exit(9)\n"
+              "atomic_write_bytes(sys.argv[1], b'half')\n")
+    target = cache.root / "maps" / "b.pkl"
+    result = subprocess.run([sys.executable, "-c", script, str(target)], env={**os.environ,
+                            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}, check=False)
+    assert result.returncode == 9
+    litter = list((cache.root / "maps").glob(".*.tmp"))
+    assert len(litter) == 1 and litter[0].name.startswith(".b.pkl.")
+    assert HeatmapCache(tmp_path, {"k": 4}).todo(SimpleNamespace(image_ids=[])) == []
+    assert not list((cache.root / "maps").glob(".*.tmp"))
+    assert cache.missing(["a", "b"]) == ["b"]
+
+
+def test_tmp_of_a_live_writer_is_kept_until_an_hour_old(tmp_path):
+    live = tmp_path / f".x.pkl.{os.getpid()}.abc.tmp"
+    old = tmp_path / f".y.pkl.{os.getpid()}.abd.tmp"
+    nameless = tmp_path / ".z.pkl.abcdefgh.tmp"  # written before names carried the pid
+    for path in (live, old, nameless):
+        path.write_bytes(b"partial")
+    two_hours_ago = time.time() - 7200
+    os.utime(old, (two_hours_ago, two_hours_ago))
+    assert clean_tmp(tmp_path) == [old]
+    assert live.exists() and nameless.exists()
+
+
+def test_all_zero_cached_map_gives_no_box_and_no_crash(demo_copy, cams_config):
+    config = cams_config(demo_copy, **{"boxes.classes": "gt", "boxes.baselines": ()})
+    cache, dataset, _ = computed(config)
+    entry = cache.get("000025")
+    cache.put("000025", np.zeros_like(entry.maps), entry.scores, entry.geometry, "float32", entry.source)
+    run_dir = run_boxes(config, cache, dataset)
+    dets = load_detections(next((run_dir / "detections").glob("thr_*.pkl")))
+    assert 0 not in dets.image_index and 1 in dets.image_index  # 000025 is image 0
+
+
+# --- the device is checked before any work -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", ["bogus", "cuda", "cuda:7"])
+def test_bad_device_is_one_line_error_before_the_model_loads(device, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = CliRunner().invoke(main, ["cams", "--model", "demo_cnn", "--checkpoint", str(tmp_path / "none.pt"),
+                                       "--voc-root", str(tmp_path), "--device", device,
+                                       "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --device '{device}' (cams.device)"), result.output
+    assert "use --device cpu" in lines[0] or "use cpu" in lines[0]
+
+
+def test_resolve_device():
+    assert resolve_device("cpu").type == "cpu"
+    with pytest.raises(ValueError, match=r"'gpu0' .* is not a torch device"):
+        resolve_device("gpu0")
+    with pytest.raises(ValueError, match="runs on cpu, cuda or mps, not meta"):
+        resolve_device("meta")

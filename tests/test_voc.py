@@ -311,9 +311,10 @@ def test_skip_mode_counts_and_lists(small_devkit):
     write(base / "Annotations" / "000003.xml", "<annotation>")
     ds = VOCDataset(small_devkit, split="val", on_error="skip")
     assert ds.image_ids == ["000001"]
-    assert [image_id for image_id, _ in ds.skipped] == ["000002", "000003"]
-    assert "000002.jpg: image file not found" in ds.skipped[0][1]
-    assert "000003.xml: malformed XML" in ds.skipped[1][1]
+    assert [item["image_id"] for item in ds.skipped] == ["000002", "000003"]
+    assert [Path(item["file"]).name for item in ds.skipped] == ["000002.jpg", "000003.xml"]
+    assert "000002.jpg: image file not found" in ds.skipped[0]["reason"]
+    assert "000003.xml: malformed XML" in ds.skipped[1]["reason"]
     assert ds.ground_truth().image_ids == ["000001"] and ds.image_labels().shape == (1, 20)
 
 
@@ -401,3 +402,116 @@ def test_real_trainval_ground_truth_totals(voc_root):
     gt = VOCDataset(voc_root, split="trainval").ground_truth()
     assert len(gt.image_ids) == 994 and gt.boxes.shape == (2855, 4)  # the subset's README
     assert np.all(gt.boxes[:, 0] >= 1) and np.all(gt.boxes[:, 2] <= gt.image_sizes[gt.image_index, 0])
+
+
+# --- image reading: modes, unreadable files, skip semantics -------------------------------------------------
+
+
+def _palette() -> Image.Image:
+    image = Image.new("P", (64, 48), 1)
+    image.putpalette([0, 0, 0, 200, 50, 25] + [0] * 762)
+    return image
+
+
+# how each file is built (saved losslessly as PNG bytes under the .jpg name, CMYK as a JPEG) -> expected RGB
+IMAGE_MODES = {
+    "grayscale": (lambda: Image.new("L", (64, 48), 100), (100, 100, 100), 0),
+    "palette": (_palette, (200, 50, 25), 0),
+    "rgba": (lambda: Image.new("RGBA", (64, 48), (10, 200, 30, 128)), (10, 200, 30), 0),
+    "cmyk": (lambda: Image.new("CMYK", (64, 48), (0, 255, 255, 0)), (255, 0, 0), 3),
+    "16-bit": (lambda: Image.fromarray(np.full((48, 64), 200 * 257, np.uint16)), (200, 200, 200), 0),
+    "bilevel": (lambda: Image.new("1", (64, 48), 1), (255, 255, 255), 0),
+}
+
+
+@pytest.mark.parametrize("mode", IMAGE_MODES)
+def test_image_modes_read_as_8bit_rgb(small_devkit, mode):
+    make, expected, tolerance = IMAGE_MODES[mode]
+    ds = VOCDataset(small_devkit, split="val")
+    image = make()
+    image.save(ds.image_path("000003"), format="JPEG" if image.mode == "CMYK" else "PNG")
+    loaded = ds.load_image("000003")
+    pixels = np.asarray(loaded).astype(int)
+    assert loaded.mode == "RGB" and loaded.size == (64, 48)
+    assert np.abs(pixels - np.array(expected)).max() <= tolerance, pixels[0, 0]
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def _resize(path: Path) -> None:
+    with Image.open(path) as image:
+        image.resize((image.width - 3, image.height)).save(path)
+
+
+def _bomb(path: Path) -> None:
+    """Patch the JPEG's frame header (SOF0: FFC0, length, precision, height, width) to 65000x65000."""
+    data = bytearray(path.read_bytes())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = (65000).to_bytes(2, "big") * 2
+    path.write_bytes(bytes(data))
+
+
+BAD_IMAGES = {  # damage, what the one-line error says
+    "truncated": (_truncate, "unreadable image"),
+    "zero bytes": (_empty, "unreadable image"),
+    "size mismatch": (_resize, "<size> says"),
+    "decompression bomb": (_bomb, "decompression bomb"),
+}
+
+
+@pytest.mark.parametrize("kind", BAD_IMAGES)
+def test_bad_image_is_one_line_error_naming_the_file(kind, demo_copy, cams_config):
+    from gradloc.pipeline import run_cams
+
+    config = cams_config(demo_copy)
+    damage, message = BAD_IMAGES[kind]
+    damage(demo_copy / "VOCdemo" / "JPEGImages" / "000027.jpg")
+    with pytest.raises(DatasetError, match=rf"000027\.jpg: .*{re.escape(message)}") as error:
+        run_cams(config)
+    assert "\n" not in str(error.value) and "--on-error skip" in str(error.value)
+
+
+def test_skip_mode_skips_unreadable_images_and_lists_them(demo_copy, cams_config):
+    from gradloc.pipeline import run_cams
+
+    images = demo_copy / "VOCdemo" / "JPEGImages"
+    damaged = {"000026": "truncated", "000028": "zero bytes", "000030": "size mismatch", "000031":
+               "decompression bomb"}
+    for image_id, kind in damaged.items():
+        BAD_IMAGES[kind][0](images / f"{image_id}.jpg")
+    cache, dataset = run_cams(cams_config(demo_copy, **{"data.on_error": "skip"}))
+    assert [item["image_id"] for item in dataset.skipped] == list(damaged)
+    for item, (image_id, kind) in zip(dataset.skipped, damaged.items(), strict=True):
+        assert item["file"] == str(images / f"{image_id}.jpg")
+        assert BAD_IMAGES[kind][1] in item["reason"]
+    assert len(dataset) == 8 and not set(damaged) & set(dataset.image_ids)
+    assert cache.missing(dataset.image_ids) == [] and dataset.ground_truth().image_ids == dataset.image_ids
+
+
+def test_image_smaller_than_the_network_input(demo_copy, cams_config):
+    from gradloc.detections import load_detections
+    from gradloc.pipeline import run_boxes, run_cams
+
+    base = demo_copy / "VOCdemo"
+    for image_id, (width, height) in {"000025": (3, 2), "000026": (1, 1)}.items():
+        Image.new("RGB", (width, height), (250, 20, 20)).save(base / "JPEGImages" / f"{image_id}.jpg")
+        write(base / "Annotations" / f"{image_id}.xml",
+              annotation_xml(image_id, width, height, [obj_xml("disc", (1, 1, width, height))]))
+    config = cams_config(demo_copy, **{"boxes.classes": "gt"})
+    cache, dataset = run_cams(config)
+    entry = cache.get("000025")
+    assert (entry.geometry.width, entry.geometry.height) == (3, 2) and np.isfinite(entry.maps).all()
+    one_pixel = cache.get("000026").geometry
+    assert one_pixel.resized_w == one_pixel.resized_h == one_pixel.input_w  # scaled up to the whole input
+    run_dir = run_boxes(config, cache, dataset)
+    for path in (run_dir / "detections").glob("thr_*.pkl"):
+        dets = load_detections(path)
+        for index, (width, height) in ((0, (3, 2)), (1, (1, 1))):
+            boxes = dets.boxes[dets.image_index == index]
+            assert (boxes >= 1).all() and (boxes[:, [0, 2]] <= width).all() and (boxes[:, [1, 3]] <= height).all()
