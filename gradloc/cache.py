@@ -42,8 +42,8 @@ from typing import Any
 import numpy as np
 
 from gradloc.config import config_hash
-from gradloc.io import atomic_write_bytes, safe_load_pickle
 from gradloc.geometry import Geometry, plan
+from gradloc.io import atomic_write_bytes, safe_load_pickle
 from gradloc.voc import VOCDataset, file_fingerprint
 
 logger = logging.getLogger(__name__)

@@ -54,9 +54,9 @@ from PIL import Image
 from torch import Tensor, nn
 from torchvision.models import get_model, get_model_weights
 
-from gradloc.io import atomic_write_bytes
 from gradloc.geometry import RESIZE_MODES, Geometry, plan, preprocess_image
 from gradloc.imagenet_voc import imagenet_groups
+from gradloc.io import atomic_write_bytes
 from gradloc.voc import VOC_CLASSES
 
 logger = logging.getLogger(__name__)
