@@ -109,7 +109,11 @@ RUN_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "weights": ("model.weights", {"help": "torchvision weights name, e.g. IMAGENET1K_V1."}),
     "checkpoint": ("model.checkpoint", {"help": "Local checkpoint (gradloc checkpoint or state dict)."}),
     "head": ("model.head", {"type": click.Choice(["voc", "imagenet"]), "help": "VOC head."}),
-    "input_size": ("model.input_size", {"type": int, "help": "Network input size (square, pixels)."}),
+    "input_size": ("model.input_size", {"type": int, "help": "Network input size (pixels): the square's side, "
+                                                            "or the short side for --resize-mode shortside."}),
+    "resize_mode": ("model.resize_mode", {"type": click.Choice(["letterbox", "stretch", "shortside"]),
+                                          "help": "letterbox (square, aspect kept), stretch, or shortside "
+                                                  "(short side = input size, aspect kept)."}),
     "method": ("cams.method", {"help": "CAM method: gradcam, gradcampp, xgradcam, layercam, hirescam, ..."}),
     "layer": ("cams.layer", {"help": "Target layer name (see `gradloc layers MODEL`)."}),
     "batch_size": ("cams.batch_size", {"type": int, "help": "Images per batch."}),
@@ -408,6 +412,7 @@ def layers(model_name: str, checkpoint: str | None) -> None:
 @click.option("--batch-size", type=int, default=None)
 @click.option("--lr", type=float, default=None)
 @click.option("--input-size", type=int, default=None)
+@click.option("--resize-mode", type=click.Choice(["letterbox", "stretch", "shortside"]), default=None)
 @click.option("--limit", type=int, default=None, help="Use only the first N images of each split.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from gradloc.boxes import BoxParams
+from gradloc.geometry import RESIZE_MODES
 from gradloc.voc import VOC_CLASSES
 
 
@@ -253,6 +254,9 @@ def validate(config: RunConfig) -> None:
     _check_range("boxes.score_cut", config.boxes.score_cut, 0.0, 1.0)
     if config.data.on_error not in ("raise", "skip"):
         raise ConfigError(f"config key 'data.on_error': {config.data.on_error!r} is not one of raise, skip")
+    if config.model.resize_mode not in RESIZE_MODES:
+        raise ConfigError(f"config key 'model.resize_mode': {config.model.resize_mode!r} is not one of "
+                          f"{', '.join(RESIZE_MODES)}")
     if config.cams.store_dtype not in ("float16", "float32"):
         raise ConfigError(f"config key 'cams.store_dtype': {config.cams.store_dtype!r} is not float16 or float32")
     for key, value in (("cams.batch_size", config.cams.batch_size), ("data.limit", config.data.limit),

@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from torchvision.models import get_model, get_model_weights
 
 from gradloc.detections import atomic_write_bytes
-from gradloc.geometry import RESIZE_MODES, Geometry, plan, preprocess_image
+from gradloc.geometry import RESIZE_MODES, Geometry, group_by_shape, plan, preprocess_image
 from gradloc.imagenet_voc import imagenet_groups
 from gradloc.voc import VOC_CLASSES
 
@@ -83,8 +83,10 @@ class Preprocessing:
     """How an image becomes the network input: :func:`gradloc.geometry.plan` + ``preprocess_image``.
 
     Attributes:
-        input_size: side of the square network input, pixels.
-        resize_mode: ``letterbox`` (keep aspect ratio, pad with the mean colour) or ``stretch``.
+        input_size: side of the square network input (``letterbox``, ``stretch``) or the resized shorter side
+            (``shortside``), pixels.
+        resize_mode: ``letterbox`` (keep aspect ratio, pad with the mean colour), ``stretch`` or ``shortside``
+            (keep aspect ratio, pad right/bottom to a multiple of 32: inputs differ in shape).
         mean, std: per-channel RGB normalization of pixel values scaled to [0, 1].
     """
 
@@ -113,14 +115,27 @@ class Preprocessing:
         """Preprocess one RGB image.
 
         Returns:
-            (float32[3, input_size, input_size] normalized input, its geometry).
+            (float32[3, input_h, input_w] normalized input, its geometry).
         """
         geometry = self.geometry(image.width, image.height)
         return preprocess_image(image, geometry, self.mean, self.std), geometry
 
+    def batches(self, sizes: Sequence[tuple[int, int]], batch_size: int) -> list[list[int]]:
+        """Indices of images of sizes ``(width, height)`` in batches of one input shape
+        (:func:`gradloc.geometry.group_by_shape`); consecutive batches for the square modes."""
+        return group_by_shape([self.geometry(width, height) for width, height in sizes], batch_size)
+
     def batch(self, images: Sequence[Image.Image]) -> tuple[Tensor, list[Geometry]]:
-        """Preprocess images into one float32[B, 3, S, S] tensor (and their geometries)."""
+        """Preprocess images of one input shape into float32[B, 3, H, W] (and their geometries).
+
+        Raises:
+            ValueError: the images' inputs differ in shape (``shortside``); group them with :meth:`batches`.
+        """
         pairs = [self(image) for image in images]
+        shapes = sorted({array.shape[1:] for array, _ in pairs})
+        if len(shapes) > 1:
+            raise ValueError(f"resize_mode={self.resize_mode} gives inputs of shapes {shapes} in one batch; "
+                             "group images with Preprocessing.batches first")
         return torch.from_numpy(np.stack([array for array, _ in pairs])), [g for _, g in pairs]
 
     def to_dict(self) -> dict[str, Any]:
@@ -801,7 +816,7 @@ def load_model(
         classes: score columns. None: the checkpoint's classes (voc head) or the 20 VOC classes. A voc
             checkpoint's head is restricted to / reordered as the given classes.
         input_size: network input side; None: the checkpoint's or the weights' size.
-        resize_mode: ``letterbox`` or ``stretch``.
+        resize_mode: ``letterbox``, ``stretch`` or ``shortside`` (:mod:`gradloc.geometry`).
 
     Raises:
         ValueError: unknown model, head, weights or class; a checkpoint that does not fit; head ``voc``

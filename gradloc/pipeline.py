@@ -221,8 +221,9 @@ def run_cams(config: RunConfig, progress: Progress = None, *, dataset: VOCDatase
     device = torch.device(config.cams.device)
     model = loaded.model.to(device)
     all_classes = list(range(len(loaded.classes)))
-    for start in range(0, len(todo), config.cams.batch_size):
-        batch = todo[start : start + config.cams.batch_size]
+    sizes = [(dataset.annotation(image_id).width, dataset.annotation(image_id).height) for image_id in todo]
+    for rows in pre.batches(sizes, config.cams.batch_size):
+        batch = [todo[row] for row in rows]
         inputs, geometries = pre.batch([dataset.load_image(image_id) for image_id in batch])
         inputs = inputs.to(device)
         maps, scores = compute_cams(model, inputs, all_classes, method=config.cams.method,

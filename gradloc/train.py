@@ -128,10 +128,12 @@ class TrainConfig:
 
 def _batches(dataset: VOCDataset, preprocessing: Preprocessing, rows: Sequence[int], batch_size: int
              ) -> Iterator[tuple[np.ndarray, Tensor]]:
-    """Preprocessed images of ``rows`` in batches: (int64[b] rows, float32[b, 3, S, S])."""
+    """Preprocessed images of ``rows`` in batches of one input shape (``Preprocessing.batches``; in the
+    order of ``rows`` for the square resize modes): (int64[b] rows, float32[b, 3, H, W])."""
     rows = np.asarray(rows, dtype=np.int64)
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
+    annotations = [dataset.annotation(dataset.image_ids[row]) for row in rows]
+    for indices in preprocessing.batches([(a.width, a.height) for a in annotations], batch_size):
+        chunk = rows[indices]
         inputs, _ = preprocessing.batch([dataset.load_image(dataset.image_ids[row]) for row in chunk])
         yield chunk, inputs
 
@@ -161,19 +163,24 @@ def pooled_features(model: nn.Module, classifier: str, dataset: VOCDataset, prep
     Returns:
         float32[n_images, n_features] on the CPU.
     """
-    features = []
+    features: Tensor | None = None
     was_training = model.training
     model.eval()
     try:
         with _ClassifierInput(model.get_submodule(classifier)) as record, torch.no_grad():
-            for _, inputs in _batches(dataset, preprocessing, range(len(dataset)), batch_size):
+            for rows, inputs in _batches(dataset, preprocessing, range(len(dataset)), batch_size):
                 model(inputs.to(device))
-                features.append(record.value.detach().flatten(1).float().cpu())
+                values = record.value.detach().flatten(1).float().cpu()
+                if features is None:
+                    features = torch.empty(len(dataset), values.shape[1])
+                features[torch.from_numpy(rows)] = values
                 if step is not None:
                     step()
     finally:
         model.train(was_training)
-    return torch.cat(features)
+    if features is None:
+        raise ValueError(f"{dataset!r} holds no images")
+    return features
 
 
 # --- loss and optimisation ----------------------------------------------------------------------------------
