@@ -670,6 +670,7 @@ class _Source:
     weights: str | None
     weights_file: dict[str, str] | None = None
     checkpoint: dict[str, str] | None = None
+    trained_preprocessing: bool = False  # True: a gradloc checkpoint; its head fits only ``preprocessing``
 
 
 def build_pretrained(name: str, weights: str | None = None) -> tuple[nn.Module, ResolvedWeights]:
@@ -714,7 +715,7 @@ def _from_gradloc_checkpoint(spec: ModelSpec, data: dict[str, Any], path: Path,
     preprocessing = Preprocessing(int(data["input_size"]), str(data["resize_mode"]), tuple(data["mean"]),
                                   tuple(data["std"]))
     return _Source(module, list(data["classes"]), preprocessing, dict(data["arch_kwargs"]), data["weights"],
-                   checkpoint=_file_record(path))
+                   checkpoint=_file_record(path), trained_preprocessing=True)
 
 
 def _from_state_dict(spec: ModelSpec, state: dict[str, Tensor], path: Path, head: str,
@@ -801,7 +802,7 @@ def load_model(
     head: str = "voc",
     classes: Sequence[str] | None = None,
     input_size: int | None = None,
-    resize_mode: str = "letterbox",
+    resize_mode: str | None = None,
 ) -> LoadedModel:
     """Build a registered model with its weights and head, in eval mode.
 
@@ -816,11 +817,13 @@ def load_model(
         classes: score columns. None: the checkpoint's classes (voc head) or the 20 VOC classes. A voc
             checkpoint's head is restricted to / reordered as the given classes.
         input_size: network input side; None: the checkpoint's or the weights' size.
-        resize_mode: ``letterbox``, ``stretch`` or ``shortside`` (:mod:`gradloc.geometry`).
+        resize_mode: ``letterbox``, ``stretch`` or ``shortside`` (:mod:`gradloc.geometry`); None: the
+            checkpoint's or the weights' (letterbox).
 
     Raises:
-        ValueError: unknown model, head, weights or class; a checkpoint that does not fit; head ``voc``
-            without a checkpoint (run ``gradloc train``).
+        ValueError: unknown model, head, weights or class; a checkpoint that does not fit; a gradloc
+            checkpoint trained at another input size or resize mode than asked; head ``voc`` without a
+            checkpoint (run ``gradloc train``).
         FileNotFoundError: a missing checkpoint, or ImageNet weights not in the hub cache (the message names
             the expected path and how to get the file).
     """
@@ -846,11 +849,14 @@ def load_model(
     attach, score_kind = HEADS[head]
     model, model_classes = attach(spec, source, classes)
     model.eval()
-    if source.checkpoint is not None and resize_mode != source.preprocessing.resize_mode:
-        logger.warning("%s was trained with resize_mode=%s; evaluating with %s", name,
-                       source.preprocessing.resize_mode, resize_mode)
-    preprocessing = replace(source.preprocessing, input_size=input_size or source.preprocessing.input_size,
-                            resize_mode=resize_mode)
+    trained = source.preprocessing
+    preprocessing = replace(trained, input_size=input_size or trained.input_size,
+                            resize_mode=resize_mode or trained.resize_mode)
+    if source.trained_preprocessing and preprocessing != trained:
+        raise ValueError(f"{checkpoint}: head trained at input_size {trained.input_size}, resize_mode "
+                         f"{trained.resize_mode}; this run uses input_size {preprocessing.input_size}, "
+                         f"resize_mode {preprocessing.resize_mode}; use the checkpoint's settings or train a "
+                         "head with the run's (`gradloc train --config CONFIG`)")
     description = {
         "arch": spec.name,
         "family": spec.family,

@@ -343,11 +343,32 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(x), model(x), rtol=0, atol=0)
         # a class subset selects and reorders the head's rows
-        subset = load_model("resnet18", checkpoint=path, classes=["person", "cat"], input_size=80)
+        subset = load_model("resnet18", checkpoint=path, classes=["person", "cat"], input_size=64,
+                            resize_mode="letterbox")
         torch.testing.assert_close(subset.model(x), model(x)[:, [2, 0]], rtol=0, atol=0)
-    assert subset.preprocessing.input_size == 80
+    assert subset.preprocessing.input_size == 64
     with pytest.raises(ValueError, match=r"class\(es\) dog are not in the checkpoint's voc head"):
         load_model("resnet18", checkpoint=path, classes=["dog"])
+
+
+@pytest.mark.parametrize(("asked", "uses"), [
+    ({"input_size": 80}, "input_size 80, resize_mode letterbox"),
+    ({"resize_mode": "shortside"}, "input_size 64, resize_mode shortside"),
+    ({"input_size": 320, "resize_mode": "stretch"}, "input_size 320, resize_mode stretch"),
+])
+def test_checkpoint_at_other_preprocessing_is_refused_naming_both(tmp_path: Path, asked: dict, uses: str) -> None:
+    model = _random_voc_resnet18(["cat"])
+    path = tmp_path / "head.pt"
+    save_checkpoint(path, model, _meta("resnet18", ["cat"]))  # trained at 64, letterbox
+    with pytest.raises(ValueError) as caught:
+        load_model("resnet18", checkpoint=path, **asked)
+    message = str(caught.value)
+    assert "\n" not in message and str(path) in message
+    assert "trained at input_size 64, resize_mode letterbox" in message and f"this run uses {uses}" in message
+    # a plain state dict carries no preprocessing: nothing to check, any size is accepted
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    plain = load_model("resnet18", checkpoint=tmp_path / "plain.pt", classes=["cat"], **asked)
+    assert plain.preprocessing.input_size == asked.get("input_size", 224)
 
 
 def test_checkpoint_bytes_are_reproducible_and_fields_complete(tmp_path: Path) -> None:
