@@ -107,7 +107,9 @@ RUN_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "model": ("model.name", {"help": "Model name (see `gradloc models`)."}),
     "weights": ("model.weights", {"help": "torchvision weights name, e.g. IMAGENET1K_V1."}),
     "checkpoint": ("model.checkpoint", {"help": "Local checkpoint (gradloc checkpoint or state dict)."}),
-    "head": ("model.head", {"type": click.Choice(["voc", "imagenet"]), "help": "VOC head."}),
+    "head": ("model.head", {"type": click.Choice(["voc", "imagenet", "voc+imagenet"]),
+                              "help": "voc: trained head; imagenet: ImageNet classes mapped to VOC; "
+                                      "voc+imagenet: both (product of probabilities)."}),
     "input_size": ("model.input_size", {"type": int, "help": "Network input size (pixels): the square's side, "
                                                             "or the short side for --resize-mode shortside."}),
     "resize_mode": ("model.resize_mode", {"type": click.Choice(["letterbox", "stretch", "shortside"]),

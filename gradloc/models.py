@@ -10,6 +10,11 @@ A model is a registry name (:data:`MODELS`) plus a *head*:
   :mod:`gradloc.imagenet_voc`: the output for class ``c`` is ``log sum_{i in G_c} softmax(z)_i``
   (``score_kind = "log_prob"``, probability = exp). The model is wrapped, so its layers are named
   ``backbone.<torchvision name>``.
+* ``voc+imagenet`` -- both on the same pooled features: a voc head trained with a frozen backbone (modes
+  ``linear`` / ``lbfgs``) and the model's own ImageNet classifier with the mapping above, as one
+  log-probability ``s_c = log sigmoid(v_c) + log sum_{i in G_c} softmax(z)_i`` (:class:`VocImageNetHead`;
+  ``score_kind = "log_prob"``). The final linear is replaced by that module, so layer names stay the
+  torchvision ones.
 
 Every returned model is in eval mode and carries two attributes for the CAM engine (:mod:`gradloc.cams`):
 ``gradloc_layer`` (default target layer: the last spatial feature map before global pooling) and
@@ -51,6 +56,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchvision
 from PIL import Image
 from torch import Tensor, nn
@@ -204,6 +210,37 @@ class ImageNetToVOC(nn.Module):
         """float[B, n_inputs] logits -> float[B, n_groups] log-probabilities."""
         grouped = torch.logsumexp(logits.unsqueeze(1) + self.mask, dim=-1)
         return grouped - torch.logsumexp(logits, dim=-1, keepdim=True)
+
+
+class VocImageNetHead(nn.Module):
+    """A trained voc head and the ImageNet classifier over the same pooled features, as one log-probability.
+
+    ``s_c = log sigmoid(v_c(f)) + log sum_{i in G_c} softmax(z(f))_i``: the log of the product of the voc
+    head's probability and the ImageNet prior of class ``c`` (:class:`ImageNetToVOC`), so a class scores high
+    only when both agree. For a class without a positive training image the voc head could only learn
+    "absent"; there ``s_c`` is the ImageNet term alone (``use_voc`` False).
+
+    Args:
+        voc: the trained ``nn.Linear(n_features, n_classes)``.
+        imagenet: the network's ImageNet ``nn.Linear(n_features, 1000)``.
+        groups: ImageNet indices of each class (:func:`gradloc.imagenet_voc.imagenet_groups`).
+        use_voc: bool per class: whether the voc head's term is used.
+    """
+
+    def __init__(self, voc: nn.Linear, imagenet: nn.Linear, groups: Sequence[Sequence[int]],
+                 use_voc: Sequence[bool]) -> None:
+        super().__init__()
+        if not voc.out_features == len(groups) == len(use_voc):
+            raise ValueError(f"{voc.out_features} voc outputs, {len(groups)} groups, {len(use_voc)} flags")
+        self.voc = voc
+        self.imagenet = imagenet
+        self.to_voc = ImageNetToVOC(groups, imagenet.out_features)
+        self.register_buffer("use_voc", torch.as_tensor(list(use_voc), dtype=torch.bool), persistent=False)
+
+    def forward(self, features: Tensor) -> Tensor:
+        """float[B, n_features] -> float[B, n_classes] log-probabilities."""
+        prior = self.to_voc(self.imagenet(features))
+        return prior + torch.where(self.use_voc, F.logsigmoid(self.voc(features)), 0.0)
 
 
 class ImageNetHeadModel(nn.Module):
@@ -710,6 +747,7 @@ class _Source:
     weights_file: dict[str, str] | None = None
     checkpoint: dict[str, str] | None = None
     trained_preprocessing: bool = False  # True: a gradloc checkpoint; its head fits only ``preprocessing``
+    train: dict[str, Any] | None = None  # a gradloc checkpoint's training report
 
 
 def build_pretrained(name: str, weights: str | None = None) -> tuple[nn.Module, ResolvedWeights]:
@@ -754,7 +792,8 @@ def _from_gradloc_checkpoint(spec: ModelSpec, data: dict[str, Any], path: Path,
     preprocessing = Preprocessing(int(data["input_size"]), str(data["resize_mode"]), tuple(data["mean"]),
                                   tuple(data["std"]))
     return _Source(module, list(data["classes"]), preprocessing, dict(data["arch_kwargs"]), data["weights"],
-                   checkpoint=_file_record(path), trained_preprocessing=True)
+                   checkpoint=_file_record(path), trained_preprocessing=True,
+                   train=dict(data.get("train") or {}))
 
 
 def _from_state_dict(spec: ModelSpec, state: dict[str, Tensor], path: Path, head: str,
@@ -821,6 +860,32 @@ def _attach_imagenet(spec: ModelSpec, source: _Source, classes: Sequence[str] | 
     return model, wanted
 
 
+FROZEN_BACKBONE_MODES = ("linear", "lbfgs")
+"""Training modes that leave the backbone at its ImageNet weights (so the ImageNet classifier still fits it)."""
+
+
+def _attach_voc_imagenet(spec: ModelSpec, source: _Source, classes: Sequence[str] | None) -> _Attached:
+    """Replace the voc head by :class:`VocImageNetHead` (the voc head plus the network's ImageNet classifier)."""
+    if source.train is None:
+        raise _needs_checkpoint(spec)
+    mode = source.train.get("mode")
+    if mode not in FROZEN_BACKBONE_MODES:
+        raise ValueError(f"head 'voc+imagenet' needs a voc head trained on the frozen ImageNet backbone (train "
+                         f"mode {' or '.join(FROZEN_BACKBONE_MODES)}); this checkpoint's mode is {mode!r}")
+    model, wanted = _attach_voc(spec, source, classes)
+    pretrained, _ = build_pretrained(spec.name, source.weights)
+    positives = source.train.get("train_positives") or {}
+    use_voc = [positives.get(name, 1) > 0 for name in wanted]
+    if not all(use_voc):
+        logger.info("voc+imagenet head: %s had no positive training image; ImageNet term only",
+                    ", ".join(name for name, used in zip(wanted, use_voc, strict=True) if not used))
+    head = VocImageNetHead(model.get_submodule(spec.classifier), pretrained.get_submodule(spec.classifier),
+                           imagenet_groups(wanted), use_voc)
+    model.set_submodule(spec.classifier, head)
+    model.gradloc_gap_linear = None  # the head is not linear in the pooled features
+    return model, wanted
+
+
 def _n_outputs(module: nn.Module, spec: ModelSpec) -> int:
     """Number of outputs of the model's final linear layer."""
     return int(module.get_submodule(spec.classifier).out_features)
@@ -830,6 +895,7 @@ def _n_outputs(module: nn.Module, spec: ModelSpec) -> int:
 HEADS: dict[str, tuple[Callable[[ModelSpec, _Source, Sequence[str] | None], _Attached], str]] = {
     "voc": (_attach_voc, "logit"),
     "imagenet": (_attach_imagenet, "log_prob"),
+    "voc+imagenet": (_attach_voc_imagenet, "log_prob"),
 }
 
 

@@ -22,12 +22,16 @@ from gradloc.models import (
     ImageNetToVOC,
     LoadedModel,
     Preprocessing,
+    VocImageNetHead,
+    _attach_voc_imagenet,
+    _Source,
     build_architecture,
     get_spec,
     list_models,
     lite_state_dict_to_timm,
     load_checkpoint,
     load_model,
+    replace_linear,
     save_checkpoint,
 )
 from gradloc.voc import VOC_CLASSES, VOCDataset
@@ -608,3 +612,27 @@ def test_lite0_normalization_is_the_tf_lite_one(lite0: Lite0) -> None:
     imagenet = hit_rate(Preprocessing(224, "letterbox", models.IMAGENET_MEAN, models.IMAGENET_STD))
     assert lite0[1].mean == (0.5, 0.5, 0.5) and lite0[1].std == (0.5, 0.5, 0.5)
     assert tf_lite == pytest.approx(0.70) and imagenet == pytest.approx(0.58)
+
+
+# --- voc+imagenet head ---------------------------------------------------------------------------------------
+
+
+def test_voc_imagenet_head_is_the_log_of_both_probabilities():
+    torch.manual_seed(0)
+    voc, imagenet = nn.Linear(6, 3), nn.Linear(6, 10)
+    groups = [[0, 1], [2], [5, 6, 7]]
+    head = VocImageNetHead(voc, imagenet, groups, use_voc=[True, False, True])
+    features = torch.randn(4, 6)
+    probs = torch.softmax(imagenet(features), dim=1)
+    prior = torch.stack([probs[:, g].sum(1) for g in groups], dim=1)
+    expected = torch.log(prior) + torch.log(torch.sigmoid(voc(features))) * torch.tensor([1.0, 0.0, 1.0])
+    torch.testing.assert_close(head(features), expected)
+
+
+def test_voc_imagenet_head_refuses_a_fine_tuned_backbone():
+    spec = get_spec("efficientnet_lite0")
+    module = spec.build()
+    replace_linear(module, spec.classifier, 2)
+    source = _Source(module, ["cat", "dog"], spec.preprocessing, {}, "IMAGENET1K", train={"mode": "finetune_last"})
+    with pytest.raises(ValueError, match=r"frozen ImageNet backbone.*'finetune_last'"):
+        _attach_voc_imagenet(spec, source, None)
