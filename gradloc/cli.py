@@ -6,7 +6,6 @@ Errors in the input are printed as one line (``error: ...``) with exit status 1;
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sys
@@ -109,8 +108,14 @@ RUN_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "model": ("model.name", {"help": "Model name (see `gradloc models`)."}),
     "weights": ("model.weights", {"help": "torchvision weights name, e.g. IMAGENET1K_V1."}),
     "checkpoint": ("model.checkpoint", {"help": "Local checkpoint (gradloc checkpoint or state dict)."}),
-    "head": ("model.head", {"type": click.Choice(["voc", "imagenet"]), "help": "VOC head."}),
-    "input_size": ("model.input_size", {"type": int, "help": "Network input size (square, pixels)."}),
+    "head": ("model.head", {"type": click.Choice(["voc", "imagenet", "voc+imagenet"]),
+                              "help": "voc: trained head; imagenet: ImageNet classes mapped to VOC; "
+                                      "voc+imagenet: both (product of probabilities)."}),
+    "input_size": ("model.input_size", {"type": int, "help": "Network input size (pixels): the square's side, "
+                                                            "or the short side for --resize-mode shortside."}),
+    "resize_mode": ("model.resize_mode", {"type": click.Choice(["letterbox", "stretch", "shortside"]),
+                                          "help": "letterbox (square, aspect kept), stretch, or shortside "
+                                                  "(short side = input size, aspect kept)."}),
     "method": ("cams.method", {"help": "CAM method: gradcam, gradcampp, xgradcam, layercam, hirescam, ..."}),
     "layer": ("cams.layer", {"help": "Target layer name (see `gradloc layers MODEL`)."}),
     "batch_size": ("cams.batch_size", {"type": int, "help": "Images per batch."}),
@@ -407,37 +412,50 @@ def layers(model_name: str, checkpoint: str | None) -> None:
 
 
 @main.command()
-@click.option("--voc-root", default="../shared/voc/VOCdevkit", show_default=True)
-@click.option("--year", default="2007", show_default=True)
-@click.option("--split", default="train", show_default=True, help="Training image set.")
-@click.option("--val-split", default="val", show_default=True, help="Held-out image set for the report.")
-@click.option("--model", "model_name", default="efficientnet_lite0", show_default=True)
-@click.option("--weights", default=None, help="torchvision weights name (backbone).")
-@click.option("--mode", type=click.Choice(["linear", "finetune_last"]), default="linear", show_default=True)
-@click.option("--epochs", type=int, default=None, help="Training epochs (default: the trainer's).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="Run config (configs/*.yaml): data, model, input size, resize mode and its train: section; "
+                   "flags override it.")
+@click.option("--voc-root", default=None, help="VOCdevkit folder [config data.voc_root].")
+@click.option("--year", default=None, help="VOC year [config data.year].")
+@click.option("--split", default=None, help="Training image set [config train.split, default train].")
+@click.option("--val-split", default=None,
+              help="Held-out image set for the report, or none [config train.val_split, default val].")
+@click.option("--model", "model_name", default=None, help="Model name [config model.name].")
+@click.option("--weights", default=None, help="torchvision weights name (backbone) [config model.weights].")
+@click.option("--mode", type=click.Choice(["linear", "finetune_last", "lbfgs"]), default=None,
+              help="Training mode [config train.mode, default linear].")
+@click.option("--epochs", type=int, default=None, help="Epochs (lbfgs: iterations); default: the mode's.")
 @click.option("--batch-size", type=int, default=None)
 @click.option("--lr", type=float, default=None)
-@click.option("--input-size", type=int, default=None)
+@click.option("--l2", type=float, default=None, help="L2 penalty on the lbfgs head's weights (default 1e-4).")
+@click.option("--input-size", type=int, default=None, help="Network input size [config model.input_size].")
+@click.option("--resize-mode", type=click.Choice(["letterbox", "stretch", "shortside"]), default=None,
+              help="[config model.resize_mode].")
 @click.option("--limit", type=int, default=None, help="Use only the first N images of each split.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--device", default=None, help="torch device [config cams.device].")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint file to write.")
 @click.pass_context
-def train(ctx: click.Context, **options: Any) -> None:
-    """Train the 20-way multi-label `voc` head on a VOC split (linear probe by default).
+def train(ctx: click.Context, config_path: str | None, out: str, **options: Any) -> None:
+    """Train the multi-label `voc` head on a VOC split (linear probe by default).
+
+    With --config the head is trained with exactly the run's preprocessing (input size, resize mode), so
+    `gradloc run --config CONFIG --checkpoint OUT` accepts it.
 
     \b
-    Example:
+    Examples:
+      gradloc train --config configs/voc07.yaml --split trainval --out HEAD.pt
       gradloc train --model efficientnet_lite0 --split train --out checkpoints/lite0_voc.pt
     """
     from tqdm import tqdm
 
+    from gradloc.config import load_config
     from gradloc.train import TrainConfig, train_head
 
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {("model" if k == "model_name" else k): v for k, v in options.items()}
-    cfg = TrainConfig(**{k: (Path(v) if k == "out" else v) for k, v in values.items()
-                         if k in fields and v is not None})
+    overrides = {("model" if k == "model_name" else k): v for k, v in options.items() if v is not None}
+    if str(overrides.get("val_split", "")).lower() == "none":
+        overrides["val_split"] = None
+    cfg = TrainConfig.from_run(load_config(config_path), Path(out), **overrides)
     with tqdm(desc="train", unit="step", disable=ctx.obj["quiet"], file=sys.stderr) as bar:
 
         def progress(done: int, total: int, loss: float) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from gradloc.boxes import BoxParams
+from gradloc.geometry import RESIZE_MODES
 from gradloc.voc import VOC_CLASSES
 
 
@@ -79,14 +80,39 @@ class DemoConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The classifier: registry name, torchvision weights name or local checkpoint, and its VOC head."""
+    """The classifier: registry name, torchvision weights name or local checkpoint, and its VOC head.
+
+    ``input_size`` / ``resize_mode`` None: the checkpoint's (else the weights' size, ``letterbox``); a
+    gradloc checkpoint trained with other values is refused."""
 
     name: str = "efficientnet_lite0"
     weights: str | None = None
     checkpoint: str | None = None
     head: str = "voc"
     input_size: int | None = None
-    resize_mode: str = "letterbox"
+    resize_mode: str | None = None
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How ``gradloc train --config`` trains the model's ``voc`` head (:class:`gradloc.train.TrainConfig`).
+
+    The VOC folder, year, classes, model, weights, input size, resize mode and device come from the
+    ``data``, ``model`` and ``cams`` sections, so the head is trained with exactly the run's preprocessing.
+    ``mode``: ``linear``, ``finetune_last`` or ``lbfgs``; ``epochs`` / ``lr``: None = the mode's defaults;
+    ``l2``: L2 penalty on the weights of the ``lbfgs`` head; ``weight_decay``: AdamW's (other modes).
+    """
+
+    mode: str = "linear"
+    split: str = "train"
+    val_split: str | None = "val"
+    epochs: int | None = None
+    lr: float | None = None
+    batch_size: int = 64
+    weight_decay: float = 1e-4
+    l2: float = 1e-4
+    seed: int = 0
+    limit: int | None = None
 
 
 @dataclass(frozen=True)
@@ -134,6 +160,7 @@ class RunConfig:
     cams: CamConfig = field(default_factory=CamConfig)
     boxes: BoxConfig = field(default_factory=BoxConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    train: TrainSettings = field(default_factory=TrainSettings)
 
     @property
     def run_dir(self) -> Path:
@@ -280,9 +307,17 @@ def validate(config: RunConfig) -> None:
     _check_range("boxes.score_cut", config.boxes.score_cut, SCORE_CUT_RANGE)
     if config.data.on_error not in ("raise", "skip"):
         raise ConfigError(f"config key 'data.on_error': {config.data.on_error!r} is not one of raise, skip")
+    if config.model.resize_mode is not None and config.model.resize_mode not in RESIZE_MODES:
+        raise ConfigError(f"config key 'model.resize_mode': {config.model.resize_mode!r} is not one of "
+                          f"{', '.join(RESIZE_MODES)}")
     if config.cams.store_dtype not in ("float16", "float32"):
         raise ConfigError(f"config key 'cams.store_dtype': {config.cams.store_dtype!r} is not float16 or float32")
+    for key, value in (("train.l2", config.train.l2), ("train.weight_decay", config.train.weight_decay)):
+        if value < 0:
+            raise ConfigError(f"config key {key!r}: {value} must be >= 0")
     for key, value in (("cams.batch_size", config.cams.batch_size), ("data.limit", config.data.limit),
+                       ("train.epochs", config.train.epochs), ("train.batch_size", config.train.batch_size),
+                       ("train.limit", config.train.limit),
                        ("model.input_size", config.model.input_size), ("boxes.max_side", config.boxes.max_side)):
         if value is not None and value < 1:
             raise ConfigError(f"config key {key!r}: {value} must be at least 1")

@@ -10,17 +10,26 @@ A feature map of width ``w_f`` covers the whole canvas, so canvas coordinate ``X
 Back-projection samples the feature map bilinearly at the centres of an output grid laid over the
 *original image* (full resolution or a coarser working resolution), clamping at the borders as
 ``align_corners=False`` does. It is separable, so it is two small matrix products.
+
+Resize modes (:data:`RESIZE_MODES`): ``letterbox`` (longer side = input size, centred on a square canvas),
+``stretch`` (both sides = input size) and ``shortside`` (shorter side = input size, aspect kept, canvas
+padded right/bottom to a multiple of :data:`SHORTSIDE_STRIDE`, so inputs differ in shape between images;
+batch them with :func:`group_by_shape`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-RESIZE_MODES = ("letterbox", "stretch")
+RESIZE_MODES = ("letterbox", "stretch", "shortside")
+# ``shortside`` canvases are padded to a multiple of this: the total stride of the CNN backbones gradloc
+# registers, so every feature cell covers exactly 32 x 32 canvas pixels and no border cell is partial.
+SHORTSIDE_STRIDE = 32
 
 
 @dataclass(frozen=True)
@@ -51,11 +60,17 @@ class Geometry:
         return cls(**{key: int(data[key]) for key in cls.__dataclass_fields__})
 
 
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
 def plan(width: int, height: int, input_size: int, mode: str = "letterbox") -> Geometry:
-    """Geometry of resizing a ``width x height`` image to a square ``input_size`` network input.
+    """Geometry of resizing a ``width x height`` image for an ``input_size`` network input.
 
     ``letterbox`` keeps the aspect ratio (longer side = ``input_size``) and pads the shorter side
-    symmetrically; ``stretch`` resizes both sides to ``input_size``.
+    symmetrically to a square; ``stretch`` resizes both sides to ``input_size``; ``shortside`` keeps the
+    aspect ratio with the shorter side = ``input_size`` and pads right/bottom to a multiple of
+    :data:`SHORTSIDE_STRIDE` (500x375 at 320 -> 427x320 resized on a 448x320 canvas).
     """
     if width < 1 or height < 1:
         raise ValueError(f"image size {width}x{height} is empty")
@@ -63,15 +78,37 @@ def plan(width: int, height: int, input_size: int, mode: str = "letterbox") -> G
         raise ValueError(f"input size {input_size} must be a positive number of pixels")
     if mode == "stretch":
         return Geometry(width, height, input_size, input_size, input_size, input_size, 0, 0)
-    if mode != "letterbox":
+    if mode not in RESIZE_MODES:
         raise ValueError(f"unknown resize mode {mode!r}; choose one of {', '.join(RESIZE_MODES)}")
-    scale = input_size / max(width, height)
+    scale = input_size / (max(width, height) if mode == "letterbox" else min(width, height))
     resized_w = max(1, round(width * scale))
     resized_h = max(1, round(height * scale))
+    if mode == "shortside":
+        return Geometry(width, height, _round_up(resized_w, SHORTSIDE_STRIDE),
+                        _round_up(resized_h, SHORTSIDE_STRIDE), resized_w, resized_h, 0, 0)
     return Geometry(
         width, height, input_size, input_size, resized_w, resized_h,
         (input_size - resized_w) // 2, (input_size - resized_h) // 2,
     )
+
+
+def group_by_shape(geometries: Sequence[Geometry], batch_size: int) -> list[list[int]]:
+    """Batches of indices into ``geometries`` whose network inputs have the same shape.
+
+    Images are grouped by ``(input_h, input_w)`` in order of each shape's first appearance, keeping their
+    order inside a group, and each group is cut into batches of at most ``batch_size``. With a square mode
+    (every input the same shape) this is plain consecutive batching.
+
+    Returns:
+        list of non-empty int lists; together they hold every index exactly once.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch size {batch_size} must be at least 1")
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, geometry in enumerate(geometries):
+        groups.setdefault((geometry.input_h, geometry.input_w), []).append(index)
+    return [group[start : start + batch_size] for group in groups.values()
+            for start in range(0, len(group), batch_size)]
 
 
 def preprocess_image(

