@@ -1,0 +1,176 @@
+"""The methods x models table (README "Results"): one sweep per row, τ chosen on `train`, reported on `val`.
+
+    bash scripts/benchmark.sh            # trains the heads it needs, then runs this script
+
+Every row is one (model, head, CAM method, box mode). For each, `gradloc.sweep.run_sweep` runs the pipeline
+on the selection split (`train`) and the evaluation split (`val`); τ is the one with the best CAM mAP@0.5
+on `train`. On `val` at that τ the script reports VOC07 11-point mAP at IoU 0.3 / 0.4 / 0.5, all-point
+(VOC10) AP@0.5, recall@0.5, CorLoc@0.5 and 95 % bootstrap intervals (images resampled, 1,000 times, seed 0)
+for mAP@0.5 and CorLoc; the oracle τ (best mAP@0.5 on `val` itself) is reported beside it, labelled. Two
+τ-free numbers come from the heatmaps of the GT classes (GT-known): MaxBoxAccV2 (wsolevaluation's protocol,
+0.01 τ grid chosen on the evaluated split, as in that paper) and the pointing game under TorchRay's protocol
+(every GT class of an image, point = map maximum, hit when within 15 px of a box of the class, pairs whose
+boxes are all difficult skipped). The baselines (center, full image, random maps at the selected τ) are
+scored on the same detections protocol. Seconds per image = the `cams` stage of both splits / images.
+
+Outputs in --out: `methods.csv` / `methods.md` (one row per model x head x method x box mode x τ choice,
+plus baselines), `per_class.csv` / `per_class.md` (AP@0.5 of car, person, cat, train, bus), `samples/`
+(a seeded grid per row: the same val images for every method) and `runs/` (every run folder; not
+committed: large).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from gradloc.bootstrap import corloc_interval, map_interval
+from gradloc.boxes import peak_points
+from gradloc.config import load_config
+from gradloc.geometry import upsample
+from gradloc.io import atomic_write_bytes
+from gradloc.metrics import corloc, evaluate, pointing_game
+from gradloc.runs import open_run
+from gradloc.show import open_run_cache, save_figure, show_run
+from gradloc.sweep import run_sweep
+from gradloc.wsol import max_box_acc
+
+logger = logging.getLogger("benchmark")
+
+PER_CLASS = ("car", "person", "cat", "train", "bus")
+SAMPLES, SAMPLE_SEED = 6, 0
+
+
+def _gt_class_maps(run, cache):
+    """Per val image: raw maps of its GT classes back-projected to the image, their labels, their boxes."""
+    gt = run.gt
+    for index, image_id in enumerate(gt.image_ids):
+        rows = np.flatnonzero(gt.image_index == index)
+        labels = np.unique(gt.labels[rows])
+        entry = cache.get(image_id)
+        yield index, labels, entry, [gt.boxes[rows[gt.labels[rows] == c]] for c in labels]
+
+
+def gt_known_metrics(run) -> dict[str, float]:
+    """MaxBoxAccV2 (wsolevaluation, GT-known) and the TorchRay pointing game from the run's heatmap cache."""
+    cache = open_run_cache(run)
+    maps, boxes, point_rows = [], [], []
+    for index, labels, entry, class_boxes in _gt_class_maps(run, cache):
+        raw = entry.maps[labels]
+        maps.append(upsample(raw, entry.geometry))
+        boxes.append(class_boxes)
+        points = peak_points(raw, entry.geometry)
+        point_rows.extend((index, int(c), *p) for c, p in zip(labels, points, strict=True))
+    acc = max_box_acc(maps, boxes)
+    table = np.asarray(point_rows, dtype=np.float64)
+    pointing = pointing_game(table[:, 0].astype(np.int64), table[:, 1].astype(np.int64), table[:, 2:], run.gt,
+                             protocol="torchray")
+    v2 = acc[acc["metric"] == "MaxBoxAccV2"]["max_box_acc"].iloc[0]
+    mean = pointing[pointing["class"] == "mean"]["accuracy"].iloc[0]
+    return {"MaxBoxAccV2 (GT-known)": round(100 * float(v2), 2),
+            "pointing (TorchRay, GT classes)": round(100 * float(mean), 2)}
+
+
+def detection_metrics(dets, gt) -> dict[str, object]:
+    """VOC07 mAP@0.3/0.4/0.5 (with the bootstrap interval at 0.5), VOC10 AP@0.5, recall@0.5, CorLoc@0.5."""
+    voc07 = evaluate(dets, gt, (0.3, 0.4, 0.5), "voc07")
+    voc10 = evaluate(dets, gt, (0.5,), "voc10")
+    mean = voc07[voc07["class"] == "mAP"].set_index("iou")
+    out: dict[str, object] = {f"mAP@{iou:g}": round(100 * float(mean.loc[iou, "ap"]), 2) for iou in (0.3, 0.4)}
+    out["mAP@0.5 [95% CI]"] = map_interval(dets, gt, 0.5, "voc07").format()
+    out["AP10@0.5"] = round(100 * float(voc10[voc10["class"] == "mAP"]["ap"].iloc[0]), 2)
+    out["recall@0.5"] = round(100 * float(mean.loc[0.5, "recall"]), 2)
+    out["CorLoc@0.5 [95% CI]"] = corloc_interval(dets, gt, 0.5).format()
+    return out
+
+
+def per_class_ap(dets, gt) -> dict[str, float]:
+    frame = evaluate(dets, gt, (0.5,), "voc07").set_index("class")
+    return {name: round(100 * float(frame.loc[name, "ap"]), 2) for name in PER_CLASS}
+
+
+def chosen_thresholds(table: pd.DataFrame) -> dict[str, float]:
+    """τ of the CAM boxes chosen on train (``selected``) and on val itself (``oracle``) by mAP@0.5."""
+    cam = table[(table["source"] == "cam") & ((table["iou"] - 0.5).abs() < 1e-9)]
+    return {choice: float(cam[cam["choice"] == choice]["threshold"].iloc[0]) for choice in ("selected", "oracle")}
+
+
+def benchmark_row(spec: dict, config_path: str, out: Path) -> tuple[list[dict], list[dict]]:
+    """Sweep one row's config; return its table rows and per-class rows."""
+    overrides = {"name": spec["name"], "out": str(out / "runs"), **spec.get("overrides", {})}
+    config = load_config(config_path, overrides)
+    start = time.perf_counter()
+    result = run_sweep(config, "train", "val")
+    taus = chosen_thresholds(result.table)
+    val = open_run(result.run_dirs["val"])
+    seconds = sum(open_run(d).manifest["seconds_per_stage"].get("cams", 0.0) for d in result.run_dirs.values())
+    n_images = sum(len(open_run(d).gt.image_ids) for d in result.run_dirs.values())
+    protocol = {"model": config.model.name, "head": config.model.head, "method": config.cams.method,
+                "layer": val.manifest["config"]["cams"]["layer"] or "default", "box mode": config.boxes.box_mode,
+                "images (val)": len(val.gt.image_ids), "subset": spec.get("subset", "all val")}
+    gt_known = gt_known_metrics(val)
+    rows, classes = [], []
+    for choice, label in (("selected", "train"), ("oracle", "val (oracle)")):
+        dets = val.detections_at(taus[choice])
+        rows.append({**protocol, "source": "cam", "tau chosen on": label, "tau": taus[choice],
+                     **detection_metrics(dets, val.gt), **gt_known,
+                     "s/img (cams)": round(seconds / max(n_images, 1), 3)})
+        classes.append({**protocol, "source": "cam", "tau chosen on": label, "tau": taus[choice],
+                        **per_class_ap(dets, val.gt)})
+    if spec.get("baselines"):
+        for name, dets in val.baselines.items():
+            rows.append({**protocol, "method": "-", "source": name, "tau chosen on": "-", "tau": None,
+                         **detection_metrics(dets, val.gt)})
+        random = val.random_at(taus["selected"])
+        if random is not None:
+            rows.append({**protocol, "method": "-", "source": "random", "tau chosen on": "train",
+                         "tau": taus["selected"], **detection_metrics(random, val.gt)})
+    figure = show_run(val.path, taus["selected"], n=SAMPLES, seed=SAMPLE_SEED)
+    save_figure(figure, out / "samples" / f"{spec['name']}.png")
+    logger.info("%s: %.0f s", spec["name"], time.perf_counter() - start)
+    return rows, classes
+
+
+def write_tables(out: Path, name: str, rows: list[dict]) -> None:
+    frame = pd.DataFrame(rows)
+    atomic_write_bytes(out / f"{name}.csv", frame.to_csv(index=False).encode())
+    atomic_write_bytes(out / f"{name}.md", frame.to_markdown(index=False).encode())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/voc07.yaml")
+    parser.add_argument("--rows", default="scripts/benchmark_rows.yaml", help="YAML list of {name, overrides}")
+    parser.add_argument("--only", default=None, help="comma-separated row names (others are kept from the "
+                                                        "last run's rows.jsonl)")
+    parser.add_argument("--out", default="results/voc07-subset")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    specs = yaml.safe_load(Path(args.rows).read_text())
+    out = Path(args.out)
+    done_path = out / "rows.jsonl"
+    done = {}
+    if done_path.is_file():
+        done = {r["name"]: r for r in map(json.loads, done_path.read_text().splitlines())}
+    only = set(args.only.split(",")) if args.only else None
+    for spec in specs:
+        if only is not None and spec["name"] not in only:
+            continue
+        rows, classes = benchmark_row(spec, args.config, out)
+        done[spec["name"]] = {"name": spec["name"], "rows": rows, "per_class": classes}
+        atomic_write_bytes(done_path, "".join(json.dumps(r, default=str) + "\n" for r in done.values()).encode())
+    ordered = [done[s["name"]] for s in specs if s["name"] in done]
+    write_tables(out, "methods", [row for entry in ordered for row in entry["rows"]])
+    write_tables(out, "per_class", [row for entry in ordered for row in entry["per_class"]])
+    print((out / "methods.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
