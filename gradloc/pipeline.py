@@ -428,22 +428,57 @@ def localization_scores(run_dir: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def score_and_save(run_dir: str | Path, ious: Sequence[float], metric: str
-                   ) -> tuple[pd.DataFrame, dict[str, Any], pd.DataFrame]:
-    """Score a run folder and save scores.csv/json/md and localization.csv in it.
+def score_run_folder(run_dir: str | Path, ious: Sequence[float], metric: str
+                     ) -> tuple[pd.DataFrame, dict[str, Any], pd.DataFrame]:
+    """Score a run folder without writing anything.
 
     Returns:
         (score rows, the protocol of its CAM detections, WSOL rows).
     """
-    from gradloc.report import save_scores
-
     run_dir = Path(run_dir)
     rows = score_run(run_dir, ious, metric)
     meta = load_detections(sorted((run_dir / "detections").glob("thr_*.pkl"))[0]).meta
-    save_scores(rows, run_dir, meta)
-    wsol = localization_scores(run_dir)
+    return rows, meta, localization_scores(run_dir)
+
+
+def save_run_scores(run_dir: str | Path, rows: pd.DataFrame, meta: dict[str, Any], wsol: pd.DataFrame
+                    ) -> list[Path]:
+    """Write scores.csv/json/md and localization.csv into a run folder; returns the written files."""
+    from gradloc.report import save_scores
+
+    run_dir = Path(run_dir)
+    written = save_scores(rows, run_dir, meta)
     atomic_write_bytes(run_dir / "localization.csv", wsol.to_csv(index=False).encode())
+    return [*written, run_dir / "localization.csv"]
+
+
+def score_and_save(run_dir: str | Path, ious: Sequence[float], metric: str
+                   ) -> tuple[pd.DataFrame, dict[str, Any], pd.DataFrame]:
+    """:func:`score_run_folder`, then :func:`save_run_scores`."""
+    rows, meta, wsol = score_run_folder(run_dir, ious, metric)
+    save_run_scores(run_dir, rows, meta, wsol)
     return rows, meta, wsol
+
+
+def record_rescoring(run_dir: str | Path, ious: Sequence[float], metric: str, files: Sequence[Path]) -> bool:
+    """After ``gradloc score RUN --save``: record in ``manifest.json``, under ``rescored_scores``, the score
+    settings the saved files now hold (``config.score`` keeps what the run was made with).
+
+    Returns:
+        False when the folder has no manifest (made by ``gradloc boxes``), True when it was updated.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "manifest.json").is_file():
+        return False
+    manifest = read_manifest(run_dir)
+    manifest["rescored_scores"] = {
+        "score": {"iou": [float(v) for v in ious], "metric": metric},
+        "files": sorted(str(Path(f).relative_to(run_dir)) for f in files),
+        "gradloc": __version__,
+        "git_commit": git_commit(),
+    }
+    atomic_write_bytes(run_dir / "manifest.json", json.dumps(manifest, indent=2, default=str).encode())
+    return True
 
 
 # --- the whole run ------------------------------------------------------------------------------------------

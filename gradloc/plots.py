@@ -23,10 +23,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from gradloc import metrics
-from gradloc.compare import load_scores, match_value
 from gradloc.detections import Detections, GroundTruth, load_detections, load_ground_truth, threshold_filename
-from gradloc.report import METRIC_NAMES
-from gradloc.sweep import select_threshold
+from gradloc.report import METRIC_NAMES, load_scores, match_value, select_threshold
 
 logger = logging.getLogger(__name__)
 
