@@ -174,7 +174,7 @@ def tqdm_bar(ctx: click.Context, **kwargs: Any) -> Iterator[Any]:
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    disable = ctx.obj["quiet"] or kwargs.pop("disable", False)
+    disable = kwargs.pop("disable", False) or ctx.obj["quiet"]
     with logging_redirect_tqdm(), tqdm(disable=disable, file=sys.stderr, dynamic_ncols=True, **kwargs) as bar:
         yield bar
 

@@ -247,7 +247,7 @@ def render(rows: pd.DataFrame, fmt: str, meta: Mapping[str, Any] | None = None, 
         return part.to_csv(index=False) if fmt == "csv" else json.dumps(to_json_rows(part), indent=1) + "\n"
     tablefmt = "orgtbl" if fmt == "table" else "github"
     tables = (threshold_tables if layout == "blocks" else threshold_rows)(rows, tablefmt, digits)
-    text = tables + "\n" + protocol_line(rows, meta) + "\n"
+    text = tables + "\n" + protocol_line(rows, meta, oracle=rows["threshold"].nunique() > 1) + "\n"
     if tau is not None:
         for iou in sorted(rows["iou"].unique()):
             text += (f"\nPer class, threshold = {tau:g}, IoU = {iou:g} (AP and recall in %)\n"

@@ -74,6 +74,7 @@ def test_thresholdless_rows_print_none_not_nan():
     rows = _rows()[lambda f: f["threshold"] == 0.2].assign(threshold=float("nan"), threshold_mode="none")
     text = render(rows, "table")
     assert "threshold = none" in text and "nan" not in text
+    assert "oracle" not in text  # one set of detections: no choice of tau to warn about
     assert "| none " in threshold_rows(rows)
 
 
