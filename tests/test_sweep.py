@@ -169,3 +169,9 @@ def test_sweep_on_a_tiny_demo(tmp_path):
     row = scores[(scores["class"] == "mAP") & (scores["source"] == "cam") & (scores["iou"] == 0.5)
                  & (scores["threshold"] == selected["threshold"])].iloc[0]
     assert selected["ap"] == row["ap"]  # the table reports the evaluated split's own score file
+
+
+def test_render_digits():
+    text = render_sweep(sweep_table(TRAIN, VAL, "recall@0.5", "train", "val"), "voc07", digits=0)
+    selected = next(line for line in text.splitlines() if line.startswith("| tau chosen on train") and "| cam " in line)
+    assert [cell.strip() for cell in selected.split("|")[2:-1]] == ["0.4", "90", "cam", "5", "1", "10", "10"]
