@@ -309,6 +309,7 @@ def boxes(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
 
 
 def digits_option(command: Callable) -> Callable:
+    """``--digits N``: decimals of the printed percentages (score, compare, sweep)."""
     return click.option("--digits", type=click.IntRange(min=0, max=12), default=2, show_default=True,
                         help="Decimals of the percentages in tables.")(command)
 
@@ -592,15 +593,14 @@ def sweep(ctx: click.Context, config_path: str | None, select_split: str, eval_s
     Example:
       gradloc sweep --config configs/voc07_efficientnet_lite0.yaml --select-split train --eval-split val
     """
-    from gradloc.sweep import parse_select_metric, render_sweep, run_sweep
+    from gradloc.sweep import parse_select_metric, run_sweep
 
     if flags.get("split") is not None:
         raise click.UsageError("sweep takes --select-split and --eval-split, not --split")
     parse_select_metric(select_metric)  # fail before any work
     config = _prepare(ctx, build_config(config_path, flags))
-    result = run_sweep(config, select_split, eval_split, select_metric,
-                       stage=_stage(ctx))
-    click.echo(render_sweep(result.table, config.score.metric, digits=digits), nl=False)
+    result = run_sweep(config, select_split, eval_split, select_metric, stage=_stage(ctx), digits=digits)
+    click.echo(result.text, nl=False)
     say(ctx, "runs: " + ", ".join(str(p) for p in result.run_dirs.values()) + "; table: "
         + ", ".join(str(p) for p in result.files))
 

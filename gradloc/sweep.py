@@ -170,7 +170,7 @@ def run_split(config: Any, stage: StageProgress | None = None) -> tuple[Path, pd
 
 
 def run_sweep(config: Any, select_split: str, eval_split: str, select_metric: str = "ap@0.5",
-              stage: StageProgress | None = None) -> SweepResult:
+              stage: StageProgress | None = None, digits: int = DIGITS) -> SweepResult:
     """Run the pipeline on the selection and evaluation splits, choose τ, write ``sweep.csv`` / ``sweep.md``.
 
     Args:
@@ -179,6 +179,7 @@ def run_sweep(config: Any, select_split: str, eval_split: str, select_metric: st
             then the only choice is labelled oracle).
         select_metric: e.g. ``ap@0.5``; its IoU must be among ``config.score.iou``.
         stage: optional progress factory (see :func:`run_split`).
+        digits: decimals of the percentages in the returned text.
 
     Returns:
         The :class:`SweepResult`; files go to ``<out>/<name>/`` (runs in ``<out>/<name>/<split>/``).
@@ -194,7 +195,7 @@ def run_sweep(config: Any, select_split: str, eval_split: str, select_metric: st
     for split in dict.fromkeys((select_split, eval_split)):
         run_dirs[split], rows[split] = run_split(split_config(config, split), stage)
     table = sweep_table(rows[select_split], rows[eval_split], select_metric, select_split, eval_split)
-    text = render_sweep(table, config.score.metric)
+    text = render_sweep(table, config.score.metric, digits=digits)
     out_dir = config.run_dir
     files = [out_dir / "sweep.csv", out_dir / "sweep.md"]
     atomic_write_bytes(files[0], table.to_csv(index=False).encode())
