@@ -64,7 +64,15 @@ def write_voc_results(dets: Detections, out_dir: str | Path, split: str,
 
     Returns:
         The written files, in class order.
+
+    Raises:
+        ValueError: an image id or class name with whitespace (it would split the line's fields).
     """
+    for what, names in (("image id", dets.image_ids), ("class name", dets.classes)):
+        bad = [name for name in names if not name or len(name.split()) != 1]
+        if bad:
+            raise ValueError(f"{what} {bad[0]!r} is empty or holds whitespace: the devkit's lines and file "
+                             "names cannot hold it")
     out_dir = Path(out_dir)
     written = []
     for label, name in enumerate(dets.classes):

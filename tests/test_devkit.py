@@ -48,6 +48,15 @@ def test_one_file_per_class_named_like_the_devkit(tmp_path):
     assert (tmp_path / "comp4_det_val_pottedplant.txt").read_text() == ""
 
 
+def test_ids_with_whitespace_are_refused(tmp_path):
+    import dataclasses
+
+    dets = dataclasses.replace(_dets(), image_ids=["000005", "0000 07"])
+    with pytest.raises(ValueError, match="image id '0000 07' is empty or holds whitespace"):
+        write_voc_results(dets, tmp_path, "val")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_write_read_round_trip_is_bit_exact_and_scores_the_same(tmp_path):
     dets, gt = _dets(), _gt()
     write_voc_results(dets, tmp_path, "val")
