@@ -378,19 +378,16 @@ def score(ctx: click.Context, run_dir: str | None, gt_path: str | None, voc_resu
 
 def _score_with_gt(gt_path: str, voc_results: str | None, files: tuple[str, ...], ious, metric: str):
     """Score rows and protocol of detection pickles or a devkit results folder against a gt.pkl."""
-    import pandas as pd
-
-    from gradloc.detections import load_detections, load_ground_truth
-    from gradloc.devkit import score_voc_results
-    from gradloc.pipeline import score_detections
-
     if (voc_results is None) == (not files):
         raise click.UsageError("--gt needs detection pickles or --voc-results DIR (one of them)")
-    gt = load_ground_truth(gt_path)
     if voc_results is not None:
-        return score_voc_results(voc_results, gt, ious, metric), {}
-    frames = [score_detections(load_detections(path), gt, ious, metric, "cam") for path in files]
-    return pd.concat(frames, ignore_index=True), load_detections(files[0]).meta
+        from gradloc.detections import load_ground_truth
+        from gradloc.devkit import score_voc_results
+
+        return score_voc_results(voc_results, load_ground_truth(gt_path), ious, metric), {}
+    from gradloc.pipeline import score_files
+
+    return score_files(gt_path, files, ious, metric)
 
 
 @main.command()

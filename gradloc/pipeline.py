@@ -368,6 +368,19 @@ def score_detections(dets: Detections, gt: GroundTruth, ious: Sequence[float], m
     return frame
 
 
+def score_files(gt_path: str | Path, paths: Sequence[str | Path], ious: Sequence[float], metric: str
+                ) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Score detection pickles from anywhere against one gt.pkl (``gradloc score --gt``).
+
+    Returns:
+        (score rows, source ``cam``; the protocol of the first file's detections).
+    """
+    gt = load_ground_truth(gt_path)
+    detections = [load_detections(path) for path in paths]
+    rows = pd.concat([score_detections(d, gt, ious, metric, "cam") for d in detections], ignore_index=True)
+    return rows, detections[0].meta
+
+
 def score_run(run_dir: str | Path, ious: Sequence[float], metric: str) -> pd.DataFrame:
     """Score every detections file of a run folder (CAM boxes and baselines) against its gt.pkl."""
     run_dir = Path(run_dir)
