@@ -24,8 +24,6 @@ METRIC_NAMES = {"voc07": "VOC07 11-point AP", "voc10": "all-point AP (VOC2010+)"
 FORMATS = ("table", "markdown", "csv", "json")
 JSON_KEYS = ["threshold", "threshold_mode", "iou", "metric", "class", "ap", "recall", "n_gt", "n_det",
              "source", "box_mode"]
-
-
 DIGITS = 2  # decimals of printed percentages (``--digits``)
 LAYOUTS = ("blocks", "rows")
 SCORE_COLUMNS = ("threshold", "threshold_mode", "iou", "metric", "class", "ap", "recall", "n_gt", "source")
