@@ -56,6 +56,9 @@ class GradlocGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:
+            _quiet_broken_pipe()
+            sys.exit(141)  # 128 + SIGPIPE, what a shell pipeline expects from `cmd | head`
         except USER_ERRORS as error:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
@@ -65,6 +68,16 @@ class GradlocGroup(click.Group):
             click.echo("interrupted: the run folder keeps its previous results and finished heatmaps stay "
                        "cached; rerun the same command to resume", err=True)
             sys.exit(130)
+
+
+def _quiet_broken_pipe() -> None:
+    """The reader of stdout went away (``| head``): point stdout at /dev/null so that the final flush at exit
+    raises nothing either."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor (click's test runner)
+        pass
 
 
 @click.group(cls=GradlocGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -161,11 +174,20 @@ def build_config(config_path: str | None, flags: dict[str, Any]):
 
 
 @contextmanager
-def progress_bar(ctx: click.Context, total: int, desc: str, unit: str = "img") -> Iterator[Callable[[int], None]]:
+def tqdm_bar(ctx: click.Context, **kwargs: Any) -> Iterator[Any]:
+    """A tqdm bar on stderr (off with --quiet); while it is shown, log records go through ``tqdm.write``
+    (tqdm's logging handler) so that they print above the bar instead of inside it."""
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
-    with tqdm(total=total, desc=desc, unit=unit, disable=ctx.obj["quiet"] or total == 0, file=sys.stderr,
-              dynamic_ncols=True) as bar:
+    disable = kwargs.pop("disable", False) or ctx.obj["quiet"]
+    with logging_redirect_tqdm(), tqdm(disable=disable, file=sys.stderr, dynamic_ncols=True, **kwargs) as bar:
+        yield bar
+
+
+@contextmanager
+def progress_bar(ctx: click.Context, total: int, desc: str, unit: str = "img") -> Iterator[Callable[[int], None]]:
+    with tqdm_bar(ctx, total=total, desc=desc, unit=unit, disable=total == 0) as bar:
         yield bar.update
 
 
@@ -184,9 +206,7 @@ def _prepare(ctx: click.Context, config):
     if not config.demo.enabled:
         return config
     say(ctx, "demo: synthetic VOC-layout dataset and tiny CNN (generated once, then reused)")
-    from tqdm import tqdm
-
-    with tqdm(desc="train demo CNN", unit="epoch", disable=ctx.obj["quiet"], file=sys.stderr) as bar:
+    with tqdm_bar(ctx, desc="train demo CNN", unit="epoch") as bar:
 
         def report(epoch: int, epochs: int, loss: float) -> None:
             bar.total = epochs
@@ -201,28 +221,23 @@ def _stage(ctx: click.Context):
     return lambda description, total: progress_bar(ctx, total, description)
 
 
-def _print_per_class(rows, threshold: float) -> None:
-    from gradloc.report import per_class_table
-
-    taus = sorted(rows["threshold"].unique())
-    if not any(abs(threshold - tau) < 1e-9 for tau in taus):
-        raise ValueError(f"--per-class {threshold:g}: not a threshold of these detections "
-                         f"({', '.join(f'{t:g}' for t in taus)})")
-    tau = next(t for t in taus if abs(threshold - t) < 1e-9)
-    for iou in sorted(rows["iou"].unique()):
-        click.echo(f"\nper class, threshold = {tau:g}, IoU = {iou:g} (AP and recall in %)")
-        click.echo(per_class_table(rows, tau, iou))
-
-
-def _print_scores(ctx: click.Context, rows, meta, wsol, fmt: str = "table") -> None:
+def _print_scores(ctx: click.Context, rows, meta, wsol, fmt: str = "table", **options: Any) -> None:
+    """Score rows as one document on stdout (``options``: digits, layout, per_class of ``report.render``);
+    human formats add the WSOL lines unless --quiet."""
     from gradloc.report import render
 
-    click.echo(render(rows, fmt, meta))
-    if fmt == "table" and not ctx.obj["quiet"]:
-        means = wsol[wsol["class"].isin(["mean", "all"])]
-        lines = [f"  {r.metric:<28} tau={r.threshold:<6g} {100 * r.value:6.2f} %  (n={r.n})"
-                 for r in means.itertuples()]
-        click.echo("Localization (mean over classes; CorLoc per tau, pointing game tau-free):\n" + "\n".join(lines))
+    click.echo(render(rows, fmt, meta, **options), nl=False)
+    if fmt == "table" and wsol is not None and not ctx.obj["quiet"]:
+        click.echo("\n" + localization_lines(wsol, options.get("digits", 2)))
+
+
+def localization_lines(wsol, digits: int) -> str:
+    """The mean WSOL rows as text; τ-free metrics (pointing game) name no τ."""
+    means = wsol[wsol["class"].isin(["mean", "all"])]
+    lines = [f"  {r.metric:<28} {'' if r.threshold != r.threshold else f'tau={r.threshold:g}':<10} "
+             f"{100 * r.value:6.{digits}f} %  (n={r.n})" for r in means.itertuples()]
+    return ("Localization (mean over classes, in %; CorLoc per tau, pointing game tau-free):\n"
+            + "\n".join(lines))
 
 
 @main.command()
@@ -308,52 +323,86 @@ def boxes(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
     say(ctx, f"detections: {run_dir / 'detections'}")
 
 
+def digits_option(command: Callable) -> Callable:
+    """``--digits N``: decimals of the printed percentages (score, compare, sweep)."""
+    return click.option("--digits", type=click.IntRange(min=0, max=12), default=2, show_default=True,
+                        help="Decimals of the percentages in tables.")(command)
+
+
 @main.command()
 @click.argument("run_dir", required=False, type=click.Path())
 @click.option("--gt", "gt_path", type=click.Path(dir_okay=False), help="Ground-truth pickle (gradloc.gt/1).")
+@click.option("--voc-results", "voc_results", type=click.Path(file_okay=False),
+              help="With --gt: a folder of devkit files <comp>_det_<split>_<class>.txt (any detector; "
+                   "baselines/<name>/ subfolders are scored as baselines).")
 @click.option("--iou", default="0.3,0.4,0.5", show_default=True, help="Comma-separated IoU thresholds.")
 @click.option("--metric", type=click.Choice(["voc07", "voc10"]), default="voc07", show_default=True,
               help="voc07 = 11-point AP, voc10 = all-point AP.")
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv", "json"]), default="table",
-              show_default=True)
+              show_default=True, help="csv/json: stdout holds exactly one document of flat score rows.")
 @click.option("--per-class", "per_class", type=float, default=None, metavar="TAU",
-              help="Also print per-class AP/recall (%) at this τ, one table per IoU, baselines beside.")
+              help="Tables: add per-class AP/recall (%) at this τ, one table per IoU. csv/json: keep only "
+                   "the rows (every class, mAP, every source) of this τ.")
+@click.option("--layout", type=click.Choice(["blocks", "rows"]), default="blocks", show_default=True,
+              help="Tables: one block per τ, or one row per τ (columns metric@IoU per source).")
+@digits_option
+@click.option("--save", is_flag=True,
+              help="Run folder: write scores.csv/json/md and localization.csv and record the rescoring in "
+                   "manifest.json (without it, score only prints).")
 @click.argument("detections", nargs=-1, type=click.Path(dir_okay=False))
 @click.pass_context
-def score(ctx: click.Context, run_dir: str | None, gt_path: str | None, iou: str, metric: str, fmt: str,
-          per_class: float | None, detections: tuple[str, ...]) -> None:
-    """Score detections with the VOC devkit's AP: a run folder, or pickles from anywhere.
+def score(ctx: click.Context, run_dir: str | None, gt_path: str | None, voc_results: str | None, iou: str,
+          metric: str, fmt: str, per_class: float | None, layout: str, digits: int, save: bool,
+          detections: tuple[str, ...]) -> None:
+    """Score detections with the VOC devkit's AP: a run folder, pickles, or devkit result files.
+
+    A run folder is only read unless --save is given. Everything but the scores goes to stderr.
 
     \b
     Examples:
-      gradloc score results/demo
-      gradloc score --gt gt.pkl detections/thr_0.020.pkl detections/thr_0.060.pkl --format json
       gradloc score results/demo --iou 0.5 --per-class 0.4
+      gradloc score results/demo --iou 0.5 --save
+      gradloc score results/demo --format json > scores.json
+      gradloc score --gt gt.pkl detections/thr_0.020.pkl detections/thr_0.060.pkl --format csv
+      gradloc score --gt results/demo/gt.pkl --voc-results exported/
     """
-    import pandas as pd
-
-    from gradloc.detections import load_detections, load_ground_truth
-    from gradloc.pipeline import score_and_save, score_detections
-    from gradloc.report import render
-
     ious = _floats(iou, "--iou")
+    options = {"digits": digits, "layout": layout, "per_class": per_class}
     if gt_path is None:
-        if run_dir is None or detections:
-            raise click.UsageError("give a run folder, or --gt GT.pkl and detection pickles")
-        rows, meta, wsol = score_and_save(Path(run_dir), ious, metric)
-        _print_scores(ctx, rows, meta, wsol, fmt=fmt)
+        if run_dir is None or detections or voc_results:
+            raise click.UsageError("give a run folder, or --gt GT.pkl with detection pickles or --voc-results DIR")
+        from gradloc.pipeline import record_rescoring, save_run_scores, score_run_folder
+        from gradloc.report import check_per_class
+
+        rows, meta, wsol = score_run_folder(run_dir, ious, metric)
         if per_class is not None:
-            _print_per_class(rows, per_class)
+            check_per_class(rows, per_class)  # before anything is written or printed
+        if save:
+            files = save_run_scores(run_dir, rows, meta, wsol)
+            recorded = record_rescoring(run_dir, ious, metric, files)
+            say(ctx, f"saved {', '.join(f.name for f in files)} in {run_dir}"
+                     + ("; manifest.json records the rescoring" if recorded else " (no manifest.json to update)"))
+        _print_scores(ctx, rows, meta, wsol, fmt, **options)
         return
+    if save:
+        raise click.UsageError("--save writes into a run folder; with --gt redirect stdout instead")
     files = ((run_dir,) if run_dir else ()) + detections  # with --gt, positional arguments are all pickles
-    if not files:
-        raise click.UsageError("--gt needs at least one detections pickle")
-    gt = load_ground_truth(gt_path)
-    frames = [score_detections(load_detections(path), gt, ious, metric, "cam") for path in files]
-    rows = pd.concat(frames, ignore_index=True)
-    click.echo(render(rows, fmt, load_detections(files[0]).meta))
-    if per_class is not None:
-        _print_per_class(rows, per_class)
+    rows, meta = _score_with_gt(gt_path, voc_results, files, ious, metric)
+    _print_scores(ctx, rows, meta, None, fmt, **options)
+
+
+def _score_with_gt(gt_path: str, voc_results: str | None, files: tuple[str, ...], ious, metric: str):
+    """Score rows and protocol of detection pickles or a devkit results folder against a gt.pkl."""
+    if (voc_results is None) == (not files):
+        raise click.UsageError("--gt needs detection pickles or --voc-results DIR (one of them)")
+    if voc_results is not None:
+        from gradloc.detections import load_ground_truth
+        from gradloc.devkit import score_voc_results
+
+        return score_voc_results(voc_results, load_ground_truth(gt_path), ious, metric), {}
+    from gradloc.pipeline import score_files
+
+    return score_files(gt_path, files, ious, metric)
 
 
 @main.command()
@@ -447,8 +496,6 @@ def train(ctx: click.Context, config_path: str | None, out: str, **options: Any)
       gradloc train --config configs/voc07.yaml --split trainval --out HEAD.pt
       gradloc train --model efficientnet_lite0 --split train --out checkpoints/lite0_voc.pt
     """
-    from tqdm import tqdm
-
     from gradloc.config import load_config
     from gradloc.train import TrainConfig, train_head
 
@@ -456,7 +503,7 @@ def train(ctx: click.Context, config_path: str | None, out: str, **options: Any)
     if str(overrides.get("val_split", "")).lower() == "none":
         overrides["val_split"] = None
     cfg = TrainConfig.from_run(load_config(config_path), Path(out), **overrides)
-    with tqdm(desc="train", unit="step", disable=ctx.obj["quiet"], file=sys.stderr) as bar:
+    with tqdm_bar(ctx, desc="train", unit="step") as bar:
 
         def progress(done: int, total: int, loss: float) -> None:
             bar.total = total
@@ -538,7 +585,8 @@ def plot(run_dir: str, threshold: float | None, iou: float, out_dir: str | None)
               help="τ of the per-class table (default: best mAP of RUN_A, an oracle choice).")
 @click.option("--top", type=int, default=5, show_default=True, help="How many largest disagreements to list.")
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown"]), default="table", show_default=True)
-def compare(run_a: str, run_b: str, iou: float, threshold: float | None, top: int, fmt: str) -> None:
+@digits_option
+def compare(run_a: str, run_b: str, iou: float, threshold: float | None, top: int, fmt: str, digits: int) -> None:
     """Compare two runs: mAP per threshold x IoU side by side, per-class AP differences (B - A).
 
     \b
@@ -548,7 +596,8 @@ def compare(run_a: str, run_b: str, iou: float, threshold: float | None, top: in
     from gradloc.compare import compare_runs, render_comparison
 
     comparison = compare_runs(run_a, run_b, iou=iou, threshold=threshold, top=top)
-    click.echo(render_comparison(comparison, tablefmt="github" if fmt == "markdown" else "orgtbl"), nl=False)
+    click.echo(render_comparison(comparison, tablefmt="github" if fmt == "markdown" else "orgtbl", digits=digits),
+               nl=False)
 
 
 @main.command()
@@ -557,9 +606,10 @@ def compare(run_a: str, run_b: str, iou: float, threshold: float | None, top: in
 @click.option("--eval-split", required=True, help="Split the scores are reported on, e.g. val.")
 @click.option("--select-metric", default="ap@0.5", show_default=True,
               help="What τ maximizes: ap@<iou> (mAP) or recall@<iou> (mean recall).")
+@digits_option
 @click.pass_context
 def sweep(ctx: click.Context, config_path: str | None, select_split: str, eval_split: str, select_metric: str,
-          **flags: Any) -> None:
+          digits: int, **flags: Any) -> None:
     """Choose τ on one split and report it on another (a τ chosen on the evaluated split is labelled oracle).
 
     Runs go to <out>/<name>/<split>/, the table to <out>/<name>/sweep.csv and sweep.md.
@@ -577,11 +627,34 @@ def sweep(ctx: click.Context, config_path: str | None, select_split: str, eval_s
     config = build_config(config_path, flags)
     check_writable(config.run_dir)
     config = _prepare(ctx, config)
-    result = run_sweep(config, select_split, eval_split, select_metric,
-                       stage=_stage(ctx))
+    result = run_sweep(config, select_split, eval_split, select_metric, stage=_stage(ctx), digits=digits)
     click.echo(result.text, nl=False)
     say(ctx, "runs: " + ", ".join(str(p) for p in result.run_dirs.values()) + "; table: "
         + ", ".join(str(p) for p in result.files))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--threshold", type=float, required=True, help="τ of the detections to export (a threshold of the run).")
+@click.option("--format", "fmt", type=click.Choice(["voc"]), default="voc", show_default=True,
+              help="voc = the official devkit's per-class files comp4_det_<split>_<class>.txt.")
+@click.option("--split", default=None, help="Split in the file names (default: the run's split).")
+@click.pass_context
+def export(ctx: click.Context, run_dir: str, out_dir: str, threshold: float, fmt: str, split: str | None) -> None:
+    """Write a run's detections at one τ in the devkit's results format (baselines in OUT_DIR/baselines/).
+
+    Lines are `image_id score x1 y1 x2 y2`, VOC 1-based boxes, numbers that read back exactly.
+
+    \b
+    Example:
+      gradloc export results/demo --threshold 0.2 --format voc exported/
+      gradloc score --gt results/demo/gt.pkl --voc-results exported/
+    """
+    from gradloc.devkit import export_run
+
+    written = export_run(run_dir, threshold, out_dir, split=split)
+    say(ctx, f"wrote {len(written)} {fmt} results files to {out_dir}")
 
 
 # --- end of report commands ---

@@ -17,23 +17,10 @@ import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
-from gradloc.report import METRIC_NAMES
+from gradloc.report import DIGITS, METRIC_NAMES, match_value, select_threshold
 from gradloc.runs import open_run
 
 logger = logging.getLogger(__name__)
-
-def match_value(values: pd.Series, wanted: float, what: str, source: str | Path) -> float:
-    """The value among ``values`` equal to ``wanted`` (within 1e-9).
-
-    Raises:
-        ValueError: no such value; the message lists the available ones.
-    """
-    available = sorted({float(v) for v in values})
-    for value in available:
-        if abs(value - wanted) <= 1e-9:
-            return value
-    raise ValueError(f"{source}: no {what} {wanted:g}; available: {', '.join(f'{v:g}' for v in available)}")
-
 
 @dataclass(frozen=True)
 class Comparison:
@@ -87,8 +74,6 @@ def compare_scores(rows_a: pd.DataFrame, rows_b: pd.DataFrame, iou: float = 0.5,
     Raises:
         ValueError: different AP variants or IoU sets, IoU or τ not in both runs, no common τ, no CAM rows.
     """
-    from gradloc.sweep import select_threshold
-
     name_a, name_b = names
     cam_a, cam_b = rows_a[rows_a["source"] == "cam"], rows_b[rows_b["source"] == "cam"]
     for rows, name in ((cam_a, name_a), (cam_b, name_b)):
@@ -174,25 +159,26 @@ def _pct(value: float) -> float:
     return 100.0 * value
 
 
-def render_comparison(comparison: Comparison, tablefmt: str = "orgtbl") -> str:
+def render_comparison(comparison: Comparison, tablefmt: str = "orgtbl", digits: int = DIGITS) -> str:
     """The comparison as text: mAP table, per-class table, largest disagreements, protocol and notes.
 
-    Values are percentages; differences are percentage points, ``B - A``.
+    Values are percentages with ``digits`` decimals; differences are percentage points, ``B - A``.
     """
+    pct, diff = f".{digits}f", f"+.{digits}f"
     a, b = comparison.names
     s = comparison.summary
     summary = tabulate(
         [[f"{r.threshold:g}", f"{r.iou:g}", _pct(r.ap_a), _pct(r.ap_b), _pct(r.ap_diff), _pct(r.recall_a),
           _pct(r.recall_b), _pct(r.recall_diff)] for r in s.itertuples()],
         headers=["threshold", "IoU", f"mAP {a}", f"mAP {b}", "diff", f"recall {a}", f"recall {b}", "diff"],
-        tablefmt=tablefmt, floatfmt=("", "", ".2f", ".2f", "+.2f", ".2f", ".2f", "+.2f"), numalign="right")
+        tablefmt=tablefmt, floatfmt=("", "", pct, pct, diff, pct, pct, diff), numalign="right")
     p = comparison.per_class
     per_class = tabulate(
         [[r["class"], _int(r["n_gt_a"]), _int(r["n_gt_b"]), _pct(r["ap_a"]), _pct(r["ap_b"]),
           _pct(r["ap_diff"])] for _, r in p.iterrows()],
         headers=["class", f"n_gt {a}", f"n_gt {b}", f"AP {a}", f"AP {b}", "diff"], tablefmt=tablefmt,
-        floatfmt=("", "", "", ".2f", ".2f", "+.2f"), numalign="right", missingval="-")
-    top = ", ".join(f"{r['class']} ({_pct(r['ap_diff']):+.2f})" for _, r in comparison.top.iterrows())
+        floatfmt=("", "", "", pct, pct, diff), numalign="right", missingval="-")
+    top = ", ".join(f"{r['class']} ({_pct(r['ap_diff']):{diff}})" for _, r in comparison.top.iterrows())
     metric = METRIC_NAMES.get(comparison.metric, comparison.metric)
     lines = [
         f"A = {a}, B = {b}: CAM boxes, mAP and mean recall in %, diff = B - A in points",

@@ -26,7 +26,7 @@ from gradloc import __version__, runs
 from gradloc.boxes import BASELINES, image_boxes, peak_points, random_maps
 from gradloc.cache import HeatmapCache
 from gradloc.config import RunConfig, config_hash
-from gradloc.detections import Detections, GroundTruth
+from gradloc.detections import Detections, GroundTruth, load_detections, load_ground_truth
 from gradloc.voc import VOCDataset
 
 logger = logging.getLogger(__name__)
@@ -346,6 +346,18 @@ def _score_file(path: Path, dets: Detections, gt: GroundTruth, ious: Sequence[fl
         raise ValueError(f"{path}: {error}") from None
 
 
+def score_files(gt_path: str | Path, paths: Sequence[str | Path], ious: Sequence[float], metric: str
+                ) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Score detection pickles from anywhere against one gt.pkl (``gradloc score --gt``).
+
+    Returns:
+        (score rows, source ``cam``; the protocol of the first file's detections).
+    """
+    gt = load_ground_truth(gt_path)
+    frames = [_score_file(Path(path), load_detections(path), gt, ious, metric, "cam") for path in paths]
+    return pd.concat(frames, ignore_index=True), load_detections(paths[0]).meta
+
+
 def score_run(run_dir: str | Path | runs.Run, ious: Sequence[float], metric: str) -> pd.DataFrame:
     """Score every detections file of a run folder (CAM boxes and baselines) against its gt.pkl."""
     run = run_dir if isinstance(run_dir, runs.Run) else runs.open_run(run_dir)
@@ -391,25 +403,40 @@ def localization_scores(run_dir: str | Path | runs.Run) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _score_into(run: runs.Run, ious: Sequence[float], metric: str
-                ) -> tuple[pd.DataFrame, dict[str, Any], pd.DataFrame]:
-    rows = score_run(run, ious, metric)
-    meta = run.detections_at(run.thresholds[0]).meta
-    wsol = localization_scores(run)
-    runs.write_scores(run.path, rows, meta, wsol)
-    return rows, meta, wsol
-
-
-def score_and_save(run_dir: str | Path, ious: Sequence[float], metric: str
-                   ) -> tuple[pd.DataFrame, dict[str, Any], pd.DataFrame]:
-    """Score a finished run folder and rewrite its scores.csv/json/md and localization.csv (holding its lock).
+def score_run_folder(run_dir: str | Path | runs.Run, ious: Sequence[float], metric: str
+                     ) -> tuple[pd.DataFrame, dict[str, Any], pd.DataFrame]:
+    """Score a run folder without writing anything.
 
     Returns:
         (score rows, the protocol of its CAM detections, WSOL rows).
     """
-    run = runs.open_run(run_dir)
-    with runs.locked(run.path):
-        return _score_into(run, ious, metric)
+    run = run_dir if isinstance(run_dir, runs.Run) else runs.open_run(run_dir)
+    rows = score_run(run, ious, metric)
+    return rows, run.detections_at(run.thresholds[0]).meta, localization_scores(run)
+
+
+def save_run_scores(run_dir: str | Path, rows: pd.DataFrame, meta: dict[str, Any], wsol: pd.DataFrame
+                    ) -> list[Path]:
+    """Write scores.csv/json/md and localization.csv into a finished run folder (holding its lock); returns
+    the written files."""
+    with runs.locked(run_dir):
+        return runs.write_scores(run_dir, rows, meta, wsol)
+
+
+def record_rescoring(run_dir: str | Path, ious: Sequence[float], metric: str, files: Sequence[Path]) -> bool:
+    """After ``gradloc score RUN --save``: record in ``manifest.json``, under ``rescored_scores``, the score
+    settings the saved files now hold (``config.score`` keeps what the run was made with).
+
+    Returns:
+        False when the folder has no manifest (made by ``gradloc boxes``), True when it was updated.
+    """
+    run_dir = Path(run_dir)
+    return runs.update_manifest(run_dir, "rescored_scores", {
+        "score": {"iou": [float(v) for v in ious], "metric": metric},
+        "files": sorted(str(Path(f).relative_to(run_dir)) for f in files),
+        "gradloc": __version__,
+        "git_commit": runs.git_commit(),
+    })
 
 
 # --- the whole run ------------------------------------------------------------------------------------------
@@ -459,7 +486,8 @@ def run(config: RunConfig, original: RunConfig | None = None, stage: StageProgre
             run_boxes(config, cache, dataset, progress=update, writer=writer)
         writer.write_config(config.to_dict())
         with times.stage("score"):
-            rows, meta, wsol = _score_into(writer.run, config.score.iou, config.score.metric)
+            rows, meta, wsol = score_run_folder(writer.run, config.score.iou, config.score.metric)
+            runs.write_scores(writer.run.path, rows, meta, wsol)
         writer.write_manifest(run_manifest(config, original or config, cache, times, dataset.skipped))
     return RunResult(config.run_dir, rows, meta, wsol, cache, dataset, times, list(dataset.skipped))
 

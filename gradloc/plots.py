@@ -23,11 +23,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from gradloc import metrics
-from gradloc.compare import match_value
 from gradloc.detections import Detections, GroundTruth
-from gradloc.report import METRIC_NAMES
+from gradloc.report import METRIC_NAMES, match_value, select_threshold
 from gradloc.runs import Run, open_run, threshold_filename
-from gradloc.sweep import select_threshold
 
 logger = logging.getLogger(__name__)
 

@@ -233,7 +233,7 @@ class Run:
         """
         path = self.scores_path
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: not found; score the run first with `gradloc score {self.path}`")
+            raise FileNotFoundError(f"{path}: not found; score the run first with `gradloc score {self.path} --save`")
         try:
             rows = pd.read_csv(path, keep_default_na=False, na_values=[""])
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
@@ -241,7 +241,7 @@ class Run:
         missing = [column for column in SCORE_COLUMNS if column not in rows.columns]
         if missing:
             raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; "
-                             f"rescore with `gradloc score {self.path}`")
+                             f"rescore with `gradloc score {self.path} --save`")
         return rows
 
     def files(self) -> list[Path]:
@@ -316,12 +316,29 @@ class RunWriter:
 
 
 def write_scores(folder: str | Path, rows: pd.DataFrame, meta: Mapping[str, Any],
-                 localization: pd.DataFrame) -> None:
-    """``scores.csv/json/md`` and ``localization.csv`` of a run folder (each file atomically)."""
+                 localization: pd.DataFrame) -> list[Path]:
+    """``scores.csv/json/md`` and ``localization.csv`` of a run folder (each file atomically); returns them."""
     from gradloc.report import save_scores
 
-    save_scores(rows, Path(folder), meta)
+    written = save_scores(rows, Path(folder), meta)
     atomic_write_bytes(Path(folder) / LOCALIZATION_FILE, localization.to_csv(index=False).encode())
+    return [*written, Path(folder) / LOCALIZATION_FILE]
+
+
+def update_manifest(folder: str | Path, key: str, value: Any) -> bool:
+    """Set ``key`` of a finished run's ``manifest.json`` (atomically, holding the run's lock).
+
+    Returns:
+        False when the folder has no manifest, True when it was updated.
+    """
+    run = open_run(folder)
+    with locked(run.path):
+        manifest = run.manifest_or_none()
+        if manifest is None:
+            return False
+        manifest[key] = value
+        atomic_write_bytes(run.path / MANIFEST_FILE, json.dumps(manifest, indent=2, default=str).encode())
+    return True
 
 
 def _pid_alive(pid: int) -> bool:

@@ -20,13 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
 from gradloc.config import IOU_RANGE
 from gradloc.io import atomic_write_bytes
-from gradloc.report import METRIC_NAMES
+from gradloc.report import DIGITS, METRIC_NAMES, is_close, select_threshold
 
 if TYPE_CHECKING:
     from gradloc.pipeline import StageProgress
@@ -54,32 +53,6 @@ def parse_select_metric(text: str) -> tuple[str, float]:
         raise ValueError(f"selection metric {text!r} is not <name>@<iou> with a name of "
                          f"{', '.join(SELECT_METRICS)} and an IoU in {IOU_RANGE}, e.g. ap@0.5")
     return name, iou
-
-
-def select_threshold(rows: pd.DataFrame, column: str, iou: float) -> tuple[float, float]:
-    """τ maximizing a CAM mean score at one IoU.
-
-    Args:
-        rows: flat score rows (see :mod:`gradloc.report`); the ``class == "mAP"``, ``source == "cam"`` rows
-            at ``iou`` are used.
-        column: ``ap`` or ``recall``.
-        iou: IoU threshold (compared within 1e-9).
-
-    Returns:
-        ``(τ, value)``: the highest value; ties -> the smallest τ; NaN never wins.
-
-    Raises:
-        ValueError: no CAM mAP rows with a value at ``iou``; the message lists the IoUs available.
-    """
-    means = rows[(rows["class"] == "mAP") & (rows["source"] == "cam")]
-    part = means[np.isclose(means["iou"].astype(float), iou, rtol=0.0, atol=1e-9)].dropna(subset=[column])
-    if part.empty:
-        available = ", ".join(f"{v:g}" for v in sorted(set(means["iou"])))
-        raise ValueError(f"no CAM mAP {column} at IoU {iou:g} to select a threshold from "
-                         f"(IoUs scored: {available or 'none'}); add it to score.iou / --iou")
-    part = part.sort_values("threshold", kind="stable")
-    best = int(np.argmax(part[column].to_numpy(dtype=np.float64)))
-    return float(part["threshold"].iloc[best]), float(part[column].iloc[best])
 
 
 def sweep_table(select_rows: pd.DataFrame, eval_rows: pd.DataFrame, select_metric: str, select_split: str,
@@ -110,8 +83,7 @@ def sweep_table(select_rows: pd.DataFrame, eval_rows: pd.DataFrame, select_metri
                     tau, value))
     out = []
     for choice, label, oracle, chosen_on, tau, value in choices:
-        part = eval_rows[(eval_rows["class"] == "mAP") & np.isclose(eval_rows["threshold"].astype(float), tau,
-                                                                    rtol=0.0, atol=1e-9)]
+        part = eval_rows[(eval_rows["class"] == "mAP") & is_close(eval_rows["threshold"], tau)]
         if part.empty:
             raise ValueError(f"threshold {tau:g} chosen on {chosen_on} was not scored on {eval_split}; "
                              "use the same boxes.thresholds for both splits")
@@ -129,13 +101,15 @@ def _source_order(column: pd.Series) -> pd.Series:
     return column.map(lambda s: (s != "cam", s))
 
 
-def render_sweep(table: pd.DataFrame, metric: str | None = None, tablefmt: str = "orgtbl") -> str:
+def render_sweep(table: pd.DataFrame, metric: str | None = None, tablefmt: str = "orgtbl",
+                 digits: int = DIGITS) -> str:
     """The sweep table as text: one row per (choice, source), AP and recall (%) per IoU, and the protocol.
 
     Args:
         table: from :func:`sweep_table`.
         metric: AP variant name for the protocol line (``voc07`` / ``voc10``).
         tablefmt: tabulate format.
+        digits: decimals of the percentages.
     """
     ious = sorted(set(table["iou"]))
     lines = []
@@ -149,7 +123,7 @@ def render_sweep(table: pd.DataFrame, metric: str | None = None, tablefmt: str =
     first = table.iloc[0]
     headers = ["tau chosen", "tau", f"{first['select_metric']} on chosen split", "boxes",
                *[f"ap@{v:g}" for v in ious], *[f"recall@{v:g}" for v in ious]]
-    formats = ("", "g", ".2f", "", *[".2f"] * (2 * len(ious)))
+    formats = ("", "g", f".{digits}f", "", *[f".{digits}f"] * (2 * len(ious)))
     text = tabulate(lines, headers=headers, tablefmt=tablefmt, floatfmt=formats, numalign="right")
     name = METRIC_NAMES.get(metric or "", metric or "AP")
     protocol = (f"Scores on {first['evaluated_on']} ({name}, mAP over classes with non-difficult GT, match "
@@ -197,7 +171,7 @@ def run_split(config: Any, stage: StageProgress | None = None) -> tuple[Path, pd
 
 
 def run_sweep(config: Any, select_split: str, eval_split: str, select_metric: str = "ap@0.5",
-              stage: StageProgress | None = None) -> SweepResult:
+              stage: StageProgress | None = None, digits: int = DIGITS) -> SweepResult:
     """Run the pipeline on the selection and evaluation splits, choose τ, write ``sweep.csv`` / ``sweep.md``.
 
     Args:
@@ -206,6 +180,7 @@ def run_sweep(config: Any, select_split: str, eval_split: str, select_metric: st
             then the only choice is labelled oracle).
         select_metric: e.g. ``ap@0.5``; its IoU must be among ``config.score.iou``.
         stage: optional progress factory (see :func:`run_split`).
+        digits: decimals of the percentages in the returned text.
 
     Returns:
         The :class:`SweepResult`; files go to ``<out>/<name>/`` (runs in ``<out>/<name>/<split>/``).
@@ -214,14 +189,14 @@ def run_sweep(config: Any, select_split: str, eval_split: str, select_metric: st
         ValueError: bad selection metric or IoU not scored (checked before any work), pipeline errors.
     """
     _, iou = parse_select_metric(select_metric)
-    if not any(abs(iou - v) <= 1e-9 for v in config.score.iou):
+    if not is_close(config.score.iou, iou).any():
         raise ValueError(f"selection metric {select_metric}: IoU {iou:g} is not scored "
                          f"(score.iou = {', '.join(f'{v:g}' for v in config.score.iou)}); add it with --iou")
     run_dirs, rows = {}, {}
     for split in dict.fromkeys((select_split, eval_split)):
         run_dirs[split], rows[split] = run_split(split_config(config, split), stage)
     table = sweep_table(rows[select_split], rows[eval_split], select_metric, select_split, eval_split)
-    text = render_sweep(table, config.score.metric)
+    text = render_sweep(table, config.score.metric, digits=digits)
     out_dir = config.run_dir
     files = [out_dir / "sweep.csv", out_dir / "sweep.md"]
     atomic_write_bytes(files[0], table.to_csv(index=False).encode())

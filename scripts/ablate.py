@@ -22,6 +22,7 @@ import yaml
 from gradloc.config import load_config
 from gradloc.detections import load_ground_truth
 from gradloc.io import atomic_write_bytes
+from gradloc.report import is_close
 from gradloc.sweep import run_sweep
 
 
@@ -32,11 +33,11 @@ def row(name: str, what: str, table: pd.DataFrame, seconds_per_image: float) -> 
     out["tau (train)"] = float(sel["threshold"].iloc[0])
     for iou in (0.3, 0.4, 0.5):
         for source in ("cam", "center", "full", "random"):
-            part = sel[(sel["source"] == source) & ((sel["iou"] - iou).abs() < 1e-9)]
+            part = sel[(sel["source"] == source) & is_close(sel["iou"], iou)]
             if len(part):
                 key = f"mAP@{iou:g}" if source == "cam" else f"{source}@{iou:g}"
                 out[key] = round(100 * float(part["ap"].iloc[0]), 2)
-    cam = ora[(ora["source"] == "cam") & ((ora["iou"] - 0.5).abs() < 1e-9)]
+    cam = ora[(ora["source"] == "cam") & is_close(ora["iou"], 0.5)]
     out["oracle tau (val)"] = float(cam["threshold"].iloc[0])
     out["oracle mAP@0.5"] = round(100 * float(cam["ap"].iloc[0]), 2)
     out["s/img (cams)"] = round(seconds_per_image, 4) if seconds_per_image > 0.5e-4 else "cached"

@@ -30,17 +30,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import yaml
-
 from gradloc.bootstrap import corloc_interval, map_interval
+from gradloc.wsol import max_box_acc
+
 from gradloc.boxes import peak_points
 from gradloc.config import load_config
 from gradloc.geometry import upsample
 from gradloc.io import atomic_write_bytes
-from gradloc.metrics import corloc, evaluate, pointing_game
+from gradloc.metrics import evaluate, pointing_game
 from gradloc.runs import open_run
 from gradloc.show import open_run_cache, save_figure, show_run
 from gradloc.sweep import run_sweep
-from gradloc.wsol import max_box_acc
 
 logger = logging.getLogger("benchmark")
 

@@ -28,7 +28,8 @@ def tiny_run(tmp_path_factory):
     return root, result
 
 
-@pytest.mark.parametrize("command", ["run", "cams", "boxes", "score", "info", "models", "layers", "train"])
+@pytest.mark.parametrize("command", ["run", "cams", "boxes", "score", "info", "models", "layers", "train",
+                                     "export"])
 def test_help_has_an_example(command):
     result = CliRunner().invoke(main, [command, "--help"])
     assert result.exit_code == 0, result.output
@@ -40,10 +41,10 @@ def test_run_prints_owner_tables(tiny_run):
     root, result = tiny_run
     assert result.exit_code == 0, result.output
     block = result.output.split("threshold = 0.1\n", 1)[1].splitlines()
-    assert re.fullmatch(r"\| +\| 0\.3 +\| 0\.5 +\|", block[0])
+    assert re.fullmatch(r"\| +\| IoU 0\.3 +\| IoU 0\.5 +\|", block[0])
     assert re.fullmatch(r"\|-+\+-+\+-+\|", block[1])
     assert [line.split("|")[1].strip() for line in block[2:4]] == ["ap", "recall"]
-    assert re.fullmatch(r"\| ap +\| \d+\.\d{6} +\| \d+\.\d{6} +\|", block[2])
+    assert re.fullmatch(r"\| ap +\| \d+\.\d{2} +\| \d+\.\d{2} +\|", block[2])
     assert "| ap (center)" in result.output
     assert "VOC07 11-point AP" in result.output
     run_dir = root / "results" / "tiny"
@@ -57,12 +58,12 @@ def test_score_run_folder_and_pickles_as_json(tiny_run):
     run_dir = root / "results" / "tiny"
     result = CliRunner().invoke(main, ["score", str(run_dir), "--format", "csv", "--iou", "0.5"])
     assert result.exit_code == 0, result.output
-    assert result.output.startswith("threshold,threshold_mode,iou,metric,class,ap,recall,n_gt,n_det")
+    assert result.stdout.startswith("threshold,threshold_mode,iou,metric,class,ap,recall,n_gt,n_det")
     result = CliRunner().invoke(main, ["score", "--gt", str(run_dir / "gt.pkl"),
                                        str(run_dir / "detections" / "thr_0.200.pkl"), "--format", "json",
                                        "--metric", "voc10"])
     assert result.exit_code == 0, result.output
-    rows = json.loads(result.output)
+    rows = json.loads(result.stdout)
     assert {r["iou"] for r in rows} == {0.3, 0.4, 0.5}
     assert {r["metric"] for r in rows} == {"voc10"}
     assert any(r["class"] == "mAP" for r in rows)
@@ -181,11 +182,9 @@ def test_score_per_class_tables(tiny_run):
     run_dir = str(root / "results" / "tiny")
     result = CliRunner().invoke(main, ["score", run_dir, "--iou", "0.5", "--per-class", "0.2"])
     assert result.exit_code == 0, result.output
-    assert "per class, threshold = 0.2, IoU = 0.5" in result.output
-    lines = result.output.split("per class, threshold = 0.2, IoU = 0.5")[1].splitlines()
+    assert "Per class, threshold = 0.2, IoU = 0.5" in result.output
+    lines = result.output.split("Per class, threshold = 0.2, IoU = 0.5")[1].splitlines()
     assert any(line.startswith("| disc") for line in lines) and any(line.startswith("| mAP") for line in lines)
-    bad = CliRunner().invoke(main, ["score", run_dir, "--per-class", "0.7"])
-    assert bad.exit_code == 1 and "not a threshold of these detections (0.1, 0.2)" in bad.output
 
 
 def test_quiet_and_debug_also_work_after_the_command(tmp_path):
@@ -194,3 +193,169 @@ def test_quiet_and_debug_also_work_after_the_command(tmp_path):
     result = CliRunner().invoke(main, ["run", "--config", str(tmp_path / "nope.yaml"), "-q"])
     assert result.exit_code == 1 and "config file not found" in result.output
     assert "--quiet" in CliRunner().invoke(main, ["score", "--help"]).output
+
+
+# --- score: machine-readable output, --save, validation, broken pipe; export and --voc-results ---------------
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_score_json_and_csv_with_per_class_are_one_document(tiny_run):
+    import csv
+    import io
+
+    root, _ = tiny_run
+    run_dir = str(root / "results" / "tiny")
+    result = CliRunner().invoke(main, ["score", run_dir, "--format", "json", "--per-class", "0.2"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)  # one document: no tables appended
+    assert {r["threshold"] for r in rows} == {0.2}
+    assert {"mAP", "disc"} <= {r["class"] for r in rows} and {"cam", "center"} <= {r["source"] for r in rows}
+    result = CliRunner().invoke(main, ["score", run_dir, "--format", "csv", "--per-class", "0.2"])
+    assert result.exit_code == 0, result.output
+    records = list(csv.reader(io.StringIO(result.stdout)))
+    assert records[0][:3] == ["threshold", "threshold_mode", "iou"]
+    assert {len(r) for r in records} == {len(records[0])} and len(records) == len(rows) + 1
+
+
+@pytest.mark.slow
+def test_score_writes_nothing_unless_save(tiny_run):
+    root, _ = tiny_run
+    run_dir = root / "results" / "tiny"
+    before = _files(run_dir)
+    result = CliRunner().invoke(main, ["score", str(run_dir), "--iou", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert _files(run_dir) == before
+    assert "tau=nan" not in result.stdout and re.search(r"pointing@15px +\d+\.\d\d %", result.stdout)
+    # every option is checked before anything is printed or written
+    bad = CliRunner().invoke(main, ["score", str(run_dir), "--iou", "0.5", "--save", "--per-class", "0.33"])
+    assert bad.exit_code == 1 and bad.stdout == ""
+    assert bad.stderr.strip().splitlines() == ["error: --per-class: no threshold 0.33; available: 0.1, 0.2"]
+    assert _files(run_dir) == before
+    saved = CliRunner().invoke(main, ["score", str(run_dir), "--iou", "0.5", "--save", "--metric", "voc10"])
+    assert saved.exit_code == 0, saved.output
+    try:
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        assert manifest["rescored_scores"]["score"] == {"iou": [0.5], "metric": "voc10"}
+        assert "scores.csv" in manifest["rescored_scores"]["files"]
+        assert manifest["config"]["score"]["iou"] == [0.3, 0.5]  # what the run was made with stays
+        assert {r["iou"] for r in json.loads((run_dir / "scores.json").read_text())} == {0.5}
+    finally:  # restore the shared run for the other tests
+        for name, data in before.items():
+            (run_dir / name).write_bytes(data)
+
+
+@pytest.mark.slow
+def test_score_layout_rows_and_digits(tiny_run):
+    root, _ = tiny_run
+    result = CliRunner().invoke(main, ["score", str(root / "results" / "tiny"), "--iou", "0.5", "--layout", "rows",
+                                       "--digits", "3", "-q"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stdout.splitlines() if line.startswith("|") and "---" not in line]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    assert header[:3] == ["tau", "ap@0.5", "recall@0.5"] and "ap@0.5 (center)" in header
+    assert [line.split("|")[1].strip() for line in lines[1:]] == ["0.1", "0.2"]
+    assert re.fullmatch(r"\d+\.\d{3}", lines[1].split("|")[2].strip())
+
+
+@pytest.mark.slow
+def test_export_then_score_voc_results_reproduces_the_run(tiny_run, tmp_path):
+    root, _ = tiny_run
+    run_dir = root / "results" / "tiny"
+    result = CliRunner().invoke(main, ["export", str(run_dir), "--threshold", "0.2", "--format", "voc",
+                                       str(tmp_path / "voc")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "voc" / "comp4_det_test_disc.txt").is_file()
+    assert (tmp_path / "voc" / "baselines" / "center" / "comp4_det_test_disc.txt").is_file()
+    args = ["--iou", "0.3,0.5", "--format", "json"]
+    run_rows = json.loads(CliRunner().invoke(main, ["score", str(run_dir), *args, "--per-class", "0.2"]).stdout)
+    result = CliRunner().invoke(main, ["score", "--gt", str(run_dir / "gt.pkl"), "--voc-results",
+                                       str(tmp_path / "voc"), *args])
+    assert result.exit_code == 0, result.output
+    voc_rows = json.loads(result.stdout)
+
+    def numbers(rows):
+        return {(r["source"], r["class"], r["iou"]): (r["ap"], r["recall"], r["n_gt"], r["n_det"]) for r in rows}
+
+    assert numbers(voc_rows) == numbers(run_rows)  # exactly, every source, class and IoU
+    assert {r["threshold"] for r in voc_rows} == {None}
+
+
+def test_voc_results_malformed_line_is_one_line_error(tmp_path):
+    import numpy as np
+
+    from gradloc.detections import GroundTruth, save_pickle
+
+    save_pickle(GroundTruth(classes=["cat"], image_ids=["a"], image_sizes=np.array([[10, 10]]),
+                            image_index=np.array([0]), labels=np.array([0]), boxes=np.array([[1.0, 1, 5, 5]]),
+                            difficult=np.array([False])), tmp_path / "gt.pkl")
+    (tmp_path / "voc").mkdir()
+    (tmp_path / "voc" / "comp4_det_val_cat.txt").write_text("a 0.5 1 1 5 5\na 0.4 1 1 5\n")
+    result = CliRunner().invoke(main, ["score", "--gt", str(tmp_path / "gt.pkl"), "--voc-results",
+                                       str(tmp_path / "voc")])
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'voc' / 'comp4_det_val_cat.txt'}:2: expected 6 fields 'image_id score x1 y1 x2 y2', "
+        "found 5: 'a 0.4 1 1 5'"]
+    (tmp_path / "voc" / "comp4_det_val_cat.txt").write_text("a 0.5 1 1 5 5\n")
+    result = CliRunner().invoke(main, ["score", "--gt", str(tmp_path / "gt.pkl"), "--voc-results",
+                                       str(tmp_path / "voc"), "--format", "csv", "--iou", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert "0.5,voc07,cat,1.0" in result.stdout.replace("1.0000000000000002", "1.0")
+
+
+def test_score_save_needs_a_run_folder(tmp_path):
+    result = CliRunner().invoke(main, ["score", "--gt", str(tmp_path / "gt.pkl"), "x.pkl", "--save"])
+    assert result.exit_code == 2 and "--save writes into a run folder" in result.output
+
+
+def test_broken_pipe_exits_quietly(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from gradloc.detections import Detections, GroundTruth, save_pickle
+
+    n = 300
+    classes = [f"c{i}" for i in range(n)]
+    save_pickle(GroundTruth(classes=classes, image_ids=["a"], image_sizes=np.array([[10, 10]]),
+                            image_index=np.zeros(n, np.int64), labels=np.arange(n),
+                            boxes=np.tile([1.0, 1, 5, 5], (n, 1)), difficult=np.zeros(n, bool)), tmp_path / "gt.pkl")
+    save_pickle(Detections(threshold=0.2, threshold_mode="max", box_mode="largest", classes=classes,
+                           image_ids=["a"], image_index=np.zeros(0, np.int64), labels=np.zeros(0, np.int64),
+                           scores=np.zeros(0),
+                           boxes=np.zeros((0, 4))), tmp_path / "d.pkl")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "gradloc", "score", "--gt", str(tmp_path / "gt.pkl"),
+                             str(tmp_path / "d.pkl"), "--format", "csv"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # like `| head -1` gone before gradloc writes (it is still importing and scoring)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode in (0, 141)
+    assert stderr.decode() == ""
+
+
+def test_logging_goes_through_tqdm_while_a_bar_is_shown():
+    import logging
+
+    import click
+    from tqdm.contrib.logging import _TqdmLoggingHandler
+
+    from gradloc.cli import tqdm_bar
+
+    ctx = click.Context(main, obj={"quiet": False})
+    root = logging.getLogger()
+    handler = logging.StreamHandler()
+    root.addHandler(handler)
+    try:
+        with tqdm_bar(ctx, total=1):
+            assert any(isinstance(h, _TqdmLoggingHandler) for h in root.handlers)
+            assert handler not in root.handlers
+        assert handler in root.handlers
+    finally:
+        root.removeHandler(handler)

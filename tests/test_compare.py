@@ -137,3 +137,13 @@ def test_command_errors(tmp_path):
     assert result.exit_code == 1 and "no threshold common to both runs 0.7" in result.output
     assert CliRunner().invoke(main, ["compare", str(a)]).exit_code == 2
     assert CliRunner().invoke(main, ["compare", str(a), str(a), "--iou", "x"]).exit_code == 2
+
+
+def test_digits_option(tmp_path):
+    a = _write(tmp_path / "gradcam", _rows(MEANS_A, CLASS_AP_A))
+    b = _write(tmp_path / "layercam", _rows(MEANS_B, CLASS_AP_B))
+    result = CliRunner().invoke(main, ["compare", str(a), str(b), "--iou", "0.5", "--threshold", "0.2",
+                                       "--top", "1", "--digits", "1"])
+    assert result.exit_code == 0, result.output
+    assert "Largest disagreements (AP, B - A): cat (-30.0)\n" in result.output
+    assert "|         0.1 |   0.3 |          40.0 |           45.0 |   +5.0 |" in result.output

@@ -132,7 +132,7 @@ def test_missing_run_and_scores_are_one_line_exit_1(tmp_path):
     result = CliRunner().invoke(main, ["plot", str(tmp_path)])
     assert result.exit_code == 1
     assert result.output.strip() == (f"error: {tmp_path / 'scores.csv'}: not found; score the run first with "
-                                     f"`gradloc score {tmp_path}`")
+                                     f"`gradloc score {tmp_path} --save`")
 
 
 @pytest.mark.parametrize("args", [[], ["RUN", "--iou", "abc"], ["RUN", "--bogus"]])

@@ -3,7 +3,15 @@ import json
 import pandas as pd
 import pytest
 
-from gradloc.report import per_class_table, render, save_scores, threshold_tables
+from gradloc.report import (
+    is_close,
+    match_value,
+    per_class_table,
+    render,
+    save_scores,
+    threshold_rows,
+    threshold_tables,
+)
 
 
 def _rows():
@@ -27,18 +35,46 @@ def test_owner_layout_block():
     text = threshold_tables(_rows()[lambda f: f["source"] == "cam"])
     expected = (
         "threshold = 0.02\n"
-        "|        | 0.3       | 0.5       |\n"
+        "|        | IoU 0.3   | IoU 0.5   |\n"
         "|--------+-----------+-----------|\n"
-        "| ap     | 46.853608 | 17.796862 |\n"
-        "| recall | 61.132075 | 36.792453 |\n"
+        "| ap     | 46.85     | 17.80     |\n"
+        "| recall | 61.13     | 36.79     |\n"
     )
     assert text.startswith(expected)
     assert "threshold = 0.2\n" in text
 
 
+def test_digits_change_every_percentage():
+    text = threshold_tables(_rows()[lambda f: f["source"] == "cam"], digits=4)
+    assert "| ap     | 46.8536   | 17.7969   |" in text
+    lines = per_class_table(_rows(), 0.02, 0.3, digits=4).splitlines()
+    assert [cell.strip() for cell in lines[2].strip("|").split("|")] == [
+        "cat", "10", "12", "46.8536", "36.8536", "61.1321", "51.1321"]
+    assert [cell.strip() for cell in lines[3].strip("|").split("|")] == ["cow", "0", "0", "-", "-", "-", "-"]
+
+
 def test_baselines_are_rows_of_the_same_block():
     text = threshold_tables(_rows())
-    assert "| ap (center)     | 36.853608 |" in text
+    assert "| ap (center)     | 36.85     |" in text
+
+
+def test_rows_layout_is_one_row_per_threshold():
+    text = threshold_rows(_rows())
+    lines = [line for line in text.splitlines() if line.startswith("|") and "---" not in line]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    assert header == ["tau", "ap@0.3", "ap@0.5", "recall@0.3", "recall@0.5", "ap@0.3 (center)", "ap@0.5 (center)",
+                      "recall@0.3 (center)", "recall@0.5 (center)"]
+    assert len(lines) == 3  # header + two thresholds
+    cells = [cell.strip() for cell in lines[1].strip("|").split("|")]
+    assert cells == ["0.02", "46.85", "17.80", "61.13", "36.79", "36.85", "7.80", "51.13", "26.79"]
+
+
+def test_thresholdless_rows_print_none_not_nan():
+    rows = _rows()[lambda f: f["threshold"] == 0.2].assign(threshold=float("nan"), threshold_mode="none")
+    text = render(rows, "table")
+    assert "threshold = none" in text and "nan" not in text
+    assert "oracle" not in text  # one set of detections: no choice of tau to warn about
+    assert "| none " in threshold_rows(rows)
 
 
 def test_protocol_line_names_metric_iou_and_oracle():
@@ -70,6 +106,38 @@ def test_per_class_table_puts_map_last():
     lines = [line for line in text.splitlines() if line.startswith("|") and "---" not in line]
     assert lines[-1].startswith("| mAP")
     assert "ap (center)" in lines[0]
+
+
+def test_machine_formats_with_per_class_are_one_document():
+    rows = json.loads(render(_rows(), "json", per_class=0.2))
+    assert {r["threshold"] for r in rows} == {0.2}
+    assert {r["class"] for r in rows} == {"mAP", "cat", "cow"}
+    assert len(rows) == 2 * 2 * 3  # IoU x source x (2 classes + mAP)
+    import csv
+    import io
+
+    records = list(csv.reader(io.StringIO(render(_rows(), "csv", per_class=0.02))))
+    assert len({len(r) for r in records}) == 1 and len(records) == 1 + 12
+
+
+def test_per_class_tables_follow_the_summary():
+    text = render(_rows(), "table", per_class=0.2)
+    assert text.index("Protocol:") < text.index("Per class, threshold = 0.2, IoU = 0.3")
+    assert "Per class, threshold = 0.2, IoU = 0.5" in text
+
+
+def test_per_class_not_a_threshold_lists_the_thresholds():
+    with pytest.raises(ValueError, match=r"--per-class: no threshold 0.33; available: 0.02, 0.2"):
+        render(_rows(), "json", per_class=0.33)
+
+
+def test_match_value_within_tolerance():
+    values = pd.Series([0.3, 0.5])
+    assert match_value(values, 0.1 + 0.2, "IoU", "x") == 0.3  # 0.30000000000000004
+    assert match_value(values, 0.5 + 5e-10, "IoU", "x") == 0.5
+    with pytest.raises(ValueError, match=r"scores.csv: no IoU 0.4; available: 0.3, 0.5"):
+        match_value(values, 0.4, "IoU", "scores.csv")
+    assert is_close([0.1, 0.3, 0.30000001], 0.1 + 0.2).tolist() == [False, True, False]
 
 
 def test_unknown_format():

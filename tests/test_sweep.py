@@ -169,3 +169,21 @@ def test_sweep_on_a_tiny_demo(tmp_path):
     row = scores[(scores["class"] == "mAP") & (scores["source"] == "cam") & (scores["iou"] == 0.5)
                  & (scores["threshold"] == selected["threshold"])].iloc[0]
     assert selected["ap"] == row["ap"]  # the table reports the evaluated split's own score file
+
+
+def test_render_digits():
+    text = render_sweep(sweep_table(TRAIN, VAL, "recall@0.5", "train", "val"), "voc07", digits=0)
+    selected = next(line for line in text.splitlines() if line.startswith("| tau chosen on train") and "| cam " in line)
+    assert [cell.strip() for cell in selected.split("|")[2:-1]] == ["0.4", "90", "cam", "5", "1", "10", "10"]
+
+
+def test_command_digits(tmp_path, monkeypatch):
+    monkeypatch.setattr("gradloc.sweep.run_split",
+                        lambda config, stage=None: (config.run_dir, {"train": TRAIN, "val": VAL}[config.data.split]))
+    result = CliRunner().invoke(main, ["-q", "sweep", "--out", str(tmp_path), "--name", "s", "--iou", "0.3,0.5",
+                                       "--select-split", "train", "--eval-split", "val", "--select-metric",
+                                       "recall@0.5", "--digits", "0"])
+    assert result.exit_code == 0, result.output
+    selected = next(line for line in result.stdout.splitlines()
+                    if line.startswith("| tau chosen on train") and "| cam " in line)
+    assert [cell.strip() for cell in selected.split("|")[2:-1]] == ["0.4", "90", "cam", "5", "1", "10", "10"]
