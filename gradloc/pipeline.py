@@ -151,12 +151,15 @@ def cams_cache(config: RunConfig, loaded: Any, dataset: VOCDataset) -> HeatmapCa
 
 
 def run_cams(config: RunConfig, progress: Progress = None, *, dataset: VOCDataset | None = None,
-             loaded: Any = None, cache: HeatmapCache | None = None) -> tuple[HeatmapCache, VOCDataset]:
+             loaded: Any = None, cache: HeatmapCache | None = None, also: Sequence[str] = ()
+             ) -> tuple[HeatmapCache, VOCDataset]:
     """Compute raw CAM maps of all classes for every image of the split not validly cached yet
     (:meth:`HeatmapCache.todo`); with ``data.on_error: skip`` unreadable images leave ``dataset``.
 
-    ``dataset``, ``loaded`` (the classifier) and ``cache`` are opened from the config unless given."""
-    from gradloc.cams import compute_cams
+    ``dataset``, ``loaded`` (the classifier) and ``cache`` are opened from the config unless given. ``also``
+    names more gradient methods (:data:`gradloc.cams.GRADIENT_MAPS`) whose caches are filled in the same
+    pass (one forward/backward per batch for all of them), as if each had its own run."""
+    from gradloc.cams import GRADIENT_MAPS, compute_cams, compute_gradient_cams
     from gradloc.models import resolve_device
 
     check_names(config)
@@ -164,24 +167,44 @@ def run_cams(config: RunConfig, progress: Progress = None, *, dataset: VOCDatase
     dataset = dataset or open_dataset(config)
     loaded = loaded or load_classifier(config)
     cache = cache or cams_cache(config, loaded, dataset)
-    todo = cache.todo(dataset, config.data.on_error)
-    logger.info("cams: %d of %d images to compute into %s", len(todo), len(dataset), cache.root)
+    caches = {config.cams.method: cache}
+    for method in also:
+        if method not in GRADIENT_MAPS or config.cams.method not in GRADIENT_MAPS:
+            raise ValueError(f"cams for {config.cams.method} and {method} in one pass: both must be gradient "
+                             f"methods ({', '.join(GRADIENT_MAPS)})")
+        caches[method] = cams_cache(_with_method(config, method), loaded, dataset)
+    pending = set().union(*(c.todo(dataset, config.data.on_error) for c in caches.values()))
+    todo = [image_id for image_id in dataset.image_ids if image_id in pending]
+    logger.info("cams: %d of %d images to compute into %s", len(todo), len(dataset),
+                ", ".join(str(c.root) for c in caches.values()))
     pre = loaded.preprocessing
     model = loaded.model.to(device)
     all_classes = list(range(len(loaded.classes)))
+    layer = cache.key_data["layer"]
     sizes = [(dataset.annotation(image_id).width, dataset.annotation(image_id).height) for image_id in todo]
     for rows in pre.batches(sizes, config.cams.batch_size):
         batch = dataset.read_images([todo[row] for row in rows])
         if batch:
             inputs, geometries = pre.batch([image for _, image, _ in batch])
-            maps, scores = compute_cams(model, inputs.to(device), all_classes, method=config.cams.method,
-                                        layer=cache.key_data["layer"])
-            maps_np, scores_np = maps.cpu().numpy(), scores.detach().cpu().numpy()
-            for i, (image_id, _, source) in enumerate(batch):
-                cache.put(image_id, maps_np[i], scores_np[i], geometries[i], config.cams.store_dtype, source)
+            if also:
+                maps, scores = compute_gradient_cams(model, inputs.to(device), all_classes, list(caches), layer)
+            else:
+                one, scores = compute_cams(model, inputs.to(device), all_classes, method=config.cams.method,
+                                           layer=layer)
+                maps = {config.cams.method: one}
+            scores_np = scores.detach().cpu().numpy()
+            for method, method_cache in caches.items():
+                maps_np = maps[method].cpu().numpy()
+                for i, (image_id, _, source) in enumerate(batch):
+                    method_cache.put(image_id, maps_np[i], scores_np[i], geometries[i], config.cams.store_dtype,
+                                     source)
         if progress:
             progress(len(rows))
     return cache, dataset
+
+
+def _with_method(config: RunConfig, method: str) -> RunConfig:
+    return dataclasses.replace(config, cams=dataclasses.replace(config.cams, method=method))
 
 
 # --- stage 2: boxes -----------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from gradloc.cams import (
     METHODS,
     activations_and_gradients,
     compute_cams,
+    compute_gradient_cams,
     default_layer,
     list_layers,
     resolve_layer,
@@ -199,6 +200,20 @@ def test_closed_form_equals_autograd(method: str) -> None:
     torch.testing.assert_close(grads, grads_ag, rtol=1e-12, atol=1e-12)
     _assert_close(closed, autograd, tol=1e-6)
     assert autograd.max() > 0
+
+
+@pytest.mark.parametrize("model_cls", [TinyGap, TinyHead])
+def test_gradient_methods_in_one_pass_equal_one_method_each(model_cls: type[nn.Module]) -> None:
+    model = model_cls().eval()
+    images = _images(n=3)
+    maps, scores = compute_gradient_cams(model, images, CLASSES, GRADIENT_METHODS)
+    assert list(maps) == list(GRADIENT_METHODS)
+    for method in GRADIENT_METHODS:
+        alone, alone_scores = compute_cams(model, images, CLASSES, method)
+        torch.testing.assert_close(maps[method], alone, rtol=0, atol=0)
+        torch.testing.assert_close(scores, alone_scores, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="give one or more of gradcam"):
+        compute_gradient_cams(model, images, CLASSES, ["gradcam", "scorecam"])
 
 
 @pytest.mark.parametrize("model_cls", [TinyGap, TinyHead])

@@ -1,5 +1,6 @@
 """End to end on a reduced offline demo: the whole pipeline, its files, and a sanity check of the science."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import pytest
 
 from gradloc.config import load_config
 from gradloc.detections import load_detections, load_ground_truth
-from gradloc.pipeline import StageTimes, prepare_demo, run_boxes, run_cams, run_manifest, score_run
+from gradloc.pipeline import StageTimes, _with_method, prepare_demo, run_boxes, run_cams, run_manifest, score_run
 from gradloc.runs import new_run
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -93,6 +94,21 @@ def test_rerun_reuses_cache_and_gives_identical_files(demo_run):
     assert {p: p.stat().st_mtime_ns for p in (cache.root / "maps").glob("*.pkl")} == stamps
     run_boxes(config, cache2, dataset)
     assert {p: p.read_bytes() for p in (run_dir / "detections").glob("*.pkl")} == before
+
+
+def test_methods_in_one_pass_fill_each_methods_cache(demo_run, tmp_path):
+    config, cache, dataset, _, _ = demo_run
+    shared = dataclasses.replace(config, cache_dir=str(tmp_path / "cache"))
+    run_cams(shared, also=["gradcampp"])
+    pp = _with_method(shared, "gradcampp")
+    cache_pp, _ = run_cams(pp)
+    assert cache_pp.todo(dataset) == []  # filled by the shared pass
+    cache_alone, _ = run_cams(dataclasses.replace(pp, cache_dir=str(tmp_path / "alone")))
+    for image_id in dataset.image_ids[:5]:
+        np.testing.assert_array_equal(cache_pp.get(image_id).maps, cache_alone.get(image_id).maps)
+        np.testing.assert_array_equal(cache.get(image_id).maps, run_cams(shared)[0].get(image_id).maps)
+    with pytest.raises(ValueError, match="both must be gradient methods"):
+        run_cams(shared, also=["scorecam"])
 
 
 @pytest.mark.slow
