@@ -663,7 +663,7 @@ def _check_class_range(classes: list[int], num_classes: int) -> None:
 
 
 def compute_cams(model: nn.Module, images: Tensor, classes: Sequence[int], method: str = "gradcam",
-                 layer: str | None = None, *, batch_size: int = 32) -> tuple[Tensor, Tensor]:
+                 layer: str | None = None, *, batch_size: int = 32, flip: bool = False) -> tuple[Tensor, Tensor]:
     """Heatmaps of every requested class for a batch of images.
 
     Gradient methods cost one forward pass plus one batched backward through the head after the layer (none
@@ -679,11 +679,17 @@ def compute_cams(model: nn.Module, images: Tensor, classes: Sequence[int], metho
             ``default_layer(model)``. Ignored by ``guided_backprop``.
         batch_size: masked inputs per forward pass for Score-CAM; images x classes per batched backward for
             the guided methods.
+        flip: test-time horizontal flip: the maps of the mirrored input (``images.flip(3)``), mirrored back,
+            are averaged with the original's, raw (before any normalization):
+            ``M = (M(x) + flip(M(flip(x)))) / 2``. The whole canvas is mirrored, so the mirrored-back map
+            lies on the original's grid whatever the padding. For a mirror-equivariant network
+            (``M(flip(x)) = flip(M(x))``) this changes nothing; for any network the averaged maps are
+            mirror-equivariant. The scores stay those of the original images.
 
     Returns:
         maps float32 ``[B, K, h, w]`` raw (after ReLU, before any normalization) at the target layer's
         resolution, or ``[B, K, H, W]`` at the input resolution for ``guided_backprop`` and
-        ``guided_gradcam``; scores float32 ``[B, N]``, the model's outputs.
+        ``guided_gradcam``; scores float32 ``[B, N]``, the model's outputs (of the unflipped images).
 
     Raises:
         ValueError: unknown method or layer, bad images/classes/batch_size, CAM without a GAP+linear head.
@@ -700,4 +706,7 @@ def compute_cams(model: nn.Module, images: Tensor, classes: Sequence[int], metho
                  len(indices))
     with _eval_mode(model):
         maps, scores = spec.compute(model, images, indices, target, batch_size)
+        if flip:
+            mirrored, _ = spec.compute(model, images.flip(3), indices, target, batch_size)
+            maps = (maps + mirrored.flip(3)) / 2
     return maps.float().contiguous(), scores.float().contiguous()

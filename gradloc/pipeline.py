@@ -195,6 +195,7 @@ def cams_cache(config: RunConfig, loaded: Any, dataset: VOCDataset) -> HeatmapCa
         "mean": list(pre.mean),
         "std": list(pre.std),
         "store_dtype": config.cams.store_dtype,
+        **({"flip": True} if config.cams.flip else {}),  # absent when off: caches made before the option stay valid
         "dataset": {"root": str(Path(dataset.root).resolve()), "year": dataset.year, "split": dataset.split,
                     "classes": list(dataset.classes)},
         "gradloc": __version__,
@@ -227,7 +228,7 @@ def run_cams(config: RunConfig, progress: Progress = None, *, dataset: VOCDatase
         inputs, geometries = pre.batch([dataset.load_image(image_id) for image_id in batch])
         inputs = inputs.to(device)
         maps, scores = compute_cams(model, inputs, all_classes, method=config.cams.method,
-                                    layer=cache.key_data["layer"])
+                                    layer=cache.key_data["layer"], flip=config.cams.flip)
         maps_np, scores_np = maps.cpu().numpy(), scores.detach().cpu().numpy()
         for i, image_id in enumerate(batch):
             cache.put(image_id, maps_np[i], scores_np[i], geometries[i], config.cams.store_dtype)
