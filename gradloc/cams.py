@@ -674,7 +674,7 @@ def _check_class_range(classes: list[int], num_classes: int) -> None:
 
 
 def compute_cams(model: nn.Module, images: Tensor, classes: Sequence[int], method: str = "gradcam",
-                 layer: str | None = None, *, batch_size: int = 32) -> tuple[Tensor, Tensor]:
+                 layer: str | None = None, *, batch_size: int = 32, flip: bool = False) -> tuple[Tensor, Tensor]:
     """Heatmaps of every requested class for a batch of images.
 
     Gradient methods cost one forward pass plus one batched backward through the head after the layer (none
@@ -690,11 +690,17 @@ def compute_cams(model: nn.Module, images: Tensor, classes: Sequence[int], metho
             ``default_layer(model)``. Ignored by ``guided_backprop``.
         batch_size: masked inputs per forward pass for Score-CAM; images x classes per batched backward for
             the guided methods.
+        flip: test-time horizontal flip: the maps of the mirrored input (``images.flip(3)``), mirrored back,
+            are averaged with the original's, raw (before any normalization):
+            ``M = (M(x) + flip(M(flip(x)))) / 2``. The whole canvas is mirrored, so the mirrored-back map
+            lies on the original's grid whatever the padding. For a mirror-equivariant network
+            (``M(flip(x)) = flip(M(x))``) this changes nothing; for any network the averaged maps are
+            mirror-equivariant. The scores stay those of the original images.
 
     Returns:
         maps float32 ``[B, K, h, w]`` raw (after ReLU, before any normalization) at the target layer's
         resolution, or ``[B, K, H, W]`` at the input resolution for ``guided_backprop`` and
-        ``guided_gradcam``; scores float32 ``[B, N]``, the model's outputs.
+        ``guided_gradcam``; scores float32 ``[B, N]``, the model's outputs (of the unflipped images).
 
     Raises:
         ValueError: unknown method or layer, bad images/classes/batch_size, CAM without a GAP+linear head.
@@ -711,15 +717,18 @@ def compute_cams(model: nn.Module, images: Tensor, classes: Sequence[int], metho
                  len(indices))
     with _eval_mode(model):
         maps, scores = spec.compute(model, images, indices, target, batch_size)
+        if flip:
+            mirrored, _ = spec.compute(model, images.flip(3), indices, target, batch_size)
+            maps = (maps + mirrored.flip(3)) / 2
     return maps.float().contiguous(), scores.float().contiguous()
 
 
 def compute_gradient_cams(model: nn.Module, images: Tensor, classes: Sequence[int], methods: Sequence[str],
-                          layer: str | None = None) -> tuple[dict[str, Tensor], Tensor]:
+                          layer: str | None = None, *, flip: bool = False) -> tuple[dict[str, Tensor], Tensor]:
     """Several gradient methods (:data:`GRADIENT_MAPS`) from one forward pass and one batched backward.
 
-    Each map equals :func:`compute_cams` with that method (same activations, gradients and formula); only
-    the network work is shared, so a benchmark of K methods costs one pass instead of K.
+    Each map equals :func:`compute_cams` with that method and ``flip`` (same activations, gradients and
+    formula); only the network work is shared, so a benchmark of K methods costs one pass instead of K.
 
     Returns:
         ({method: float32 [B, K, h, w] raw maps}, float32 [B, N] scores).
@@ -734,5 +743,8 @@ def compute_gradient_cams(model: nn.Module, images: Tensor, classes: Sequence[in
     target = resolve_layer(model, layer if layer is not None else default_layer(model))
     with _eval_mode(model):
         activation, grads, scores = _activations_and_gradients(model, images, indices, target)
-        maps = {m: GRADIENT_MAPS[m](activation, grads).float().contiguous() for m in methods}
-    return maps, scores.float().contiguous()
+        maps = {m: GRADIENT_MAPS[m](activation, grads) for m in methods}
+        if flip:
+            activation, grads, _ = _activations_and_gradients(model, images.flip(3), indices, target)
+            maps = {m: (maps[m] + GRADIENT_MAPS[m](activation, grads).flip(3)) / 2 for m in methods}
+    return {m: v.float().contiguous() for m, v in maps.items()}, scores.float().contiguous()

@@ -132,6 +132,8 @@ RUN_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "method": ("cams.method", {"help": "CAM method: gradcam, gradcampp, xgradcam, layercam, hirescam, ..."}),
     "layer": ("cams.layer", {"help": "Target layer name (see `gradloc layers MODEL`)."}),
     "batch_size": ("cams.batch_size", {"type": int, "help": "Images per batch."}),
+    "flip": ("cams.flip", {"type": bool, "help": "Test-time horizontal flip: average each map with the "
+                                                  "mirrored-back map of the mirrored image (--flip / --no-flip)."}),
     "device": ("cams.device", {"help": "torch device, e.g. cpu or cuda."}),
     "thresholds": ("boxes.thresholds", {"help": "Comma-separated τ in [0, 1], e.g. 0.01,0.02,0.06."}),
     "threshold_mode": ("boxes.threshold_mode", {"help": "τ semantics: max, minmax, percentile."}),
@@ -153,7 +155,10 @@ LIST_FLAGS = {"thresholds", "iou"}
 def run_options(command: Callable) -> Callable:
     """Add ``--config`` and every RUN_FLAGS flag to a command."""
     for flag, (_, kwargs) in reversed(RUN_FLAGS.items()):
-        command = click.option(f"--{flag.replace('_', '-')}", flag, default=None, **kwargs)(command)
+        name = flag.replace("_", "-")
+        names = [f"--{name}/--no-{name}"] if kwargs.get("type") is bool else [f"--{name}"]
+        options = {key: value for key, value in kwargs.items() if not (key == "type" and value is bool)}
+        command = click.option(*names, flag, default=None, **options)(command)
     return click.option("--config", "config_path", type=click.Path(dir_okay=False),
                         help="YAML config (configs/*.yaml); flags override it.")(command)
 

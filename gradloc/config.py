@@ -117,13 +117,15 @@ class TrainSettings:
 
 @dataclass(frozen=True)
 class CamConfig:
-    """The CAM method, target layer (None = the model's default) and engine settings."""
+    """The CAM method, target layer (None = the model's default) and engine settings; ``flip``: average each
+    raw map with the mirrored-back map of the mirrored image (test-time flip, :func:`gradloc.cams.compute_cams`)."""
 
     method: str = "gradcam"
     layer: str | None = None
     batch_size: int = 16
     device: str = "cpu"
     store_dtype: str = "float32"
+    flip: bool = False
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 ``generate_demo`` draws textured shapes (one shape, colour family and texture per class) on cluttered,
 noisy gradient backgrounds and writes them as ``VOCdevkit/VOCdemo`` with the VOC XML schema and image
 sets, so the whole pipeline runs on it exactly as on Pascal VOC (``VOCDataset(root, year="demo")``).
-``train_demo_model`` trains :class:`DemoNet` (conv blocks -> global average pooling -> linear, so both
+``train_demo_model`` trains :class:`gradloc.models.DemoNet` (conv blocks -> global average pooling -> linear, so both
 CAM and Grad-CAM apply) as a multi-label classifier on the ``train`` split in 30-60 s on a CPU.
 
 Both functions are deterministic given the seed and reuse their output when it already exists with the
@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from gradloc.metrics import classification_map
-from gradloc.models import CHECKPOINT_FORMAT, Preprocessing, load_checkpoint, save_checkpoint
+from gradloc.models import CHECKPOINT_FORMAT, DemoNet, Preprocessing, load_checkpoint, save_checkpoint
 from gradloc.voc import VOCDataset
 
 logger = logging.getLogger(__name__)
@@ -367,62 +367,6 @@ def generate_demo(root: Path, n_train: int = 240, n_val: int = 80, n_test: int =
 def _stamp_matches(target: Path, stamp: str) -> bool:
     path = target / STAMP_NAME
     return path.is_file() and path.read_text(encoding="utf-8").strip() == stamp
-
-
-# --- model ------------------------------------------------------------------------------------------------
-
-
-def _conv_bn_relu(channels_in: int, channels_out: int, stride: int = 1, kernel: int = 3) -> list[nn.Module]:
-    return [nn.Conv2d(channels_in, channels_out, kernel, stride=stride, padding=kernel // 2, bias=False),
-            nn.BatchNorm2d(channels_out), nn.ReLU(inplace=True)]
-
-
-class DemoNet(nn.Module):
-    """Small multi-label CNN: conv blocks -> global average pooling -> linear (a CAM-compatible layout).
-
-    With ``n = len(widths)`` blocks, each ``conv -> BN -> ReLU`` with ``widths[i - 1]`` output channels:
-    ``block1`` is a stride-2 3x3 stem, ``block2`` max-pools 2x2 then applies a 3x3 conv, later blocks are
-    3x3 convs, and when ``n >= 3`` the last block is a 1x1 conv (it mixes channels without widening the
-    receptive field). The default ``(16, 32, 48, 64)`` turns a 128 px input into a 32 x 32 map whose cells
-    see 21 input pixels. Logits: ``fc(mean_{h,w} A)`` where ``A`` is the last block's output.
-
-    The small receptive field is deliberate: with global average pooling every cell that sees part of an
-    object raises the score, so heatmaps spread over the receptive field around the object. On the demo
-    data a 16 x 16 map with a 57 px receptive field gave Grad-CAM boxes with CorLoc@0.5 ~0.01; this layout
-    ~0.5 (test split, GT classes, largest component at tau = 0.6 x max; a centred box: <= 0.04).
-
-    Args:
-        n_classes: number of outputs.
-        widths: output channels of ``block1`` ... ``block<n>`` (at least two blocks).
-
-    Attributes:
-        gradloc_layer: name of the last conv block, the default layer to explain.
-        gradloc_gap_linear: ``(feature layer, linear layer)`` names for CAM (Zhou et al., 2016).
-    """
-
-    def __init__(self, n_classes: int = len(DEMO_CLASSES), widths: Sequence[int] = (16, 32, 48, 64)) -> None:
-        super().__init__()
-        if n_classes < 1 or len(widths) < 2 or min(widths) < 1:
-            raise ValueError(f"DemoNet needs n_classes >= 1 and at least 2 positive widths, got {n_classes}, "
-                             f"{list(widths)}")
-        n = len(widths)
-        channels = [3, *widths]
-        for index in range(1, n + 1):
-            layers: list[nn.Module] = [nn.MaxPool2d(2)] if index == 2 else []
-            kernel = 1 if index == n >= 3 else 3
-            layers += _conv_bn_relu(channels[index - 1], channels[index], stride=2 if index == 1 else 1,
-                                    kernel=kernel)
-            self.add_module(f"block{index}", nn.Sequential(*layers))
-        self.blocks = [f"block{index}" for index in range(1, n + 1)]
-        self.fc = nn.Linear(widths[-1], n_classes)
-        self.gradloc_layer = self.blocks[-1]
-        self.gradloc_gap_linear = (self.gradloc_layer, "fc")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """float32[B, 3, S, S] normalized images -> float32[B, n_classes] logits."""
-        for name in self.blocks:
-            x = self.get_submodule(name)(x)
-        return self.fc(x.mean(dim=(2, 3)))
 
 
 # --- training ---------------------------------------------------------------------------------------------

@@ -26,8 +26,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from gradloc.detections import Detections, GroundTruth, atomic_write_bytes, load_detections, threshold_filename
+from gradloc.detections import Detections, GroundTruth
+from gradloc.io import atomic_write_bytes
 from gradloc.report import match_value
+from gradloc.runs import open_run
 
 logger = logging.getLogger(__name__)
 
@@ -186,20 +188,6 @@ def score_voc_results(folder: str | Path, gt: GroundTruth, ious: Sequence[float]
     return pd.concat(frames, ignore_index=True)
 
 
-def run_thresholds(run_dir: Path) -> list[float]:
-    """The thresholds of a run folder's ``detections/thr_<τ>.pkl`` files.
-
-    Raises:
-        FileNotFoundError: no run folder or no detection files.
-    """
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"{run_dir}: run folder not found; give a folder made by `gradloc run`")
-    taus = sorted(float(p.stem[len("thr_"):]) for p in (run_dir / "detections").glob("thr_*.pkl"))
-    if not taus:
-        raise FileNotFoundError(f"{run_dir / 'detections'}: no thr_*.pkl detection files; run `gradloc boxes`")
-    return taus
-
-
 def export_run(run_dir: str | Path, threshold: float, out_dir: str | Path, split: str | None = None,
                competition: str = COMPETITION) -> list[Path]:
     """Write a run's detections at τ as devkit results files: CAM boxes in ``out_dir``, each baseline in
@@ -217,24 +205,25 @@ def export_run(run_dir: str | Path, threshold: float, out_dir: str | Path, split
     Raises:
         FileNotFoundError: no run folder or detections. ValueError: τ not in the run, unknown split.
     """
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    tau = match_value(run_thresholds(run_dir), threshold, "threshold", run_dir / "detections")
-    dets = load_detections(run_dir / "detections" / threshold_filename(tau))
+    run, out_dir = open_run(run_dir), Path(out_dir)
+    if not run.thresholds:
+        raise FileNotFoundError(f"{run.path}: no CAM detections files; run `gradloc boxes`")
+    tau = match_value(run.thresholds, threshold, "threshold", run.path / "detections")
+    dets = run.detections_at(tau)
     if split is None:
         dataset = str(dets.meta.get("dataset", ""))  # e.g. "VOC2007 val"
         if " " not in dataset:
-            raise ValueError(f"{run_dir}: the detections do not say their split (meta 'dataset' = "
+            raise ValueError(f"{run.path}: the detections do not say their split (meta 'dataset' = "
                              f"{dataset!r}); give --split")
         split = dataset.rsplit(" ", 1)[1]
     sources = {"": dets}
-    random_path = run_dir / "baselines" / "random" / threshold_filename(tau)
-    if random_path.is_file():
-        sources["random"] = load_detections(random_path)
-    for path in sorted((run_dir / "baselines").glob("*.pkl")):
-        sources[path.stem] = load_detections(path)
+    random = run.random_at(tau)
+    if random is not None:
+        sources["random"] = random
+    sources.update(run.baselines)
     written = []
     for name, part in sources.items():
         target = out_dir / "baselines" / name if name else out_dir
         written += write_voc_results(part, target, split, competition)
-    logger.info("exported %d detection sets of %s at tau = %g to %s", len(sources), run_dir, tau, out_dir)
+    logger.info("exported %d detection sets of %s at tau = %g to %s", len(sources), run.path, tau, out_dir)
     return written

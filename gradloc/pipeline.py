@@ -145,6 +145,7 @@ def cams_cache(config: RunConfig, loaded: Any, dataset: VOCDataset) -> HeatmapCa
         "store_dtype": config.cams.store_dtype,
         "classes": list(loaded.classes),
         "dataset": {"year": dataset.year, "classes": list(dataset.classes)},
+        **({"flip": True} if config.cams.flip else {}),  # absent when off: caches made before the option stay valid
         "gradloc": __version__,
     }
     return HeatmapCache(config.cache_dir, key)
@@ -187,10 +188,11 @@ def run_cams(config: RunConfig, progress: Progress = None, *, dataset: VOCDatase
         if batch:
             inputs, geometries = pre.batch([image for _, image, _ in batch])
             if also:
-                maps, scores = compute_gradient_cams(model, inputs.to(device), all_classes, list(caches), layer)
+                maps, scores = compute_gradient_cams(model, inputs.to(device), all_classes, list(caches), layer,
+                                                     flip=config.cams.flip)
             else:
                 one, scores = compute_cams(model, inputs.to(device), all_classes, method=config.cams.method,
-                                           layer=layer)
+                                           layer=layer, flip=config.cams.flip)
                 maps = {config.cams.method: one}
             scores_np = scores.detach().cpu().numpy()
             for method, method_cache in caches.items():

@@ -202,14 +202,15 @@ def test_closed_form_equals_autograd(method: str) -> None:
     assert autograd.max() > 0
 
 
+@pytest.mark.parametrize("flip", [False, True])
 @pytest.mark.parametrize("model_cls", [TinyGap, TinyHead])
-def test_gradient_methods_in_one_pass_equal_one_method_each(model_cls: type[nn.Module]) -> None:
+def test_gradient_methods_in_one_pass_equal_one_method_each(model_cls: type[nn.Module], flip: bool) -> None:
     model = model_cls().eval()
     images = _images(n=3)
-    maps, scores = compute_gradient_cams(model, images, CLASSES, GRADIENT_METHODS)
+    maps, scores = compute_gradient_cams(model, images, CLASSES, GRADIENT_METHODS, flip=flip)
     assert list(maps) == list(GRADIENT_METHODS)
     for method in GRADIENT_METHODS:
-        alone, alone_scores = compute_cams(model, images, CLASSES, method)
+        alone, alone_scores = compute_cams(model, images, CLASSES, method, flip=flip)
         torch.testing.assert_close(maps[method], alone, rtol=0, atol=0)
         torch.testing.assert_close(scores, alone_scores, rtol=0, atol=0)
     with pytest.raises(ValueError, match="give one or more of gradcam"):
@@ -523,3 +524,47 @@ def test_torchvision_resnet_closed_form() -> None:
     cam, _ = compute_cams(model, images, [1, 9], "cam")
     _assert_close(closed / closed.max(), autograd / closed.max(), tol=1e-5)
     assert cam.shape == (2, 2, 2, 2)
+
+
+# --- test-time horizontal flip ------------------------------------------------------------------------------
+
+FLIP_METHODS = ["cam", *GRADIENT_METHODS, "scorecam"]
+
+
+def _mirror_symmetric(model: nn.Module) -> nn.Module:
+    """Make every conv kernel left-right symmetric: on odd-width inputs (stride-2 taps then sit at mirrored
+    positions) the network is mirror-equivariant, ``A(flip(x)) = flip(A(x))``."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d):
+                module.weight.copy_((module.weight + module.weight.flip(3)) / 2)
+    return model
+
+
+@pytest.mark.parametrize("method", FLIP_METHODS)
+def test_flip_averaged_maps_are_mirror_equivariant_for_any_model(method: str) -> None:
+    model, images = TinyGap(seed=3), _images(n=2, size=8, seed=4)
+    maps, scores = compute_cams(model, images, CLASSES, method, flip=True)
+    mirrored, _ = compute_cams(model, images.flip(3), CLASSES, method, flip=True)
+    _assert_close(mirrored, maps.flip(3))
+    plain, plain_scores = compute_cams(model, images, CLASSES, method)
+    torch.testing.assert_close(scores, plain_scores, rtol=0, atol=0)  # scores of the unflipped images
+    assert not torch.allclose(maps, plain, atol=1e-4)  # this model is not equivariant: the flip does something
+    # by hand: the mean of the plain map and the mirrored-back map of the mirrored image
+    mirror_plain, _ = compute_cams(model, images.flip(3), CLASSES, method)
+    _assert_close(maps, (plain + mirror_plain.flip(3)) / 2)
+
+
+@pytest.mark.parametrize("method", FLIP_METHODS)
+def test_flip_changes_nothing_for_a_mirror_equivariant_model_on_a_symmetric_input(method: str) -> None:
+    model = _mirror_symmetric(TinyGap(seed=5))
+    half = _images(n=2, size=7, seed=6)
+    symmetric = (half + half.flip(3)) / 2
+    for images in (symmetric, half):  # equivariant model: any input, and a symmetric one
+        plain, _ = compute_cams(model, images, CLASSES, method)
+        flipped, _ = compute_cams(model, images, CLASSES, method, flip=True)
+        _assert_close(flipped, plain)
+    _assert_close(plain.flip(3), compute_cams(model, half.flip(3), CLASSES, method)[0])
+    symmetric_map, _ = compute_cams(model, symmetric, CLASSES, method, flip=True)
+    _assert_close(symmetric_map, symmetric_map.flip(3))
+    assert float(symmetric_map.abs().max()) > 0  # not trivially zero

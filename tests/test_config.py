@@ -51,6 +51,7 @@ def test_overrides_use_dotted_keys_and_lists_become_tuples(tmp_path):
         ("train:\n  l2: -1\n", r"train\.l2'?: -1.0 must be >= 0"),
         ("train:\n  epochs: 0\n", r"train\.epochs'?: 0 must be at least 1"),
         ("train:\n  optimizer: adam\n", r"unknown config key train\.optimizer"),
+        ("cams:\n  flip: yes please\n", r"cams\.flip'?: expected true or false"),
     ],
 )
 def test_bad_configs_name_the_key(tmp_path, text, match):
@@ -87,12 +88,13 @@ def test_box_settings_are_validated_at_load_and_name_the_key():
 
 def test_train_section_and_resize_mode_load(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("model:\n  input_size: 320\n  resize_mode: shortside\n"
+    path.write_text("model:\n  input_size: 320\n  resize_mode: shortside\ncams:\n  flip: true\n"
                     "train:\n  mode: lbfgs\n  l2: 0.001\n  split: trainval\n  val_split: null\n")
     config = load_config(path)
-    assert (config.model.input_size, config.model.resize_mode) == (320, "shortside")
+    assert (config.model.input_size, config.model.resize_mode, config.cams.flip) == (320, "shortside", True)
     assert (config.train.mode, config.train.l2, config.train.split, config.train.val_split) == (
         "lbfgs", 0.001, "trainval", None)
     defaults = load_config()
     assert defaults.model.resize_mode is None  # the checkpoint's, else the weights' (letterbox)
+    assert defaults.cams.flip is False
     assert (defaults.train.mode, defaults.train.l2, defaults.train.split) == ("linear", 1e-4, "train")

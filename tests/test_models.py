@@ -18,6 +18,7 @@ from gradloc.imagenet_voc import IMAGENET_VOC_GROUPS, imagenet_groups
 from gradloc.models import (
     CHECKPOINT_FIELDS,
     MODELS,
+    DemoNet,
     ImageNetHeadModel,
     ImageNetToVOC,
     LoadedModel,
@@ -475,8 +476,9 @@ def test_lite1_lite2_are_registered_offline_at_their_native_size(variant: str, s
 
 
 def test_demo_cnn_checkpoint_round_trip(tmp_path: Path) -> None:
-    from gradloc.demo import DEMO_CLASSES, DemoNet
+    from gradloc.demo import DEMO_CLASSES
 
+    assert DemoNet().fc.out_features == len(DEMO_CLASSES)  # the default is the demo dataset's classes
     torch.manual_seed(0)
     model = DemoNet(n_classes=len(DEMO_CLASSES), widths=(4, 8)).eval()
     arch_kwargs = {"n_classes": len(DEMO_CLASSES), "widths": [4, 8]}
