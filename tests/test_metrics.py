@@ -22,6 +22,7 @@ from gradloc.metrics import (
     match_detections,
     max_box_acc,
     pointing_game,
+    pointing_hits,
     voc_ap,
 )
 
@@ -713,6 +714,42 @@ def test_pointing_game_torchray_protocol_equals_its_rule(seed: int):
     for c, name in enumerate(CLASSES):
         assert hits.loc[name, "hits"] == np.sum((labels == c) & (outcome == 1))
         assert hits.loc[name, "n"] == np.sum((labels == c) & (outcome != 0))
+
+
+@pytest.mark.filterwarnings("ignore:torch.meshgrid:UserWarning")
+def test_pointing_game_torchray_protocol_equals_torchray_itself():
+    """The installed TorchRay package (test extra): ``PointingGameBenchmark.evaluate`` on VOC-format labels."""
+    pointing = pytest.importorskip("torchray.benchmark.pointing_game")
+    from torchray.benchmark.datasets import VOC_CLASSES
+    from torchvision import datasets
+
+    benchmark = pointing.PointingGameBenchmark(object.__new__(datasets.VOCDetection), tolerance=15)
+    rng = np.random.default_rng(3)
+    rows = []
+    for name in IMAGES:
+        for _ in range(int(rng.integers(1, 4))):
+            x1, y1 = (int(v) for v in rng.integers(1, 60, 2))
+            w, h = (int(v) for v in rng.integers(1, 30, 2))
+            rows.append((name, CLASSES[int(rng.integers(0, 2))], [x1, y1, min(x1 + w, 100), min(y1 + h, 100)],
+                         bool(rng.random() < 0.3)))
+    gt = make_gt(rows)
+    n = 300
+    image_index, labels = rng.integers(0, len(IMAGES), n), rng.integers(0, 2, n)
+    points = rng.integers(1, 101, (n, 2)).astype(float)
+    hit, counted = pointing_hits(image_index, labels, points, gt, protocol="torchray")
+    outcomes = []
+    for i, c, (x, y) in zip(image_index, labels, points, strict=True):
+        objects = [{"name": CLASSES[gt.labels[r]], "difficult": str(int(gt.difficult[r])),
+                    "bndbox": dict(zip(("xmin", "ymin", "xmax", "ymax"), (str(int(v)) for v in gt.boxes[r]),
+                                       strict=True))}
+                   for r in np.flatnonzero(gt.image_index == i)]
+        label = {"annotation": {"filename": f"{IMAGES[i]}.jpg", "size": {"width": "100", "height": "100"},
+                                "object": objects}}
+        outcomes.append(benchmark.evaluate(label, VOC_CLASSES.index(CLASSES[c]), (x - 1, y - 1)))
+    outcomes = np.array(outcomes)
+    assert set(outcomes.tolist()) == {-1, 0, 1}
+    np.testing.assert_array_equal(counted, outcomes != 0)
+    np.testing.assert_array_equal(hit, outcomes == 1)
 
 
 def test_pointing_game_protocols_differ_at_exactly_the_tolerance():
