@@ -209,3 +209,15 @@ def test_every_map_needs_gt() -> None:
         box_hits(np.ones((1, 2, 2)), [np.zeros((0, 4))])
     with pytest.raises(ValueError, match="one per map"):
         box_hits(np.ones((2, 2, 2)), [np.array([[1.0, 1.0, 2.0, 2.0]])])
+
+
+def test_working_grid_boxes_match_full_resolution() -> None:
+    rng = np.random.default_rng(0)
+    grid = rng.random((2, 6, 5)).astype(np.float32)
+    full = np.kron(grid, np.ones((3, 3), dtype=np.float32))  # 15 x 18 image, each cell 3x3 pixels
+    gts = [_gt(rng, 18, 15, 2), _gt(rng, 18, 15, 1)]
+    ours = box_hits(grid, gts, image_size=(15, 18))
+    np.testing.assert_array_equal(ours, box_hits(full, gts))
+    assert ours.any() and not ours.all()
+    with pytest.raises(ValueError, match="convention='gradloc'"):
+        box_hits(grid, gts, image_size=(15, 18), convention="wsolevaluation")
