@@ -473,6 +473,26 @@ def _keys_with_hit(dets: Detections, gt: GroundTruth, best_iou: np.ndarray, iou:
     return np.unique(_pair_key(dets.labels[hit], dets.image_index[hit], len(gt.image_ids)))
 
 
+def corloc_hits(dets: Detections, gt: GroundTruth, iou: float = 0.5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per (class, image) pair with GT of the class: whether its top-scoring detection localizes it.
+
+    See :func:`corloc` for the rule. Returns ``(labels int64[P], image_index int64[P], hit bool[P])`` over the
+    pairs with >= 1 GT box (difficult included), sorted by (class, image).
+    """
+    iou = _check_iou(iou)
+    _check_compatible(dets, gt)
+    _check_gt(gt)
+    n_images = len(gt.image_ids)
+    keys = _pair_key(dets.labels, dets.image_index, n_images)
+    order = _rank(keys, dets.scores)
+    ranked_keys = keys[order]
+    top = order[np.r_[True, ranked_keys[1:] != ranked_keys[:-1]]] if order.size else order
+    best_iou, _ = _best_gt(dets.image_index[top], dets.labels[top], dets.boxes[top], gt)
+    pair_keys = _gt_pairs(gt)
+    hit = np.isin(pair_keys, keys[top][best_iou >= iou])
+    return pair_keys // n_images, pair_keys % n_images, hit
+
+
 def corloc(dets: Detections, gt: GroundTruth, iou: float = 0.5) -> pd.DataFrame:
     """Correct localization (CorLoc) per class.
 
@@ -498,18 +518,10 @@ def corloc(dets: Detections, gt: GroundTruth, iou: float = 0.5) -> pd.DataFrame:
         ValueError: different classes/image_ids, invalid boxes, NaN scores, IoU outside (0, 1).
     """
     iou = _check_iou(iou)
-    _check_compatible(dets, gt)
-    _check_gt(gt)
-    n_classes, n_images = len(gt.classes), len(gt.image_ids)
-    keys = _pair_key(dets.labels, dets.image_index, n_images)
-    order = _rank(keys, dets.scores)
-    ranked_keys = keys[order]
-    top = order[np.r_[True, ranked_keys[1:] != ranked_keys[:-1]]] if order.size else order
-    best_iou, _ = _best_gt(dets.image_index[top], dets.labels[top], dets.boxes[top], gt)
-    hit_keys = keys[top][best_iou >= iou]
-    pair_keys = _gt_pairs(gt)
-    n_pairs = np.bincount(pair_keys // n_images, minlength=n_classes)
-    hits = np.bincount(hit_keys // n_images, minlength=n_classes)
+    pair_labels, _, pair_hits = corloc_hits(dets, gt, iou)
+    n_classes = len(gt.classes)
+    n_pairs = np.bincount(pair_labels, minlength=n_classes)
+    hits = np.bincount(pair_labels[pair_hits], minlength=n_classes)
     with np.errstate(invalid="ignore", divide="ignore"):
         rates = np.where(n_pairs > 0, hits / n_pairs, np.nan)
     rows = [
@@ -598,38 +610,62 @@ def max_box_acc(
     return pd.DataFrame(rows, columns=["iou", "best_threshold", "max_box_acc", "n_pairs"])
 
 
-def pointing_game(
+def _distance_continuous(point: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """Euclidean distance from points to boxes spanning their pixel centres ``[x1, x2] x [y1, y2]`` (0 inside)."""
+    dx = np.maximum(np.maximum(box[:, 0] - point[:, 0], point[:, 0] - box[:, 2]), 0.0)
+    dy = np.maximum(np.maximum(box[:, 1] - point[:, 1], point[:, 1] - box[:, 3]), 0.0)
+    return np.hypot(dx, dy)
+
+
+def _distance_to_pixels(point: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """Distance from points to the nearest whole pixel of boxes (TorchRay's mask of integer pixels); per axis the
+    nearest pixel is ``clip(round(p), x1, x2)``, so for integer points this equals the continuous distance."""
+    dx = np.clip(np.round(point[:, 0]), box[:, 0], box[:, 2]) - point[:, 0]
+    dy = np.clip(np.round(point[:, 1]), box[:, 1], box[:, 3]) - point[:, 1]
+    return np.hypot(dx, dy)
+
+
+@dataclass(frozen=True)
+class PointingProtocol:
+    """A pointing-game protocol.
+
+    Attributes:
+        distance: (points float64[P, 2], boxes float64[P, 4]) -> float64[P] distance of each point to its box.
+        hit: (distance, tolerance) -> bool, the hit rule.
+        skip_without_easy_gt: skip pairs whose (image, class) has no non-difficult GT box; otherwise such pairs
+            count (a pair without any GT box is a miss).
+        description: the label printed beside the numbers.
+    """
+
+    distance: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    hit: Callable[[np.ndarray, float], np.ndarray]
+    skip_without_easy_gt: bool
+    description: str
+
+
+POINTING_PROTOCOLS: dict[str, PointingProtocol] = {
+    # gradloc's own variant: every given pair counts, distance <= tolerance to any box of the class
+    "gradloc": PointingProtocol(_distance_continuous, np.less_equal, False,
+                                "gradloc: every pair counts, hit if distance <= tolerance, difficult boxes count"),
+    # TorchRay's benchmark/pointing_game.py (the published VOC07 tables): pairs whose boxes are all difficult
+    # are skipped, hit if some pixel of the class mask (all its boxes) is at distance < tolerance
+    "torchray": PointingProtocol(_distance_to_pixels, np.less, True,
+                                 "TorchRay: all-difficult pairs skipped, hit if distance < tolerance"),
+}
+
+
+def pointing_hits(
     image_index: np.ndarray,
     labels: np.ndarray,
     points: np.ndarray,
     gt: GroundTruth,
     tolerance: float = 15.0,
-) -> pd.DataFrame:
-    """Pointing game accuracy per class (Zhang et al., "Top-down neural attention by excitation backprop",
-    ECCV 2016).
-
-    A pair (image, class) with its point ``(x, y)`` (e.g. the heatmap maximum) is a hit when the point lies
-    within ``tolerance`` pixels of a GT box of that class in that image:
-    ``d = sqrt(max(x1 - x, 0, x - x2)^2 + max(y1 - y, 0, y - y2)^2) <= tolerance`` (0 inside the box), with
-    the box spanning its pixel centres ``[x1, x2] x [y1, y2]``. For integer points this equals the original
-    rule "a GT pixel lies in the disc of radius ``tolerance`` around the point". Difficult boxes count as
-    targets; a pair without GT of its class in its image is a miss.
-    ``accuracy_c = hits_c / n_c``; the mean row averages the per-class rates over classes with ``n_c >= 1``.
-
-    Args:
-        image_index: int64[N], image of each pair (index into ``gt.image_ids``).
-        labels: int64[N], class of each pair (index into ``gt.classes``).
-        points: float64[N, 2], ``(x, y)`` in VOC 1-based pixel coordinates of the original image.
-        gt: ground truth.
-        tolerance: hit distance in pixels, >= 0 (15 in the paper).
-
-    Returns:
-        Rows ``class``, ``hits``, ``n``, ``accuracy`` (NaN for classes without pairs), then ``"mean"``.
-
-    Raises:
-        ValueError: arrays of mismatched lengths/shapes, indices out of range, non-finite points, bad
-            tolerance.
-    """
+    protocol: str = "gradloc",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pair outcome of the pointing game: ``(hit bool[N], counted bool[N])``; see :func:`pointing_game`."""
+    if protocol not in POINTING_PROTOCOLS:
+        raise ValueError(f"unknown pointing-game protocol {protocol!r}; choose one of {', '.join(POINTING_PROTOCOLS)}")
+    rule = POINTING_PROTOCOLS[protocol]
     image_index = np.asarray(image_index, dtype=np.int64).reshape(-1)
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
     points = np.asarray(points, dtype=np.float64)
@@ -649,24 +685,74 @@ def pointing_game(
     _check_gt(gt)
 
     hit = np.zeros(labels.size, dtype=bool)
+    counted = np.ones(labels.size, dtype=bool)
     pairs = _pairs(image_index, labels, gt)
+    if rule.skip_without_easy_gt:
+        counted[:] = False
+        if pairs.rows.size:
+            easy = np.maximum.reduceat(~gt.difficult[pairs.gt_rows], pairs.seg)
+            counted[pairs.rows] = easy
     if pairs.rows.size:
-        point = points[pairs.rows][pairs.owner]
-        box = gt.boxes[pairs.gt_rows]
-        dx = np.maximum(np.maximum(box[:, 0] - point[:, 0], point[:, 0] - box[:, 2]), 0.0)
-        dy = np.maximum(np.maximum(box[:, 1] - point[:, 1], point[:, 1] - box[:, 3]), 0.0)
-        hit[pairs.rows] = np.minimum.reduceat(np.hypot(dx, dy), pairs.seg) <= tolerance
+        distance = rule.distance(points[pairs.rows][pairs.owner], gt.boxes[pairs.gt_rows])
+        hit[pairs.rows] = rule.hit(np.minimum.reduceat(distance, pairs.seg), tolerance)
+    return hit & counted, counted
+
+
+def pointing_game(
+    image_index: np.ndarray,
+    labels: np.ndarray,
+    points: np.ndarray,
+    gt: GroundTruth,
+    tolerance: float = 15.0,
+    protocol: str = "gradloc",
+) -> pd.DataFrame:
+    """Pointing game accuracy per class (Zhang et al., "Top-down neural attention by excitation backprop",
+    ECCV 2016), under a named protocol (:data:`POINTING_PROTOCOLS`).
+
+    A pair (image, class) with its point ``(x, y)`` (the map's maximum, see ``gradloc.boxes.peak_points``) is a
+    hit when the point lies within ``tolerance`` pixels of a GT box of that class in that image (difficult boxes
+    count as targets under both protocols). ``accuracy_c = hits_c / n_c`` over the counted pairs; the mean row
+    averages the per-class rates over classes with ``n_c >= 1``.
+
+    * ``gradloc``: every given pair counts (a pair without GT of its class in its image is a miss); hit when
+      ``d = sqrt(max(x1 - x, 0, x - x2)^2 + max(y1 - y, 0, y - y2)^2) <= tolerance`` (boxes spanning their pixel
+      centres). This is NOT the reference rule: a point exactly ``tolerance`` pixels away is a hit here.
+    * ``torchray``: TorchRay's ``PointingGameBenchmark`` (Fong et al.; the protocol of the published VOC07-test
+      tables): pairs whose GT boxes of the class are all difficult (or that have none) are skipped; hit when
+      a pixel of the union of the class's boxes is at distance strictly below ``tolerance`` from the point
+      (``(u - x)^2 + (v - y)^2 < tolerance^2``). The published protocol evaluates every GT class of every image
+      (GT-known): pass one point per GT class.
+
+    Args:
+        image_index: int64[N], image of each pair (index into ``gt.image_ids``).
+        labels: int64[N], class of each pair (index into ``gt.classes``).
+        points: float64[N, 2], ``(x, y)`` in VOC 1-based pixel coordinates of the original image.
+        gt: ground truth.
+        tolerance: hit distance in pixels, >= 0 (15 in the paper).
+        protocol: a key of :data:`POINTING_PROTOCOLS`.
+
+    Returns:
+        Rows ``class``, ``hits``, ``n`` (counted pairs), ``accuracy`` (NaN for classes without counted pairs),
+        ``protocol``, then ``"mean"``.
+
+    Raises:
+        ValueError: arrays of mismatched lengths/shapes, indices out of range, non-finite points, bad
+            tolerance, unknown protocol.
+    """
+    hit, counted = pointing_hits(image_index, labels, points, gt, tolerance, protocol)
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
     n_classes = len(gt.classes)
-    n = np.bincount(labels, minlength=n_classes)
+    n = np.bincount(labels[counted], minlength=n_classes)
     hits = np.bincount(labels[hit], minlength=n_classes)
     with np.errstate(invalid="ignore", divide="ignore"):
         rates = np.where(n > 0, hits / n, np.nan)
-    rows = [{"class": name, "hits": int(hits[c]), "n": int(n[c]), "accuracy": float(rates[c])}
+    label = f"{protocol} ({tolerance:g} px)"
+    rows = [{"class": name, "hits": int(hits[c]), "n": int(n[c]), "accuracy": float(rates[c]), "protocol": label}
             for c, name in enumerate(gt.classes)]
     present = n > 0
     rows.append({"class": "mean", "hits": int(hits.sum()), "n": int(n.sum()),
-                 "accuracy": float(np.mean(rates[present])) if present.any() else float("nan")})
-    return pd.DataFrame(rows, columns=["class", "hits", "n", "accuracy"])
+                 "accuracy": float(np.mean(rates[present])) if present.any() else float("nan"), "protocol": label})
+    return pd.DataFrame(rows, columns=["class", "hits", "n", "accuracy", "protocol"])
 
 
 # --- image classification ------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from gradloc.metrics import (
     match_detections,
     max_box_acc,
     pointing_game,
+    pointing_hits,
     voc_ap,
 )
 
@@ -646,7 +647,8 @@ def test_pointing_game_by_hand():
     labels = np.array([CLASSES.index(p[1]) for p in pairs])
     points = np.array([p[2] for p in pairs], dtype=float)
     df = pointing_game(image_index, labels, points, gt, tolerance=15.0)
-    assert list(df.columns) == ["class", "hits", "n", "accuracy"]
+    assert list(df.columns) == ["class", "hits", "n", "accuracy", "protocol"]
+    assert df["protocol"].unique().tolist() == ["gradloc (15 px)"]
     rows = df.set_index("class")
     assert rows.loc["cat", ["hits", "n"]].tolist() == [2, 4] and rows.loc["cat", "accuracy"] == 0.5
     assert rows.loc["dog", ["hits", "n"]].tolist() == [1, 3]
@@ -665,6 +667,102 @@ def test_pointing_game_errors_and_empty():
         pointing_game(np.array([0]), np.array([2]), np.zeros((1, 2)), gt)
     with pytest.raises(ValueError, match="tolerance"):
         pointing_game(np.array([0]), np.array([0]), np.zeros((1, 2)), gt, tolerance=-1.0)
+
+
+def _torchray_outcome(gt: GroundTruth, image: int, label: int, point: np.ndarray, tolerance: float) -> int:
+    """TorchRay's rule (benchmark/pointing_game.py, re-written for the test): 0 = skipped (the class's boxes in
+    the image are all difficult, or there are none), +1 hit, -1 miss; the class mask is the union of all its
+    boxes (difficult included), a hit needs a mask pixel with squared distance < tolerance^2 from the point."""
+    rows = np.flatnonzero((gt.image_index == image) & (gt.labels == label))
+    if all(gt.difficult[rows]):
+        return 0
+    width, height = gt.image_sizes[image]
+    mask = np.zeros((height, width), dtype=bool)
+    for x1, y1, x2, y2 in gt.boxes[rows].astype(int):
+        mask[y1 - 1 : y2, x1 - 1 : x2] = True
+    u, v = point[0] - 1, point[1] - 1  # VOC 1-based -> 0-based pixel coordinates
+    dv, du = np.meshgrid((np.arange(height) - v) ** 2, (np.arange(width) - u) ** 2, indexing="ij")
+    return 1 if (mask & (dv + du < tolerance**2)).any() else -1
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pointing_game_torchray_protocol_equals_its_rule(seed: int):
+    rng = np.random.default_rng(seed)
+    images = [f"i{k}" for k in range(6)]
+    rows = []
+    for name in images:
+        for _ in range(int(rng.integers(1, 4))):
+            x1, y1 = (int(v) for v in rng.integers(1, 60, 2))
+            w, h = (int(v) for v in rng.integers(1, 30, 2))
+            rows.append((name, CLASSES[int(rng.integers(0, 2))], [x1, y1, min(x1 + w, 100), min(y1 + h, 100)],
+                         bool(rng.random() < 0.3)))
+    gt = make_gt(rows, image_ids=images)
+    n = 200
+    image_index = rng.integers(0, len(images), n)
+    labels = rng.integers(0, 2, n)
+    points = rng.integers(1, 101, (n, 2)).astype(float)
+    points[::3] += rng.uniform(-0.5, 0.5, points[::3].shape)  # some non-integer points too
+    # points exactly 15 px right of a box's last column: a hit for gradloc, a miss for TorchRay
+    easy = int(np.flatnonzero(~gt.difficult)[0])
+    first = gt.boxes[easy]
+    points[:5] = [first[2] + 15, (first[1] + first[3]) // 2]
+    image_index[:5], labels[:5] = gt.image_index[easy], gt.labels[easy]
+    hits = pointing_game(image_index, labels, points, gt, protocol="torchray").set_index("class")
+    outcome = np.array([_torchray_outcome(gt, i, c, p, 15.0) for i, c, p in zip(image_index, labels, points,
+                                                                                strict=True)])
+    assert set(outcome.tolist()) == {-1, 0, 1}
+    for c, name in enumerate(CLASSES):
+        assert hits.loc[name, "hits"] == np.sum((labels == c) & (outcome == 1))
+        assert hits.loc[name, "n"] == np.sum((labels == c) & (outcome != 0))
+
+
+@pytest.mark.filterwarnings("ignore:torch.meshgrid:UserWarning")
+def test_pointing_game_torchray_protocol_equals_torchray_itself():
+    """The installed TorchRay package (test extra): ``PointingGameBenchmark.evaluate`` on VOC-format labels."""
+    pointing = pytest.importorskip("torchray.benchmark.pointing_game")
+    from torchray.benchmark.datasets import VOC_CLASSES
+    from torchvision import datasets
+
+    benchmark = pointing.PointingGameBenchmark(object.__new__(datasets.VOCDetection), tolerance=15)
+    rng = np.random.default_rng(3)
+    rows = []
+    for name in IMAGES:
+        for _ in range(int(rng.integers(1, 4))):
+            x1, y1 = (int(v) for v in rng.integers(1, 60, 2))
+            w, h = (int(v) for v in rng.integers(1, 30, 2))
+            rows.append((name, CLASSES[int(rng.integers(0, 2))], [x1, y1, min(x1 + w, 100), min(y1 + h, 100)],
+                         bool(rng.random() < 0.3)))
+    gt = make_gt(rows)
+    n = 300
+    image_index, labels = rng.integers(0, len(IMAGES), n), rng.integers(0, 2, n)
+    points = rng.integers(1, 101, (n, 2)).astype(float)
+    hit, counted = pointing_hits(image_index, labels, points, gt, protocol="torchray")
+    outcomes = []
+    for i, c, (x, y) in zip(image_index, labels, points, strict=True):
+        objects = [{"name": CLASSES[gt.labels[r]], "difficult": str(int(gt.difficult[r])),
+                    "bndbox": dict(zip(("xmin", "ymin", "xmax", "ymax"), (str(int(v)) for v in gt.boxes[r]),
+                                       strict=True))}
+                   for r in np.flatnonzero(gt.image_index == i)]
+        label = {"annotation": {"filename": f"{IMAGES[i]}.jpg", "size": {"width": "100", "height": "100"},
+                                "object": objects}}
+        outcomes.append(benchmark.evaluate(label, VOC_CLASSES.index(CLASSES[c]), (x - 1, y - 1)))
+    outcomes = np.array(outcomes)
+    assert set(outcomes.tolist()) == {-1, 0, 1}
+    np.testing.assert_array_equal(counted, outcomes != 0)
+    np.testing.assert_array_equal(hit, outcomes == 1)
+
+
+def test_pointing_game_protocols_differ_at_exactly_the_tolerance():
+    gt = make_gt([("a", "cat", box(11, 11), False), ("b", "cat", box(11, 11), True)])  # x in 11..20
+    image_index, labels = np.array([0, 0, 1]), np.array([0, 0, 0])
+    points = np.array([[35.0, 15.0], [29.0, 32.0], [15.0, 15.0]])  # 15 px; sqrt(9^2 + 12^2) = 15 px; difficult
+    ours = pointing_game(image_index, labels, points, gt, protocol="gradloc").set_index("class")
+    torchray = pointing_game(image_index, labels, points, gt, protocol="torchray").set_index("class")
+    assert ours.loc["cat", ["hits", "n"]].tolist() == [3, 3]
+    assert torchray.loc["cat", ["hits", "n"]].tolist() == [0, 2]  # the all-difficult pair is skipped
+    assert torchray["protocol"].iloc[0] == "torchray (15 px)"
+    with pytest.raises(ValueError, match="unknown pointing-game protocol 'ebp'"):
+        pointing_game(image_index, labels, points, gt, protocol="ebp")
 
 
 # --- image classification mAP (used by gradloc train and the demo) ---------------------------------------
