@@ -150,16 +150,17 @@ class HeatmapCache:
         """Ids without a cache file (presence only; :meth:`todo` also verifies the files)."""
         return [image_id for image_id in image_ids if not self.has(image_id)]
 
-    def map_size(self) -> tuple[int, int] | None:
-        """(h, w) of the maps computed so far into this cache, or None before the first."""
+    def map_sizes(self) -> dict[str, tuple[int, int]]:
+        """(h, w) of the maps computed so far into this cache, per input canvas ``"<input_h>x<input_w>"`` (one
+        canvas for letterbox / stretch; one per shape bucket for shortside)."""
         path = self.root / "map_size.json"
         if not path.is_file():
-            return None
+            return {}
         try:
-            h, w = json.loads(path.read_text())
-            return int(h), int(w)
-        except (ValueError, TypeError) as error:
-            raise CacheError(f"{path}: expected [h, w] ({error}); delete it and rerun `gradloc cams`") from None
+            return {str(canvas): (int(h), int(w)) for canvas, (h, w) in json.loads(path.read_text()).items()}
+        except (ValueError, TypeError, AttributeError) as error:
+            raise CacheError(f"{path}: expected {{canvas: [h, w]}} ({error}); delete it and rerun `gradloc cams`"
+                             ) from None
 
     def put(self, image_id: str, maps: np.ndarray, scores: np.ndarray, geometry: Geometry, dtype: str,
             source: dict[str, Any] | None = None) -> None:
@@ -169,8 +170,12 @@ class HeatmapCache:
             atomic_write_bytes(self.root / "key.json", json.dumps(self.key_data, indent=2, sort_keys=True,
                                                                   default=str).encode())
         maps = np.ascontiguousarray(maps, dtype=np.dtype(dtype))
-        if not (self.root / "map_size.json").is_file():
-            atomic_write_bytes(self.root / "map_size.json", json.dumps(list(maps.shape[1:])).encode())
+        sizes = self.map_sizes()
+        canvas = f"{geometry.input_h}x{geometry.input_w}"
+        if canvas not in sizes:
+            sizes[canvas] = maps.shape[1:]
+            atomic_write_bytes(self.root / "map_size.json",
+                               json.dumps({k: list(v) for k, v in sorted(sizes.items())}).encode())
         record = {
             "format": CAM_FORMAT,
             "image_id": image_id,
@@ -225,9 +230,12 @@ class HeatmapCache:
                 or 0 in maps.shape or scores.shape != (n_classes,):
             return (f"maps {list(maps.shape)} (recorded {record['map_shape']}) and scores {list(scores.shape)} "
                     f"do not fit {n_classes} classes")
-        expected_size = self.map_size()
+        geometry = record["geometry"]
+        canvas = f"{geometry.get('input_h')}x{geometry.get('input_w')}" if isinstance(geometry, dict) else None
+        expected_size = self.map_sizes().get(canvas)
         if expected_size is not None and maps.shape[1:] != expected_size:
-            return f"maps are {maps.shape[1]}x{maps.shape[2]}, this cache's are {expected_size[0]}x{expected_size[1]}"
+            return (f"maps are {maps.shape[1]}x{maps.shape[2]}, this cache's are {expected_size[0]}x{expected_size[1]} "
+                    f"for a {canvas} input")
         if not (np.isfinite(maps).all() and np.isfinite(scores).all()):
             return "maps or scores hold NaN or infinite values"
         if maps.min() < 0:

@@ -256,3 +256,16 @@ def test_resolve_device():
         resolve_device("gpu0")
     with pytest.raises(ValueError, match="runs on cpu, cuda or mps, not meta"):
         resolve_device("meta")
+
+
+def test_shortside_cache_holds_one_map_size_per_input_canvas(tmp_path):
+    cache = HeatmapCache(tmp_path, {"method": "gradcam", "input_size": 320, "resize_mode": "shortside"})
+    wide, tall = plan(500, 375, 320, "shortside"), plan(375, 500, 320, "shortside")
+    assert (wide.input_h, wide.input_w) != (tall.input_h, tall.input_w)
+    scores = np.zeros(2, np.float32)
+    cache.put("wide", np.ones((2, 10, 14), np.float32), scores, wide, "float32")
+    cache.put("tall", np.ones((2, 14, 10), np.float32), scores, tall, "float32")
+    assert cache.get("wide").maps.shape == (2, 10, 14) and cache.get("tall").maps.shape == (2, 14, 10)
+    cache.put("wide2", np.ones((2, 3, 3), np.float32), scores, wide, "float32")
+    with pytest.raises(CacheError, match=r"wide2\.pkl: maps are 3x3, this cache's are 10x14 for a 320x448 input"):
+        cache.get("wide2")
