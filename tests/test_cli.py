@@ -171,7 +171,7 @@ def test_on_error_skip_runs_and_lists_skipped_items_in_the_manifest(demo_data, d
     result = CliRunner().invoke(main, [*args, "--on-error", "skip"])
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "out" / "skip" / "manifest.json").read_text())
-    assert [entry["item"] for entry in manifest["skipped"]] == [test_ids[0]]
+    assert [entry["image_id"] for entry in manifest["skipped"]] == [test_ids[0]]
     assert "malformed XML" in manifest["skipped"][0]["reason"]
 
 
