@@ -117,7 +117,8 @@ class HeatmapCache:
         self.root = Path(cache_dir) / "cams" / self.key
         classes = key_data.get("classes")
         self.classes: list[str] | None = list(classes) if classes is not None else None
-        self._verified: set[str] = set()
+        self._checked: dict[str, bool] = {}  # image id -> cached file valid (True) or to compute (False)
+        self._map_sizes: dict[str, tuple[int, int]] | None = None
 
     @classmethod
     def open(cls, root: str | Path) -> HeatmapCache:
@@ -154,13 +155,16 @@ class HeatmapCache:
         """(h, w) of the maps computed so far into this cache, per input canvas ``"<input_h>x<input_w>"`` (one
         canvas for letterbox / stretch; one per shape bucket for shortside)."""
         path = self.root / "map_size.json"
-        if not path.is_file():
-            return {}
-        try:
-            return {str(canvas): (int(h), int(w)) for canvas, (h, w) in json.loads(path.read_text()).items()}
-        except (ValueError, TypeError, AttributeError) as error:
-            raise CacheError(f"{path}: expected {{canvas: [h, w]}} ({error}); delete it and rerun `gradloc cams`"
-                             ) from None
+        if self._map_sizes is None:
+            self._map_sizes = {}
+            if path.is_file():
+                try:
+                    self._map_sizes = {str(canvas): (int(h), int(w))
+                                       for canvas, (h, w) in json.loads(path.read_text()).items()}
+                except (ValueError, TypeError, AttributeError) as error:
+                    raise CacheError(f"{path}: expected {{canvas: [h, w]}} ({error}); delete it and rerun "
+                                     "`gradloc cams`") from None
+        return self._map_sizes
 
     def put(self, image_id: str, maps: np.ndarray, scores: np.ndarray, geometry: Geometry, dtype: str,
             source: dict[str, Any] | None = None) -> None:
@@ -187,7 +191,7 @@ class HeatmapCache:
             "source": source,
         }
         atomic_write_bytes(self._path(image_id), pickle.dumps(record, protocol=4))
-        self._verified.add(image_id)
+        self._checked[image_id] = True
 
     def get(self, image_id: str) -> CamEntry:
         """The checked entry of one image.
@@ -199,8 +203,6 @@ class HeatmapCache:
         path = self._path(image_id)
         try:
             record = safe_load_pickle(path)
-        except FileNotFoundError:
-            raise
         except ValueError as error:
             raise CacheError(f"{error}; delete it or rerun `gradloc cams` to recompute it") from None
         problem = self._problem(record, image_id)
@@ -262,7 +264,8 @@ class HeatmapCache:
     def todo(self, dataset: VOCDataset, on_error: str = "raise") -> list[str]:
         """Ids of ``dataset`` whose maps must be computed: no file, an edited image (size or digest differ
         from the recorded ones) or annotated size, or a file failing :meth:`get`. Cleans temporary-file
-        litter first. Checked ids are remembered, so calling again costs nothing.
+        litter first. Results are remembered (until :meth:`put`), so calling again costs nothing and warns
+        once.
 
         Raises:
             CacheError: a bad file with ``on_error="raise"`` (with ``"skip"`` it is logged and recomputed).
@@ -271,33 +274,34 @@ class HeatmapCache:
             if folder.is_dir():
                 for path in clean_tmp(folder):
                     logger.info("removed %s, left by an interrupted write", path)
-        todo = []
         for image_id in dataset.image_ids:
-            if image_id in self._verified:
-                continue
-            if not self.has(image_id):
-                todo.append(image_id)
-                continue
-            annotation = dataset.annotation(image_id)
-            try:
-                entry = self.get(image_id)
-            except CacheError as error:
-                if on_error == "raise":
-                    raise
-                logger.warning("recomputing: %s", error)
-                todo.append(image_id)
-                continue
-            current = file_fingerprint(dataset.image_path(image_id))
-            if not same_content(entry.source, current):
-                logger.info("%s changed since its maps were cached: recomputing", dataset.image_path(image_id))
-                todo.append(image_id)
-            elif (entry.geometry.width, entry.geometry.height) != (annotation.width, annotation.height):
-                logger.info("%s: annotated size changed since its maps were cached: recomputing",
-                            annotation.path)
-                todo.append(image_id)
-            else:
-                self._verified.add(image_id)
-        return todo
+            if image_id not in self._checked:
+                self._checked[image_id] = self._valid(dataset, image_id, on_error)
+        return [image_id for image_id in dataset.image_ids if not self._checked[image_id]]
+
+    def _valid(self, dataset: VOCDataset, image_id: str, on_error: str) -> bool:
+        """Whether the cached file of one image can be used as is (see :meth:`todo`)."""
+        if not self.has(image_id):
+            return False
+        try:
+            entry = self.get(image_id)
+        except CacheError as error:
+            if on_error == "raise":
+                raise
+            logger.warning("recomputing: %s", error)
+            return False
+        path, annotation = dataset.image_path(image_id), dataset.annotation(image_id)
+        try:
+            current = file_fingerprint(path)
+        except OSError:  # unreadable now: computing it reports the error (or skips the image)
+            return False
+        if not same_content(entry.source, current):
+            logger.info("%s changed since its maps were cached: recomputing", path)
+            return False
+        if (entry.geometry.width, entry.geometry.height) != (annotation.width, annotation.height):
+            logger.info("%s: annotated size changed since its maps were cached: recomputing", annotation.path)
+            return False
+        return True
 
     def nbytes(self) -> int:
         return sum(path.stat().st_size for path in (self.root / "maps").glob("*.pkl"))

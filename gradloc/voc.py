@@ -238,10 +238,15 @@ def fingerprint(data: bytes, stat: os.stat_result) -> dict[str, Any]:
             "blake2b": hashlib.blake2b(data, digest_size=16).hexdigest()}
 
 
+def read_bytes(path: str | Path) -> tuple[bytes, os.stat_result]:
+    """A file's bytes and the ``os.fstat`` of the same open file."""
+    with Path(path).open("rb") as handle:
+        return handle.read(), os.fstat(handle.fileno())
+
+
 def file_fingerprint(path: str | Path) -> dict[str, Any]:
     """:func:`fingerprint` of a file as it is now."""
-    with Path(path).open("rb") as handle:
-        return fingerprint(handle.read(), os.fstat(handle.fileno()))
+    return fingerprint(*read_bytes(path))
 
 
 # Integer modes of 16-bit files (PNG, TIFF): PIL keeps their full range; scaled to 8 bits by / 257.
@@ -308,7 +313,9 @@ class VOCDataset:
         if limit is not None:
             ids = ids[:limit]
         self.image_ids: list[str] = []
-        self.image_ids = [image_id for image_id in ids if self._load_checked(image_id)]
+        for image_id in ids:
+            if self._load_checked(image_id):
+                self.image_ids.append(image_id)
         logger.info("%s %s: %d images, %d objects, %d skipped", self.base.name, split, len(self.image_ids),
                     sum(len(self._annotations[i].objects) for i in self.image_ids), len(self.skipped))
 
@@ -393,8 +400,7 @@ class VOCDataset:
         if not path.is_file():
             raise MissingFileError(f"{path}: image file not found")
         try:
-            with path.open("rb") as handle:
-                data, stat = handle.read(), os.fstat(handle.fileno())
+            data, stat = read_bytes(path)
             with Image.open(io.BytesIO(data)) as image:
                 if self.check_sizes and image.size != (annotation.width, annotation.height):
                     raise DatasetError(

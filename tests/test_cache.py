@@ -19,6 +19,7 @@ from PIL import Image
 
 from gradloc.cache import CacheError, HeatmapCache, clean_tmp
 from gradloc.cli import main
+from gradloc.demo import DEMO_CLASSES
 from gradloc.detections import load_detections
 from gradloc.geometry import plan
 from gradloc.models import resolve_device
@@ -256,6 +257,22 @@ def test_resolve_device():
         resolve_device("gpu0")
     with pytest.raises(ValueError, match="runs on cpu, cuda or mps, not meta"):
         resolve_device("meta")
+
+
+def test_boxes_command_needs_valid_cached_maps_or_skips_with_on_error_skip(demo_copy, demo_checkpoint, tmp_path):
+    (demo_copy / "VOCdemo" / "JPEGImages" / "000027.jpg").write_bytes(b"")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data:\n  year: demo\n  split: val\n  classes: {list(DEMO_CLASSES)}\n"
+                      "model:\n  name: demo_cnn\n  input_size: 64\n")
+    common = ["--config", str(config), "--voc-root", str(demo_copy), "--checkpoint", str(demo_checkpoint),
+              "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), "--name", "b", "-q"]
+    assert CliRunner().invoke(main, ["cams", *common, "--on-error", "skip"]).exit_code == 0
+    refused = CliRunner().invoke(main, ["boxes", *common])
+    assert refused.exit_code == 1 and "e.g. 000027) have no valid cached maps" in refused.output
+    done = CliRunner().invoke(main, ["boxes", *common, "--on-error", "skip"])
+    assert done.exit_code == 0, done.output
+    dets = load_detections(next((tmp_path / "out" / "b" / "detections").glob("thr_*.pkl")))
+    assert "000027" not in dets.image_ids and len(dets.image_ids) == 11
 
 
 def test_shortside_cache_holds_one_map_size_per_input_canvas(tmp_path):

@@ -515,3 +515,17 @@ def test_image_smaller_than_the_network_input(demo_copy, cams_config):
         for index, (width, height) in ((0, (3, 2)), (1, (1, 1))):
             boxes = dets.boxes[dets.image_index == index]
             assert (boxes >= 1).all() and (boxes[:, [0, 2]] <= width).all() and (boxes[:, [1, 3]] <= height).all()
+
+
+def test_skipped_images_reach_the_run_result_and_manifest(demo_copy, cams_config):
+    import json
+
+    from gradloc.pipeline import run
+
+    _empty(demo_copy / "VOCdemo" / "JPEGImages" / "000029.jpg")
+    config = cams_config(demo_copy, **{"data.on_error": "skip", "boxes.thresholds": (0.5,)})
+    result = run(config)
+    assert [item["image_id"] for item in result.skipped] == ["000029"]
+    manifest = json.loads((result.run_dir / "manifest.json").read_text())
+    assert manifest["skipped"] == result.skipped and "unreadable image" in manifest["skipped"][0]["reason"]
+    assert "000029" not in result.dataset.ground_truth().image_ids
