@@ -145,11 +145,12 @@ def benchmark_row(spec: dict, config_path: str, out: Path, shared: dict[str, str
                         **per_class_ap(dets, val.gt)})
     if spec.get("baselines"):
         for name, dets in val.baselines.items():
-            rows.append({**protocol, "method": "-", "source": name, "tau chosen on": "-", "tau": None,
+            rows.append({**protocol, "method": "-", "box mode": name, "source": name, "tau chosen on": "-", "tau": None,
                          **detection_metrics(dets, val.gt)})
         random = val.random_at(taus["selected"])
         if random is not None:
-            rows.append({**protocol, "method": "-", "source": "random", "tau chosen on": "train",
+            rows.append({**protocol, "method": "-", "box mode": config.boxes.box_mode, "source": "random",
+                         "tau chosen on": "train",
                          "tau": taus["selected"], **detection_metrics(random, val.gt)})
     figure = show_run(val.path, taus["selected"], n=SAMPLES, seed=SAMPLE_SEED)
     save_figure(figure, out / "samples" / f"{spec['name']}.png")
