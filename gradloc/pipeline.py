@@ -235,6 +235,37 @@ class _Rows:
                                                                       strict=True)}
 
 
+class _GtKnown:
+    """Per (image, GT class) pair, from the raw map of that class (GT-known, whatever the run explains): the
+    map's peak (TorchRay's pointing game) and the wsolevaluation box hits (MaxBoxAccV2: min-max map, τ grid
+    0.01, one box per region, IoU 0.3 / 0.5 / 0.7) on the run's working grid (``boxes.max_side``)."""
+
+    def __init__(self, max_side: int | None) -> None:
+        self.max_side = max_side
+        self.points = _Rows(width=2)
+        self.hits: list[np.ndarray] = []
+
+    def add(self, index: int, entry: Any, labels: np.ndarray, boxes: np.ndarray) -> None:
+        from gradloc.geometry import upsample, working_size
+        from gradloc.wsol import box_hits
+
+        classes = np.unique(labels).astype(np.int64)
+        if not len(classes):
+            return
+        maps = entry.maps[classes]
+        self.points.add(index, classes, np.zeros(len(classes)), peak_points(maps, entry.geometry))
+        size = (entry.geometry.width, entry.geometry.height)
+        heat = upsample(maps, entry.geometry, *working_size(*size, self.max_side))
+        self.hits.append(box_hits(heat, [boxes[labels == c] for c in classes], image_size=size))
+
+    def record(self) -> dict[str, Any]:
+        from gradloc.wsol import GRID, IOUS_V2
+
+        hits = np.concatenate(self.hits) if self.hits else np.zeros((0, len(GRID), len(IOUS_V2)), dtype=bool)
+        return {**self.points.arrays("points"), "hits": hits, "grid": GRID, "ious": np.asarray(IOUS_V2),
+                "max_side": self.max_side}
+
+
 def explained_classes(config: RunConfig, probabilities: np.ndarray, gt_labels: np.ndarray) -> np.ndarray:
     """Which classes of an image get boxes: ``predicted`` (probability >= score_cut) or ``gt`` (GT-known:
     every class with a GT box in the image, difficult included). Returns sorted class indices."""
@@ -304,13 +335,16 @@ def run_boxes(config: RunConfig, cache: HeatmapCache, dataset: VOCDataset, progr
     random_rows = [_Rows() for _ in thresholds]
     fixed_rows = {name: _Rows() for name in config.boxes.baselines if name in BASELINES}
     points = _Rows(width=2)
+    gt_known = _GtKnown(params.max_side)
     order = np.argsort(gt.image_index, kind="stable")
     bounds = np.searchsorted(gt.image_index[order], np.arange(len(gt.image_ids) + 1))
     rng = np.random.default_rng(config.seed)
     for index, image_id in enumerate(dataset.image_ids):
         entry = cache.get(image_id)
         probs = class_probabilities(entry.scores, score_kind)
-        classes = explained_classes(config, probs, gt.labels[order[bounds[index] : bounds[index + 1]]])
+        in_image = order[bounds[index] : bounds[index + 1]]
+        gt_known.add(index, entry, gt.labels[in_image], gt.boxes[in_image])
+        classes = explained_classes(config, probs, gt.labels[in_image])
         maps = entry.maps[classes]
         if len(classes):
             for rows, (k, conf, boxes) in zip(cam_rows, image_boxes(maps, probs[classes], entry.geometry,
@@ -343,6 +377,7 @@ def run_boxes(config: RunConfig, cache: HeatmapCache, dataset: VOCDataset, progr
     for name, rows in fixed_rows.items():
         writer.write_baseline(name, detections(rows, 0.0, "none", name, name))
     writer.write_points({**common, **points.arrays("points"), "meta": protocol})
+    writer.write_gt_known({**common, **gt_known.record(), "meta": protocol})
     return config.run_dir
 
 
@@ -403,9 +438,19 @@ def score_run(run_dir: str | Path | runs.Run, ious: Sequence[float], metric: str
 
 
 def localization_scores(run_dir: str | Path | runs.Run) -> pd.DataFrame:
-    """WSOL metrics of a run: CorLoc per threshold (IoU 0.5), pointing game (15 px), and MaxBoxAcc when the
-    classes explained are the GT classes (GT-known protocol). Rows: metric, threshold, class, value, n."""
+    """WSOL metrics of a run, each row naming its protocol (column ``metric``):
+
+    * ``corloc@0.5`` per threshold (the run's explained classes);
+    * ``pointing@15px (gradloc, explained classes)`` and ``pointing@15px (TorchRay, GT classes)``
+      (:func:`gradloc.metrics.pointing_game`; τ-free);
+    * ``MaxBoxAccV2@δ`` and ``MaxBoxAccV2`` (wsolevaluation: GT-known, min-max maps, 0.01 τ grid chosen on this
+      split, all boxes; :mod:`gradloc.wsol`), from ``gt_known.pkl``;
+    * for runs that explain the GT classes, ``boxacc@δ, best of the run's τ``: the same idea restricted to
+      the run's own τ list and box mode (not comparable with wsolevaluation's numbers).
+
+    Rows: metric, threshold, class, value, n."""
     from gradloc.metrics import corloc, max_box_acc, pointing_game
+    from gradloc.wsol import max_box_acc_from_hits
 
     run = run_dir if isinstance(run_dir, runs.Run) else runs.open_run(run_dir)
     gt = run.gt
@@ -417,13 +462,23 @@ def localization_scores(run_dir: str | Path | runs.Run) -> pd.DataFrame:
         frame = corloc(dets, gt, iou=0.5)
         rows += [{"metric": "corloc@0.5", "threshold": dets.threshold, "class": r["class"], "value": r["corloc"],
                   "n": r["n_images"]} for r in frame.to_dict("records")]
-    points = run.points
-    frame = pointing_game(points["image_index"], points["labels"], points["points"], gt, tolerance=15.0)
-    rows += [{"metric": "pointing@15px", "threshold": float("nan"), "class": r["class"], "value": r["accuracy"],
-              "n": r["n"]} for r in frame.to_dict("records")]
+    pairs = [("gradloc, explained classes", run.points, "gradloc")]
+    known = run.gt_known
+    if known is not None:
+        pairs.append(("TorchRay, GT classes", known, "torchray"))
+    for label, points, protocol in pairs:
+        frame = pointing_game(points["image_index"], points["labels"], points["points"], gt, tolerance=15.0,
+                              protocol=protocol)
+        rows += [{"metric": f"pointing@15px ({label})", "threshold": float("nan"), "class": r["class"],
+                  "value": r["accuracy"], "n": r["n"]} for r in frame.to_dict("records")]
+    if known is not None and len(known["hits"]):
+        frame = max_box_acc_from_hits(known["hits"])
+        rows += [{"metric": r["metric"].replace("MaxBoxAcc (all boxes)", "MaxBoxAccV2"),
+                  "threshold": r["best_threshold"], "class": "all", "value": r["max_box_acc"], "n": r["n_pairs"]}
+                 for r in frame.to_dict("records")]
     if dets_by_tau and next(iter(dets_by_tau.values())).meta.get("classes_explained") == "gt":
         frame = max_box_acc(dets_by_tau, gt, ious=(0.3, 0.5, 0.7))
-        rows += [{"metric": f"maxboxacc@{r['iou']} (oracle tau)", "threshold": r["best_threshold"],
+        rows += [{"metric": f"boxacc@{r['iou']}, best of the run's tau", "threshold": r["best_threshold"],
                   "class": "all", "value": r["max_box_acc"], "n": r["n_pairs"]} for r in frame.to_dict("records")]
     return pd.DataFrame(rows)
 
