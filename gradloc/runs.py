@@ -235,6 +235,15 @@ class Run:
         return data
 
     @property
+    def localization(self) -> pd.DataFrame:
+        """``localization.csv``: the WSOL rows (metric, threshold, class, value, n) of
+        :func:`gradloc.pipeline.localization_scores`."""
+        path = self.path / LOCALIZATION_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not found; score the run first with `gradloc score {self.path} --save`")
+        return pd.read_csv(path)
+
+    @property
     def scores_path(self) -> Path:
         return self.path / SCORES_CSV
 
