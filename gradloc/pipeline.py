@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from gradloc import __version__, runs
-from gradloc.boxes import BASELINES, image_boxes, peak_points, random_maps
+from gradloc.boxes import BASELINES, BoxRows, ThresholdDetections, image_boxes, peak_points, random_maps
 from gradloc.cache import HeatmapCache
 from gradloc.config import RunConfig, config_hash
 from gradloc.detections import Detections, GroundTruth, load_detections, load_ground_truth
@@ -212,29 +212,6 @@ def _with_method(config: RunConfig, method: str) -> RunConfig:
 # --- stage 2: boxes -----------------------------------------------------------------------------------------
 
 
-class _Rows:
-    """Growing per-row arrays of one output file: image index, label, score and a float64[n, width] value
-    (a box, width 4, or a point, width 2)."""
-
-    def __init__(self, width: int = 4) -> None:
-        self.width = width
-        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
-
-    def add(self, image: int, labels: np.ndarray, scores: np.ndarray, values: np.ndarray) -> None:
-        if len(labels):
-            self.parts.append((np.full(len(labels), image, np.int64), np.asarray(labels, np.int64),
-                               np.asarray(scores, np.float64),
-                               np.asarray(values, np.float64).reshape(-1, self.width)))
-
-    def arrays(self, value_name: str = "boxes") -> dict[str, np.ndarray]:
-        names = ("image_index", "labels", "scores", value_name)
-        if not self.parts:
-            empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), np.zeros((0, self.width)))
-            return dict(zip(names, empty, strict=True))
-        return {name: np.concatenate(column) for name, column in zip(names, zip(*self.parts, strict=True),
-                                                                      strict=True)}
-
-
 class _GtKnown:
     """Per (image, GT class) pair, from the raw map of that class (GT-known, whatever the run explains): the
     map's peak (TorchRay's pointing game) and the wsolevaluation box hits (MaxBoxAccV2: min-max map, τ grid
@@ -242,7 +219,7 @@ class _GtKnown:
 
     def __init__(self, max_side: int | None) -> None:
         self.max_side = max_side
-        self.points = _Rows(width=2)
+        self.points = BoxRows(width=2)
         self.hits: list[np.ndarray] = []
 
     def add(self, index: int, entry: Any, labels: np.ndarray, boxes: np.ndarray) -> None:
@@ -262,7 +239,9 @@ class _GtKnown:
         from gradloc.wsol import GRID, IOUS_V2
 
         hits = np.concatenate(self.hits) if self.hits else np.zeros((0, len(GRID), len(IOUS_V2)), dtype=bool)
-        return {**self.points.arrays("points"), "hits": hits, "grid": GRID, "ious": np.asarray(IOUS_V2),
+        [(image_index, labels, _, points)] = self.points.per_threshold()
+        return {"image_index": image_index, "labels": labels, "points": points, "hits": hits, "grid": GRID,
+                "ious": np.asarray(IOUS_V2),
                 "max_side": self.max_side}
 
 
@@ -331,10 +310,9 @@ def run_boxes(config: RunConfig, cache: HeatmapCache, dataset: VOCDataset, progr
     thresholds = list(config.boxes.thresholds)
     score_kind = cache.key_data["score_kind"]
     check_names(config)
-    cam_rows = [_Rows() for _ in thresholds]
-    random_rows = [_Rows() for _ in thresholds]
-    fixed_rows = {name: _Rows() for name in config.boxes.baselines if name in BASELINES}
-    points = _Rows(width=2)
+    cam_rows, random_rows = BoxRows(len(thresholds)), BoxRows(len(thresholds))
+    fixed_rows = {name: BoxRows() for name in config.boxes.baselines if name in BASELINES}
+    points = BoxRows(width=2)
     gt_known = _GtKnown(params.max_side)
     order = np.argsort(gt.image_index, kind="stable")
     bounds = np.searchsorted(gt.image_index[order], np.arange(len(gt.image_ids) + 1))
@@ -347,14 +325,12 @@ def run_boxes(config: RunConfig, cache: HeatmapCache, dataset: VOCDataset, progr
         classes = explained_classes(config, probs, gt.labels[in_image])
         maps = entry.maps[classes]
         if len(classes):
-            for rows, (k, conf, boxes) in zip(cam_rows, image_boxes(maps, probs[classes], entry.geometry,
-                                                                    thresholds, params), strict=True):
-                rows.add(index, classes[k], conf, boxes)
+            cam_rows.add_sweep(index, classes, image_boxes(maps, probs[classes], entry.geometry, thresholds,
+                                                           params))
             if "random" in config.boxes.baselines:
                 noise = random_maps(maps.shape, int(rng.integers(2**31)))
-                for rows, (k, conf, boxes) in zip(random_rows, image_boxes(
-                        noise, probs[classes], entry.geometry, thresholds, params), strict=True):
-                    rows.add(index, classes[k], conf, boxes)
+                random_rows.add_sweep(index, classes, image_boxes(noise, probs[classes], entry.geometry,
+                                                                  thresholds, params))
             for name, rows in fixed_rows.items():
                 box = BASELINES[name](entry.geometry)
                 rows.add(index, classes, probs[classes], np.repeat(box[None], len(classes), axis=0))
@@ -365,18 +341,22 @@ def run_boxes(config: RunConfig, cache: HeatmapCache, dataset: VOCDataset, progr
     protocol = run_protocol(config, cache)
     common = {"classes": list(gt.classes), "image_ids": list(gt.image_ids)}
 
-    def detections(rows: _Rows, threshold: float, threshold_mode: str, box_mode: str, source: str) -> Detections:
+    def detections(rows: ThresholdDetections, threshold: float, threshold_mode: str, box_mode: str,
+                   source: str) -> Detections:
         return Detections(threshold=threshold, threshold_mode=threshold_mode, box_mode=box_mode,
-                          meta={**protocol, "source": source}, **common, **rows.arrays())
+                          meta={**protocol, "source": source}, **common, **rows._asdict())
 
     writer.write_gt(gt)
-    for tau, rows, noise_rows in zip(thresholds, cam_rows, random_rows, strict=True):
+    for tau, rows, noise_rows in zip(thresholds, cam_rows.per_threshold(), random_rows.per_threshold(),
+                                     strict=True):
         writer.write_detections(detections(rows, tau, params.threshold_mode, params.box_mode, "cam"))
         if "random" in config.boxes.baselines:
             writer.write_random(detections(noise_rows, tau, params.threshold_mode, params.box_mode, "random"))
     for name, rows in fixed_rows.items():
-        writer.write_baseline(name, detections(rows, 0.0, "none", name, name))
-    writer.write_points({**common, **points.arrays("points"), "meta": protocol})
+        writer.write_baseline(name, detections(rows.per_threshold()[0], 0.0, "none", name, name))
+    [(image_index, labels, scores, values)] = points.per_threshold()
+    writer.write_points({**common, "image_index": image_index, "labels": labels, "scores": scores,
+                         "points": values, "meta": protocol})
     writer.write_gt_known({**common, **gt_known.record(), "meta": protocol})
     return config.run_dir
 
