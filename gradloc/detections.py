@@ -26,9 +26,7 @@ from typing import Any
 
 import numpy as np
 
-# atomic_write_bytes and save_pickle are re-exported for cache.py and models.py, which import them from here
-# until their owner switches them to gradloc.io (issue 9, part B).
-from gradloc.io import atomic_write_bytes, safe_load_pickle, save_pickle  # noqa: F401
+from gradloc.io import safe_load_pickle
 
 DETECTIONS_FORMAT = "gradloc.detections/1"
 GT_FORMAT = "gradloc.gt/1"

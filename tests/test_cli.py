@@ -287,7 +287,8 @@ def test_export_then_score_voc_results_reproduces_the_run(tiny_run, tmp_path):
 def test_voc_results_malformed_line_is_one_line_error(tmp_path):
     import numpy as np
 
-    from gradloc.detections import GroundTruth, save_pickle
+    from gradloc.detections import GroundTruth
+    from gradloc.io import save_pickle
 
     save_pickle(GroundTruth(classes=["cat"], image_ids=["a"], image_sizes=np.array([[10, 10]]),
                             image_index=np.array([0]), labels=np.array([0]), boxes=np.array([[1.0, 1, 5, 5]]),
@@ -319,7 +320,8 @@ def test_broken_pipe_exits_quietly(tmp_path):
 
     import numpy as np
 
-    from gradloc.detections import Detections, GroundTruth, save_pickle
+    from gradloc.detections import Detections, GroundTruth
+from gradloc.io import save_pickle
 
     n = 300
     classes = [f"c{i}" for i in range(n)]
