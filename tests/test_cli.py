@@ -321,7 +321,7 @@ def test_broken_pipe_exits_quietly(tmp_path):
     import numpy as np
 
     from gradloc.detections import Detections, GroundTruth
-from gradloc.io import save_pickle
+    from gradloc.io import save_pickle
 
     n = 300
     classes = [f"c{i}" for i in range(n)]
