@@ -145,6 +145,13 @@ def benchmark_row(spec: dict, config_path: str, out: Path, shared: dict[str, str
     return rows, classes
 
 
+def _read_rows(path: Path) -> dict[str, dict]:
+    """Finished rows (``rows.jsonl``) by name."""
+    if not path.is_file():
+        return {}
+    return {r["name"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+
 def write_tables(out: Path, name: str, rows: list[dict]) -> None:
     frame = pd.DataFrame(rows)
     atomic_write_bytes(out / f"{name}.csv", frame.to_csv(index=False).encode())
@@ -164,9 +171,7 @@ def main() -> None:
     specs = yaml.safe_load(Path(args.rows).read_text())
     out = Path(args.out)
     done_path = out / "rows.jsonl"
-    done = {}
-    if done_path.is_file():
-        done = {r["name"]: r for r in map(json.loads, done_path.read_text().splitlines())}
+    done = _read_rows(done_path)
     only = set(args.only.split(",")) if args.only else None
     shared: dict = {}
     timings_path = out / "cams_seconds.json"  # heatmap time per row, kept from a --cams-only run
@@ -177,14 +182,18 @@ def main() -> None:
         if args.cams_only:
             config = load_config(args.config, spec.get("overrides", {}))
             timing = shared_pass(config, spec.get("also", []))
+            timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
             if timing["images"]:
                 timings[spec["name"]] = timing
             atomic_write_bytes(timings_path, json.dumps(timings, indent=1).encode())
             logger.info("%s: %d heatmaps in %.0f s", spec["name"], timing["images"], timing["seconds"])
             continue
+        timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
         rows, classes = benchmark_row(spec, args.config, out, shared, timings.get(spec["name"]))
+        done = _read_rows(done_path)  # rows finished meanwhile by another benchmark process on the same --out
         done[spec["name"]] = {"name": spec["name"], "rows": rows, "per_class": classes}
         atomic_write_bytes(done_path, "".join(json.dumps(r, default=str) + "\n" for r in done.values()).encode())
+    done = _read_rows(done_path)
     ordered = [done[s["name"]] for s in specs if s["name"] in done]
     write_tables(out, "methods", [row for entry in ordered for row in entry["rows"]])
     write_tables(out, "per_class", [row for entry in ordered for row in entry["per_class"]])
