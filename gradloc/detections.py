@@ -97,6 +97,17 @@ class GroundTruth:
             difficult=np.asarray(data["difficult"], dtype=bool),
         ))
 
+    def image_labels(self) -> np.ndarray:
+        """Image-level labels in the devkit's classification convention.
+
+        Returns:
+            int8[n_images, n_classes]: 1 if the image holds a non-difficult box of the class, 0 if all its
+            boxes of the class are difficult, -1 if it holds none.
+        """
+        labels = np.full((len(self.image_ids), len(self.classes)), -1, dtype=np.int8)
+        np.maximum.at(labels, (self.image_index, self.labels), np.where(self.difficult, 0, 1).astype(np.int8))
+        return labels
+
 
 @dataclass(frozen=True, eq=False)
 class Detections:

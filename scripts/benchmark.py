@@ -30,16 +30,17 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 
 from gradloc.bootstrap import corloc_interval, map_interval
 from gradloc.config import load_config
 from gradloc.io import atomic_write_bytes
-from gradloc.metrics import evaluate
+from gradloc.metrics import classification_map, evaluate
 from gradloc.pipeline import run_cams
 from gradloc.runs import open_run
-from gradloc.show import save_figure, show_run
+from gradloc.show import open_run_cache, save_figure, show_run
 from gradloc.sweep import run_sweep, split_config
 
 logger = logging.getLogger("benchmark")
@@ -54,6 +55,13 @@ def gt_known_metrics(run) -> dict[str, float]:
     return {"MaxBoxAccV2 (GT-known)": round(100 * float(rows[("MaxBoxAccV2", "all")]), 2),
             "pointing (TorchRay, GT classes)": round(100 * float(rows[("pointing@15px (TorchRay, GT classes)",
                                                                          "mean")]), 2)}
+
+
+def classification_map_of(run) -> float:
+    """VOC07 classification mAP of the run's class scores (its heatmap cache) against the image labels."""
+    cache = open_run_cache(run)
+    scores = [cache.get(image_id).scores for image_id in run.gt.image_ids]
+    return round(100 * classification_map(np.stack(scores), run.gt.image_labels())[0], 2)
 
 
 def detection_metrics(dets, gt) -> dict[str, object]:
@@ -121,7 +129,7 @@ def benchmark_row(spec: dict, config_path: str, out: Path, shared: dict[str, str
     protocol = {"model": config.model.name, "head": config.model.head, "method": config.cams.method,
                 "layer": val.manifest["config"]["cams"]["layer"] or "default", "box mode": config.boxes.box_mode,
                 "images (val)": len(val.gt.image_ids), "subset": spec.get("subset", "all val")}
-    gt_known = gt_known_metrics(val)
+    gt_known = {**gt_known_metrics(val), "cls mAP (val)": classification_map_of(val)}
     rows, classes = [], []
     for choice, label in (("selected", "train"), ("oracle", "val (oracle)")):
         dets = val.detections_at(taus[choice])
