@@ -707,8 +707,12 @@ def _read_torch_file(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except _LOAD_ERRORS as error:
+        if "weights only load failed" in str(error).lower():  # torch's advice (weights_only=False) is unsafe
+            raise ValueError(f"{path}: not a loadable torch checkpoint (not a file of plain tensors: gradloc "
+                             "never unpickles other objects); pass a file written by `gradloc train` or a state "
+                             "dict") from None
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"{path}: not a loadable torch checkpoint ({first})") from None
+        raise ValueError(f"{path}: not a loadable torch checkpoint ({type(error).__name__}: {first})") from None
 
 
 def _is_state_dict(data: Any) -> bool:

@@ -398,8 +398,12 @@ def test_load_checkpoint_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"missing\.pt: checkpoint not found"):
         load_checkpoint(tmp_path / "missing.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a zip file")
-    with pytest.raises(ValueError, match=r"junk\.pt: not a loadable torch checkpoint"):
+    with pytest.raises(ValueError, match=r"junk\.pt: not a loadable torch checkpoint") as refused:
         load_checkpoint(tmp_path / "junk.pt")
+    assert "weights_only" not in str(refused.value)  # never PyTorch's advice to load untrusted code
+    torch.save({"state": Path("x")}, tmp_path / "object.pt")  # a pickled object beyond tensors
+    with pytest.raises(ValueError, match=r"object\.pt: not a loadable torch checkpoint \(not a file of plain"):
+        load_checkpoint(tmp_path / "object.pt")
     torch.save({"format": "other/1"}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match=r"format is 'other/1', expected 'gradloc.checkpoint/1'"):
         load_checkpoint(tmp_path / "other.pt")
