@@ -32,12 +32,13 @@ def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_checkpoint(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A ``gradloc.checkpoint/1`` DemoNet trained for 3 epochs on ``demo_data`` (about a second; it
-    classifies poorly, use it for plumbing, not for accuracy). Load with ``gradloc.demo.load_demo_model``."""
+    """A ``gradloc.checkpoint/1`` DemoNet trained for 3 epochs at input size 64 on ``demo_data`` (about a
+    second; it classifies poorly, use it for plumbing, not for accuracy; runs must use input size 64, the
+    checkpoint's). Load with ``gradloc.demo.load_demo_model``."""
     from gradloc.demo import train_demo_model
 
-    return train_demo_model(demo_data, tmp_path_factory.mktemp("demo_model") / "demo_cnn.pt", epochs=3,
-                            max_seconds=60.0)
+    return train_demo_model(demo_data, tmp_path_factory.mktemp("demo_model") / "demo_cnn.pt", input_size=64,
+                            epochs=3, max_seconds=60.0)
 
 
 @pytest.fixture

@@ -163,7 +163,7 @@ def test_on_error_skip_runs_and_lists_skipped_items_in_the_manifest(demo_data, d
     (devkit / "VOCdemo" / "Annotations" / f"{test_ids[0]}.xml").write_text("<annotation><object>")
     config = tmp_path / "c.yaml"
     config.write_text(f"data:\n  year: demo\n  split: test\n  classes: {list(DEMO_CLASSES)}\n"
-                      f"model:\n  name: demo_cnn\n  input_size: 128\n")
+                      f"model:\n  name: demo_cnn\n  input_size: 64\n")
     args = ["--quiet", "run", "--config", str(config), "--voc-root", str(devkit), "--checkpoint",
             str(demo_checkpoint), "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"),
             "--name", "skip", "--score-cut", "0.0"]
@@ -229,7 +229,8 @@ def test_score_writes_nothing_unless_save(tiny_run):
     result = CliRunner().invoke(main, ["score", str(run_dir), "--iou", "0.5"])
     assert result.exit_code == 0, result.output
     assert _files(run_dir) == before
-    assert "tau=nan" not in result.stdout and re.search(r"pointing@15px +\d+\.\d\d %", result.stdout)
+    assert "tau=nan" not in result.stdout
+    assert re.search(r"pointing@15px \(gradloc, explained classes\) +\d+\.\d\d %", result.stdout)
     # every option is checked before anything is printed or written
     bad = CliRunner().invoke(main, ["score", str(run_dir), "--iou", "0.5", "--save", "--per-class", "0.33"])
     assert bad.exit_code == 1 and bad.stdout == ""

@@ -238,7 +238,7 @@ def test_checkpoint_contents_and_loading(demo_data, demo_checkpoint):
     assert not model.training
     assert checkpoint["format"] == "gradloc.checkpoint/1" and checkpoint["arch"] == "demo_cnn"
     assert checkpoint["classes"] == list(DEMO_CLASSES) and checkpoint["head"] == "voc"
-    assert checkpoint["input_size"] == 128 and checkpoint["resize_mode"] == "letterbox"
+    assert checkpoint["input_size"] == 64 and checkpoint["resize_mode"] == "letterbox"
     assert checkpoint["weights"] is None and checkpoint["git_commit"] is None
     assert len(checkpoint["mean"]) == 3 and len(checkpoint["std"]) == 3
     train = checkpoint["train"]
