@@ -460,7 +460,7 @@ def render_overlay(sample: Sample, panel: HeatPanel, classes: Sequence[str], cap
     ax.set_axis_off()
     texts = _draw_heat(fig, ax, sample, panel, classes, colorbar=False)
     renderer = fig.canvas.get_renderer()
-    text = fig.text(0.01, 1.0, textwrap.fill(caption, width=max(20, int(width / 5))), fontsize=7, va="top")
+    text = fig.text(0.01, 1.0, textwrap.fill(caption, width=max(20, int(width / 6))), fontsize=7, va="top")
     band = text.get_window_extent(renderer).height / DPI + 0.08
     total = height / DPI + band
     fig.set_size_inches(width / DPI, total)

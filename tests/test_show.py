@@ -289,6 +289,23 @@ def test_show_run_sample_gt_ids_and_class(tiny_run):
         show_run(run_dir, 0.2, ids=["000009"])
 
 
+def test_per_image_writes_one_overlay_per_image_and_class(tiny_run, tmp_path):
+    _, run_dir = tiny_run
+    out = tmp_path / "overlays"
+    result = CliRunner().invoke(main, ["show", str(run_dir), "--threshold", "0.2", "--n", "10",
+                                       "--per-image", str(out)])
+    assert result.exit_code == 0, result.output
+    # 000001: cat and dog explained; 000003: cat; 000002 has no detection (not sampled)
+    assert sorted(p.name for p in out.iterdir()) == ["000001_cat.png", "000001_dog.png", "000003_cat.png"]
+    with Image.open(out / "000001_cat.png") as image:
+        assert image.size[0] == IMAGES["000001"][0] and image.size[1] > IMAGES["000001"][1]  # + caption
+    pixels, n_colours = _png_stats(out / "000001_cat.png")
+    assert n_colours > 50 and _has_colour(pixels, (0x00, 0xD0, 0x00))
+    result = CliRunner().invoke(main, ["show", str(run_dir), "--threshold", "0.2", "--sample", "gt",
+                                       "--ids", "000002", "--per-image", str(tmp_path / "gt")])
+    assert result.exit_code == 0 and [p.name for p in (tmp_path / "gt").iterdir()] == ["000002_dog.png"]
+
+
 def test_crowded_labels_stay_inside_and_apart():
     """Six GT boxes sharing corners and long prediction tags at the image's right edge, in a narrow figure."""
     from gradloc.show import Sample, render_grid
