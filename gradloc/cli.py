@@ -528,8 +528,16 @@ def train(ctx: click.Context, config_path: str | None, out: str, **options: Any)
 @click.option("--threshold", type=float, help="τ of the detections to draw (a threshold of the run).")
 @click.option("--n", "n", type=int, default=10, show_default=True, help="Number of images to show.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random sample.")
+@click.option("--sample", type=click.Choice(["detected", "gt"]), default="detected", show_default=True,
+              help="Draw among images with detections at τ (detected), or with GT boxes whatever was detected "
+                   "(gt: the same images for every method of a split).")
+@click.option("--ids", help="Comma-separated image ids to draw instead of a sample, e.g. 000005,000012.")
+@click.option("--class", "focus", metavar="NAME",
+              help="Only this class: images where it is detected or in GT, only its boxes and heatmap.")
 @click.option("--out", default="samples.png", show_default=True, type=click.Path(dir_okay=False),
               help="PNG file to write.")
+@click.option("--per-image", "per_image", type=click.Path(file_okay=False),
+              help="Instead of the grid: one overlay PNG per image and class, <image_id>_<class>.png, in DIR.")
 @click.option("--guided", is_flag=True, help="Add a Guided Grad-CAM panel per class (rebuilds the model).")
 @click.option("--detections", "detections_path", type=click.Path(dir_okay=False),
               help="Boxes only: a detections pickle instead of a run folder (needs --voc-root).")
@@ -537,28 +545,41 @@ def train(ctx: click.Context, config_path: str | None, out: str, **options: Any)
 @click.option("--year", default="2007", show_default=True, help="With --detections: VOC year.")
 @click.option("--split", default="val", show_default=True, help="With --detections: the image set.")
 @click.pass_context
-def show(ctx: click.Context, run_dir: str | None, threshold: float | None, n: int, seed: int, out: str,
-         guided: bool, detections_path: str | None, voc_root: str | None, year: str, split: str) -> None:
-    """Draw a seeded random sample of images with heatmaps, GT boxes and predicted boxes as a PNG grid.
+def show(ctx: click.Context, run_dir: str | None, threshold: float | None, n: int, seed: int, sample: str,
+         ids: str | None, focus: str | None, out: str, per_image: str | None, guided: bool,
+         detections_path: str | None, voc_root: str | None, year: str, split: str) -> None:
+    """Draw images with heatmaps, GT boxes and predicted boxes as a PNG grid (or one PNG per image).
+
+    By default a seeded random sample of --n images among those with detections at --threshold.
 
     \b
     Examples:
       gradloc show results/demo --threshold 0.2 --n 8 --out samples.png
+      gradloc show results/demo --threshold 0.2 --ids 000005,000012 --class car
+      gradloc show results/demo --threshold 0.2 --n 20 --per-image overlays/
       gradloc show --detections thr_0.200.pkl --voc-root ../shared/voc/VOCdevkit --year 2007 --split val
     """
-    from gradloc.show import save_figure, show_detections, show_run
+    from gradloc.show import save_figure, show_detections, show_run, write_overlays
 
     if (run_dir is None) == (detections_path is None):
         raise click.UsageError("give a run folder, or --detections PKL with --voc-root (not both)")
+    pick = {"n": n, "seed": seed, "sample": sample, "ids": ids.split(",") if ids is not None else None,
+            "focus": focus}
     if detections_path is not None:
-        if voc_root is None or guided or threshold is not None:
-            raise click.UsageError("--detections needs --voc-root, draws boxes only (no --guided) and "
-                                   "takes τ from the pickle (no --threshold)")
-        fig = show_detections(detections_path, voc_root, year=year, split=split, n=n, seed=seed)
+        if voc_root is None or guided or threshold is not None or per_image is not None:
+            raise click.UsageError("--detections needs --voc-root, draws boxes only (no --guided, no "
+                                   "--per-image) and takes τ from the pickle (no --threshold)")
+        fig = show_detections(detections_path, voc_root, year=year, split=split, **pick)
     else:
         if threshold is None:
             raise click.UsageError("--threshold is required with a run folder (e.g. --threshold 0.2)")
-        fig = show_run(run_dir, threshold, n=n, seed=seed, guided=guided)
+        if per_image is not None:
+            if guided:
+                raise click.UsageError("--per-image writes heatmap overlays only (no --guided)")
+            written = write_overlays(run_dir, threshold, per_image, **pick)
+            say(ctx, f"wrote {len(written)} PNGs into {per_image}")
+            return
+        fig = show_run(run_dir, threshold, guided=guided, **pick)
     say(ctx, f"wrote {save_figure(fig, out)}")
 
 

@@ -2,12 +2,15 @@
 
 ``gradloc plot RUN_DIR`` writes two PNGs into ``RUN_DIR/plots`` (or ``--out-dir``):
 
-* ``ap_recall_vs_threshold.png``: mAP and mean recall (from ``scores.csv``) versus τ, one line per IoU,
-  CAM boxes solid, baselines dashed (``center`` ``--``, ``full`` ``:``, ``random`` ``-.``).
-* ``pr_thr_<τ>_iou_<iou>.png``: one precision-recall curve per class with non-difficult GT, computed from the
-  detection pickles with the VOC matching of :mod:`gradloc.metrics` (CAM boxes solid, baselines dashed);
-  each panel's title gives the AP of its curves by :func:`gradloc.metrics.voc_ap`, which is the AP of
-  ``scores.csv``.
+* ``ap_recall_vs_threshold.png``: mAP and mean recall (from ``scores.csv``) versus τ, one colour per IoU,
+  one line style and hollow marker per source (``SOURCE_STYLES``: CAM solid with dots, ``center`` dashed with
+  squares, ``full`` dotted with triangles, ``random`` dash-dot with crosses); the legend sits below the axes
+  and names the sources whose curves are identical (drawn over each other, told apart by their markers).
+* ``pr_thr_<τ>_iou_<iou>.png``: one precision-recall curve per class with non-difficult GT and at least one
+  detection from some source, computed from the detection pickles with the VOC matching of
+  :mod:`gradloc.metrics`, in the same styles; the figure names the classes skipped for lack of detections.
+  Each panel's title gives the AP of its curves by :func:`gradloc.metrics.voc_ap`, which is the AP of
+  ``scores.csv``, and the sources with identical curves.
 
 Figures are :class:`matplotlib.figure.Figure` objects made without pyplot (no global state, Agg backend).
 """
@@ -15,22 +18,33 @@ Figures are :class:`matplotlib.figure.Figure` objects made without pyplot (no gl
 from __future__ import annotations
 
 import logging
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from gradloc import metrics
 from gradloc.detections import Detections, GroundTruth
 from gradloc.report import METRIC_NAMES, match_value, select_threshold
 from gradloc.runs import Run, open_run, threshold_filename
+from gradloc.show import save_figure
 
 logger = logging.getLogger(__name__)
 
 DPI = 100
-SOURCE_STYLES: dict[str, str] = {"cam": "-", "center": "--", "full": ":", "random": "-."}
+# source -> (line style, marker, words for the legend); an unknown source gets OTHER_STYLE
+SOURCE_STYLES: dict[str, tuple[str, str, str]] = {
+    "cam": ("-", "o", "solid, dots"),
+    "center": ("--", "s", "dashed, squares"),
+    "full": (":", "^", "dotted, triangles"),
+    "random": ("-.", "x", "dash-dot, crosses"),
+}
+OTHER_STYLE = ("--", "d", "dashed, diamonds")
 PR_COLUMNS = 5
 
 
@@ -80,41 +94,90 @@ def precision_recall_curves(dets: Detections, gt: GroundTruth, iou: float) -> di
 # --- figures ------------------------------------------------------------------------------------------------
 
 
+def style_legend(sources: list[str]) -> str:
+    """The line styles actually used, e.g. ``cam solid, dots; center dashed, squares``."""
+    return "; ".join(f"{source} {SOURCE_STYLES.get(source, OTHER_STYLE)[2]}" for source in sources)
+
+
+def tied_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[list[str]]:
+    """Groups of two or more sources whose curves are identical (same x and y, NaN equal to NaN).
+
+    Args:
+        curves: source -> (x float64[n], y float64[n]).
+
+    Returns:
+        The groups, each in the order of ``curves``.
+    """
+    groups: list[list[str]] = []
+    for source, (x, y) in curves.items():
+        for group in groups:
+            gx, gy = curves[group[0]]
+            if (np.array_equal(gx, x, equal_nan=True) and np.array_equal(gy, y, equal_nan=True)):
+                group.append(source)
+                break
+        else:
+            groups.append([source])
+    return [group for group in groups if len(group) > 1]
+
+
+def _draw_source(ax: Any, x: np.ndarray, y: np.ndarray, source: str, color: str, **kwargs: Any) -> None:
+    """One curve in its source's line style and hollow marker (tied curves stay visible: the markers differ)."""
+    linestyle, marker, _ = SOURCE_STYLES.get(source, OTHER_STYLE)
+    ax.plot(x, y, linestyle=linestyle, marker=marker, markersize=4, fillstyle="none", color=color, **kwargs)
+
+
 def plot_threshold_curves(rows: pd.DataFrame, title: str = "") -> Figure:
-    """mAP and mean recall (%) versus τ: one colour per IoU, one line style per source (CAM solid).
+    """mAP and mean recall (%) versus τ: one colour per IoU, one line style and marker per source.
+
+    The legend sits below the axes (colours = IoU, styles = sources); sources whose curves coincide are
+    listed under it as ties.
 
     Args:
         rows: flat score rows (see :mod:`gradloc.report`); only ``class == "mAP"`` rows are used.
         title: figure title.
 
     Returns:
-        A 12 x 4.8 inch figure with two axes (AP, recall).
+        A 12-inch-wide figure with two axes (AP, recall) and the legend band below them.
     """
     means = rows[rows["class"] == "mAP"]
     if means.empty:
         raise ValueError("score rows have no mAP rows (class == 'mAP'); rescore the run with `gradloc score`")
-    fig = Figure(figsize=(12, 4.8), dpi=DPI)
+    fig = Figure(figsize=(12, 6.0), dpi=DPI)
     axes = fig.subplots(1, 2)
     ious = sorted(means["iou"].unique())
+    sources = [str(s) for s in dict.fromkeys(["cam", *sorted(means["source"].unique())]) if s in
+               set(means["source"])]
     colors = {iou: f"C{i}" for i, iou in enumerate(ious)}
+    ties = []
     for ax, column, label in ((axes[0], "ap", "mAP (%)"), (axes[1], "recall", "mean recall (%)")):
-        for (source, iou), part in means.groupby(["source", "iou"], sort=True):
-            part = part.sort_values("threshold")
-            ax.plot(part["threshold"], 100 * part[column], SOURCE_STYLES.get(str(source), "--"),
-                    color=colors[iou], marker="o" if source == "cam" else None, markersize=3,
-                    label=f"{source}, IoU {iou:g}")
+        for iou in ious:
+            curves = {}
+            for source in sources:
+                part = means[(means["source"] == source) & (means["iou"] == iou)].sort_values("threshold")
+                curves[source] = (part["threshold"].to_numpy(float), 100 * part[column].to_numpy(float))
+                _draw_source(ax, *curves[source], source, colors[iou])
+            ties += [f"{label.split(' (')[0]} at IoU {iou:g}: {' = '.join(g)}" for g in tied_curves(curves)]
         ax.set_xlabel("threshold tau")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, ncol=2, loc="best")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    handles = [Line2D([], [], color=colors[iou], label=f"IoU {iou:g}") for iou in ious]
+    handles += [Line2D([], [], color="0.3", linestyle=SOURCE_STYLES.get(s, OTHER_STYLE)[0],
+                       marker=SOURCE_STYLES.get(s, OTHER_STYLE)[1], fillstyle="none", label=s) for s in sources]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, 0.06))
+    note = ("identical curves (drawn over each other, told apart by their markers): " + "; ".join(ties)
+            if ties else "no two sources have identical curves")
+    fig.text(0.5, 0.01, textwrap.fill(note, 170), ha="center", va="bottom", fontsize=7)
+    fig.suptitle(textwrap.fill(title, 150), fontsize=9)
+    fig.tight_layout(rect=(0, 0.14, 1, 0.93))
     return fig
 
 
 def plot_pr_curves(curves: dict[str, dict[int, PRCurve]], classes: list[str], metric: str, title: str = "",
                    columns: int = PR_COLUMNS) -> Figure:
-    """One precision-recall panel per class; each source's curve in its line style, AP in the title.
+    """One precision-recall panel per class with a detection; each source in its line style, AP in the title.
+
+    Classes with non-difficult GT but no detection from any source get no panel; the figure says which.
 
     Args:
         curves: source (``cam``, ``center``, ...) -> class index -> curve
@@ -125,38 +188,53 @@ def plot_pr_curves(curves: dict[str, dict[int, PRCurve]], classes: list[str], me
         columns: panels per row (at most; fewer when there are fewer classes).
 
     Returns:
-        A figure of ``min(columns, n_classes) * 2.8`` by ``rows * 2.5 + 0.6`` inches.
+        A figure of ``min(columns, n_panels) * 2.8`` by ``rows * 2.5 + 1.4`` inches (legend band below).
     """
-    shown = sorted(set().union(*(set(c) for c in curves.values()))) if curves else []
-    if not shown:
+    with_gt = sorted(set().union(*(set(c) for c in curves.values()))) if curves else []
+    if not with_gt:
         raise ValueError("no class has non-difficult ground truth; nothing to plot")
+    shown = [c for c in with_gt if any(c in per and per[c].recall.size for per in curves.values())]
+    skipped = [classes[c] for c in with_gt if c not in shown]
+    note = (f"{len(skipped)} of {len(with_gt)} classes with GT have no detection from any source (not drawn): "
+            f"{', '.join(skipped)}" if skipped else f"all {len(with_gt)} classes with GT drawn")
+    if not shown:
+        raise ValueError(f"no detection at all; nothing to plot ({note})")
     columns = min(columns, len(shown))
     n_rows = -(-len(shown) // columns)
-    fig = Figure(figsize=(columns * 2.8, n_rows * 2.5 + 0.6), dpi=DPI)
+    fig = Figure(figsize=(max(columns * 2.8, 6.0), n_rows * 2.5 + 1.4), dpi=DPI)
     axes = np.asarray(fig.subplots(n_rows, columns, squeeze=False))
     for ax in axes.flat[len(shown):]:
         ax.set_axis_off()
     for ax, c in zip(axes.flat, shown, strict=False):
-        aps = []
+        aps, drawn = [], {}
         for i, (source, per_class) in enumerate(curves.items()):
             curve = per_class.get(c)
             if curve is None:
                 continue
             ap = metrics.voc_ap(curve.recall, curve.precision, metric)
             aps.append(f"{source} {100 * ap:.1f}")
-            ax.plot(curve.recall, curve.precision, SOURCE_STYLES.get(source, "--"), color=f"C{i}",
-                    linewidth=1.2, marker="." if curve.recall.size < 3 else None, label=source)
-        ax.set_title(f"{classes[c]} (n_gt {next(iter(curves.values()))[c].n_gt})\nAP: " + ", ".join(aps),
-                     fontsize=7)
+            drawn[source] = (curve.recall, curve.precision)
+            _draw_source(ax, curve.recall, curve.precision, source, f"C{i}", linewidth=1.2,
+                         markevery=max(1, curve.recall.size // 8))
+        ties = tied_curves(drawn)
+        tie_text = "".join(f"\nidentical: {' = '.join(g)}" for g in ties)
+        ax.set_title(f"{classes[c]} (n_gt {next(iter(curves.values()))[c].n_gt})\nAP: " + ", ".join(aps)
+                     + tie_text, fontsize=7)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.02)
         ax.tick_params(labelsize=6)
         ax.grid(alpha=0.3)
     axes.flat[0].set_xlabel("recall", fontsize=7)
     axes.flat[0].set_ylabel("precision", fontsize=7)
-    axes.flat[0].legend(fontsize=6, loc="lower left")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    handles = [Line2D([], [], color=f"C{i}", linestyle=SOURCE_STYLES.get(s, OTHER_STYLE)[0],
+                      marker=SOURCE_STYLES.get(s, OTHER_STYLE)[1], fillstyle="none", label=s)
+               for i, s in enumerate(curves)]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False,
+               bbox_to_anchor=(0.5, 0.35 / fig.get_figheight()))
+    fig.text(0.5, 0.05 / fig.get_figheight(), textwrap.fill(note, int(fig.get_figwidth() * 14)), ha="center",
+             va="bottom", fontsize=7)
+    fig.suptitle(textwrap.fill(title, int(fig.get_figwidth() * 13)), fontsize=9)
+    fig.tight_layout(rect=(0, 0.8 / fig.get_figheight(), 1, 1 - 0.6 / fig.get_figheight()))
     return fig
 
 
@@ -208,10 +286,11 @@ def plot_run(run_dir: str | Path, threshold: float | None = None, iou: float = 0
 
     written = []
     fig = plot_threshold_curves(rows, f"{run_dir.name}: {METRIC_NAMES.get(metric, metric)} versus threshold "
-                                      f"({mode} semantics); CAM solid, baselines dashed; every tau shown "
-                                      "(best-of-sweep on this split is an oracle choice)")
+                                      f"({mode} semantics); line styles: "
+                                      f"{style_legend(sorted(set(rows['source']), key=lambda s: s != 'cam'))}; "
+                                      "every tau shown (best-of-sweep on this split is an oracle choice)")
     written.append(out_dir / "ap_recall_vs_threshold.png")
-    fig.savefig(written[-1], dpi=DPI, format="png")
+    save_figure(fig, written[-1])
 
     gt = run.gt
     dets = {"cam": run.detections_at(threshold), **_baseline_detections(run, threshold)}
@@ -220,6 +299,6 @@ def plot_run(run_dir: str | Path, threshold: float | None = None, iou: float = 0
                          f"{run_dir.name}: precision-recall at {choice} ({mode}), IoU > {iou:g}; "
                          f"AP = {METRIC_NAMES.get(metric, metric)} in %")
     written.append(out_dir / f"pr_{threshold_filename(threshold)[:-4]}_iou_{iou:g}.png")
-    fig.savefig(written[-1], dpi=DPI, format="png")
+    save_figure(fig, written[-1])
     logger.info("wrote %s", ", ".join(str(p) for p in written))
     return written

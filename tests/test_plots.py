@@ -1,8 +1,10 @@
 """gradloc.plots and `gradloc plot`: hand-computed precision-recall curves, PNG files, error paths."""
 
 import numpy as np
+import pandas as pd
 import pytest
 from click.testing import CliRunner
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
 
 from gradloc.cli import main
@@ -10,7 +12,7 @@ from gradloc.detections import Detections, GroundTruth
 from gradloc.io import save_pickle
 from gradloc.metrics import evaluate, voc_ap
 from gradloc.pipeline import score_run
-from gradloc.plots import precision_recall_curves
+from gradloc.plots import plot_pr_curves, plot_threshold_curves, precision_recall_curves, tied_curves
 from gradloc.report import save_scores
 
 CLASSES = ["a", "b"]
@@ -104,8 +106,66 @@ def test_plot_writes_both_pngs(tiny_run, tmp_path):
     assert result.exit_code == 0, result.output
     assert result.output.splitlines() == [str(tmp_path / "ap_recall_vs_threshold.png"),
                                           str(tmp_path / "pr_thr_0.100_iou_0.3.png")]
-    _check_png(tmp_path / "ap_recall_vs_threshold.png", (1200, 480))
-    _check_png(tmp_path / "pr_thr_0.100_iou_0.3.png", (560, 310))  # 2 classes: one row of 2 panels
+    _check_png(tmp_path / "ap_recall_vs_threshold.png", (1200, 600))
+    _check_png(tmp_path / "pr_thr_0.100_iou_0.3.png", (600, 390))  # 2 classes: one row of 2 panels
+
+
+def _rows(values):
+    """mAP rows: source -> [(iou, threshold, ap, recall)]."""
+    return pd.DataFrame([{"class": "mAP", "source": source, "iou": iou, "threshold": thr, "ap": ap, "recall": rec}
+                         for source, points in values.items() for iou, thr, ap, rec in points])
+
+
+def _inside(fig):
+    """Every drawn text and legend lies inside the figure; the legends lie below every axes."""
+    FigureCanvasAgg(fig).draw()
+    renderer = fig.canvas.get_renderer()
+    frame = fig.bbox.padded(1)
+    shown = [t for ax in fig.axes for t in ax.get_xticklabels()  # ticks within the view are drawn
+             if min(ax.get_xlim()) <= t.get_position()[0] <= max(ax.get_xlim())]
+    texts = [*fig.texts, *(ax.title for ax in fig.axes), *shown]
+    for artist in [*texts, *fig.legends]:
+        e = artist.get_window_extent(renderer)
+        assert frame.x0 <= e.x0 and e.x1 <= frame.x1 and frame.y0 <= e.y0 and e.y1 <= frame.y1, artist
+    lowest = min(ax.get_tightbbox(renderer).y0 for ax in fig.axes if ax.axison)
+    assert all(legend.get_window_extent(renderer).y1 <= lowest for legend in fig.legends)
+
+
+def test_tied_curves_by_hand():
+    x = np.array([0.1, 0.2])
+    curves = {"cam": (x, np.array([1.0, 2.0])), "center": (x, np.array([3.0, np.nan])),
+              "full": (x, np.array([3.0, np.nan])), "random": (x, np.array([3.0, 4.0]))}
+    assert tied_curves(curves) == [["center", "full"]]
+    assert tied_curves({"cam": curves["cam"], "random": curves["random"]}) == []
+
+
+def test_threshold_curves_legend_below_and_ties_stated():
+    rows = _rows({"cam": [(0.5, 0.1, 0.2, 0.3), (0.5, 0.2, 0.25, 0.3)],
+                  "center": [(0.5, 0.1, 0.1, 0.2), (0.5, 0.2, 0.1, 0.2)],
+                  "full": [(0.5, 0.1, 0.1, 0.2), (0.5, 0.2, 0.1, 0.2)]})
+    fig = plot_threshold_curves(rows, "title")
+    note = " ".join(" ".join(t.get_text().split()) for t in fig.texts)
+    assert "mAP at IoU 0.5: center = full" in note and "mean recall at IoU 0.5: center = full" in note
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == ["IoU 0.5", "cam", "center", "full"]
+    styles = [h.get_linestyle() for h in fig.legends[0].legend_handles[1:]]
+    assert styles == ["-", "--", ":"]  # the styles drawn, as SOURCE_STYLES says
+    assert [line.get_linestyle() for line in fig.axes[0].get_lines()] == styles
+    _inside(fig)
+
+
+def test_pr_panels_skip_classes_without_detections():
+    only_a = _dets(0.2)
+    keep = only_a.labels == 0
+    only_a = Detections(**{**only_a.__dict__, "image_index": only_a.image_index[keep], "labels": only_a.labels[keep],
+                           "scores": only_a.scores[keep], "boxes": only_a.boxes[keep]})
+    curves = {"cam": precision_recall_curves(only_a, _gt(), 0.5), "full": precision_recall_curves(only_a, _gt(), 0.5)}
+    fig = plot_pr_curves(curves, CLASSES, "voc07", "title")
+    assert [ax.get_title().split(" ")[0] for ax in fig.axes] == ["a"]  # class b: GT, no detection
+    note = " ".join(" ".join(t.get_text().split()) for t in fig.texts)
+    assert "1 of 2 classes with GT have no detection from any source (not drawn): b" in note
+    assert "identical: cam = full" in fig.axes[0].get_title()
+    _inside(fig)
 
 
 def test_default_threshold_is_the_best_one(tiny_run):
