@@ -147,7 +147,7 @@ def benchmark_row(spec: dict, config_path: str, out: Path, shared: dict[str, str
             rows.append({**protocol, "method": "-", "box mode": config.boxes.box_mode, "source": "random",
                          "tau chosen on": "train",
                          "tau": taus["selected"], **detection_metrics(random, val.gt)})
-    figure = show_run(val.path, taus["selected"], n=SAMPLES, seed=SAMPLE_SEED)
+    figure = show_run(val.path, taus["selected"], n=SAMPLES, seed=SAMPLE_SEED, sample="gt")
     save_figure(figure, out / "samples" / f"{spec['name']}.png")
     logger.info("%s: %.0f s", spec["name"], time.perf_counter() - start)
     return rows, classes
