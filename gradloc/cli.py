@@ -135,6 +135,9 @@ RUN_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "flip": ("cams.flip", {"type": bool, "help": "Test-time horizontal flip: average each map with the "
                                                   "mirrored-back map of the mirrored image (--flip / --no-flip)."}),
     "device": ("cams.device", {"help": "torch device, e.g. cpu or cuda."}),
+    "workers": ("cams.workers", {"type": int, "help": "Image decoding processes (default: from the CPU count; "
+                                                     "0 = in-process). Results do not depend on it."}),
+    "amp": ("cams.amp", {"type": bool, "help": "Autocast the CAM engine to float16 (CUDA only; --amp / --no-amp)."}),
     "thresholds": ("boxes.thresholds", {"help": "Comma-separated τ in [0, 1], e.g. 0.01,0.02,0.06."}),
     "threshold_mode": ("boxes.threshold_mode", {"help": "τ semantics: max, minmax, percentile."}),
     "box_mode": ("boxes.box_mode", {"help": "largest, all or union."}),
