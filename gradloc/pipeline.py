@@ -162,8 +162,9 @@ def run_cams(config: RunConfig, progress: Progress = None, *, dataset: VOCDatase
     names more gradient methods (:data:`gradloc.cams.GRADIENT_MAPS`) whose caches are filled in the same
     pass (one forward/backward per batch for all of them), as if each had its own run. Batches are planned
     over the whole split (:func:`gradloc.loader.plan_batches`) and decoded by ``cams.workers`` DataLoader
-    workers; a batch holding an image to compute is computed whole, so an image's maps never depend on what
-    was cached before or on ``shard`` = (i, n), which computes only every n-th planned batch from batch i."""
+    workers; a batch holding an image to compute is computed whole (only the images to compute are stored),
+    so an image's maps never depend on what was cached before or on ``shard`` = (i, n), which computes only
+    every n-th planned batch from batch i."""
     import torch
 
     from gradloc.cams import GRADIENT_MAPS, compute_cams, compute_gradient_cams
@@ -215,8 +216,9 @@ def run_cams(config: RunConfig, progress: Progress = None, *, dataset: VOCDatase
             for method, method_cache in caches.items():
                 maps_np = maps[method].float().cpu().numpy()
                 for i, (image_id, source) in enumerate(zip(batch.image_ids, batch.sources, strict=True)):
-                    method_cache.put(image_id, maps_np[i], scores_np[i], batch.geometries[i],
-                                     config.cams.store_dtype, source)
+                    if image_id in pending:  # batch-mates already cached are computed, not rewritten
+                        method_cache.put(image_id, maps_np[i], scores_np[i], batch.geometries[i],
+                                         config.cams.store_dtype, source)
         if progress:
             progress(len(pending.intersection(batch.image_ids)) + len(batch.errors))
     return cache, dataset
