@@ -105,11 +105,16 @@ def _identity(batch: Batch) -> Batch:
     return batch
 
 
-def default_workers(processes_per_node: int = 1) -> int:
-    """Decode workers per process: the CPUs this process may use, shared by the processes of the node, minus
-    the one computing (at most 8); 0 (decode in-process) on a single core."""
+def default_workers() -> int:
+    """Decode workers per process: the CPUs this process may use, shared by the processes of the node
+    (``LOCAL_WORLD_SIZE`` under torchrun), minus the one computing, at most 8; 0 (decode in-process) when
+    that leaves none."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(0, min(8, cpus // max(1, processes_per_node) - 1))
+    try:
+        processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        processes = 1
+    return max(0, min(8, cpus // processes - 1))
 
 
 def stream_batches(dataset: VOCDataset, pre: Preprocessing, batches: Sequence[list[str]], workers: int,

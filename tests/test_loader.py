@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gradloc.cams import compute_cams
-from gradloc.loader import parse_shard, plan_batches, shard_batches, shard_of
+from gradloc.loader import default_workers, parse_shard, plan_batches, shard_batches, shard_of
 from gradloc.pipeline import load_classifier, run_cams
 from gradloc.voc import DatasetError
 
@@ -91,3 +91,13 @@ def test_amp_without_a_gpu_is_one_line(demo_data, cams_config):
         pytest.skip("this machine has a GPU")
     with pytest.raises(ValueError, match=r"--amp \(cams.amp\) autocasts on a CUDA device, not on cpu"):
         run_cams(with_cams(cams_config(demo_data), amp=True))
+
+
+def test_default_workers_share_the_cpus_of_the_node(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_workers() == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert default_workers() == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert default_workers() == 0
