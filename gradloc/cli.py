@@ -135,6 +135,9 @@ RUN_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "flip": ("cams.flip", {"type": bool, "help": "Test-time horizontal flip: average each map with the "
                                                   "mirrored-back map of the mirrored image (--flip / --no-flip)."}),
     "device": ("cams.device", {"help": "torch device, e.g. cpu or cuda."}),
+    "workers": ("cams.workers", {"type": int, "help": "Image decoding processes (default: from the CPU count; "
+                                                     "0 = in-process). Results do not depend on it."}),
+    "amp": ("cams.amp", {"type": bool, "help": "Autocast the CAM engine to float16 (CUDA only; --amp / --no-amp)."}),
     "thresholds": ("boxes.thresholds", {"help": "Comma-separated τ in [0, 1], e.g. 0.01,0.02,0.06."}),
     "threshold_mode": ("boxes.threshold_mode", {"help": "τ semantics: max, minmax, percentile."}),
     "box_mode": ("boxes.box_mode", {"help": "largest, all or union."}),
@@ -245,26 +248,66 @@ def localization_lines(wsol, digits: int) -> str:
             + "\n".join(lines))
 
 
-@main.command()
-@run_options
-@click.pass_context
-def run(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
-    """The whole pipeline: CAMs -> boxes at every threshold -> VOC scores.
+def shard_option(command: Callable) -> Callable:
+    """``--shard i/n``: compute one shard of the heatmap cache (job arrays); see gradloc.distributed."""
+    return click.option("--shard", default=None, metavar="I/N",
+                        help="Compute only shard I of N of the heatmap cache (every N-th planned batch from "
+                             "batch I), then stop; `gradloc merge` uses the filled cache.")(command)
 
-    \b
-    Examples:
-      gradloc run --config configs/demo.yaml
-      gradloc run --config configs/voc07_efficientnet_lite0.yaml --split val --thresholds 0.1,0.2
-    """
+
+def _join_world(ctx: click.Context, shard: str | None, config):
+    """Under torchrun: join the process group; ranks other than 0 print nothing but rank-tagged logs on
+    stderr. Returns the :class:`gradloc.distributed.World` (None outside torchrun)."""
+    from gradloc.distributed import init_process_group, world_from_env
+
+    world = world_from_env()
+    if world is None:
+        return None
+    if shard is not None:
+        raise click.UsageError("--shard is for job arrays; under torchrun the ranks split the images themselves")
+    backend = init_process_group(world, config.cams.device)
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(logging.Formatter(f"[rank {world.rank}/{world.size}] %(levelname)s %(name)s: "
+                                               "%(message)s"))
+    if world.rank != 0:
+        ctx.obj["quiet"] = True
+    logger.info("torchrun: rank %d of %d (local rank %d, backend %s)", world.rank, world.size, world.local_rank,
+                backend)
+    return world
+
+
+def _split_cams(ctx: click.Context, config, shard: str | None, world) -> dict[str, Any] | None:
+    """The cams stage of one shard (``--shard``) or one torchrun rank. Returns None when this process is done
+    (a shard, or a rank other than 0); on rank 0, the record of the split for manifest.json."""
+    from gradloc.distributed import barrier, compute_shard, gather, shards_todo
+    from gradloc.loader import parse_shard
+
+    part = parse_shard(shard) if shard is not None else (world.rank, world.size)
+    with progress_bar(ctx, shards_todo(config, part), f"cams shard {part[0]}/{part[1]}") as update:
+        cache, _, computed = compute_shard(config, part, update)
+    if world is None:
+        say(ctx, f"shard {part[0]}/{part[1]}: computed {computed} images into {cache.root}; once every shard has "
+                 "run, `gradloc merge` (or `gradloc run`) with the same config cuts boxes and scores")
+        return None
+    counts = gather(computed)
+    barrier()
+    if world.rank != 0:
+        logger.info("computed %d images; rank 0 cuts boxes and scores", computed)
+        return None
+    return {"world_size": world.size, "images_per_rank": counts,
+            "split": "round robin over planned batches (gradloc.loader.shard_batches)"}
+
+
+def _run_and_report(ctx: click.Context, config, original, prepare_seconds: float,
+                    split: dict[str, Any] | None = None) -> None:
+    """The whole pipeline on a prepared config, its tables and summary (``split``: recorded in manifest.json
+    under ``distributed``)."""
     from gradloc.pipeline import run as run_pipeline
-    from gradloc.runs import check_writable
+    from gradloc.runs import update_manifest
 
-    original = build_config(config_path, flags)
-    check_writable(original.run_dir)  # before the demo is prepared: an unwritable --out costs no work
-    start = time.perf_counter()
-    config = _prepare(ctx, original)
-    prepare_seconds = time.perf_counter() - start
     result = run_pipeline(config, original, stage=_stage(ctx))
+    if split is not None:
+        update_manifest(result.run_dir, "distributed", split)
     _print_scores(ctx, result.rows, result.meta, result.localization)
     if result.dataset.skipped:
         say(ctx, f"skipped {len(result.dataset.skipped)} item(s): "
@@ -276,25 +319,102 @@ def run(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
 
 @main.command()
 @run_options
+@shard_option
 @click.pass_context
-def cams(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
-    """Compute and cache raw CAM maps of all classes (resumable; reruns skip cached images).
+def run(ctx: click.Context, config_path: str | None, shard: str | None, **flags: Any) -> None:
+    """The whole pipeline: CAMs -> boxes at every threshold -> VOC scores.
+
+    Under `torchrun --nproc-per-node N -m gradloc run ...` the ranks split the CAMs, then rank 0 cuts boxes
+    and scores; with --shard I/N only that shard of the CAMs is computed.
+
+    \b
+    Examples:
+      gradloc run --config configs/demo.yaml
+      gradloc run --config configs/voc07_efficientnet_lite0.yaml --split val --thresholds 0.1,0.2
+      torchrun --nproc-per-node 2 -m gradloc run --config configs/voc07_efficientnet_lite0.yaml
+    """
+    from gradloc.distributed import finish, rank_zero_first
+    from gradloc.runs import check_writable
+
+    original = build_config(config_path, flags)
+    world = _join_world(ctx, shard, original)
+    try:
+        if shard is None:
+            check_writable(original.run_dir)  # before the demo is prepared: an unwritable --out costs no work
+        start = time.perf_counter()
+        with rank_zero_first(world):
+            config = _prepare(ctx, original)
+        prepare_seconds = time.perf_counter() - start
+        split = None
+        if shard is not None or world is not None:
+            split = _split_cams(ctx, config, shard, world)
+            if split is None:
+                return
+        _run_and_report(ctx, config, original, prepare_seconds, split)
+    finally:
+        if world is not None:
+            finish()
+
+
+@main.command()
+@run_options
+@click.pass_context
+def merge(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
+    """After `gradloc cams --shard I/N` for every I: check the cache is complete, then boxes and scores.
+
+    A missing image is an error naming it and the shard that should have made it.
 
     \b
     Example:
-      gradloc cams --config configs/voc07_resnet50.yaml --method gradcampp
+      gradloc cams --config configs/voc07_efficientnet_lite0.yaml --shard 0/2   # job 0
+      gradloc cams --config configs/voc07_efficientnet_lite0.yaml --shard 1/2   # job 1
+      gradloc merge --config configs/voc07_efficientnet_lite0.yaml
     """
+    from gradloc.distributed import check_filled
+    from gradloc.runs import check_writable
+
+    original = build_config(config_path, flags)
+    check_writable(original.run_dir)
+    start = time.perf_counter()
+    config = _prepare(ctx, original)
+    check_filled(config)
+    _run_and_report(ctx, config, original, time.perf_counter() - start)
+
+
+@main.command()
+@run_options
+@shard_option
+@click.pass_context
+def cams(ctx: click.Context, config_path: str | None, shard: str | None, **flags: Any) -> None:
+    """Compute and cache raw CAM maps of all classes (resumable; reruns skip cached images).
+
+    \b
+    Examples:
+      gradloc cams --config configs/voc07_resnet50.yaml --method gradcampp
+      gradloc cams --config configs/voc07_resnet50.yaml --shard 3/8      # one job of an array of 8
+      torchrun --nproc-per-node 4 -m gradloc cams --config configs/voc07_resnet50.yaml
+    """
+    from gradloc.distributed import finish, rank_zero_first
     from gradloc.pipeline import cams_cache, load_classifier, open_dataset, run_cams
 
-    config = _prepare(ctx, build_config(config_path, flags))
-    start = time.perf_counter()
-    dataset, loaded = open_dataset(config), load_classifier(config)
-    cache = cams_cache(config, loaded, dataset)
-    todo = len(cache.todo(dataset, config.data.on_error))
-    with progress_bar(ctx, todo, f"cams ({config.cams.method})") as update:
-        cache, dataset = run_cams(config, progress=update, dataset=dataset, loaded=loaded, cache=cache)
-    say(ctx, f"cache: {cache.root} ({len(dataset)} images, {cache.nbytes() / 1e6:.1f} MB, "
-             f"{time.perf_counter() - start:.1f} s)")
+    original = build_config(config_path, flags)
+    world = _join_world(ctx, shard, original)
+    try:
+        with rank_zero_first(world):
+            config = _prepare(ctx, original)
+        start = time.perf_counter()
+        if (shard is not None or world is not None) and _split_cams(ctx, config, shard, world) is None:
+            return
+        dataset, loaded = open_dataset(config), load_classifier(config)
+        cache = cams_cache(config, loaded, dataset)
+        todo = len(cache.todo(dataset, config.data.on_error))
+        with progress_bar(ctx, todo, f"cams ({config.cams.method})") as update:
+            cache, dataset = run_cams(config, progress=update, dataset=dataset, loaded=loaded, cache=cache)
+        say(ctx, f"cache: {cache.root} ({len(dataset)} images, {cache.nbytes() / 1e6:.1f} MB, "
+                 f"{time.perf_counter() - start:.1f} s)")
+    finally:
+        if world is not None:
+            finish()
 
 
 @main.command()

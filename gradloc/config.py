@@ -118,7 +118,9 @@ class TrainSettings:
 @dataclass(frozen=True)
 class CamConfig:
     """The CAM method, target layer (None = the model's default) and engine settings; ``flip``: average each
-    raw map with the mirrored-back map of the mirrored image (test-time flip, :func:`gradloc.cams.compute_cams`)."""
+    raw map with the mirrored-back map of the mirrored image (test-time flip, :func:`gradloc.cams.compute_cams`);
+    ``workers``: decode processes (None = from the CPU count, 0 = in-process; results do not depend on it);
+    ``amp``: autocast (float16) on a CUDA device."""
 
     method: str = "gradcam"
     layer: str | None = None
@@ -126,6 +128,8 @@ class CamConfig:
     device: str = "cpu"
     store_dtype: str = "float32"
     flip: bool = False
+    workers: int | None = None
+    amp: bool = False
 
 
 @dataclass(frozen=True)
@@ -330,5 +334,7 @@ def validate(config: RunConfig) -> None:
                        ("model.input_size", config.model.input_size), ("boxes.max_side", config.boxes.max_side)):
         if value is not None and value < 1:
             raise ConfigError(f"config key {key!r}: {value} must be at least 1")
+    if config.cams.workers is not None and config.cams.workers < 0:
+        raise ConfigError(f"config key 'cams.workers': {config.cams.workers} must be 0 (decode in-process) or more")
     if not config.name or "/" in config.name or config.name in (".", ".."):
         raise ConfigError(f"config key 'name': {config.name!r} is not a usable folder name")

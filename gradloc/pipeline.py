@@ -146,25 +146,36 @@ def cams_cache(config: RunConfig, loaded: Any, dataset: VOCDataset) -> HeatmapCa
         "classes": list(loaded.classes),
         "dataset": {"year": dataset.year, "classes": list(dataset.classes)},
         **({"flip": True} if config.cams.flip else {}),  # absent when off: caches made before the option stay valid
+        **({"amp": "float16"} if config.cams.amp else {}),
         "gradloc": __version__,
     }
     return HeatmapCache(config.cache_dir, key)
 
 
 def run_cams(config: RunConfig, progress: Progress = None, *, dataset: VOCDataset | None = None,
-             loaded: Any = None, cache: HeatmapCache | None = None, also: Sequence[str] = ()
-             ) -> tuple[HeatmapCache, VOCDataset]:
+             loaded: Any = None, cache: HeatmapCache | None = None, also: Sequence[str] = (),
+             shard: tuple[int, int] | None = None) -> tuple[HeatmapCache, VOCDataset]:
     """Compute raw CAM maps of all classes for every image of the split not validly cached yet
     (:meth:`HeatmapCache.todo`); with ``data.on_error: skip`` unreadable images leave ``dataset``.
 
     ``dataset``, ``loaded`` (the classifier) and ``cache`` are opened from the config unless given. ``also``
     names more gradient methods (:data:`gradloc.cams.GRADIENT_MAPS`) whose caches are filled in the same
-    pass (one forward/backward per batch for all of them), as if each had its own run."""
+    pass (one forward/backward per batch for all of them), as if each had its own run. Batches are planned
+    over the whole split (:func:`gradloc.loader.plan_batches`) and decoded by ``cams.workers`` DataLoader
+    workers; a batch holding an image to compute is computed whole (only the images to compute are stored),
+    so an image's maps never depend on what was cached before or on ``shard`` = (i, n), which computes only
+    every n-th planned batch from batch i."""
+    import torch
+
     from gradloc.cams import GRADIENT_MAPS, compute_cams, compute_gradient_cams
+    from gradloc.loader import default_workers, plan_batches, shard_batches, stream_batches
     from gradloc.models import resolve_device
 
     check_names(config)
     device = resolve_device(config.cams.device)
+    if config.cams.amp and device.type != "cuda":
+        raise ValueError(f"--amp (cams.amp) autocasts on a CUDA device, not on {device}; pass --device cuda on "
+                         "a machine with a GPU, or drop --amp")
     dataset = dataset or open_dataset(config)
     loaded = loaded or load_classifier(config)
     cache = cache or cams_cache(config, loaded, dataset)
@@ -175,33 +186,41 @@ def run_cams(config: RunConfig, progress: Progress = None, *, dataset: VOCDatase
                              f"methods ({', '.join(GRADIENT_MAPS)})")
         caches[method] = cams_cache(_with_method(config, method), loaded, dataset)
     pending = set().union(*(c.todo(dataset, config.data.on_error) for c in caches.values()))
-    todo = [image_id for image_id in dataset.image_ids if image_id in pending]
-    logger.info("cams: %d of %d images to compute into %s", len(todo), len(dataset),
-                ", ".join(str(c.root) for c in caches.values()))
     pre = loaded.preprocessing
+    batches = [batch for batch in shard_batches(plan_batches(dataset, pre, config.cams.batch_size), shard)
+               if pending.intersection(batch)]
+    logger.info("cams: %d of %d images to compute (%d batches%s) into %s",
+                sum(len(pending.intersection(batch)) for batch in batches), len(dataset), len(batches),
+                f", shard {shard[0]}/{shard[1]}" if shard else "", ", ".join(str(c.root) for c in caches.values()))
     model = loaded.model.to(device)
     all_classes = list(range(len(loaded.classes)))
     layer = cache.key_data["layer"]
-    sizes = [(dataset.annotation(image_id).width, dataset.annotation(image_id).height) for image_id in todo]
-    for rows in pre.batches(sizes, config.cams.batch_size):
-        batch = dataset.read_images([todo[row] for row in rows])
-        if batch:
-            inputs, geometries = pre.batch([image for _, image, _ in batch])
-            if also:
-                maps, scores = compute_gradient_cams(model, inputs.to(device), all_classes, list(caches), layer,
-                                                     flip=config.cams.flip)
-            else:
-                one, scores = compute_cams(model, inputs.to(device), all_classes, method=config.cams.method,
-                                           layer=layer, flip=config.cams.flip)
-                maps = {config.cams.method: one}
-            scores_np = scores.detach().cpu().numpy()
+    workers = default_workers() if config.cams.workers is None else config.cams.workers
+    autocast = (torch.autocast(device.type, dtype=torch.float16) if config.cams.amp else nullcontext())
+    for batch in stream_batches(dataset, pre, batches, workers, pin_memory=device.type == "cuda"):
+        for image_id, error in batch.errors:
+            if config.data.on_error == "raise":
+                raise error
+            dataset.skip(image_id, dataset.image_path(image_id), error)
+        if batch.inputs is not None:
+            inputs = batch.inputs.to(device, non_blocking=True)
+            with autocast:
+                if also:
+                    maps, scores = compute_gradient_cams(model, inputs, all_classes, list(caches), layer,
+                                                         flip=config.cams.flip)
+                else:
+                    one, scores = compute_cams(model, inputs, all_classes, method=config.cams.method,
+                                               layer=layer, flip=config.cams.flip)
+                    maps = {config.cams.method: one}
+            scores_np = scores.detach().float().cpu().numpy()
             for method, method_cache in caches.items():
-                maps_np = maps[method].cpu().numpy()
-                for i, (image_id, _, source) in enumerate(batch):
-                    method_cache.put(image_id, maps_np[i], scores_np[i], geometries[i], config.cams.store_dtype,
-                                     source)
+                maps_np = maps[method].float().cpu().numpy()
+                for i, (image_id, source) in enumerate(zip(batch.image_ids, batch.sources, strict=True)):
+                    if image_id in pending:  # batch-mates already cached are computed, not rewritten
+                        method_cache.put(image_id, maps_np[i], scores_np[i], batch.geometries[i],
+                                         config.cams.store_dtype, source)
         if progress:
-            progress(len(rows))
+            progress(len(pending.intersection(batch.image_ids)) + len(batch.errors))
     return cache, dataset
 
 

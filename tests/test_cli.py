@@ -28,7 +28,7 @@ def tiny_run(tmp_path_factory):
     return root, result
 
 
-@pytest.mark.parametrize("command", ["run", "cams", "boxes", "score", "info", "models", "layers", "train",
+@pytest.mark.parametrize("command", ["run", "cams", "merge", "boxes", "score", "info", "models", "layers", "train",
                                      "export"])
 def test_help_has_an_example(command):
     result = CliRunner().invoke(main, [command, "--help"])
