@@ -520,6 +520,7 @@ def run(config: RunConfig, original: RunConfig | None = None, stage: StageProgre
 def run_manifest(config: RunConfig, original: RunConfig, cache: HeatmapCache | None, times: StageTimes,
                  skipped: Sequence[dict[str, str]] = ()) -> dict[str, Any]:
     """The ``manifest.json`` record of a run (see :func:`gradloc.runs.manifest_record`)."""
-    return runs.manifest_record(config.to_dict(), original.to_dict(), config_hash(config.to_dict()),
+    return runs.manifest_record(config.run_dir, config.to_dict(), original.to_dict(),
+                                config_hash(config.to_dict()),
                                 cache.key if cache else None, str(cache.root) if cache else None,
                                 times.seconds, skipped)

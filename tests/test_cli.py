@@ -1,7 +1,9 @@
 """The core commands through click's runner: help, a tiny demo run, scoring pickles, and error paths."""
 
 import json
+import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,8 +17,9 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    args = ["--quiet", "run", "--config", str(CONFIGS / "demo.yaml"), "--out", str(root / "results"),
-            "--cache-dir", str(root / "cache"), "--name", "tiny", "--thresholds", "0.1,0.2",
+    # paths relative to the working directory, as users type them (the manifest must not keep them so)
+    args = ["--quiet", "run", "--config", str(CONFIGS / "demo.yaml"), "--out", "results",
+            "--cache-dir", "cache", "--name", "tiny", "--thresholds", "0.1,0.2",
             "--iou", "0.3,0.5"]
     # a small demo: few images, short training (CLI behaviour, not localization quality, is tested here)
     overrides = root / "tiny.yaml"
@@ -24,7 +27,12 @@ def tiny_run(tmp_path_factory):
                          .replace("n_val: 80", "n_val: 8").replace("n_test: 80", "n_test: 12")
                          .replace("train_seconds: 90", "train_seconds: 5"))
     args[3] = str(overrides)
-    result = CliRunner().invoke(main, args)
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        result = CliRunner().invoke(main, args)
+    finally:
+        os.chdir(cwd)
     return root, result
 
 
@@ -359,3 +367,35 @@ def test_logging_goes_through_tqdm_while_a_bar_is_shown():
         assert handler in root.handlers
     finally:
         root.removeHandler(handler)
+
+
+@pytest.mark.slow
+def test_a_copied_run_works_from_any_directory(tiny_run, tmp_path, monkeypatch):
+    """Run folder and cache copied elsewhere, original cache moved away, cwd = /: every reader command works
+    on the copy and uses the copy's cache and data."""
+    root, result = tiny_run
+    assert result.exit_code == 0, result.output
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(root / "results" / "tiny", copy / "results" / "tiny")
+    shutil.copytree(root / "cache", copy / "cache")
+    run_dir = copy / "results" / "tiny"
+    hidden = root / "cache.hidden"
+    (root / "cache").rename(hidden)  # the run's original cache is gone: only the copy can be used
+    try:
+        monkeypatch.chdir("/")
+        for args in (["info", str(run_dir)],
+                     ["score", str(run_dir), "--iou", "0.5", "--format", "csv"],
+                     ["compare", str(run_dir), str(run_dir), "--iou", "0.5"],
+                     ["plot", str(run_dir), "--out-dir", str(tmp_path / "plots")],
+                     ["export", str(run_dir), str(tmp_path / "exported"), "--threshold", "0.2"],
+                     ["show", str(run_dir), "--threshold", "0.2", "--n", "2", "--out", str(tmp_path / "s.png")]):
+            result = CliRunner().invoke(main, args)
+            assert result.exit_code == 0, (args, result.output)
+        assert (tmp_path / "s.png").stat().st_size > 0
+        assert any((tmp_path / "plots").glob("*.png")) and any((tmp_path / "exported").glob("*.txt"))
+    finally:
+        monkeypatch.chdir(root)
+        hidden.rename(root / "cache")
+    stored = json.loads((run_dir / "manifest.json").read_text())
+    assert stored["paths"]["cache_dir"]["relative_to_run"].startswith("../../cache/cams/")
+    assert Path(stored["config"]["data"]["voc_root"]).is_absolute()
