@@ -225,7 +225,7 @@ def test_tmp_of_a_live_writer_is_kept_until_an_hour_old(tmp_path):
 
 
 def test_all_zero_cached_map_gives_no_box_and_no_crash(demo_copy, cams_config):
-    config = cams_config(demo_copy, **{"boxes.classes": "gt", "boxes.baselines": ()})
+    config = cams_config(demo_copy, **{"boxes.explain": "gt", "boxes.baselines": ()})
     cache, dataset, _ = computed(config)
     entry = cache.get("000025")
     cache.put("000025", np.zeros_like(entry.maps), entry.scores, entry.geometry, "float32", entry.source)

@@ -82,7 +82,18 @@ def test_info_describes_the_run(tiny_run):
     root, _ = tiny_run
     result = CliRunner().invoke(main, ["info", str(root / "results" / "tiny")])
     assert result.exit_code == 0, result.output
-    assert "config hash:" in result.output and "detections/thr_0.100.pkl" in result.output
+    out = result.output
+    assert "{" not in out and "None" not in out  # no raw dicts, no unresolved settings
+    assert re.search(r"^model: +demo_cnn, voc head, input 128 px \(letterbox\), from /", out, re.M)
+    assert re.search(r"^CAM: +gradcam at layer block4$", out, re.M)
+    assert re.search(r"^thresholds: +0\.1, 0\.2 \(max; boxes: largest", out, re.M)
+    assert re.search(r"^data: +VOCdemo test, 12 images, 4 classes", out, re.M)
+    assert re.search(r"^classes explained: predicted \(p >= 0\.5\)$", out, re.M)
+    assert re.search(r"^seconds per stage: cams [\d.]+, boxes [\d.]+, score [\d.]+$", out, re.M)
+    rows = json.loads(CliRunner().invoke(main, ["score", str(root / "results" / "tiny"), "--format", "json",
+                                                "--iou", "0.5"]).stdout)
+    best = max(r["ap"] for r in rows if r["class"] == "mAP" and r["source"] == "cam")
+    assert re.search(rf"^mAP IoU 0\.5: +{100 * best:.2f} % at tau 0\.\d .*oracle", out, re.M)
 
 
 def test_missing_config_is_one_line_exit_1(tmp_path):
@@ -386,9 +397,9 @@ def test_a_copied_run_works_from_any_directory(tiny_run, tmp_path, monkeypatch):
         for args in (["info", str(run_dir)],
                      ["score", str(run_dir), "--iou", "0.5", "--format", "csv"],
                      ["compare", str(run_dir), str(run_dir), "--iou", "0.5"],
-                     ["plot", str(run_dir), "--out-dir", str(tmp_path / "plots")],
+                     ["plot", str(run_dir), "--out", str(tmp_path / "plots")],
                      ["export", str(run_dir), str(tmp_path / "exported"), "--threshold", "0.2"],
-                     ["show", str(run_dir), "--threshold", "0.2", "--n", "2", "--out", str(tmp_path / "s.png")]):
+                     ["show", str(run_dir), "--threshold", "0.2", "--n", "2", "--png", str(tmp_path / "s.png")]):
             result = CliRunner().invoke(main, args)
             assert result.exit_code == 0, (args, result.output)
         assert (tmp_path / "s.png").stat().st_size > 0
@@ -399,3 +410,102 @@ def test_a_copied_run_works_from_any_directory(tiny_run, tmp_path, monkeypatch):
     stored = json.loads((run_dir / "manifest.json").read_text())
     assert stored["paths"]["cache_dir"]["relative_to_run"].startswith("../../cache/cams/")
     assert Path(stored["config"]["data"]["voc_root"]).is_absolute()
+
+
+def test_each_command_shows_its_own_flags_with_their_choices():
+    cams_help = CliRunner().invoke(main, ["cams", "--help"]).output
+    for absent in ("--thresholds", "--iou", "--metric", "--explain", "--out ", "--name"):
+        assert absent not in cams_help, absent
+    assert re.search(r"--method \[cam\|gradcam\|gradcampp\|", cams_help)
+    assert "guided" not in cams_help  # pixel-level methods make no boxes: not offered
+    assert "score tables" not in cams_help and "-q, --quiet" in cams_help
+    run_help = CliRunner().invoke(main, ["run", "--help"]).output
+    for choice in ("--threshold-mode [max|minmax|percentile]", "--box-mode [largest|all|union]",
+                   "--explain [predicted|gt|all]", "--head [voc|imagenet|voc+imagenet]",
+                   "--resize-mode [letterbox|stretch|shortside]", "--confidence [score|"):
+        assert choice in run_help, choice
+    assert "--classes" not in run_help.replace("was --classes", "")
+    boxes_help = CliRunner().invoke(main, ["boxes", "--help"]).output
+    assert "--thresholds" in boxes_help and "--iou" not in boxes_help
+    result = CliRunner().invoke(main, ["run", "--box-mode", "biggest"])
+    assert result.exit_code == 2 and "'biggest' is not one of 'largest', 'all', 'union'" in result.output
+
+
+def test_out_is_a_folder_everywhere():
+    train_help = CliRunner().invoke(main, ["train", "--help"]).output
+    assert not re.search(r"^\s+--out\b", train_help, re.M) and "--checkpoint-out FILE" in train_help
+    result = CliRunner().invoke(main, ["train", "--out", "x.pt"])
+    assert result.exit_code == 2 and "train --out FILE is now --checkpoint-out FILE" in result.output
+    assert "--out DIRECTORY" in CliRunner().invoke(main, ["plot", "--help"]).output
+    assert "--out-dir" not in CliRunner().invoke(main, ["plot", "--help"]).output
+    assert "--png FILE" in CliRunner().invoke(main, ["show", "--help"]).output
+
+
+def test_single_iou_commands_refuse_a_list(tmp_path):
+    for command in (["plot", str(tmp_path)], ["compare", str(tmp_path), str(tmp_path)]):
+        result = CliRunner().invoke(main, [*command, "--iou", "0.3,0.5"])
+        assert result.exit_code == 2 and "shows one IoU" in result.output, command
+
+
+def test_old_config_key_boxes_classes_is_read_with_a_warning(tmp_path, caplog):
+    from gradloc.config import load_config
+
+    old = tmp_path / "old.yaml"
+    old.write_text("boxes:\n  classes: gt\n")
+    with caplog.at_level("WARNING"):
+        assert load_config(old).boxes.explain == "gt"
+    assert "'boxes.classes' is deprecated" in caplog.text and str(old) in caplog.text
+    old.write_text("boxes:\n  classes: gt\n  explain: all\n")
+    result = CliRunner().invoke(main, ["run", "--config", str(old)])
+    assert result.exit_code == 1 and "'boxes.classes' and 'boxes.explain' both given" in result.output
+    result = CliRunner().invoke(main, ["run", "--explain", "everything"])
+    assert result.exit_code == 2
+
+
+@pytest.mark.slow
+def test_only_scores_a_subset_of_classes(tiny_run):
+    root, _ = tiny_run
+    run_dir = str(root / "results" / "tiny")
+    every = json.loads(CliRunner().invoke(main, ["score", run_dir, "--iou", "0.5", "--format", "json"]).stdout)
+    result = CliRunner().invoke(main, ["score", run_dir, "--iou", "0.5", "--format", "json", "--only",
+                                       "disc,square"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert {r["class"] for r in rows} == {"disc", "square", "mAP"}
+    cam = [r for r in rows if r["source"] == "cam" and r["threshold"] == 0.2]
+    full = {r["class"]: r["ap"] for r in every if r["source"] == "cam" and r["threshold"] == 0.2}
+    per_class = {r["class"]: r["ap"] for r in cam}
+    assert per_class["disc"] == full["disc"] and per_class["square"] == full["square"]
+    aps = [full[c] for c in ("disc", "square") if full[c] == full[c]]
+    assert per_class["mAP"] == pytest.approx(sum(aps) / len(aps))
+    table = CliRunner().invoke(main, ["score", run_dir, "--iou", "0.5", "--only", "disc,square"]).output
+    assert "mAP over the 2 classes of disc, square (--only)" in table
+    result = CliRunner().invoke(main, ["score", run_dir, "--only", "disc,nope"])
+    assert result.exit_code == 1 and "'nope' is not one of disc, square, triangle, cross" in result.output
+
+
+@pytest.mark.slow
+def test_compare_refuses_different_ground_truth_unless_forced(tiny_run, tmp_path):
+    import pickle
+
+    root, _ = tiny_run
+    run_a = root / "results" / "tiny"
+    run_b = tmp_path / "other"
+    shutil.copytree(run_a, run_b)
+    manifest = json.loads((run_b / "manifest.json").read_text())
+    manifest["config"]["cams"]["method"] = "gradcampp"
+    (run_b / "manifest.json").write_text(json.dumps(manifest))
+    result = CliRunner().invoke(main, ["compare", str(run_a), str(run_b), "--iou", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("Config differences (A | B): 1\n  cams.method: gradcam | gradcampp\n")
+    assert "Largest disagreements (AP, B - A): none" in result.stdout  # same scores: all ties, none listed
+    gt = pickle.loads((run_b / "gt.pkl").read_bytes())
+    gt["image_ids"][0] = "renamed"
+    (run_b / "gt.pkl").write_bytes(pickle.dumps(gt))
+    result = CliRunner().invoke(main, ["compare", str(run_a), str(run_b), "--iou", "0.5"])
+    assert result.exit_code == 1 and result.stdout == ""
+    assert "cams.method: gradcam | gradcampp" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: tiny and other are scored on different "
+                                                             "ground truth (image ids: 12 | 12 images, 1 only in A")
+    result = CliRunner().invoke(main, ["compare", str(run_a), str(run_b), "--iou", "0.5", "--force"])
+    assert result.exit_code == 0 and "Different ground truth (A | B, compared with --force): image ids" in result.stdout

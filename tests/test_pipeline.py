@@ -159,7 +159,7 @@ def test_float16_cache_moves_boxes_by_at_most_one_pixel(demo_run, tmp_path):
 
 @pytest.mark.slow
 def test_gt_known_run_reports_maxboxacc_and_localization_rows(demo_run, tmp_path):
-    """With ``boxes.classes: gt`` every GT class of every image is explained, and the WSOL metrics include
+    """With ``boxes.explain: gt`` every GT class of every image is explained, and the WSOL metrics include
     MaxBoxAcc at IoU 0.3 / 0.5 / 0.7 and their mean (MaxBoxAccV2 when box_mode is ``all``), each with the
     best τ of the run's sweep, labelled as an oracle choice."""
     import dataclasses

@@ -66,7 +66,7 @@ def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("show")
     voc = write_voc(root / "VOCdevkit")
     config = load_config(None, {"data.voc_root": str(voc), "data.year": "2007", "data.split": "val",
-                                "data.classes": CLASSES, "boxes.classes": "gt", "boxes.thresholds": (0.2,),
+                                "data.classes": CLASSES, "boxes.explain": "gt", "boxes.thresholds": (0.2,),
                                 "boxes.max_side": None, "out": str(root / "results"), "name": "tiny",
                                 "cache_dir": str(root / "cache")})
     dataset = VOCDataset(voc, "2007", "val", CLASSES)
