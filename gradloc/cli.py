@@ -94,7 +94,7 @@ def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
 
     \b
     Example (offline demo, about two minutes on a laptop CPU):
-      gradloc run --config configs/demo.yaml
+      gradloc demo
     """
     ctx.ensure_object(dict).update(debug=debug, quiet=quiet)
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO,
@@ -332,6 +332,30 @@ def run(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
       gradloc run --config configs/demo.yaml
       gradloc run --config configs/voc07_efficientnet_lite0.yaml --split val --thresholds 0.1,0.2
     """
+    _run_and_print(ctx, config_path, flags)
+
+
+@main.command()
+@run_options()
+@click.pass_context
+def demo(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
+    """The offline demo: `gradloc run` with the packaged demo config (a synthetic VOC-layout dataset and a tiny
+    CNN trained on it, generated once under --cache-dir; no download). Flags override the demo config;
+    --config is not taken.
+
+    \b
+    Examples:
+      gradloc demo
+      gradloc demo --out /tmp/results --cache-dir /tmp/gradloc-cache
+    """
+    from gradloc.config import packaged_config
+
+    if config_path is not None:
+        raise click.UsageError("demo runs the packaged demo config; use `gradloc run --config FILE` for yours")
+    _run_and_print(ctx, str(packaged_config("demo")), flags)
+
+
+def _run_and_print(ctx: click.Context, config_path: str | None, flags: dict[str, Any]) -> None:
     from gradloc.pipeline import run as run_pipeline
     from gradloc.runs import check_writable
 
@@ -383,22 +407,13 @@ def boxes(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
     Example:
       gradloc boxes --config configs/demo.yaml --thresholds 0.1,0.2,0.3 --box-mode all
     """
-    from gradloc.pipeline import cams_cache, load_classifier, open_dataset, run_boxes
+    from gradloc.pipeline import open_cached, run_boxes
     from gradloc.runs import check_writable
 
     config = build_config(config_path, flags)
     check_writable(config.run_dir)
     config = _prepare(ctx, config)
-    dataset = open_dataset(config)
-    cache = cams_cache(config, load_classifier(config), dataset)
-    missing = cache.todo(dataset, config.data.on_error)
-    if missing and config.data.on_error == "raise":
-        raise FileNotFoundError(f"{cache.root}: {len(missing)} of {len(dataset)} images (e.g. {missing[0]}) have "
-                                "no valid cached maps for this model/method/layer; run `gradloc cams` with the "
-                                "same options first")
-    for image_id in missing:
-        dataset.skip(image_id, dataset.image_path(image_id), ValueError("no valid cached maps (unreadable, or "
-                                                                        "edited since `gradloc cams` ran)"))
+    cache, dataset = open_cached(config)
     with progress_bar(ctx, len(dataset), f"boxes ({len(config.boxes.thresholds)} thresholds)") as update:
         run_dir = run_boxes(config, cache, dataset, progress=update)
     say(ctx, f"detections: {run_dir / 'detections'}")
@@ -532,6 +547,10 @@ def info(run_dir: str) -> None:
 def models() -> None:
     """List the models gradloc can build, their default CAM layer and whether weights are available offline.
 
+    Columns: cam = True when the model ends in global average pooling + one linear layer, so the original CAM
+    method (Zhou et al.) applies; False models work with the gradient methods only. offline = the default
+    weights file is on disk (no download is attempted).
+
     \b
     Example:
       gradloc models
@@ -546,20 +565,32 @@ def models() -> None:
 @main.command()
 @click.argument("model_name")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Checkpoint to build the model from.")
-def layers(model_name: str, checkpoint: str | None) -> None:
-    """List the layers of MODEL that CAMs can target (modules with a spatial output).
+@click.option("--input-size", type=click.IntRange(min=8), default=224, show_default=True,
+              help="Side of the square probe image the output shapes are measured on.")
+@click.option("--head", type=_registry("gradloc.models", "HEADS"), default="voc", show_default=True,
+              help="The head of the runs the names are for (imagenet heads wrap the model as backbone.*).")
+@click.option("--all", "show_all", is_flag=True, help="Also list layers a CAM cannot use (pooling, 1x1 outputs).")
+def layers(model_name: str, checkpoint: str | None, input_size: int, head: str, show_all: bool) -> None:
+    """List the names `--layer` accepts for MODEL, with each layer's output shape [C, h, w] on a probe image.
+
+    Layers a CAM cannot use (adaptive pooling, 1x1 outputs) are hidden unless --all, which marks them.
 
     \b
     Example:
       gradloc layers resnet50
     """
-    from gradloc.cams import default_layer, list_layers
+    from gradloc.cams import default_layer, layer_table, resolve_layer
     from gradloc.models import build_architecture
 
-    model = build_architecture(model_name, checkpoint=checkpoint)
-    default = default_layer(model)
-    for name in list_layers(model):
-        click.echo(f"{name}{'   (default)' if name == default else ''}")
+    model = build_architecture(model_name, checkpoint=checkpoint, head=head)
+    default, _ = resolve_layer(model, default_layer(model))
+    table = [row for row in layer_table(model, input_size=input_size) if show_all or not row.unusable]
+    width = max(len(row.name) for row in table)
+    click.echo(f"{'layer (--layer)':<{width}}  output at {input_size}x{input_size}")
+    for row in table:
+        note = "default" if row.name == default else f"not for CAMs: {row.unusable}" if row.unusable else ""
+        shape = "x".join(str(v) for v in row.shape[1:])
+        click.echo(f"{row.name:<{width}}  {shape:<14}{note}".rstrip())
 
 
 @main.command()

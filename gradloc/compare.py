@@ -23,7 +23,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from gradloc.report import DIGITS, METRIC_NAMES, match_value, select_threshold
-from gradloc.runs import Run, open_run
+from gradloc.runs import GT_FILE, Run, open_run
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def _listing(values: list[str], shown: int = 4) -> str:
 
 def run_differences(run_a: Run, run_b: Run) -> RunDifferences:
     """The config settings (manifests; none when a run has no manifest) and ground truth (``gt.pkl``: class
-    list, image ids) in which two runs differ."""
+    list, image ids; not compared when a folder has none) in which two runs differ."""
     manifest_a, manifest_b = run_a.manifest_or_none(), run_b.manifest_or_none()
     config = []
     if manifest_a is not None and manifest_b is not None:
@@ -93,11 +93,12 @@ def run_differences(run_a: Run, run_b: Run) -> RunDifferences:
         for key in sorted(set(flat_a) | set(flat_b)):
             if key not in _IGNORED_KEYS and flat_a.get(key) != flat_b.get(key):
                 config.append(f"{key}: {flat_a.get(key)} | {flat_b.get(key)}")
-    gt_a, gt_b = run_a.gt, run_b.gt
     ground_truth = []
-    if list(gt_a.classes) != list(gt_b.classes):
+    has_gt = all((run.path / GT_FILE).is_file() for run in (run_a, run_b))  # folders of scores only have none
+    gt_a, gt_b = (run_a.gt, run_b.gt) if has_gt else (None, None)
+    if has_gt and list(gt_a.classes) != list(gt_b.classes):
         ground_truth.append(f"classes {_listing(list(gt_a.classes))} | {_listing(list(gt_b.classes))}")
-    if list(gt_a.image_ids) != list(gt_b.image_ids):
+    if has_gt and list(gt_a.image_ids) != list(gt_b.image_ids):
         only_a = sorted(set(gt_a.image_ids) - set(gt_b.image_ids))
         only_b = sorted(set(gt_b.image_ids) - set(gt_a.image_ids))
         ground_truth.append(f"image ids: {len(gt_a.image_ids)} | {len(gt_b.image_ids)} images, "

@@ -182,6 +182,21 @@ class RunConfig:
         return _to_plain(dataclasses.asdict(self))
 
 
+def packaged_config(name: str) -> Path:
+    """A config shipped inside the package (``gradloc/data/<name>.yaml``, e.g. ``demo``), so that it is there
+    after a plain ``pip install``.
+
+    Raises:
+        FileNotFoundError: no such packaged config.
+    """
+    from importlib.resources import files
+
+    path = Path(str(files("gradloc") / "data" / f"{name}.yaml"))
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: packaged config {name!r} not found; reinstall gradloc")
+    return path
+
+
 def _to_plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {key: _to_plain(item) for key, item in value.items()}

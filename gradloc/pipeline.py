@@ -286,6 +286,27 @@ def require_images(dataset: VOCDataset) -> None:
                      f"{why}; nothing was written")
 
 
+def open_cached(config: RunConfig) -> tuple[HeatmapCache, VOCDataset]:
+    """The heatmap cache and dataset of ``gradloc boxes`` (maps computed earlier by ``gradloc cams``), with the
+    cached maps verified: an image without valid maps is an error (``data.on_error: raise``) or leaves the
+    dataset as a skipped item (``skip``).
+
+    Raises:
+        FileNotFoundError: images without valid cached maps (raise mode); names the cache and what to run.
+    """
+    dataset = open_dataset(config)
+    cache = cams_cache(config, load_classifier(config), dataset)
+    missing = cache.todo(dataset, config.data.on_error)
+    if missing and config.data.on_error == "raise":
+        raise FileNotFoundError(f"{cache.root}: {len(missing)} of {len(dataset)} images (e.g. {missing[0]}) have "
+                                "no valid cached maps for this model/method/layer; run `gradloc cams` with the "
+                                "same options first")
+    for image_id in missing:
+        dataset.skip(image_id, dataset.image_path(image_id), ValueError("no valid cached maps (unreadable, or "
+                                                                        "edited since `gradloc cams` ran)"))
+    return cache, dataset
+
+
 def run_boxes(config: RunConfig, cache: HeatmapCache, dataset: VOCDataset, progress: Progress = None,
               writer: runs.RunWriter | None = None) -> Path:
     """Cut boxes from the cached maps at every threshold; write gt.pkl, detections, baselines, points.
@@ -474,7 +495,7 @@ def record_rescoring(run_dir: str | Path, ious: Sequence[float], metric: str, fi
     """
     run_dir = Path(run_dir)
     return runs.update_manifest(run_dir, "rescored_scores", {
-        "score": {"iou": [float(v) for v in ious], "metric": metric, "only": list(only)},
+        "score": {"iou": [float(v) for v in ious], "metric": metric, **({"only": list(only)} if only else {})},
         "files": sorted(str(Path(f).relative_to(run_dir)) for f in files),
         "gradloc": __version__,
         "git_commit": runs.git_commit(),

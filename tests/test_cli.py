@@ -36,7 +36,7 @@ def tiny_run(tmp_path_factory):
     return root, result
 
 
-@pytest.mark.parametrize("command", ["run", "cams", "boxes", "score", "info", "models", "layers", "train",
+@pytest.mark.parametrize("command", ["run", "demo", "cams", "boxes", "score", "info", "models", "layers", "train",
                                      "export"])
 def test_help_has_an_example(command):
     result = CliRunner().invoke(main, [command, "--help"])
@@ -150,18 +150,25 @@ def test_score_refuses_a_hostile_pickle(tmp_path):
 
 
 @pytest.mark.parametrize(("flags", "match"), [
-    (["--method", "guided_backprop"], "pixel-level pictures"),
-    (["--method", "gradcam_plus"], "unknown CAM method 'gradcam_plus'"),
-    (["--box-mode", "biggest"], "biggest"),
-    (["--threshold-mode", "mean"], "mean"),
+    (["--method", "guided_backprop"], "'guided_backprop' is not one of 'cam', 'gradcam', "),  # pixel-level only
+    (["--method", "gradcam_plus"], "'gradcam_plus' is not one of 'cam', 'gradcam', "),
+    (["--box-mode", "biggest"], "'biggest' is not one of 'largest', 'all', 'union'"),
+    (["--threshold-mode", "mean"], "'mean' is not one of 'max', 'minmax', 'percentile'"),
 ])
 def test_unknown_names_are_refused_before_any_work(tmp_path, flags, match):
     result = CliRunner().invoke(main, ["run", "--config", str(CONFIGS / "demo.yaml"), *flags,
                                        "--cache-dir", str(tmp_path), "--out", str(tmp_path)])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a usage error: the flag's choices are listed in --help
     assert match in result.output
-    assert len(result.output.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []  # nothing generated, trained or written
+
+
+def test_unknown_method_in_a_config_is_one_line(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("cams:\n  method: guided_backprop\n")
+    result = CliRunner().invoke(main, ["run", "--config", str(config), "--out", str(tmp_path)])
+    assert result.exit_code == 1 and "pixel-level pictures" in result.output
+    assert len(result.output.strip().splitlines()) == 1
 
 
 def test_unknown_model_is_refused_with_suggestions(tmp_path):
@@ -437,7 +444,7 @@ def test_out_is_a_folder_everywhere():
     result = CliRunner().invoke(main, ["train", "--out", "x.pt"])
     assert result.exit_code == 2 and "train --out FILE is now --checkpoint-out FILE" in result.output
     assert "--out DIRECTORY" in CliRunner().invoke(main, ["plot", "--help"]).output
-    assert "--out-dir" not in CliRunner().invoke(main, ["plot", "--help"]).output
+    assert not re.search(r"^\s+--out-dir", CliRunner().invoke(main, ["plot", "--help"]).output, re.M)
     assert "--png FILE" in CliRunner().invoke(main, ["show", "--help"]).output
 
 
@@ -509,3 +516,42 @@ def test_compare_refuses_different_ground_truth_unless_forced(tiny_run, tmp_path
                                                              "ground truth (image ids: 12 | 12 images, 1 only in A")
     result = CliRunner().invoke(main, ["compare", str(run_a), str(run_b), "--iou", "0.5", "--force"])
     assert result.exit_code == 0 and "Different ground truth (A | B, compared with --force): image ids" in result.stdout
+
+
+def test_layers_prints_names_layer_accepts_with_shapes():
+    import torch
+
+    from gradloc.cams import compute_cams
+    from gradloc.models import build_architecture
+
+    result = CliRunner().invoke(main, ["layers", "resnet18", "--head", "imagenet", "--input-size", "64"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].split()[:2] == ["layer", "(--layer)"] and "output at 64x64" in lines[0]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[1:]}
+    assert rows["backbone.layer4"] == ["512x2x2", "default"]
+    assert "backbone.avgpool" not in rows and "avgpool" not in rows
+    model = build_architecture("resnet18", head="imagenet")
+    for name in ("backbone.layer4", "backbone.layer3.1.bn2"):  # printed names run as --layer values
+        maps, _ = compute_cams(model, torch.zeros(1, 3, 64, 64), [0], layer=name)
+        assert maps.shape[-2:] == (2, 2) if name.endswith("layer4") else (4, 4)
+    result = CliRunner().invoke(main, ["layers", "resnet18", "--input-size", "64", "--all"])
+    assert re.search(r"^avgpool +512x1x1 +not for CAMs: adaptive pooling", result.output, re.M)
+
+
+def test_demo_runs_the_packaged_config_from_any_directory(tmp_path, monkeypatch):
+    from gradloc.config import load_config, packaged_config
+
+    packaged = packaged_config("demo")
+    assert packaged.parent == Path(__import__("gradloc").__file__).parent / "data"  # package data, not configs/
+    assert load_config(packaged).demo.enabled
+    assert (CONFIGS / "demo.yaml").resolve() == packaged.resolve()  # configs/demo.yaml is the same file
+    monkeypatch.chdir(tmp_path)
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    # the packaged config loads and validates from here; the unwritable --out stops it before any work
+    result = CliRunner().invoke(main, ["demo", "--out", str(blocker / "results")])
+    assert result.exit_code == 1 and "output folder is not writable" in result.output, result.output
+    assert not (tmp_path / ".gradloc-cache").exists()
+    result = CliRunner().invoke(main, ["demo", "--config", "x.yaml"])
+    assert result.exit_code == 2 and "packaged demo config" in result.output

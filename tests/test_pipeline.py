@@ -168,7 +168,7 @@ def test_gt_known_run_reports_maxboxacc_and_localization_rows(demo_run, tmp_path
 
     config, cache, dataset, _, _ = demo_run
     gt_config = dataclasses.replace(config, out=str(tmp_path), boxes=dataclasses.replace(
-        config.boxes, classes="gt", box_mode="all"))
+        config.boxes, explain="gt", box_mode="all"))
     run_dir = run_boxes(gt_config, cache, dataset)
     gt = load_ground_truth(run_dir / "gt.pkl")
     dets = load_detections(run_dir / "detections" / "thr_0.600.pkl")

@@ -256,7 +256,7 @@ def demo_config(tmp_path, demo_data, demo_checkpoint) -> Path:
         "data": {"voc_root": str(demo_data), "year": "demo", "split": "val", "classes": list(DEMO_CLASSES)},
         "model": {"name": "demo_cnn", "checkpoint": str(demo_checkpoint), "input_size": 64},
         "cams": {"batch_size": 4},
-        "boxes": {"thresholds": [0.2, 0.4], "classes": "gt"},
+        "boxes": {"thresholds": [0.2, 0.4], "explain": "gt"},
         "score": {"iou": [0.3, 0.5]},
     }
     path = tmp_path / "config.yaml"
