@@ -182,3 +182,12 @@ def test_gt_known_run_reports_maxboxacc_and_localization_rows(demo_run, tmp_path
     values = box_acc.set_index("metric")["value"]
     assert values.iloc[:3].is_monotonic_decreasing  # a stricter IoU never scores more
     assert values.iloc[3] == pytest.approx(values.iloc[:3].mean())
+
+
+@pytest.mark.parametrize(("explain", "expected"), [("predicted", [1, 3]), ("gt", [0, 2]), ("all", [0, 1, 2, 3])])
+def test_explained_classes_per_explain_setting(explain, expected):
+    from gradloc.pipeline import explained_classes
+
+    config = load_config(None, {"boxes.explain": explain, "boxes.score_cut": 0.5})
+    probabilities = np.array([0.1, 0.9, 0.4, 0.5])
+    assert explained_classes(config, probabilities, np.array([2, 0, 2])).tolist() == expected
