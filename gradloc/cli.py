@@ -315,7 +315,8 @@ def _print_scores(ctx: click.Context, rows, meta, wsol, fmt: str = "table", **op
 def localization_lines(wsol, digits: int) -> str:
     """The mean WSOL rows as text; τ-free metrics (pointing game) name no τ."""
     means = wsol[wsol["class"].isin(["mean", "all"])]
-    lines = [f"  {r.metric:<28} {'' if r.threshold != r.threshold else f'tau={r.threshold:g}':<10} "
+    width = max((len(str(metric)) for metric in means["metric"]), default=0)
+    lines = [f"  {r.metric:<{width}} {'' if r.threshold != r.threshold else f'tau={r.threshold:g}':<10} "
              f"{100 * r.value:6.{digits}f} %  (n={r.n})" for r in means.itertuples()]
     return ("Localization (mean over classes, in %; CorLoc per tau, pointing game tau-free):\n"
             + "\n".join(lines))

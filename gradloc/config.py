@@ -139,10 +139,13 @@ class CamConfig:
 class BoxConfig(BoxParams):
     """How heatmaps become boxes: the box parameters of :class:`gradloc.boxes.BoxParams` (threshold_mode,
     box_mode, connectivity, min_area, confidence, nms_iou, max_side; validated there) plus the sweep of
-    thresholds, which classes are explained (:data:`EXPLAIN_CHOICES`; before 0.x the key was ``classes``, still
-    read with a warning), and the baselines."""
+    thresholds, which classes are explained (:data:`EXPLAIN_CHOICES`; the key was ``classes``, still read with
+    a warning), and the baselines. ``selected_threshold``: the τ of the sweep recommended for this config, chosen
+    on another split than the one reported (e.g. `train` for `val`); ``gradloc show`` and ``gradloc export``
+    default to it; None = no recommendation."""
 
     thresholds: tuple[float, ...] = (0.01, 0.02, 0.06, 0.15, 0.2)
+    selected_threshold: float | None = None
     explain: str = "predicted"
     score_cut: float = 0.5
     baselines: tuple[str, ...] = ("center", "full", "random")
@@ -340,6 +343,10 @@ def validate(config: RunConfig) -> None:
         _check_range(f"boxes.thresholds[{i}]", tau, THRESHOLD_RANGE)
         if abs(round(tau, 3) - tau) > 1e-9:
             raise ConfigError(f"config key 'boxes.thresholds[{i}]': {tau} has more than 3 decimals")
+    selected = config.boxes.selected_threshold
+    if selected is not None and not any(abs(selected - tau) <= 1e-9 for tau in config.boxes.thresholds):
+        raise ConfigError(f"config key 'boxes.selected_threshold': {selected} is not one of boxes.thresholds "
+                          f"({', '.join(f'{t:g}' for t in config.boxes.thresholds)})")
     if not config.score.iou:
         raise ConfigError("config key 'score.iou': give at least one IoU threshold")
     for i, iou in enumerate(config.score.iou):

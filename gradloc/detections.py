@@ -27,9 +27,7 @@ from typing import Any
 
 import numpy as np
 
-# atomic_write_bytes and save_pickle are re-exported for cache.py and models.py, which import them from here
-# until their owner switches them to gradloc.io (issue 9, part B).
-from gradloc.io import atomic_write_bytes, safe_load_pickle, save_pickle  # noqa: F401
+from gradloc.io import safe_load_pickle
 
 DETECTIONS_FORMAT = "gradloc.detections/1"
 GT_FORMAT = "gradloc.gt/1"
@@ -99,6 +97,17 @@ class GroundTruth:
             boxes=np.asarray(data["boxes"], dtype=np.float64).reshape(-1, 4),
             difficult=np.asarray(data["difficult"], dtype=bool),
         ))
+
+    def image_labels(self) -> np.ndarray:
+        """Image-level labels in the devkit's classification convention.
+
+        Returns:
+            int8[n_images, n_classes]: 1 if the image holds a non-difficult box of the class, 0 if all its
+            boxes of the class are difficult, -1 if it holds none.
+        """
+        labels = np.full((len(self.image_ids), len(self.classes)), -1, dtype=np.int8)
+        np.maximum.at(labels, (self.image_index, self.labels), np.where(self.difficult, 0, 1).astype(np.int8))
+        return labels
 
 
 @dataclass(frozen=True, eq=False)

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from gradloc import __version__, runs
-from gradloc.boxes import BASELINES, image_boxes, peak_points, random_maps
+from gradloc.boxes import BASELINES, BoxRows, ThresholdDetections, image_boxes, peak_points, random_maps
 from gradloc.cache import HeatmapCache
 from gradloc.config import RunConfig, config_hash
 from gradloc.detections import Detections, GroundTruth, load_detections, load_ground_truth
@@ -212,27 +212,37 @@ def _with_method(config: RunConfig, method: str) -> RunConfig:
 # --- stage 2: boxes -----------------------------------------------------------------------------------------
 
 
-class _Rows:
-    """Growing per-row arrays of one output file: image index, label, score and a float64[n, width] value
-    (a box, width 4, or a point, width 2)."""
+class _GtKnown:
+    """Per (image, GT class) pair, from the raw map of that class (GT-known, whatever the run explains): the
+    map's peak (TorchRay's pointing game) and the wsolevaluation box hits (MaxBoxAccV2: min-max map, τ grid
+    0.01, one box per region, IoU 0.3 / 0.5 / 0.7) on the run's working grid (``boxes.max_side``)."""
 
-    def __init__(self, width: int = 4) -> None:
-        self.width = width
-        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    def __init__(self, max_side: int | None) -> None:
+        self.max_side = max_side
+        self.points = BoxRows(width=2)
+        self.hits: list[np.ndarray] = []
 
-    def add(self, image: int, labels: np.ndarray, scores: np.ndarray, values: np.ndarray) -> None:
-        if len(labels):
-            self.parts.append((np.full(len(labels), image, np.int64), np.asarray(labels, np.int64),
-                               np.asarray(scores, np.float64),
-                               np.asarray(values, np.float64).reshape(-1, self.width)))
+    def add(self, index: int, entry: Any, labels: np.ndarray, boxes: np.ndarray) -> None:
+        from gradloc.geometry import upsample, working_size
+        from gradloc.wsol import box_hits
 
-    def arrays(self, value_name: str = "boxes") -> dict[str, np.ndarray]:
-        names = ("image_index", "labels", "scores", value_name)
-        if not self.parts:
-            empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), np.zeros((0, self.width)))
-            return dict(zip(names, empty, strict=True))
-        return {name: np.concatenate(column) for name, column in zip(names, zip(*self.parts, strict=True),
-                                                                      strict=True)}
+        classes = np.unique(labels).astype(np.int64)
+        if not len(classes):
+            return
+        maps = entry.maps[classes]
+        self.points.add(index, classes, np.zeros(len(classes)), peak_points(maps, entry.geometry))
+        size = (entry.geometry.width, entry.geometry.height)
+        heat = upsample(maps, entry.geometry, *working_size(*size, self.max_side))
+        self.hits.append(box_hits(heat, [boxes[labels == c] for c in classes], image_size=size))
+
+    def record(self) -> dict[str, Any]:
+        from gradloc.wsol import GRID, IOUS_V2
+
+        hits = np.concatenate(self.hits) if self.hits else np.zeros((0, len(GRID), len(IOUS_V2)), dtype=bool)
+        [(image_index, labels, _, points)] = self.points.per_threshold()
+        return {"image_index": image_index, "labels": labels, "points": points, "hits": hits, "grid": GRID,
+                "ious": np.asarray(IOUS_V2),
+                "max_side": self.max_side}
 
 
 def explained_classes(config: RunConfig, probabilities: np.ndarray, gt_labels: np.ndarray) -> np.ndarray:
@@ -324,27 +334,27 @@ def run_boxes(config: RunConfig, cache: HeatmapCache, dataset: VOCDataset, progr
     thresholds = list(config.boxes.thresholds)
     score_kind = cache.key_data["score_kind"]
     check_names(config)
-    cam_rows = [_Rows() for _ in thresholds]
-    random_rows = [_Rows() for _ in thresholds]
-    fixed_rows = {name: _Rows() for name in config.boxes.baselines if name in BASELINES}
-    points = _Rows(width=2)
+    cam_rows, random_rows = BoxRows(len(thresholds)), BoxRows(len(thresholds))
+    fixed_rows = {name: BoxRows() for name in config.boxes.baselines if name in BASELINES}
+    points = BoxRows(width=2)
+    gt_known = _GtKnown(params.max_side)
     order = np.argsort(gt.image_index, kind="stable")
     bounds = np.searchsorted(gt.image_index[order], np.arange(len(gt.image_ids) + 1))
     rng = np.random.default_rng(config.seed)
     for index, image_id in enumerate(dataset.image_ids):
         entry = cache.get(image_id)
         probs = class_probabilities(entry.scores, score_kind)
-        classes = explained_classes(config, probs, gt.labels[order[bounds[index] : bounds[index + 1]]])
+        in_image = order[bounds[index] : bounds[index + 1]]
+        gt_known.add(index, entry, gt.labels[in_image], gt.boxes[in_image])
+        classes = explained_classes(config, probs, gt.labels[in_image])
         maps = entry.maps[classes]
         if len(classes):
-            for rows, (k, conf, boxes) in zip(cam_rows, image_boxes(maps, probs[classes], entry.geometry,
-                                                                    thresholds, params), strict=True):
-                rows.add(index, classes[k], conf, boxes)
+            cam_rows.add_sweep(index, classes, image_boxes(maps, probs[classes], entry.geometry, thresholds,
+                                                           params))
             if "random" in config.boxes.baselines:
                 noise = random_maps(maps.shape, int(rng.integers(2**31)))
-                for rows, (k, conf, boxes) in zip(random_rows, image_boxes(
-                        noise, probs[classes], entry.geometry, thresholds, params), strict=True):
-                    rows.add(index, classes[k], conf, boxes)
+                random_rows.add_sweep(index, classes, image_boxes(noise, probs[classes], entry.geometry,
+                                                                  thresholds, params))
             for name, rows in fixed_rows.items():
                 box = BASELINES[name](entry.geometry)
                 rows.add(index, classes, probs[classes], np.repeat(box[None], len(classes), axis=0))
@@ -355,18 +365,23 @@ def run_boxes(config: RunConfig, cache: HeatmapCache, dataset: VOCDataset, progr
     protocol = run_protocol(config, cache)
     common = {"classes": list(gt.classes), "image_ids": list(gt.image_ids)}
 
-    def detections(rows: _Rows, threshold: float, threshold_mode: str, box_mode: str, source: str) -> Detections:
+    def detections(rows: ThresholdDetections, threshold: float, threshold_mode: str, box_mode: str,
+                   source: str) -> Detections:
         return Detections(threshold=threshold, threshold_mode=threshold_mode, box_mode=box_mode,
-                          meta={**protocol, "source": source}, **common, **rows.arrays())
+                          meta={**protocol, "source": source}, **common, **rows._asdict())
 
     writer.write_gt(gt)
-    for tau, rows, noise_rows in zip(thresholds, cam_rows, random_rows, strict=True):
+    for tau, rows, noise_rows in zip(thresholds, cam_rows.per_threshold(), random_rows.per_threshold(),
+                                     strict=True):
         writer.write_detections(detections(rows, tau, params.threshold_mode, params.box_mode, "cam"))
         if "random" in config.boxes.baselines:
             writer.write_random(detections(noise_rows, tau, params.threshold_mode, params.box_mode, "random"))
     for name, rows in fixed_rows.items():
-        writer.write_baseline(name, detections(rows, 0.0, "none", name, name))
-    writer.write_points({**common, **points.arrays("points"), "meta": protocol})
+        writer.write_baseline(name, detections(rows.per_threshold()[0], 0.0, "none", name, name))
+    [(image_index, labels, scores, values)] = points.per_threshold()
+    writer.write_points({**common, "image_index": image_index, "labels": labels, "scores": scores,
+                         "points": values, "meta": protocol})
+    writer.write_gt_known({**common, **gt_known.record(), "meta": protocol})
     return config.run_dir
 
 
@@ -440,9 +455,19 @@ def score_run(run_dir: str | Path | runs.Run, ious: Sequence[float], metric: str
 
 
 def localization_scores(run_dir: str | Path | runs.Run) -> pd.DataFrame:
-    """WSOL metrics of a run: CorLoc per threshold (IoU 0.5), pointing game (15 px), and MaxBoxAcc when the
-    classes explained are the GT classes (GT-known protocol). Rows: metric, threshold, class, value, n."""
+    """WSOL metrics of a run, each row naming its protocol (column ``metric``):
+
+    * ``corloc@0.5`` per threshold (the run's explained classes);
+    * ``pointing@15px (gradloc, explained classes)`` and ``pointing@15px (TorchRay, GT classes)``
+      (:func:`gradloc.metrics.pointing_game`; τ-free);
+    * ``MaxBoxAccV2@δ`` and ``MaxBoxAccV2`` (wsolevaluation: GT-known, min-max maps, 0.01 τ grid chosen on this
+      split, all boxes; :mod:`gradloc.wsol`), from ``gt_known.pkl``;
+    * for runs that explain the GT classes, ``boxacc@δ, best of the run's τ``: the same idea restricted to
+      the run's own τ list and box mode (not comparable with wsolevaluation's numbers).
+
+    Rows: metric, threshold, class, value, n."""
     from gradloc.metrics import corloc, max_box_acc, pointing_game
+    from gradloc.wsol import max_box_acc_from_hits
 
     run = run_dir if isinstance(run_dir, runs.Run) else runs.open_run(run_dir)
     gt = run.gt
@@ -454,13 +479,23 @@ def localization_scores(run_dir: str | Path | runs.Run) -> pd.DataFrame:
         frame = corloc(dets, gt, iou=0.5)
         rows += [{"metric": "corloc@0.5", "threshold": dets.threshold, "class": r["class"], "value": r["corloc"],
                   "n": r["n_images"]} for r in frame.to_dict("records")]
-    points = run.points
-    frame = pointing_game(points["image_index"], points["labels"], points["points"], gt, tolerance=15.0)
-    rows += [{"metric": "pointing@15px", "threshold": float("nan"), "class": r["class"], "value": r["accuracy"],
-              "n": r["n"]} for r in frame.to_dict("records")]
+    pairs = [("gradloc, explained classes", run.points, "gradloc")]
+    known = run.gt_known
+    if known is not None:
+        pairs.append(("TorchRay, GT classes", known, "torchray"))
+    for label, points, protocol in pairs:
+        frame = pointing_game(points["image_index"], points["labels"], points["points"], gt, tolerance=15.0,
+                              protocol=protocol)
+        rows += [{"metric": f"pointing@15px ({label})", "threshold": float("nan"), "class": r["class"],
+                  "value": r["accuracy"], "n": r["n"]} for r in frame.to_dict("records")]
+    if known is not None and len(known["hits"]):
+        frame = max_box_acc_from_hits(known["hits"])
+        rows += [{"metric": r["metric"].replace("MaxBoxAcc (all boxes)", "MaxBoxAccV2"),
+                  "threshold": r["best_threshold"], "class": "all", "value": r["max_box_acc"], "n": r["n_pairs"]}
+                 for r in frame.to_dict("records")]
     if dets_by_tau and next(iter(dets_by_tau.values())).meta.get("classes_explained") == "gt":
         frame = max_box_acc(dets_by_tau, gt, ious=(0.3, 0.5, 0.7))
-        rows += [{"metric": f"maxboxacc@{r['iou']} (oracle tau)", "threshold": r["best_threshold"],
+        rows += [{"metric": f"boxacc@{r['iou']}, best of the run's tau", "threshold": r["best_threshold"],
                   "class": "all", "value": r["max_box_acc"], "n": r["n_pairs"]} for r in frame.to_dict("records")]
     return pd.DataFrame(rows)
 

@@ -53,6 +53,8 @@ DETECTIONS_DIR = "detections"
 BASELINES_DIR = "baselines"
 RANDOM_BASELINE = "random"
 POINTS_FORMAT = "gradloc.points/1"
+GT_KNOWN_FILE = "gt_known.pkl"
+GT_KNOWN_FORMAT = "gradloc.gt_known/1"
 SCORE_COLUMNS = ("threshold", "threshold_mode", "iou", "metric", "class", "ap", "recall", "n_gt", "source")
 
 
@@ -302,6 +304,27 @@ class Run:
         return data
 
     @property
+    def gt_known(self) -> dict[str, Any] | None:
+        """``gt_known.pkl`` (``gradloc.gt_known/1``): per (image, GT class) pair the map's peak and the
+        wsolevaluation box hits (see :func:`gradloc.pipeline.run_boxes`); None for runs made before it."""
+        path = self.path / GT_KNOWN_FILE
+        if not path.is_file():
+            return None
+        data = safe_load_pickle(path)
+        if not isinstance(data, dict) or data.get("format") != GT_KNOWN_FORMAT:
+            raise ValueError(f"{path}: not a {GT_KNOWN_FORMAT} file")
+        return data
+
+    @property
+    def localization(self) -> pd.DataFrame:
+        """``localization.csv``: the WSOL rows (metric, threshold, class, value, n) of
+        :func:`gradloc.pipeline.localization_scores`."""
+        path = self.path / LOCALIZATION_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not found; score the run first with `gradloc score {self.path} --save`")
+        return pd.read_csv(path)
+
+    @property
     def scores_path(self) -> Path:
         return self.path / SCORES_CSV
 
@@ -439,6 +462,9 @@ class RunWriter:
 
     def write_points(self, record: Mapping[str, Any]) -> None:
         save_pickle({"format": POINTS_FORMAT, **record}, self.path / POINTS_FILE)
+
+    def write_gt_known(self, record: Mapping[str, Any]) -> None:
+        save_pickle({"format": GT_KNOWN_FORMAT, **record}, self.path / GT_KNOWN_FILE)
 
     def write_config(self, config: Mapping[str, Any]) -> None:
         import yaml

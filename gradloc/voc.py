@@ -445,11 +445,7 @@ class VOCDataset:
             int8[n_images, n_classes]: 1 if the image holds a non-difficult instance of the class, 0 if all
             its instances are difficult, -1 if it holds none.
         """
-        labels = np.full((len(self.image_ids), len(self.classes)), -1, dtype=np.int8)
-        for row, image_id in enumerate(self.image_ids):
-            for obj in self.annotation(image_id).objects:
-                labels[row, obj.label] = max(labels[row, obj.label], 0 if obj.difficult else 1)
-        return labels
+        return self.ground_truth().image_labels()
 
     def ground_truth(self) -> GroundTruth:
         """All boxes of the split's images, in image order then file order."""

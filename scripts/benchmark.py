@@ -7,8 +7,9 @@ on the selection split (`train`) and the evaluation split (`val`); τ is the one
 on `train`. On `val` at that τ the script reports VOC07 11-point mAP at IoU 0.3 / 0.4 / 0.5, all-point
 (VOC10) AP@0.5, recall@0.5, CorLoc@0.5 and 95 % bootstrap intervals (images resampled, 1,000 times, seed 0)
 for mAP@0.5 and CorLoc; the oracle τ (best mAP@0.5 on `val` itself) is reported beside it, labelled. Two
-τ-free numbers come from the heatmaps of the GT classes (GT-known): MaxBoxAccV2 (wsolevaluation's protocol,
-0.01 τ grid chosen on the evaluated split, as in that paper) and the pointing game under TorchRay's protocol
+τ-free numbers come from the heatmaps of the GT classes (GT-known; the run's localization.csv): MaxBoxAccV2
+(wsolevaluation's protocol, 0.01 τ grid chosen on the evaluated split, as in that paper, on the 224-cell
+working grid) and the pointing game under TorchRay's protocol
 (every GT class of an image, point = map maximum, hit when within 15 px of a box of the class, pairs whose
 boxes are all difficult skipped). The baselines (center, full image, random maps at the selected τ) are
 scored on the same detections protocol. Seconds per image = the `cams` stage of both splits / images; a
@@ -34,16 +35,13 @@ import pandas as pd
 import yaml
 
 from gradloc.bootstrap import corloc_interval, map_interval
-from gradloc.boxes import peak_points
 from gradloc.config import load_config
-from gradloc.geometry import upsample
 from gradloc.io import atomic_write_bytes
-from gradloc.metrics import evaluate, pointing_game
+from gradloc.metrics import classification_map, evaluate
 from gradloc.pipeline import run_cams
 from gradloc.runs import open_run
 from gradloc.show import open_run_cache, save_figure, show_run
 from gradloc.sweep import run_sweep, split_config
-from gradloc.wsol import max_box_acc
 
 logger = logging.getLogger("benchmark")
 
@@ -51,34 +49,19 @@ PER_CLASS = ("car", "person", "cat", "train", "bus")
 SAMPLES, SAMPLE_SEED = 6, 0
 
 
-def _gt_class_maps(run, cache):
-    """Per val image: raw maps of its GT classes back-projected to the image, their labels, their boxes."""
-    gt = run.gt
-    for index, image_id in enumerate(gt.image_ids):
-        rows = np.flatnonzero(gt.image_index == index)
-        labels = np.unique(gt.labels[rows])
-        entry = cache.get(image_id)
-        yield index, labels, entry, [gt.boxes[rows[gt.labels[rows] == c]] for c in labels]
-
-
 def gt_known_metrics(run) -> dict[str, float]:
-    """MaxBoxAccV2 (wsolevaluation, GT-known) and the TorchRay pointing game from the run's heatmap cache."""
+    """MaxBoxAccV2 (wsolevaluation, GT-known) and the TorchRay pointing game of the run (its localization.csv)."""
+    rows = run.localization.set_index(["metric", "class"])["value"]
+    return {"MaxBoxAccV2 (GT-known)": round(100 * float(rows[("MaxBoxAccV2", "all")]), 2),
+            "pointing (TorchRay, GT classes)": round(100 * float(rows[("pointing@15px (TorchRay, GT classes)",
+                                                                         "mean")]), 2)}
+
+
+def classification_map_of(run) -> float:
+    """VOC07 classification mAP of the run's class scores (its heatmap cache) against the image labels."""
     cache = open_run_cache(run)
-    maps, boxes, point_rows = [], [], []
-    for index, labels, entry, class_boxes in _gt_class_maps(run, cache):
-        raw = entry.maps[labels]
-        maps.append(upsample(raw, entry.geometry))
-        boxes.append(class_boxes)
-        points = peak_points(raw, entry.geometry)
-        point_rows.extend((index, int(c), *p) for c, p in zip(labels, points, strict=True))
-    acc = max_box_acc(maps, boxes)
-    table = np.asarray(point_rows, dtype=np.float64)
-    pointing = pointing_game(table[:, 0].astype(np.int64), table[:, 1].astype(np.int64), table[:, 2:], run.gt,
-                             protocol="torchray")
-    v2 = acc[acc["metric"] == "MaxBoxAccV2"]["max_box_acc"].iloc[0]
-    mean = pointing[pointing["class"] == "mean"]["accuracy"].iloc[0]
-    return {"MaxBoxAccV2 (GT-known)": round(100 * float(v2), 2),
-            "pointing (TorchRay, GT classes)": round(100 * float(mean), 2)}
+    scores = [cache.get(image_id).scores for image_id in run.gt.image_ids]
+    return round(100 * classification_map(np.stack(scores), run.gt.image_labels())[0], 2)
 
 
 def detection_metrics(dets, gt) -> dict[str, object]:
@@ -105,42 +88,54 @@ def chosen_thresholds(table: pd.DataFrame) -> dict[str, float]:
     return {choice: float(cam[cam["choice"] == choice]["threshold"].iloc[0]) for choice in ("selected", "oracle")}
 
 
-def shared_pass(config, methods: list[str]) -> float:
-    """Fill the heatmap caches of ``config``'s method and ``methods`` in one pass per split; seconds taken."""
-    start = time.perf_counter()
+def shared_pass(config, methods: list[str]) -> dict[str, float]:
+    """Fill the heatmap caches of ``config``'s method and ``methods`` in one pass per split.
+
+    Returns:
+        ``{"seconds": wall time, "images": maps computed}`` (images already cached cost nothing and are not
+        counted, so a resumed pass still gives the time per computed image).
+    """
+    start, computed = time.perf_counter(), 0
     for split in ("train", "val"):
-        run_cams(split_config(config, split), also=methods)
-    return time.perf_counter() - start
+        began = time.time()
+        cache, _ = run_cams(split_config(config, split), also=methods)
+        computed += sum(1 for path in (cache.root / "maps").glob("*.pkl") if path.stat().st_mtime >= began)
+    return {"seconds": time.perf_counter() - start, "images": computed}
 
 
-def benchmark_row(spec: dict, config_path: str, out: Path, shared: dict[str, str]) -> tuple[list[dict], list[dict]]:
+def benchmark_row(spec: dict, config_path: str, out: Path, shared: dict[str, str], timing: dict | None
+                  ) -> tuple[list[dict], list[dict]]:
     """Sweep one row's config; return its table rows and per-class rows. ``shared`` maps a method's cache
-    filled by an earlier row's shared pass to that row's name (for the time column)."""
+    filled by an earlier row's shared pass to that row's name; ``timing``: the heatmap time of this row
+    measured by an earlier ``--cams-only`` run (its maps are then cached here), see :func:`shared_pass`."""
     overrides = {"name": spec["name"], "out": str(out / "runs"), **spec.get("overrides", {})}
     config = load_config(config_path, overrides)
     start = time.perf_counter()
-    pass_seconds = shared_pass(config, spec["also"]) if spec.get("also") else 0.0
+    if spec.get("also"):
+        done = shared_pass(config, spec["also"])
+        timing = done if done["images"] else timing
     result = run_sweep(config, "train", "val")
     taus = chosen_thresholds(result.table)
     val = open_run(result.run_dirs["val"])
-    seconds = pass_seconds + sum(open_run(d).manifest["seconds_per_stage"].get("cams", 0.0)
-                                 for d in result.run_dirs.values())
-    n_images = sum(len(open_run(d).gt.image_ids) for d in result.run_dirs.values())
+    if timing is None:  # heatmaps computed by the sweep's own runs
+        manifests = [open_run(d).manifest for d in result.run_dirs.values()]
+        timing = {"seconds": sum(m["seconds_per_stage"].get("cams", 0.0) for m in manifests),
+                  "images": sum(len(open_run(d).gt.image_ids) for d in result.run_dirs.values())}
     key = (config.model.name, config.model.head, config.cams.method)
     if spec.get("also"):
         shared.update({(config.model.name, config.model.head, m): spec["name"] for m in spec["also"]})
-    timing = (f"shared pass of {spec['name']}" if key in shared and shared[key] != spec["name"]
-              else round(seconds / max(n_images, 1), 3))
+    per_image = (f"shared pass of {shared[key]}" if key in shared and shared[key] != spec["name"]
+                 else round(timing["seconds"] / max(timing["images"], 1), 3))
     protocol = {"model": config.model.name, "head": config.model.head, "method": config.cams.method,
                 "layer": val.manifest["config"]["cams"]["layer"] or "default", "box mode": config.boxes.box_mode,
                 "images (val)": len(val.gt.image_ids), "subset": spec.get("subset", "all val")}
-    gt_known = gt_known_metrics(val)
+    gt_known = {**gt_known_metrics(val), "cls mAP (val)": classification_map_of(val)}
     rows, classes = [], []
     for choice, label in (("selected", "train"), ("oracle", "val (oracle)")):
         dets = val.detections_at(taus[choice])
         rows.append({**protocol, "source": "cam", "tau chosen on": label, "tau": taus[choice],
                      **detection_metrics(dets, val.gt), **gt_known,
-                     "s/img (cams)": timing})
+                     "s/img (cams)": per_image})
         classes.append({**protocol, "source": "cam", "tau chosen on": label, "tau": taus[choice],
                         **per_class_ap(dets, val.gt)})
     if spec.get("baselines"):
@@ -158,6 +153,13 @@ def benchmark_row(spec: dict, config_path: str, out: Path, shared: dict[str, str
     return rows, classes
 
 
+def _read_rows(path: Path) -> dict[str, dict]:
+    """Finished rows (``rows.jsonl``) by name."""
+    if not path.is_file():
+        return {}
+    return {r["name"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+
 def write_tables(out: Path, name: str, rows: list[dict]) -> None:
     frame = pd.DataFrame(rows)
     atomic_write_bytes(out / f"{name}.csv", frame.to_csv(index=False).encode())
@@ -171,22 +173,35 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="comma-separated row names (others are kept from the "
                                                         "last run's rows.jsonl)")
     parser.add_argument("--out", default="results/voc07-subset")
+    parser.add_argument("--cams-only", action="store_true", help="only fill the heatmap caches of the rows")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     specs = yaml.safe_load(Path(args.rows).read_text())
     out = Path(args.out)
     done_path = out / "rows.jsonl"
-    done = {}
-    if done_path.is_file():
-        done = {r["name"]: r for r in map(json.loads, done_path.read_text().splitlines())}
+    done = _read_rows(done_path)
     only = set(args.only.split(",")) if args.only else None
     shared: dict = {}
+    timings_path = out / "cams_seconds.json"  # heatmap time per row, kept from a --cams-only run
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
     for spec in specs:
         if only is not None and spec["name"] not in only:
             continue
-        rows, classes = benchmark_row(spec, args.config, out, shared)
+        if args.cams_only:
+            config = load_config(args.config, spec.get("overrides", {}))
+            timing = shared_pass(config, spec.get("also", []))
+            timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+            if timing["images"]:
+                timings[spec["name"]] = timing
+            atomic_write_bytes(timings_path, json.dumps(timings, indent=1).encode())
+            logger.info("%s: %d heatmaps in %.0f s", spec["name"], timing["images"], timing["seconds"])
+            continue
+        timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+        rows, classes = benchmark_row(spec, args.config, out, shared, timings.get(spec["name"]))
+        done = _read_rows(done_path)  # rows finished meanwhile by another benchmark process on the same --out
         done[spec["name"]] = {"name": spec["name"], "rows": rows, "per_class": classes}
         atomic_write_bytes(done_path, "".join(json.dumps(r, default=str) + "\n" for r in done.values()).encode())
+    done = _read_rows(done_path)
     ordered = [done[s["name"]] for s in specs if s["name"] in done]
     write_tables(out, "methods", [row for entry in ordered for row in entry["rows"]])
     write_tables(out, "per_class", [row for entry in ordered for row in entry["per_class"]])

@@ -15,6 +15,7 @@ from gradloc.boxes import (
     CONFIDENCES,
     THRESHOLD_MODES,
     BoxParams,
+    BoxRows,
     heatmap_to_boxes,
     image_boxes,
     peak_points,
@@ -508,3 +509,32 @@ def test_thresholds_closer_than_float_resolution_do_not_break_the_sweep(threshol
         params = BoxParams(box_mode=box_mode, connectivity=1)
         assert_same_boxes(heatmap_to_boxes(heat, thresholds, params),
                           reference_boxes(heat, thresholds, "max", box_mode, 1, 0.0))
+
+
+# --- BoxRows ------------------------------------------------------------------------------------------------
+
+
+def test_box_rows_keep_insertion_order_per_threshold() -> None:
+    rows = BoxRows(n_thresholds=2)
+    rows.add(3, [1, 0], [0.5, 0.25], [[1, 1, 2, 2], [3, 3, 4, 4]], threshold_index=1)
+    rows.add(0, [2], [0.75], [[5, 5, 6, 6]], threshold_index=0)
+    rows.add(1, [], [], np.zeros((0, 4)), threshold_index=1)  # nothing to add
+    rows.add(4, [0], [1.0], [[7, 7, 8, 8]], threshold_index=1)
+    first, second = rows.per_threshold()
+    assert first.image_index.tolist() == [0] and first.labels.tolist() == [2]
+    assert second.image_index.tolist() == [3, 3, 4] and second.labels.tolist() == [1, 0, 0]
+    assert second.scores.tolist() == [0.5, 0.25, 1.0]
+    assert second.boxes[:, 0].tolist() == [1, 3, 7] and second.boxes.dtype == np.float64
+    assert first.image_index.dtype == np.int64 and first.labels.dtype == np.int64
+
+
+def test_box_rows_empty_and_points() -> None:
+    (points,) = BoxRows(width=2).per_threshold()
+    assert points.boxes.shape == (0, 2) and points.image_index.dtype == np.int64
+    rows = BoxRows(width=2)
+    rows.add(0, [1], [0.5], [[10, 20]])
+    other = BoxRows(width=2)
+    other.add(1, [0], [0.25], [[30, 40]])
+    rows.extend(other)
+    (points,) = rows.per_threshold()
+    assert points.boxes.tolist() == [[10, 20], [30, 40]] and points.image_index.tolist() == [0, 1]

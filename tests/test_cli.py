@@ -255,7 +255,7 @@ def test_score_writes_nothing_unless_save(tiny_run):
     result = CliRunner().invoke(main, ["score", str(run_dir), "--iou", "0.5"])
     assert result.exit_code == 0, result.output
     assert _files(run_dir) == before
-    assert "tau=nan" not in result.stdout and re.search(r"pointing@15px +\d+\.\d\d %", result.stdout)
+    assert "tau=nan" not in result.stdout and re.search(r"pointing@15px [^\n]*\) +\d+\.\d\d %", result.stdout)
     # every option is checked before anything is printed or written
     bad = CliRunner().invoke(main, ["score", str(run_dir), "--iou", "0.5", "--save", "--per-class", "0.33"])
     assert bad.exit_code == 1 and bad.stdout == ""
@@ -313,7 +313,8 @@ def test_export_then_score_voc_results_reproduces_the_run(tiny_run, tmp_path):
 def test_voc_results_malformed_line_is_one_line_error(tmp_path):
     import numpy as np
 
-    from gradloc.detections import GroundTruth, save_pickle
+    from gradloc.detections import GroundTruth
+    from gradloc.io import save_pickle
 
     save_pickle(GroundTruth(classes=["cat"], image_ids=["a"], image_sizes=np.array([[10, 10]]),
                             image_index=np.array([0]), labels=np.array([0]), boxes=np.array([[1.0, 1, 5, 5]]),
@@ -345,7 +346,8 @@ def test_broken_pipe_exits_quietly(tmp_path):
 
     import numpy as np
 
-    from gradloc.detections import Detections, GroundTruth, save_pickle
+    from gradloc.detections import Detections, GroundTruth
+    from gradloc.io import save_pickle
 
     n = 300
     classes = [f"c{i}" for i in range(n)]

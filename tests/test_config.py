@@ -99,3 +99,12 @@ def test_train_section_and_resize_mode_load(tmp_path):
     assert defaults.model.resize_mode is None  # the checkpoint's, else the weights' (letterbox)
     assert defaults.cams.flip is False
     assert (defaults.train.mode, defaults.train.l2, defaults.train.split) == ("linear", 1e-4, "train")
+
+
+def test_selected_threshold_must_be_in_the_sweep(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("boxes:\n  thresholds: [0.1, 0.2]\n  selected_threshold: 0.2\n")
+    assert load_config(path).boxes.selected_threshold == 0.2
+    path.write_text("boxes:\n  thresholds: [0.1, 0.2]\n  selected_threshold: 0.3\n")
+    with pytest.raises(ConfigError, match=r"selected_threshold': 0.3 is not one of boxes.thresholds \(0.1, 0.2\)"):
+        load_config(path)

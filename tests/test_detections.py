@@ -169,3 +169,11 @@ def test_content_errors_name_the_file(tmp_path, change, message):
     path.write_bytes(pickle.dumps(data))
     with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: .*{message}"):
         load_ground_truth(path)
+
+
+def test_image_labels_follow_the_devkit_convention():
+    gt = GroundTruth(classes=["cat", "dog", "car"], image_ids=["a", "b"], image_sizes=np.array([[10, 10], [10, 10]]),
+                     image_index=np.array([0, 0, 1, 1]), labels=np.array([0, 1, 1, 1]),
+                     boxes=np.tile([1.0, 1.0, 5.0, 5.0], (4, 1)), difficult=np.array([False, True, True, False]))
+    # a: cat present, dog difficult only; b: one difficult and one normal dog -> present; car nowhere
+    assert gt.image_labels().tolist() == [[1, 0, -1], [-1, 1, -1]]

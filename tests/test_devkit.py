@@ -6,8 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gradloc.detections import Detections, GroundTruth, save_pickle
+from gradloc.detections import Detections, GroundTruth
 from gradloc.devkit import export_run, format_lines, read_voc_results, score_voc_results, write_voc_results
+from gradloc.io import save_pickle
 from gradloc.metrics import evaluate
 
 CLASSES = ["cat", "dog", "pottedplant"]

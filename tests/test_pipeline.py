@@ -176,12 +176,21 @@ def test_gt_known_run_reports_maxboxacc_and_localization_rows(demo_run, tmp_path
     assert {(int(i), int(c)) for i, c in zip(dets.image_index, dets.labels, strict=True)} <= pairs
     assert dets.meta["classes_explained"] == "gt"
     rows = localization_scores(run_dir)
-    box_acc = rows[rows["metric"].str.startswith("maxboxacc")]
-    assert len(box_acc) == 4 and all("oracle" in m for m in box_acc["metric"])
+    box_acc = rows[rows["metric"].str.startswith("boxacc@")]
+    assert len(box_acc) == 4 and all("best of the run's tau" in m for m in box_acc["metric"])
     assert set(box_acc["threshold"].dropna()) <= set(config.boxes.thresholds)
     values = box_acc.set_index("metric")["value"]
     assert values.iloc[:3].is_monotonic_decreasing  # a stricter IoU never scores more
     assert values.iloc[3] == pytest.approx(values.iloc[:3].mean())
+    # wsolevaluation's protocol (0.01 grid on min-max maps) over every GT pair, whatever the run explains
+    v2 = rows[rows["metric"].str.startswith("MaxBoxAccV2")].set_index("metric")
+    assert list(v2.index) == ["MaxBoxAccV2@0.3", "MaxBoxAccV2@0.5", "MaxBoxAccV2@0.7", "MaxBoxAccV2"]
+    assert (v2["n"] == len(pairs)).all() and v2["value"].iloc[:3].is_monotonic_decreasing
+    assert v2["value"].iloc[3] == pytest.approx(v2["value"].iloc[:3].mean())
+    assert all(np.isclose(t, np.arange(0, 1, 0.01)).any() for t in v2["threshold"].dropna())
+    torchray = rows[rows["metric"] == "pointing@15px (TorchRay, GT classes)"].set_index("class")
+    counted = {(int(i), int(c)) for i, c, d in zip(gt.image_index, gt.labels, gt.difficult, strict=True) if not d}
+    assert int(torchray.drop("mean")["n"].sum()) == len(counted)
 
 
 @pytest.mark.parametrize(("explain", "expected"), [("predicted", [1, 3]), ("gt", [0, 2]), ("all", [0, 1, 2, 3])])
