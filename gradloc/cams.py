@@ -105,6 +105,30 @@ def list_layers(model: nn.Module, *, input_size: int = PROBE_SIZE) -> list[str]:
             and len(rec.shape) == 4]
 
 
+@dataclass(frozen=True)
+class LayerInfo:
+    """A module with a 4-D output: its full name (what ``--layer`` accepts), its output shape [1, C, h, w] on the
+    probe, and ``unusable``: why a CAM cannot use it ("" when it can)."""
+
+    name: str
+    shape: tuple[int, ...]
+    unusable: str
+
+
+def layer_table(model: nn.Module, *, input_size: int = PROBE_SIZE) -> list[LayerInfo]:
+    """Every module of :func:`list_layers` with its probe output shape; adaptive pooling layers (they only
+    resample) and 1x1 outputs (nothing to localize at this input size) are marked unusable."""
+    records = _probe(model, input_size)
+    modules = dict(model.named_modules())
+    table = []
+    for name in list_layers(model, input_size=input_size):
+        shape = records[name].shape
+        unusable = ("adaptive pooling (resamples only)" if isinstance(modules[name], _ADAPTIVE_POOLS)
+                    else f"1x1 output at {input_size} px" if shape[2] * shape[3] == 1 else "")
+        table.append(LayerInfo(name, shape, unusable))
+    return table
+
+
 def default_layer(model: nn.Module, *, input_size: int = PROBE_SIZE) -> str:
     """Default target layer of a model.
 

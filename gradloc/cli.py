@@ -6,6 +6,7 @@ Errors in the input are printed as one line (``error: ...``) with exit status 1;
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -30,6 +31,9 @@ logger = logging.getLogger("gradloc")
 # exit 1. Anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, OSError)
 
+QUIET_HELP = ("No progress bars, notes or INFO logs on stderr: only the command's output (tables, documents, "
+              "file names), warnings and errors.")
+
 
 def _output_flag(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
     """``--quiet`` / ``--debug`` given after the command name: same effect as before it."""
@@ -47,7 +51,7 @@ class GradlocGroup(click.Group):
     def add_command(self, cmd: click.Command, name: str | None = None) -> None:
         cmd.params += [
             click.Option(["--quiet", "-q"], is_flag=True, expose_value=False, callback=_output_flag,
-                         help="Print only the score tables."),
+                         help=QUIET_HELP),
             click.Option(["--debug"], is_flag=True, expose_value=False, callback=_output_flag,
                          help="Show full tracebacks and debug logging."),
         ]
@@ -83,14 +87,14 @@ def _quiet_broken_pipe() -> None:
 @click.group(cls=GradlocGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="gradloc")
 @click.option("--debug", is_flag=True, help="Show full tracebacks and debug logging.")
-@click.option("--quiet", "-q", is_flag=True, help="Print only the score tables.")
+@click.option("--quiet", "-q", is_flag=True, help=QUIET_HELP)
 @click.pass_context
 def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
     """gradloc: how well do Grad-CAM-family heatmaps localize objects in Pascal VOC?
 
     \b
     Example (offline demo, about two minutes on a laptop CPU):
-      gradloc run --config configs/demo.yaml
+      gradloc demo
     """
     ctx.ensure_object(dict).update(debug=debug, quiet=quiet)
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO,
@@ -110,60 +114,132 @@ def _floats(value: str | None, name: str) -> tuple[float, ...] | None:
                                  param_hint=name) from None
 
 
-# flag name -> (dotted config key, click option kwargs)
-RUN_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "voc_root": ("data.voc_root", {"help": "VOCdevkit folder (holding VOC<year>/)."}),
-    "year": ("data.year", {"help": "VOC year: 2007, 2012 (folder VOC<year>)."}),
-    "split": ("data.split", {"help": "Image set of ImageSets/Main (train, val, trainval, test)."}),
-    "limit": ("data.limit", {"type": int, "help": "Use only the first N images of the split."}),
-    "on_error": ("data.on_error", {"type": click.Choice(["raise", "skip"]),
-                                   "help": "Bad image/annotation: stop (raise) or skip and list it."}),
-    "model": ("model.name", {"help": "Model name (see `gradloc models`)."}),
-    "weights": ("model.weights", {"help": "torchvision weights name, e.g. IMAGENET1K_V1."}),
-    "checkpoint": ("model.checkpoint", {"help": "Local checkpoint (gradloc checkpoint or state dict)."}),
-    "head": ("model.head", {"type": click.Choice(["voc", "imagenet", "voc+imagenet"]),
-                              "help": "voc: trained head; imagenet: ImageNet classes mapped to VOC; "
-                                      "voc+imagenet: both (product of probabilities)."}),
-    "input_size": ("model.input_size", {"type": int, "help": "Network input size (pixels): the square's side, "
-                                                            "or the short side for --resize-mode shortside."}),
-    "resize_mode": ("model.resize_mode", {"type": click.Choice(["letterbox", "stretch", "shortside"]),
-                                          "help": "letterbox (square, aspect kept), stretch, or shortside "
-                                                  "(short side = input size, aspect kept)."}),
-    "method": ("cams.method", {"help": "CAM method: gradcam, gradcampp, xgradcam, layercam, hirescam, ..."}),
-    "layer": ("cams.layer", {"help": "Target layer name (see `gradloc layers MODEL`)."}),
-    "batch_size": ("cams.batch_size", {"type": int, "help": "Images per batch."}),
-    "flip": ("cams.flip", {"type": bool, "help": "Test-time horizontal flip: average each map with the "
-                                                  "mirrored-back map of the mirrored image (--flip / --no-flip)."}),
-    "device": ("cams.device", {"help": "torch device, e.g. cpu or cuda."}),
-    "workers": ("cams.workers", {"type": int, "help": "Image decoding processes (default: from the CPU count; "
-                                                     "0 = in-process). Results do not depend on it."}),
-    "amp": ("cams.amp", {"type": bool, "help": "Autocast the CAM engine to float16 (CUDA only; --amp / --no-amp)."}),
-    "thresholds": ("boxes.thresholds", {"help": "Comma-separated τ in [0, 1], e.g. 0.01,0.02,0.06."}),
-    "threshold_mode": ("boxes.threshold_mode", {"help": "τ semantics: max, minmax, percentile."}),
-    "box_mode": ("boxes.box_mode", {"help": "largest, all or union."}),
-    "classes": ("boxes.classes", {"type": click.Choice(["predicted", "gt"]),
-                                  "help": "Explain predicted classes or GT classes (GT-known)."}),
-    "score_cut": ("boxes.score_cut", {"type": float, "help": "Probability cut for predicted classes."}),
-    "iou": ("score.iou", {"help": "Comma-separated IoU thresholds, e.g. 0.3,0.4,0.5."}),
-    "metric": ("score.metric", {"type": click.Choice(["voc07", "voc10"]),
-                                "help": "voc07 = 11-point AP, voc10 = all-point AP."}),
-    "name": ("name", {"help": "Run name: outputs go to <out>/<name>/."}),
-    "out": ("out", {"help": "Folder holding run folders (default results)."}),
-    "cache_dir": ("cache_dir", {"help": "Heatmap cache and demo data folder (default .gradloc-cache)."}),
-    "seed": ("seed", {"type": int, "help": "Random seed (baselines, demo)."}),
+class RegistryChoice(click.Choice):
+    """A ``click.Choice`` whose choices are read from a library registry when first needed (``--help`` or
+    parsing a value), so that merely starting the CLI imports neither torch nor the models."""
+
+    def __init__(self, load: Callable[[], Any]) -> None:  # no super().__init__: the choices are lazy
+        self._load = load
+        self._choices: tuple[str, ...] | None = None
+        self.case_sensitive = True
+
+    @property
+    def choices(self) -> tuple[str, ...]:  # type: ignore[override]
+        if self._choices is None:
+            self._choices = tuple(self._load())
+        return self._choices
+
+    @choices.setter
+    def choices(self, value: Any) -> None:
+        self._choices = tuple(value)
+
+
+def _registry(module: str, name: str, keep: Callable[[Any], bool] | None = None) -> RegistryChoice:
+    """The names of registry ``module.name`` (those whose entry ``keep`` accepts) as a lazy click choice."""
+
+    def load() -> list[str]:
+        from importlib import import_module
+
+        registry = getattr(import_module(module), name)
+        return [key for key in registry if keep is None or keep(registry[key])]
+
+    return RegistryChoice(load)
+
+
+def _names(value: str | None, name: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    names = tuple(item.strip() for item in value.split(",") if item.strip())
+    if not names:
+        raise click.BadParameter(f"expected comma-separated class names such as car,cat,bus, got {value!r}",
+                                 param_hint=name)
+    return names
+
+
+# Flags that set a config key, in groups: a command shows the groups it uses (``cams --help`` has no --iou).
+# group -> flag name -> (dotted config key, click option kwargs)
+FLAG_GROUPS: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
+    "data": {
+        "voc_root": ("data.voc_root", {"help": "VOCdevkit folder (holding VOC<year>/)."}),
+        "year": ("data.year", {"help": "VOC year: 2007, 2012 (folder VOC<year>)."}),
+        "split": ("data.split", {"help": "Image set of ImageSets/Main (train, val, trainval, test)."}),
+        "limit": ("data.limit", {"type": int, "help": "Use only the first N images of the split."}),
+        "on_error": ("data.on_error", {"type": click.Choice(["raise", "skip"]),
+                                       "help": "Bad image/annotation: stop (raise) or skip and list it."}),
+    },
+    "model": {
+        "model": ("model.name", {"help": "Model name (see `gradloc models`)."}),
+        "weights": ("model.weights", {"help": "torchvision weights name, e.g. IMAGENET1K_V1."}),
+        "checkpoint": ("model.checkpoint", {"help": "Local checkpoint file to read (gradloc checkpoint or "
+                                                    "state dict)."}),
+        "head": ("model.head", {"type": _registry("gradloc.models", "HEADS"),
+                                "help": "voc: trained head; imagenet: ImageNet classes mapped to VOC; "
+                                        "voc+imagenet: both (product of probabilities)."}),
+        "input_size": ("model.input_size", {"type": int,
+                                            "help": "Network input size (pixels): the square's side, or the "
+                                                    "short side for --resize-mode shortside."}),
+        "resize_mode": ("model.resize_mode", {"type": _registry("gradloc.geometry", "RESIZE_MODES"),
+                                              "help": "letterbox (square, aspect kept), stretch, or shortside "
+                                                      "(short side = input size, aspect kept)."}),
+    },
+    "cams": {
+        "method": ("cams.method", {"type": _registry("gradloc.cams", "METHODS",
+                                                     lambda method: not method.input_resolution),
+                                   "help": "CAM method (see the README's method table)."}),
+        "layer": ("cams.layer", {"help": "Target layer name (see `gradloc layers MODEL`)."}),
+        "batch_size": ("cams.batch_size", {"type": int, "help": "Images per batch."}),
+        "flip": ("cams.flip", {"type": bool, "help": "Test-time horizontal flip: average each map with the "
+                                                      "mirrored-back map of the mirrored image (--flip / --no-flip)."}),
+        "device": ("cams.device", {"help": "torch device, e.g. cpu or cuda."}),
+        "workers": ("cams.workers", {"type": int, "help": "Image decoding processes (default: from the CPU count; "
+                                                         "0 = in-process). Results do not depend on it."}),
+        "amp": ("cams.amp", {"type": bool,
+                             "help": "Autocast the CAM engine to float16 (CUDA only; --amp / --no-amp)."}),
+        "cache_dir": ("cache_dir", {"help": "Heatmap cache and demo data folder (default .gradloc-cache)."}),
+        "seed": ("seed", {"type": int, "help": "Random seed (baselines, demo)."}),
+    },
+    "boxes": {
+        "thresholds": ("boxes.thresholds", {"help": "Comma-separated τ in [0, 1], e.g. 0.01,0.02,0.06."}),
+        "threshold_mode": ("boxes.threshold_mode", {"type": _registry("gradloc.boxes", "THRESHOLD_MODES"),
+                                                    "help": "τ semantics: max (heat >= τ·max), minmax, percentile."}),
+        "box_mode": ("boxes.box_mode", {"type": _registry("gradloc.boxes", "BOX_MODES"),
+                                        "help": "Boxes per class and τ: the largest component, all components, "
+                                                "or their union."}),
+        "confidence": ("boxes.confidence", {"type": _registry("gradloc.boxes", "CONFIDENCES"),
+                                            "help": "Detection score of a box (README: confidences)."}),
+        "explain": ("boxes.explain", {"type": _registry("gradloc.config", "EXPLAIN_CHOICES"),
+                                      "help": "Classes that get boxes: predicted (p >= --score-cut), gt (GT-known) "
+                                              "or all classes [config boxes.explain; was --classes]."}),
+        "score_cut": ("boxes.score_cut", {"type": float, "help": "Probability cut for --explain predicted."}),
+        "name": ("name", {"help": "Run name: the run folder is <out>/<name>/."}),
+        "out": ("out", {"help": "Folder holding run folders (default results); --out is always a folder."}),
+    },
+    "score": {
+        "iou": ("score.iou", {"help": "Comma-separated IoU thresholds, e.g. 0.3,0.4,0.5."}),
+        "metric": ("score.metric", {"type": click.Choice(["voc07", "voc10"]),
+                                    "help": "voc07 = 11-point AP, voc10 = all-point AP."}),
+        "only": ("score.only", {"help": "Score only these classes, e.g. car,cat,bus (the mAP is over them and "
+                                        "says so); default all."}),
+    },
 }
-LIST_FLAGS = {"thresholds", "iou"}
+RUN_FLAGS = {flag: spec for group in FLAG_GROUPS.values() for flag, spec in group.items()}
+LIST_FLAGS = {"thresholds": _floats, "iou": _floats, "only": _names}
 
 
-def run_options(command: Callable) -> Callable:
-    """Add ``--config`` and every RUN_FLAGS flag to a command."""
-    for flag, (_, kwargs) in reversed(RUN_FLAGS.items()):
-        name = flag.replace("_", "-")
-        names = [f"--{name}/--no-{name}"] if kwargs.get("type") is bool else [f"--{name}"]
-        options = {key: value for key, value in kwargs.items() if not (key == "type" and value is bool)}
-        command = click.option(*names, flag, default=None, **options)(command)
-    return click.option("--config", "config_path", type=click.Path(dir_okay=False),
-                        help="YAML config (configs/*.yaml); flags override it.")(command)
+def run_options(*groups: str) -> Callable[[Callable], Callable]:
+    """Add ``--config`` and the flags of ``groups`` (:data:`FLAG_GROUPS`, default all) to a command."""
+
+    def decorate(command: Callable) -> Callable:
+        flags = [item for group in (groups or FLAG_GROUPS) for item in FLAG_GROUPS[group].items()]
+        for flag, (_, kwargs) in reversed(flags):
+            name = flag.replace("_", "-")
+            names = [f"--{name}/--no-{name}"] if kwargs.get("type") is bool else [f"--{name}"]
+            options = {key: value for key, value in kwargs.items() if not (key == "type" and value is bool)}
+            command = click.option(*names, flag, default=None, **options)(command)
+        return click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                            help="YAML config (configs/*.yaml); flags override it.")(command)
+
+    return decorate
 
 
 def build_config(config_path: str | None, flags: dict[str, Any]):
@@ -175,7 +251,8 @@ def build_config(config_path: str | None, flags: dict[str, Any]):
     for flag, value in flags.items():
         if value is None or flag not in RUN_FLAGS:
             continue
-        overrides[RUN_FLAGS[flag][0]] = _floats(value, f"--{flag}") if flag in LIST_FLAGS else value
+        parse = LIST_FLAGS.get(flag)
+        overrides[RUN_FLAGS[flag][0]] = parse(value, f"--{flag.replace('_', '-')}") if parse else value
     config = load_config(config_path, overrides)
     check_names(config)
     return config
@@ -242,7 +319,8 @@ def _print_scores(ctx: click.Context, rows, meta, wsol, fmt: str = "table", **op
 def localization_lines(wsol, digits: int) -> str:
     """The mean WSOL rows as text; τ-free metrics (pointing game) name no τ."""
     means = wsol[wsol["class"].isin(["mean", "all"])]
-    lines = [f"  {r.metric:<28} {'' if r.threshold != r.threshold else f'tau={r.threshold:g}':<10} "
+    width = max((len(str(metric)) for metric in means["metric"]), default=0)
+    lines = [f"  {r.metric:<{width}} {'' if r.threshold != r.threshold else f'tau={r.threshold:g}':<10} "
              f"{100 * r.value:6.{digits}f} %  (n={r.n})" for r in means.itertuples()]
     return ("Localization (mean over classes, in %; CorLoc per tau, pointing game tau-free):\n"
             + "\n".join(lines))
@@ -318,7 +396,7 @@ def _run_and_report(ctx: click.Context, config, original, prepare_seconds: float
 
 
 @main.command()
-@run_options
+@run_options()
 @shard_option
 @click.pass_context
 def run(ctx: click.Context, config_path: str | None, shard: str | None, **flags: Any) -> None:
@@ -333,6 +411,31 @@ def run(ctx: click.Context, config_path: str | None, shard: str | None, **flags:
       gradloc run --config configs/voc07_efficientnet_lite0.yaml --split val --thresholds 0.1,0.2
       torchrun --nproc-per-node 2 -m gradloc run --config configs/voc07_efficientnet_lite0.yaml
     """
+    _run_and_print(ctx, config_path, flags, shard)
+
+
+@main.command()
+@run_options()
+@click.pass_context
+def demo(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
+    """The offline demo: `gradloc run` with the packaged demo config (a synthetic VOC-layout dataset and a tiny
+    CNN trained on it, generated once under --cache-dir; no download). Flags override the demo config;
+    --config is not taken.
+
+    \b
+    Examples:
+      gradloc demo
+      gradloc demo --out /tmp/results --cache-dir /tmp/gradloc-cache
+    """
+    from gradloc.config import packaged_config
+
+    if config_path is not None:
+        raise click.UsageError("demo runs the packaged demo config; use `gradloc run --config FILE` for yours")
+    _run_and_print(ctx, str(packaged_config("demo")), flags)
+
+
+def _run_and_print(ctx: click.Context, config_path: str | None, flags: dict[str, Any],
+                   shard: str | None = None) -> None:
     from gradloc.distributed import finish, rank_zero_first
     from gradloc.runs import check_writable
 
@@ -357,7 +460,7 @@ def run(ctx: click.Context, config_path: str | None, shard: str | None, **flags:
 
 
 @main.command()
-@run_options
+@run_options()
 @click.pass_context
 def merge(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
     """After `gradloc cams --shard I/N` for every I: check the cache is complete, then boxes and scores.
@@ -382,7 +485,7 @@ def merge(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
 
 
 @main.command()
-@run_options
+@run_options("data", "model", "cams")
 @shard_option
 @click.pass_context
 def cams(ctx: click.Context, config_path: str | None, shard: str | None, **flags: Any) -> None:
@@ -418,7 +521,7 @@ def cams(ctx: click.Context, config_path: str | None, shard: str | None, **flags
 
 
 @main.command()
-@run_options
+@run_options("data", "model", "cams", "boxes")
 @click.pass_context
 def boxes(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
     """Cut boxes from cached maps at every threshold; write gt.pkl and detections/thr_<τ>.pkl.
@@ -427,25 +530,35 @@ def boxes(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
     Example:
       gradloc boxes --config configs/demo.yaml --thresholds 0.1,0.2,0.3 --box-mode all
     """
-    from gradloc.pipeline import cams_cache, load_classifier, open_dataset, run_boxes
+    from gradloc.pipeline import open_cached, run_boxes
     from gradloc.runs import check_writable
 
     config = build_config(config_path, flags)
     check_writable(config.run_dir)
     config = _prepare(ctx, config)
-    dataset = open_dataset(config)
-    cache = cams_cache(config, load_classifier(config), dataset)
-    missing = cache.todo(dataset, config.data.on_error)
-    if missing and config.data.on_error == "raise":
-        raise FileNotFoundError(f"{cache.root}: {len(missing)} of {len(dataset)} images (e.g. {missing[0]}) have "
-                                "no valid cached maps for this model/method/layer; run `gradloc cams` with the "
-                                "same options first")
-    for image_id in missing:
-        dataset.skip(image_id, dataset.image_path(image_id), ValueError("no valid cached maps (unreadable, or "
-                                                                        "edited since `gradloc cams` ran)"))
+    cache, dataset = open_cached(config)
     with progress_bar(ctx, len(dataset), f"boxes ({len(config.boxes.thresholds)} thresholds)") as update:
         run_dir = run_boxes(config, cache, dataset, progress=update)
     say(ctx, f"detections: {run_dir / 'detections'}")
+
+
+SINGLE_IOU_HELP = ("IoU of {what}: one value (the flag is --iou everywhere; `run` and `score` take a "
+                   "comma-separated list).")
+
+
+def _one_iou(value: str) -> float:
+    """``--iou`` of a command that shows one IoU: the same syntax as the list, exactly one value."""
+    ious = _floats(value, "--iou")
+    if len(ious) != 1:
+        raise click.BadParameter(f"this command shows one IoU, got {value!r}; give one value such as 0.5",
+                                 param_hint="--iou")
+    return ious[0]
+
+
+def _renamed(value: Any, message: str) -> None:
+    """Callback of a hidden old flag name: a usage error that names the new one."""
+    if value is not None:
+        raise click.UsageError(message)
 
 
 def digits_option(command: Callable) -> Callable:
@@ -463,6 +576,7 @@ def digits_option(command: Callable) -> Callable:
 @click.option("--iou", default="0.3,0.4,0.5", show_default=True, help="Comma-separated IoU thresholds.")
 @click.option("--metric", type=click.Choice(["voc07", "voc10"]), default="voc07", show_default=True,
               help="voc07 = 11-point AP, voc10 = all-point AP.")
+@click.option("--only", default=None, help=FLAG_GROUPS["score"]["only"][1]["help"])
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv", "json"]), default="table",
               show_default=True, help="csv/json: stdout holds exactly one document of flat score rows.")
 @click.option("--per-class", "per_class", type=float, default=None, metavar="TAU",
@@ -477,7 +591,7 @@ def digits_option(command: Callable) -> Callable:
 @click.argument("detections", nargs=-1, type=click.Path(dir_okay=False))
 @click.pass_context
 def score(ctx: click.Context, run_dir: str | None, gt_path: str | None, voc_results: str | None, iou: str,
-          metric: str, fmt: str, per_class: float | None, layout: str, digits: int, save: bool,
+          metric: str, only: str | None, fmt: str, per_class: float | None, layout: str, digits: int, save: bool,
           detections: tuple[str, ...]) -> None:
     """Score detections with the VOC devkit's AP: a run folder, pickles, or devkit result files.
 
@@ -491,7 +605,7 @@ def score(ctx: click.Context, run_dir: str | None, gt_path: str | None, voc_resu
       gradloc score --gt gt.pkl detections/thr_0.020.pkl detections/thr_0.060.pkl --format csv
       gradloc score --gt results/demo/gt.pkl --voc-results exported/
     """
-    ious = _floats(iou, "--iou")
+    ious, classes = _floats(iou, "--iou"), _names(only, "--only") or ()
     options = {"digits": digits, "layout": layout, "per_class": per_class}
     if gt_path is None:
         if run_dir is None or detections or voc_results:
@@ -499,12 +613,12 @@ def score(ctx: click.Context, run_dir: str | None, gt_path: str | None, voc_resu
         from gradloc.pipeline import record_rescoring, save_run_scores, score_run_folder
         from gradloc.report import check_per_class
 
-        rows, meta, wsol = score_run_folder(run_dir, ious, metric)
+        rows, meta, wsol = score_run_folder(run_dir, ious, metric, classes)
         if per_class is not None:
             check_per_class(rows, per_class)  # before anything is written or printed
         if save:
             files = save_run_scores(run_dir, rows, meta, wsol)
-            recorded = record_rescoring(run_dir, ious, metric, files)
+            recorded = record_rescoring(run_dir, ious, metric, files, classes)
             say(ctx, f"saved {', '.join(f.name for f in files)} in {run_dir}"
                      + ("; manifest.json records the rescoring" if recorded else " (no manifest.json to update)"))
         _print_scores(ctx, rows, meta, wsol, fmt, **options)
@@ -512,11 +626,12 @@ def score(ctx: click.Context, run_dir: str | None, gt_path: str | None, voc_resu
     if save:
         raise click.UsageError("--save writes into a run folder; with --gt redirect stdout instead")
     files = ((run_dir,) if run_dir else ()) + detections  # with --gt, positional arguments are all pickles
-    rows, meta = _score_with_gt(gt_path, voc_results, files, ious, metric)
+    rows, meta = _score_with_gt(gt_path, voc_results, files, ious, metric, classes)
     _print_scores(ctx, rows, meta, None, fmt, **options)
 
 
-def _score_with_gt(gt_path: str, voc_results: str | None, files: tuple[str, ...], ious, metric: str):
+def _score_with_gt(gt_path: str, voc_results: str | None, files: tuple[str, ...], ious, metric: str,
+                   only: tuple[str, ...]):
     """Score rows and protocol of detection pickles or a devkit results folder against a gt.pkl."""
     if (voc_results is None) == (not files):
         raise click.UsageError("--gt needs detection pickles or --voc-results DIR (one of them)")
@@ -524,36 +639,40 @@ def _score_with_gt(gt_path: str, voc_results: str | None, files: tuple[str, ...]
         from gradloc.detections import load_ground_truth
         from gradloc.devkit import score_voc_results
 
+        if only:
+            raise click.UsageError("--only scores pickles or run folders; with --voc-results keep only those "
+                                   "classes' files in the folder")
         return score_voc_results(voc_results, load_ground_truth(gt_path), ious, metric), {}
     from gradloc.pipeline import score_files
 
-    return score_files(gt_path, files, ious, metric)
+    return score_files(gt_path, files, ious, metric, only)
 
 
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 def info(run_dir: str) -> None:
-    """What a run folder holds: its protocol, config hash, versions and files.
+    """What a run folder holds: the settings it actually used, data, cache, times, skipped items and the
+    headline scores (`gradloc score RUN` for every number, `ls RUN` for the files).
 
     \b
     Example:
       gradloc info results/demo
     """
-    from gradloc.runs import open_run
+    from gradloc.runs import describe_run, open_run
 
-    run = open_run(run_dir)
-    manifest = run.manifest
-    config = manifest["config"]
-    click.echo(f"run: {run_dir}\nconfig hash: {manifest['config_hash']}  git: {manifest['git_commit']}")
-    click.echo(f"data: {config['data']['voc_root']} VOC{config['data']['year']} {config['data']['split']}")
-    click.echo(f"model: {config['model']}\ncams: {config['cams']}\nboxes: {config['boxes']}\nscore: {config['score']}")
-    click.echo(f"versions: {manifest['versions']}\nseconds per stage: {manifest['seconds_per_stage']}")
-    click.echo("files:\n" + "\n".join(f"  {f}" for f in run.files()))
+    lines = describe_run(open_run(run_dir))
+    width = max(len(label) for label, _ in lines)
+    for label, text in lines:
+        click.echo(f"{label + ':':<{width + 1}} {text}")
 
 
 @main.command()
 def models() -> None:
     """List the models gradloc can build, their default CAM layer and whether weights are available offline.
+
+    Columns: cam = True when the model ends in global average pooling + one linear layer, so the original CAM
+    method (Zhou et al.) applies; False models work with the gradient methods only. offline = the default
+    weights file is on disk (no download is attempted).
 
     \b
     Example:
@@ -569,20 +688,32 @@ def models() -> None:
 @main.command()
 @click.argument("model_name")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Checkpoint to build the model from.")
-def layers(model_name: str, checkpoint: str | None) -> None:
-    """List the layers of MODEL that CAMs can target (modules with a spatial output).
+@click.option("--input-size", type=click.IntRange(min=8), default=224, show_default=True,
+              help="Side of the square probe image the output shapes are measured on.")
+@click.option("--head", type=_registry("gradloc.models", "HEADS"), default="voc", show_default=True,
+              help="The head of the runs the names are for (imagenet heads wrap the model as backbone.*).")
+@click.option("--all", "show_all", is_flag=True, help="Also list layers a CAM cannot use (pooling, 1x1 outputs).")
+def layers(model_name: str, checkpoint: str | None, input_size: int, head: str, show_all: bool) -> None:
+    """List the names `--layer` accepts for MODEL, with each layer's output shape [C, h, w] on a probe image.
+
+    Layers a CAM cannot use (adaptive pooling, 1x1 outputs) are hidden unless --all, which marks them.
 
     \b
     Example:
       gradloc layers resnet50
     """
-    from gradloc.cams import default_layer, list_layers
+    from gradloc.cams import default_layer, layer_table, resolve_layer
     from gradloc.models import build_architecture
 
-    model = build_architecture(model_name, checkpoint=checkpoint)
-    default = default_layer(model)
-    for name in list_layers(model):
-        click.echo(f"{name}{'   (default)' if name == default else ''}")
+    model = build_architecture(model_name, checkpoint=checkpoint, head=head)
+    default, _ = resolve_layer(model, default_layer(model))
+    table = [row for row in layer_table(model, input_size=input_size) if show_all or not row.unusable]
+    width = max(len(row.name) for row in table)
+    click.echo(f"{'layer (--layer)':<{width}}  output at {input_size}x{input_size}")
+    for row in table:
+        note = "default" if row.name == default else f"not for CAMs: {row.unusable}" if row.unusable else ""
+        shape = "x".join(str(v) for v in row.shape[1:])
+        click.echo(f"{row.name:<{width}}  {shape:<14}{note}".rstrip())
 
 
 @main.command()
@@ -608,18 +739,22 @@ def layers(model_name: str, checkpoint: str | None) -> None:
 @click.option("--limit", type=int, default=None, help="Use only the first N images of each split.")
 @click.option("--seed", type=int, default=None)
 @click.option("--device", default=None, help="torch device [config cams.device].")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint file to write.")
+@click.option("--out", "old_out", hidden=True, expose_value=False, callback=lambda ctx, param, value: _renamed(
+    value, "train --out FILE is now --checkpoint-out FILE (--out is always a folder)"))
+@click.option("--checkpoint-out", "out", required=True, type=click.Path(dir_okay=False),
+              help="Checkpoint file to write (was --out; --out is always a folder); `gradloc run --checkpoint "
+                   "FILE` reads it.")
 @click.pass_context
 def train(ctx: click.Context, config_path: str | None, out: str, **options: Any) -> None:
     """Train the multi-label `voc` head on a VOC split (linear probe by default).
 
     With --config the head is trained with exactly the run's preprocessing (input size, resize mode), so
-    `gradloc run --config CONFIG --checkpoint OUT` accepts it.
+    `gradloc run --config CONFIG --checkpoint FILE` accepts it.
 
     \b
     Examples:
-      gradloc train --config configs/voc07.yaml --split trainval --out HEAD.pt
-      gradloc train --model efficientnet_lite0 --split train --out checkpoints/lite0_voc.pt
+      gradloc train --config configs/voc07.yaml --split trainval --checkpoint-out HEAD.pt
+      gradloc train --model efficientnet_lite0 --split train --checkpoint-out checkpoints/lite0_voc.pt
     """
     from gradloc.config import load_config
     from gradloc.train import TrainConfig, train_head
@@ -654,8 +789,10 @@ def train(ctx: click.Context, config_path: str | None, out: str, **options: Any)
 @click.option("--ids", help="Comma-separated image ids to draw instead of a sample, e.g. 000005,000012.")
 @click.option("--class", "focus", metavar="NAME",
               help="Only this class: images where it is detected or in GT, only its boxes and heatmap.")
-@click.option("--out", default="samples.png", show_default=True, type=click.Path(dir_okay=False),
-              help="PNG file to write.")
+@click.option("--png", "out", default=None, type=click.Path(dir_okay=False),
+              help="PNG file to write [default: samples.png] (was --out; --out is always a folder).")
+@click.option("--out", "old_out", default=None, hidden=True, type=click.Path(dir_okay=False),
+              help="Deprecated name of --png.")
 @click.option("--per-image", "per_image", type=click.Path(file_okay=False),
               help="Instead of the grid: one overlay PNG per image and class, <image_id>_<class>.png, in DIR.")
 @click.option("--guided", is_flag=True, help="Add a Guided Grad-CAM panel per class (rebuilds the model).")
@@ -666,7 +803,8 @@ def train(ctx: click.Context, config_path: str | None, out: str, **options: Any)
 @click.option("--split", default="val", show_default=True, help="With --detections: the image set.")
 @click.pass_context
 def show(ctx: click.Context, run_dir: str | None, threshold: float | None, n: int, seed: int, sample: str,
-         ids: str | None, focus: str | None, out: str, per_image: str | None, guided: bool,
+         ids: str | None, focus: str | None, out: str | None, old_out: str | None, per_image: str | None,
+         guided: bool,
          detections_path: str | None, voc_root: str | None, year: str, split: str) -> None:
     """Draw images with heatmaps, GT boxes and predicted boxes as a PNG grid (or one PNG per image).
 
@@ -674,7 +812,7 @@ def show(ctx: click.Context, run_dir: str | None, threshold: float | None, n: in
 
     \b
     Examples:
-      gradloc show results/demo --threshold 0.2 --n 8 --out samples.png
+      gradloc show results/demo --threshold 0.2 --n 8 --png samples.png
       gradloc show results/demo --threshold 0.2 --ids 000005,000012 --class car
       gradloc show results/demo --threshold 0.2 --n 20 --per-image overlays/
       gradloc show --detections thr_0.200.pkl --voc-root ../shared/voc/VOCdevkit --year 2007 --split val
@@ -700,17 +838,19 @@ def show(ctx: click.Context, run_dir: str | None, threshold: float | None, n: in
             say(ctx, f"wrote {len(written)} PNGs into {per_image}")
             return
         fig = show_run(run_dir, threshold, guided=guided, **pick)
-    say(ctx, f"wrote {save_figure(fig, out)}")
+    if old_out is not None:
+        logger.warning("show --out FILE is deprecated (--out is always a folder): use --png FILE")
+    say(ctx, f"wrote {save_figure(fig, out or old_out or 'samples.png')}")
 
 
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--threshold", type=float, default=None,
               help="τ of the PR curves (default: best mAP at --iou on this run, an oracle choice).")
-@click.option("--iou", type=float, default=0.5, show_default=True, help="IoU of the PR curves.")
-@click.option("--out-dir", type=click.Path(file_okay=False), default=None,
-              help="Folder for the PNGs (default RUN_DIR/plots).")
-def plot(run_dir: str, threshold: float | None, iou: float, out_dir: str | None) -> None:
+@click.option("--iou", default="0.5", show_default=True, help=SINGLE_IOU_HELP.format(what="the PR curves"))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder for the PNGs (default RUN_DIR/plots; was --out-dir).")
+def plot(run_dir: str, threshold: float | None, iou: str, out_dir: str | None) -> None:
     """Plot AP and recall versus threshold, and per-class precision-recall curves, as PNGs.
 
     \b
@@ -719,35 +859,42 @@ def plot(run_dir: str, threshold: float | None, iou: float, out_dir: str | None)
     """
     from gradloc.plots import plot_run
 
-    for path in plot_run(run_dir, threshold=threshold, iou=iou, out_dir=out_dir):
+    for path in plot_run(run_dir, threshold=threshold, iou=_one_iou(iou), out_dir=out_dir):
         click.echo(str(path))
 
 
 @main.command()
 @click.argument("run_a", type=click.Path(file_okay=False))
 @click.argument("run_b", type=click.Path(file_okay=False))
-@click.option("--iou", type=float, default=0.5, show_default=True, help="IoU of the per-class table.")
+@click.option("--iou", default="0.5", show_default=True, help=SINGLE_IOU_HELP.format(what="the per-class table"))
 @click.option("--threshold", type=float, default=None,
               help="τ of the per-class table (default: best mAP of RUN_A, an oracle choice).")
 @click.option("--top", type=int, default=5, show_default=True, help="How many largest disagreements to list.")
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown"]), default="table", show_default=True)
+@click.option("--force", is_flag=True, help="Compare runs on different ground truth (classes, images, split) too.")
 @digits_option
-def compare(run_a: str, run_b: str, iou: float, threshold: float | None, top: int, fmt: str, digits: int) -> None:
-    """Compare two runs: mAP per threshold x IoU side by side, per-class AP differences (B - A).
+def compare(run_a: str, run_b: str, iou: str, threshold: float | None, top: int, fmt: str, force: bool,
+            digits: int) -> None:
+    """Compare two runs: their config differences, mAP per threshold x IoU side by side, per-class AP
+    differences (B - A). Runs on different ground truth are refused unless --force.
 
     \b
     Example:
       gradloc compare results/gradcam results/gradcampp --iou 0.5 --threshold 0.2
     """
-    from gradloc.compare import compare_runs, render_comparison
+    from gradloc.compare import GroundTruthMismatch, compare_runs, differences_text, render_comparison
 
-    comparison = compare_runs(run_a, run_b, iou=iou, threshold=threshold, top=top)
+    try:
+        comparison = compare_runs(run_a, run_b, iou=_one_iou(iou), threshold=threshold, top=top, force=force)
+    except GroundTruthMismatch as error:
+        click.echo(differences_text(dataclasses.replace(error.differences, ground_truth=[])), err=True, nl=False)
+        raise
     click.echo(render_comparison(comparison, tablefmt="github" if fmt == "markdown" else "orgtbl", digits=digits),
                nl=False)
 
 
 @main.command()
-@run_options
+@run_options()
 @click.option("--select-split", required=True, help="Split τ is chosen on, e.g. train.")
 @click.option("--eval-split", required=True, help="Split the scores are reported on, e.g. val.")
 @click.option("--select-metric", default="ap@0.5", show_default=True,

@@ -4,21 +4,26 @@
 are ``B - A``. Both runs must use the same AP variant and the same IoU thresholds; thresholds present in
 only one run are left out (and said so). The per-class table is at one (τ, IoU): τ given by the user, or
 the τ of run A's best mAP at that IoU, an oracle choice that the output names.
+
+Runs on different ground truth (class lists, image ids, year or split) are refused unless ``force``: their AP
+differences would mix data and method. The settings in which the runs' configs differ come first in the output.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
 from gradloc.report import DIGITS, METRIC_NAMES, match_value, select_threshold
-from gradloc.runs import open_run
+from gradloc.runs import GT_FILE, Run, open_run
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +40,7 @@ class Comparison:
             ``n_gt_a, n_gt_b, ap_a, ap_b, ap_diff``.
         top: the ``per_class`` rows (mAP excluded) with the largest ``|ap_diff|``, largest first.
         notes: differences of protocol worth knowing (threshold semantics, box mode, GT, dropped τ).
+        differences: the settings in which the runs' configs differ (see :func:`run_differences`).
     """
 
     names: tuple[str, str]
@@ -46,6 +52,63 @@ class Comparison:
     per_class: pd.DataFrame
     top: pd.DataFrame
     notes: list[str] = field(default_factory=list)
+    differences: RunDifferences | None = None
+
+
+@dataclass(frozen=True)
+class RunDifferences:
+    """How two runs differ. ``config``: ``"cams.method: gradcam | gradcampp"`` per differing setting (A | B;
+    run name, output and cache folders left out); ``ground_truth``: what makes their GT differ (class list, image
+    ids, dataset), empty when the scores are comparable."""
+
+    config: list[str]
+    ground_truth: list[str]
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix.rstrip("."): data}
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        flat.update(_flatten(value, f"{prefix}{key}."))
+    return flat
+
+
+# config keys that name where a run went, not what it measured
+_IGNORED_KEYS = ("name", "out", "cache_dir")
+
+
+def _listing(values: list[str], shown: int = 4) -> str:
+    head = ", ".join(values[:shown])
+    return f"{len(values)} ({head}{', ...' if len(values) > shown else ''})"
+
+
+def run_differences(run_a: Run, run_b: Run) -> RunDifferences:
+    """The config settings (manifests; none when a run has no manifest) and ground truth (``gt.pkl``: class
+    list, image ids; not compared when a folder has none) in which two runs differ."""
+    manifest_a, manifest_b = run_a.manifest_or_none(), run_b.manifest_or_none()
+    config = []
+    if manifest_a is not None and manifest_b is not None:
+        flat_a, flat_b = _flatten(manifest_a["config"]), _flatten(manifest_b["config"])
+        for key in sorted(set(flat_a) | set(flat_b)):
+            if key not in _IGNORED_KEYS and flat_a.get(key) != flat_b.get(key):
+                config.append(f"{key}: {flat_a.get(key)} | {flat_b.get(key)}")
+    ground_truth = []
+    has_gt = all((run.path / GT_FILE).is_file() for run in (run_a, run_b))  # folders of scores only have none
+    gt_a, gt_b = (run_a.gt, run_b.gt) if has_gt else (None, None)
+    if has_gt and list(gt_a.classes) != list(gt_b.classes):
+        ground_truth.append(f"classes {_listing(list(gt_a.classes))} | {_listing(list(gt_b.classes))}")
+    if has_gt and list(gt_a.image_ids) != list(gt_b.image_ids):
+        only_a = sorted(set(gt_a.image_ids) - set(gt_b.image_ids))
+        only_b = sorted(set(gt_b.image_ids) - set(gt_a.image_ids))
+        ground_truth.append(f"image ids: {len(gt_a.image_ids)} | {len(gt_b.image_ids)} images, "
+                            f"{len(only_a)} only in A, {len(only_b)} only in B")
+    if manifest_a is not None and manifest_b is not None:
+        for key in ("data.year", "data.split"):
+            a, b = _flatten(manifest_a["config"]).get(key), _flatten(manifest_b["config"]).get(key)
+            if a != b:
+                ground_truth.append(f"{key} {a} | {b}")
+    return RunDifferences(config=config, ground_truth=ground_truth)
 
 
 def _single(rows: pd.DataFrame, column: str, name: str) -> str:
@@ -133,7 +196,8 @@ def compare_scores(rows_a: pd.DataFrame, rows_b: pd.DataFrame, iou: float = 0.5,
     per_class = per_class.reindex([*order, "mAP"])
     per_class["ap_diff"] = per_class["ap_b"] - per_class["ap_a"]
     per_class = per_class[["n_gt_a", "n_gt_b", "ap_a", "ap_b", "ap_diff"]].rename_axis("class").reset_index()
-    classes = per_class[(per_class["class"] != "mAP") & per_class["ap_diff"].notna()]
+    # ties (no difference) are no disagreement
+    classes = per_class[(per_class["class"] != "mAP") & per_class["ap_diff"].notna() & (per_class["ap_diff"] != 0)]
     top_rows = classes.iloc[np.argsort(-classes["ap_diff"].abs().to_numpy(), kind="stable")].head(top)
     gt_a = per_class.loc[per_class["class"] != "mAP", "n_gt_a"].fillna(-1).tolist()
     gt_b = per_class.loc[per_class["class"] != "mAP", "n_gt_b"].fillna(-1).tolist()
@@ -146,13 +210,31 @@ def compare_scores(rows_a: pd.DataFrame, rows_b: pd.DataFrame, iou: float = 0.5,
 
 
 def compare_runs(run_a: str | Path, run_b: str | Path, iou: float = 0.5, threshold: float | None = None,
-                 top: int = 5) -> Comparison:
+                 top: int = 5, force: bool = False) -> Comparison:
     """:func:`compare_scores` on the ``scores.csv`` of two run folders (labelled by their folder names, or
-    their paths when the names are equal)."""
-    run_a, run_b = Path(run_a), Path(run_b)
-    names = (run_a.name, run_b.name) if run_a.name != run_b.name else (str(run_a), str(run_b))
-    return compare_scores(open_run(run_a).scores, open_run(run_b).scores, iou=iou, threshold=threshold, names=names,
-                          top=top)
+    their paths when the names are equal), with their :func:`run_differences`.
+
+    Raises:
+        GroundTruthMismatch: the runs are on different ground truth and ``force`` is False.
+    """
+    path_a, path_b = Path(run_a), Path(run_b)
+    names = (path_a.name, path_b.name) if path_a.name != path_b.name else (str(path_a), str(path_b))
+    run_a, run_b = open_run(path_a), open_run(path_b)
+    differences = run_differences(run_a, run_b)
+    if differences.ground_truth and not force:
+        raise GroundTruthMismatch(differences, names)
+    comparison = compare_scores(run_a.scores, run_b.scores, iou=iou, threshold=threshold, names=names, top=top)
+    return dataclasses.replace(comparison, differences=differences)
+
+
+class GroundTruthMismatch(ValueError):
+    """Two runs scored on different ground truth (their AP differences mix data and method)."""
+
+    def __init__(self, differences: RunDifferences, names: tuple[str, str]) -> None:
+        self.differences = differences
+        super().__init__(f"{names[0]} and {names[1]} are scored on different ground truth "
+                         f"({'; '.join(differences.ground_truth)}, A | B): their AP differences would mix data "
+                         "and method; compare runs on the same images and classes, or pass --force")
 
 
 def _pct(value: float) -> float:
@@ -193,7 +275,16 @@ def render_comparison(comparison: Comparison, tablefmt: str = "orgtbl", digits: 
         "non-difficult GT.",
     ]
     lines += [f"Note: {note}." for note in comparison.notes]
-    return "\n".join(lines) + "\n"
+    return differences_text(comparison.differences) + "\n".join(lines) + "\n"
+
+
+def differences_text(differences: RunDifferences | None) -> str:
+    """The config differences (and ground-truth differences) as lines, empty when there are none."""
+    if differences is None or not (differences.config or differences.ground_truth):
+        return ""
+    lines = [f"Config differences (A | B): {len(differences.config)}", *(f"  {d}" for d in differences.config)]
+    lines += [f"Different ground truth (A | B, compared with --force): {d}" for d in differences.ground_truth]
+    return "\n".join(lines) + "\n\n"
 
 
 def _numbers(values: Iterable[float]) -> str:

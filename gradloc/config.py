@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import types
 import typing
 from collections.abc import Mapping
@@ -22,6 +23,12 @@ from gradloc.boxes import BoxParams
 from gradloc.geometry import RESIZE_MODES
 from gradloc.voc import VOC_CLASSES
 
+logger = logging.getLogger(__name__)
+
+# Which classes of an image get heatmaps and boxes (``boxes.explain``, ``--explain``): the classes the model
+# predicts (probability >= ``boxes.score_cut``), the image's GT classes (GT-known, the WSOL protocol), or every
+# class of the model.
+EXPLAIN_CHOICES = ("predicted", "gt", "all")
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or of the wrong type."""
@@ -136,23 +143,26 @@ class CamConfig:
 class BoxConfig(BoxParams):
     """How heatmaps become boxes: the box parameters of :class:`gradloc.boxes.BoxParams` (threshold_mode,
     box_mode, connectivity, min_area, confidence, nms_iou, max_side; validated there) plus the sweep of
-    thresholds, which classes are explained, and the baselines. ``selected_threshold``: the τ of the sweep
-    recommended for this config, chosen on another split than the one reported (e.g. `train` for `val`);
-    ``gradloc show`` and ``gradloc export`` default to it; None = no recommendation."""
+    thresholds, which classes are explained (:data:`EXPLAIN_CHOICES`; the key was ``classes``, still read with
+    a warning), and the baselines. ``selected_threshold``: the τ of the sweep recommended for this config, chosen
+    on another split than the one reported (e.g. `train` for `val`); ``gradloc show`` and ``gradloc export``
+    default to it; None = no recommendation."""
 
     thresholds: tuple[float, ...] = (0.01, 0.02, 0.06, 0.15, 0.2)
     selected_threshold: float | None = None
-    classes: str = "predicted"
+    explain: str = "predicted"
     score_cut: float = 0.5
     baselines: tuple[str, ...] = ("center", "full", "random")
 
 
 @dataclass(frozen=True)
 class ScoreConfig:
-    """How detections are scored: IoU thresholds and the AP variant."""
+    """How detections are scored: IoU thresholds, the AP variant, and ``only``: the class names scored (empty:
+    every class of ``data.classes``; the mAP is then over these classes, and says so)."""
 
     iou: tuple[float, ...] = (0.3, 0.4, 0.5)
     metric: str = "voc07"
+    only: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -177,6 +187,21 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
+
+
+def packaged_config(name: str) -> Path:
+    """A config shipped inside the package (``gradloc/data/<name>.yaml``, e.g. ``demo``), so that it is there
+    after a plain ``pip install``.
+
+    Raises:
+        FileNotFoundError: no such packaged config.
+    """
+    from importlib.resources import files
+
+    path = Path(str(files("gradloc") / "data" / f"{name}.yaml"))
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: packaged config {name!r} not found; reinstall gradloc")
+    return path
 
 
 def _to_plain(value: Any) -> Any:
@@ -289,9 +314,24 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
         for part in reversed(dotted.split(".")):
             nested = {part: nested}
         data = _merge(data, nested)
-    config = _build(RunConfig, data)
+    config = _build(RunConfig, _renamed_keys(data, path))
     validate(config)
     return config
+
+
+def _renamed_keys(data: dict[str, Any], path: Path | None) -> dict[str, Any]:
+    """Read ``boxes.classes`` (the old name of ``boxes.explain``) with a deprecation warning."""
+    boxes = data.get("boxes")
+    if not isinstance(boxes, Mapping) or "classes" not in boxes:
+        return data
+    where = f"{path}: " if path is not None else ""
+    if "explain" in boxes:
+        raise ConfigError(f"{where}config keys 'boxes.classes' and 'boxes.explain' both given; 'boxes.classes' is "
+                          "the old name of 'boxes.explain': delete it")
+    logger.warning("%sconfig key 'boxes.classes' is deprecated: rename it 'boxes.explain' (same values: "
+                   "predicted, gt; or all)", where)
+    boxes = {("explain" if key == "classes" else key): value for key, value in boxes.items()}
+    return {**data, "boxes": boxes}
 
 
 def _check_range(key: str, value: float, valid: Interval) -> None:
@@ -315,8 +355,15 @@ def validate(config: RunConfig) -> None:
         raise ConfigError("config key 'score.iou': give at least one IoU threshold")
     for i, iou in enumerate(config.score.iou):
         _check_range(f"score.iou[{i}]", iou, IOU_RANGE)
-    if config.boxes.classes not in ("predicted", "gt"):
-        raise ConfigError(f"config key 'boxes.classes': {config.boxes.classes!r} is not one of predicted, gt")
+    if config.boxes.explain not in EXPLAIN_CHOICES:
+        raise ConfigError(f"config key 'boxes.explain': {config.boxes.explain!r} is not one of "
+                          f"{', '.join(EXPLAIN_CHOICES)}")
+    unknown = [name for name in config.score.only if name not in config.data.classes]
+    if unknown and not config.demo.enabled:
+        raise ConfigError(f"config key 'score.only': {unknown[0]!r} is not a class of data.classes "
+                          f"({', '.join(config.data.classes)})")
+    if len(set(config.score.only)) != len(config.score.only):
+        raise ConfigError(f"config key 'score.only': a class is listed twice ({', '.join(config.score.only)})")
     _check_range("boxes.score_cut", config.boxes.score_cut, SCORE_CUT_RANGE)
     if config.data.on_error not in ("raise", "skip"):
         raise ConfigError(f"config key 'data.on_error': {config.data.on_error!r} is not one of raise, skip")

@@ -19,8 +19,9 @@ Ground truth (format ``gradloc.gt/1``)::
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -239,3 +240,23 @@ def load_ground_truth(path: str | os.PathLike[str]) -> GroundTruth:
 def load_detections(path: str | os.PathLike[str]) -> Detections:
     """Load and validate a ``gradloc.detections/1`` pickle (see module docstring)."""
     return Detections.from_dict(safe_load_pickle(path), source=str(path))
+
+
+def keep_classes(item: GroundTruth | Detections, names: Sequence[str]) -> GroundTruth | Detections:
+    """``item`` restricted to the classes ``names`` (in that order): their rows, relabelled; the class list
+    becomes ``names`` (what ``--only car,cat,bus`` scores).
+
+    Raises:
+        ValueError: a name is not one of ``item.classes``.
+    """
+    index = {name: i for i, name in enumerate(item.classes)}
+    unknown = [name for name in names if name not in index]
+    if unknown:
+        raise ValueError(f"class {unknown[0]!r} is not one of {', '.join(item.classes)}")
+    relabel = np.full(len(item.classes), -1, dtype=np.int64)
+    relabel[[index[name] for name in names]] = np.arange(len(names))
+    keep = relabel[item.labels] >= 0
+    rows = ("image_index", "boxes", "difficult") if isinstance(item, GroundTruth) else ("image_index", "boxes",
+                                                                                         "scores")
+    return dataclasses.replace(item, classes=list(names), labels=relabel[item.labels[keep]],
+                               **{name: getattr(item, name)[keep] for name in rows})

@@ -265,10 +265,13 @@ class _GtKnown:
 
 
 def explained_classes(config: RunConfig, probabilities: np.ndarray, gt_labels: np.ndarray) -> np.ndarray:
-    """Which classes of an image get boxes: ``predicted`` (probability >= score_cut) or ``gt`` (GT-known:
-    every class with a GT box in the image, difficult included). Returns sorted class indices."""
-    if config.boxes.classes == "gt":
+    """Which classes of an image get boxes (``boxes.explain``): ``predicted`` (probability >= score_cut), ``gt``
+    (GT-known: every class with a GT box in the image, difficult included) or ``all``. Returns sorted class
+    indices."""
+    if config.boxes.explain == "gt":
         return np.unique(gt_labels).astype(np.int64)
+    if config.boxes.explain == "all":
+        return np.arange(len(probabilities), dtype=np.int64)
     return np.flatnonzero(probabilities >= config.boxes.score_cut).astype(np.int64)
 
 
@@ -285,7 +288,7 @@ def run_protocol(config: RunConfig, cache: HeatmapCache) -> dict[str, Any]:
         "input_size": cache.key_data["input_size"],
         "resize_mode": cache.key_data["resize_mode"],
         "dataset": f"VOC{config.data.year} {config.data.split}",
-        "classes_explained": "gt" if b.classes == "gt" else f"predicted (p >= {b.score_cut})",
+        "classes_explained": f"predicted (p >= {b.score_cut})" if b.explain == "predicted" else b.explain,
         "threshold_mode": b.threshold_mode,
         "box_mode": b.box_mode,
         "connectivity": b.connectivity,
@@ -310,6 +313,27 @@ def require_images(dataset: VOCDataset) -> None:
            if first else "its image set lists no images")
     raise ValueError(f"{dataset.base / 'ImageSets' / 'Main' / (dataset.split + '.txt')}: no images to evaluate, "
                      f"{why}; nothing was written")
+
+
+def open_cached(config: RunConfig) -> tuple[HeatmapCache, VOCDataset]:
+    """The heatmap cache and dataset of ``gradloc boxes`` (maps computed earlier by ``gradloc cams``), with the
+    cached maps verified: an image without valid maps is an error (``data.on_error: raise``) or leaves the
+    dataset as a skipped item (``skip``).
+
+    Raises:
+        FileNotFoundError: images without valid cached maps (raise mode); names the cache and what to run.
+    """
+    dataset = open_dataset(config)
+    cache = cams_cache(config, load_classifier(config), dataset)
+    missing = cache.todo(dataset, config.data.on_error)
+    if missing and config.data.on_error == "raise":
+        raise FileNotFoundError(f"{cache.root}: {len(missing)} of {len(dataset)} images (e.g. {missing[0]}) have "
+                                "no valid cached maps for this model/method/layer; run `gradloc cams` with the "
+                                "same options first")
+    for image_id in missing:
+        dataset.skip(image_id, dataset.image_path(image_id), ValueError("no valid cached maps (unreadable, or "
+                                                                        "edited since `gradloc cams` ran)"))
+    return cache, dataset
 
 
 def run_boxes(config: RunConfig, cache: HeatmapCache, dataset: VOCDataset, progress: Progress = None,
@@ -384,10 +408,14 @@ def run_boxes(config: RunConfig, cache: HeatmapCache, dataset: VOCDataset, progr
 
 
 def score_detections(dets: Detections, gt: GroundTruth, ious: Sequence[float], metric: str,
-                     source: str) -> pd.DataFrame:
-    """Flat score rows (JSON schema of the README) of one detections file."""
+                     source: str, only: Sequence[str] = ()) -> pd.DataFrame:
+    """Flat score rows (JSON schema of the README) of one detections file; ``only``: score just these classes
+    (the mAP row is then over them), empty = all."""
+    from gradloc.detections import keep_classes
     from gradloc.metrics import evaluate
 
+    if only:
+        dets, gt = keep_classes(dets, only), keep_classes(gt, only)
     frame = evaluate(dets, gt, iou_thresholds=ious, metric=metric)
     frame.insert(0, "threshold_mode", dets.threshold_mode)
     frame.insert(0, "threshold", dets.threshold)
@@ -397,28 +425,35 @@ def score_detections(dets: Detections, gt: GroundTruth, ious: Sequence[float], m
 
 
 def _score_file(path: Path, dets: Detections, gt: GroundTruth, ious: Sequence[float], metric: str,
-                source: str) -> pd.DataFrame:
+                source: str, only: Sequence[str] = ()) -> pd.DataFrame:
     """:func:`score_detections` with a content error (class lists, image ids, NaN scores) naming the file."""
     try:
-        return score_detections(dets, gt, ious, metric, source)
+        return score_detections(dets, gt, ious, metric, source, only)
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
 
 
-def score_files(gt_path: str | Path, paths: Sequence[str | Path], ious: Sequence[float], metric: str
-                ) -> tuple[pd.DataFrame, dict[str, Any]]:
+def score_files(gt_path: str | Path, paths: Sequence[str | Path], ious: Sequence[float], metric: str,
+                only: Sequence[str] = ()) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Score detection pickles from anywhere against one gt.pkl (``gradloc score --gt``).
 
     Returns:
-        (score rows, source ``cam``; the protocol of the first file's detections).
+        (score rows, source ``cam``; the protocol of the first file's detections, with ``only``).
     """
     gt = load_ground_truth(gt_path)
-    frames = [_score_file(Path(path), load_detections(path), gt, ious, metric, "cam") for path in paths]
-    return pd.concat(frames, ignore_index=True), load_detections(paths[0]).meta
+    frames = [_score_file(Path(path), load_detections(path), gt, ious, metric, "cam", only) for path in paths]
+    return pd.concat(frames, ignore_index=True), _with_only(load_detections(paths[0]).meta, only)
 
 
-def score_run(run_dir: str | Path | runs.Run, ious: Sequence[float], metric: str) -> pd.DataFrame:
-    """Score every detections file of a run folder (CAM boxes and baselines) against its gt.pkl."""
+def _with_only(meta: dict[str, Any], only: Sequence[str]) -> dict[str, Any]:
+    """The protocol of score rows restricted to ``only`` (``score.only``) says so."""
+    return {**meta, "only": list(only)} if only else meta
+
+
+def score_run(run_dir: str | Path | runs.Run, ious: Sequence[float], metric: str, only: Sequence[str] = ()
+              ) -> pd.DataFrame:
+    """Score every detections file of a run folder (CAM boxes and baselines) against its gt.pkl (``only``:
+    just these classes, see :func:`score_detections`)."""
     run = run_dir if isinstance(run_dir, runs.Run) else runs.open_run(run_dir)
     gt = run.gt
     thresholds = run.thresholds
@@ -427,12 +462,14 @@ def score_run(run_dir: str | Path | runs.Run, ious: Sequence[float], metric: str
     frames = []
     for tau in thresholds:
         dets = run.detections_at(tau)
-        frames.append(_score_file(run.detections_path(tau), dets, gt, ious, metric, dets.meta.get("source", "cam")))
+        frames.append(_score_file(run.detections_path(tau), dets, gt, ious, metric, dets.meta.get("source", "cam"),
+                                  only))
     for tau in run.random_thresholds:
-        frames.append(_score_file(run.path, run.random_at(tau), gt, ious, metric, "random"))
+        frames.append(_score_file(run.path, run.random_at(tau), gt, ious, metric, "random", only))
     for name, dets in run.baselines.items():
         for tau in thresholds:  # threshold-free boxes: repeat under every threshold so tables line up
-            frames.append(_score_file(run.path, dataclasses.replace(dets, threshold=tau), gt, ious, metric, name))
+            frames.append(_score_file(run.path, dataclasses.replace(dets, threshold=tau), gt, ious, metric, name,
+                                      only))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -482,16 +519,16 @@ def localization_scores(run_dir: str | Path | runs.Run) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def score_run_folder(run_dir: str | Path | runs.Run, ious: Sequence[float], metric: str
+def score_run_folder(run_dir: str | Path | runs.Run, ious: Sequence[float], metric: str, only: Sequence[str] = ()
                      ) -> tuple[pd.DataFrame, dict[str, Any], pd.DataFrame]:
-    """Score a run folder without writing anything.
+    """Score a run folder without writing anything (``only``: just these classes; the WSOL rows keep all).
 
     Returns:
-        (score rows, the protocol of its CAM detections, WSOL rows).
+        (score rows, the protocol of its CAM detections (with ``only``), WSOL rows).
     """
     run = run_dir if isinstance(run_dir, runs.Run) else runs.open_run(run_dir)
-    rows = score_run(run, ious, metric)
-    return rows, run.detections_at(run.thresholds[0]).meta, localization_scores(run)
+    rows = score_run(run, ious, metric, only)
+    return rows, _with_only(run.detections_at(run.thresholds[0]).meta, only), localization_scores(run)
 
 
 def save_run_scores(run_dir: str | Path, rows: pd.DataFrame, meta: dict[str, Any], wsol: pd.DataFrame
@@ -502,7 +539,8 @@ def save_run_scores(run_dir: str | Path, rows: pd.DataFrame, meta: dict[str, Any
         return runs.write_scores(run_dir, rows, meta, wsol)
 
 
-def record_rescoring(run_dir: str | Path, ious: Sequence[float], metric: str, files: Sequence[Path]) -> bool:
+def record_rescoring(run_dir: str | Path, ious: Sequence[float], metric: str, files: Sequence[Path],
+                     only: Sequence[str] = ()) -> bool:
     """After ``gradloc score RUN --save``: record in ``manifest.json``, under ``rescored_scores``, the score
     settings the saved files now hold (``config.score`` keeps what the run was made with).
 
@@ -511,7 +549,7 @@ def record_rescoring(run_dir: str | Path, ious: Sequence[float], metric: str, fi
     """
     run_dir = Path(run_dir)
     return runs.update_manifest(run_dir, "rescored_scores", {
-        "score": {"iou": [float(v) for v in ious], "metric": metric},
+        "score": {"iou": [float(v) for v in ious], "metric": metric, **({"only": list(only)} if only else {})},
         "files": sorted(str(Path(f).relative_to(run_dir)) for f in files),
         "gradloc": __version__,
         "git_commit": runs.git_commit(),
@@ -565,7 +603,7 @@ def run(config: RunConfig, original: RunConfig | None = None, stage: StageProgre
             run_boxes(config, cache, dataset, progress=update, writer=writer)
         writer.write_config(config.to_dict())
         with times.stage("score"):
-            rows, meta, wsol = score_run_folder(writer.run, config.score.iou, config.score.metric)
+            rows, meta, wsol = score_run_folder(writer.run, config.score.iou, config.score.metric, config.score.only)
             runs.write_scores(writer.run.path, rows, meta, wsol)
         writer.write_manifest(run_manifest(config, original or config, cache, times, dataset.skipped))
     return RunResult(config.run_dir, rows, meta, wsol, cache, dataset, times, list(dataset.skipped))
@@ -574,6 +612,7 @@ def run(config: RunConfig, original: RunConfig | None = None, stage: StageProgre
 def run_manifest(config: RunConfig, original: RunConfig, cache: HeatmapCache | None, times: StageTimes,
                  skipped: Sequence[dict[str, str]] = ()) -> dict[str, Any]:
     """The ``manifest.json`` record of a run (see :func:`gradloc.runs.manifest_record`)."""
-    return runs.manifest_record(config.to_dict(), original.to_dict(), config_hash(config.to_dict()),
+    return runs.manifest_record(config.run_dir, config.to_dict(), original.to_dict(),
+                                config_hash(config.to_dict()),
                                 cache.key if cache else None, str(cache.root) if cache else None,
                                 times.seconds, skipped)

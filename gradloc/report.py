@@ -164,7 +164,8 @@ def protocol_line(rows: pd.DataFrame, meta: Mapping[str, Any] | None = None, ora
         "none": "none (boxes read as given)",
     }.get(mode, mode)
     n_classes = int(rows[(rows["class"] != "mAP") & (rows["n_gt"] > 0)]["class"].nunique())
-    parts = [f"Protocol: {metric}, mAP over the {n_classes} classes with non-difficult GT, "
+    only = f" of {', '.join(meta['only'])} (--only)" if meta and meta.get("only") else ""
+    parts = [f"Protocol: {metric}, mAP over the {n_classes} classes{only} with non-difficult GT, "
              f"columns = IoU (match when IoU > column, devkit rule), values in %; tau: {semantics}"]
     if meta:
         parts.append(

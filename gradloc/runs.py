@@ -115,14 +115,15 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def manifest_record(config: Mapping[str, Any], config_as_given: Mapping[str, Any], config_hash: str,
-                    cache_key: str | None, cache_dir: str | None, seconds: Mapping[str, float],
+def manifest_record(run_dir: str | Path, config: Mapping[str, Any], config_as_given: Mapping[str, Any],
+                    config_hash: str, cache_key: str | None, cache_dir: str | None, seconds: Mapping[str, float],
                     skipped: Sequence[dict[str, str]] = ()) -> dict[str, Any]:
-    """The ``manifest.json`` of a run: what it was (configs, hash, cache, versions, commit), how long each stage
-    took, and the items skipped with ``data.on_error: skip`` (with the reason)."""
-    return {
-        "config": dict(config),
-        "config_as_given": dict(config_as_given),
+    """The ``manifest.json`` of the run folder ``run_dir``: what it was (configs, hash, cache, versions, commit),
+    how long each stage took, the items skipped with ``data.on_error: skip`` (with the reason), and where the
+    files it needs are (:data:`RUN_PATHS`, see :func:`portable_paths`)."""
+    manifest = {
+        "config": _to_plain(config),
+        "config_as_given": _to_plain(config_as_given),
         "config_hash": config_hash,
         "cache_key": cache_key,
         "cache_dir": cache_dir,
@@ -131,6 +132,79 @@ def manifest_record(config: Mapping[str, Any], config_as_given: Mapping[str, Any
         "seconds_per_stage": {k: round(v, 2) for k, v in seconds.items()},
         "skipped": [dict(item) for item in skipped],
     }
+    return portable_paths(manifest, run_dir)
+
+
+# --- portable run folders ---------------------------------------------------------------------------------
+
+# Manifest entries holding a path a run needs after it was made (dotted keys): the heatmap cache folder
+# ``<cache_dir>/cams/<key>`` (show), the cache root, the VOCdevkit folder (images, for show) and the checkpoint
+# (show --guided). ``config_as_given`` keeps the paths as typed (a record, never read back).
+RUN_PATHS = ("cache_dir", "config.cache_dir", "config.data.voc_root", "config.model.checkpoint")
+PATHS_KEY = "paths"
+
+
+def _to_plain(value: Any) -> Any:
+    """A deep copy of nested mappings/sequences as dicts and lists (JSON-ready, safe to edit)."""
+    if isinstance(value, Mapping):
+        return {key: _to_plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_to_plain(item) for item in value]
+    return value
+
+
+def _get(data: Mapping[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(data, Mapping):
+            return None
+        data = data.get(part)
+    return data
+
+
+def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        data = data[part]
+    data[last] = value
+
+
+def portable_paths(manifest: Mapping[str, Any], run_dir: str | Path) -> dict[str, Any]:
+    """The manifest with every :data:`RUN_PATHS` entry made absolute (paths are typed relative to the working
+    directory; the manifest never keeps them so), and recorded under ``paths`` both relative to the run folder
+    and absolute: ``{"config.data.voc_root": {"relative_to_run": "../../data/VOCdevkit", "absolute": "/..."}}``.
+
+    :meth:`Run.manifest` resolves them back (:func:`resolve_paths`), so a run folder copied together with its
+    cache and data works anywhere, and a run folder copied alone still finds them at their absolute place."""
+    manifest = _to_plain(manifest)
+    run_dir = Path(run_dir).resolve()
+    recorded = {}
+    for dotted in RUN_PATHS:
+        value = _get(manifest, dotted)
+        if not isinstance(value, str) or not value:
+            continue
+        absolute = Path(value).resolve()
+        recorded[dotted] = {"relative_to_run": os.path.relpath(absolute, run_dir), "absolute": str(absolute)}
+        _set(manifest, dotted, str(absolute))
+    manifest[PATHS_KEY] = recorded
+    return manifest
+
+
+def resolve_paths(manifest: Mapping[str, Any], run_dir: str | Path) -> dict[str, Any]:
+    """The manifest of run folder ``run_dir`` with the paths of its ``paths`` record resolved: the path relative
+    to the run folder when it exists (a copied folder with its cache beside it), else the absolute one when
+    it exists, else the run-relative one (so that errors name where the file was expected). Manifests written
+    before ``paths`` existed hold paths relative to the working directory of their run; they are returned
+    unchanged."""
+    manifest = _to_plain(manifest)
+    run_dir = Path(run_dir).resolve()
+    for dotted, where in (manifest.get(PATHS_KEY) or {}).items():
+        if dotted not in RUN_PATHS or not isinstance(where, Mapping) or _get(manifest, dotted) is None:
+            continue
+        relative = Path(os.path.normpath(run_dir / str(where.get("relative_to_run", ""))))
+        absolute = Path(str(where.get("absolute", "")))
+        chosen = relative if relative.exists() or not absolute.exists() else absolute
+        _set(manifest, dotted, str(chosen))
+    return manifest
 
 
 # --- reading ----------------------------------------------------------------------------------------------
@@ -156,7 +230,14 @@ class Run:
 
     @cached_property
     def manifest(self) -> dict[str, Any]:
-        """The checked ``manifest.json``.
+        """The checked ``manifest.json`` with its paths resolved for this folder's place (:func:`resolve_paths`):
+        ``cache_dir``, ``config.cache_dir``, ``config.data.voc_root``, ``config.model.checkpoint`` can be used
+        from any working directory."""
+        return resolve_paths(self.stored_manifest, self.path)
+
+    @cached_property
+    def stored_manifest(self) -> dict[str, Any]:
+        """The checked ``manifest.json`` as stored (what :func:`update_manifest` rewrites).
 
         Raises:
             FileNotFoundError: no manifest. ValueError: not JSON or no ``config`` mapping.
@@ -272,6 +353,59 @@ class Run:
         return sorted(p.relative_to(self.path) for p in self.path.rglob("*") if p.is_file())
 
 
+def describe_run(run: Run) -> list[tuple[str, str]]:
+    """A readable summary of a run folder as (label, text) pairs: the values the run actually used (the
+    protocol stored with its detections: layer, input size and resize mode after the checkpoint's defaults),
+    its data, cache, times, skipped items, and the headline scores (best CAM mAP per IoU, an oracle choice of τ
+    on the run's own split, and the baselines at that τ)."""
+    from gradloc.report import METRIC_NAMES, is_close, select_threshold
+
+    manifest = run.manifest_or_none() or {}
+    config = manifest.get("config", {})
+    meta = run.detections_at(run.thresholds[0]).meta if run.thresholds else {}
+    data, boxes = config.get("data", {}), config.get("boxes", {})
+    explained = meta.get("classes_explained") or boxes.get("explain") or boxes.get("classes")
+    model = (f"{meta.get('model', config.get('model', {}).get('name'))}, {meta.get('head')} head, input "
+             f"{meta.get('input_size')} px ({meta.get('resize_mode')})")
+    checkpoint = config.get("model", {}).get("checkpoint") or config.get("model", {}).get("weights")
+    lines = [
+        ("run", str(run.path)),
+        ("model", model + (f", from {checkpoint}" if checkpoint else "")),
+        ("CAM", f"{meta.get('method')} at layer {meta.get('layer')}"
+                + (" (test-time flip)" if config.get("cams", {}).get("flip") else "")),
+        ("data", f"{meta.get('dataset') or data.get('split')}, {len(run.gt.image_ids)} images, "
+                 f"{len(run.gt.classes)} classes, images from {data.get('voc_root', '?')}"),
+        ("classes explained", str(explained)),
+        ("thresholds", f"{', '.join(f'{t:g}' for t in run.thresholds)} ({meta.get('threshold_mode')}; boxes: "
+                       f"{meta.get('box_mode')}, confidence {meta.get('confidence')})"),
+    ]
+    if manifest:
+        seconds = manifest.get("seconds_per_stage", {})
+        skipped = manifest.get("skipped", [])
+        lines += [
+            ("heatmap cache", f"{manifest.get('cache_dir')}"
+                              + ("" if Path(str(manifest.get("cache_dir"))).is_dir() else " (not found)")),
+            ("seconds per stage", ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()) or "-"),
+            ("skipped", f"{len(skipped)}" + "".join(f"\n  {i['image_id']}: {i['reason']}" for i in skipped[:10])
+                        + ("\n  ..." if len(skipped) > 10 else "")),
+            ("made by", f"gradloc {manifest.get('versions', {}).get('gradloc')}, git "
+                        f"{manifest.get('git_commit') or 'unknown'}, config hash {manifest.get('config_hash')}"),
+        ]
+    if run.scores_path.is_file():
+        rows = run.scores
+        metric = METRIC_NAMES.get(str(rows["metric"].iloc[0]), str(rows["metric"].iloc[0]))
+        for iou in sorted(set(rows["iou"])):
+            tau, best = select_threshold(rows, "ap", iou)
+            at = rows[(rows["class"] == "mAP") & is_close(rows["iou"], iou) & is_close(rows["threshold"], tau)]
+            baselines = ", ".join(f"{r.source} {100 * r.ap:.2f}" for r in at.itertuples() if r.source != "cam")
+            lines.append((f"mAP IoU {iou:g}", f"{100 * best:.2f} % at tau {tau:g} (best of the sweep on this "
+                                              f"split: oracle)" + (f"; baselines {baselines}" if baselines else "")))
+        lines.append(("metric", f"{metric}, match when IoU > the IoU shown (devkit rule)"))
+    else:
+        lines.append(("scores", f"none saved; `gradloc score {run.path} --save`"))
+    return lines
+
+
 def open_run(path: str | Path, hint: str = "") -> Run:
     """An existing run folder (after repairing a swap interrupted by a crash, unless a writer holds it).
 
@@ -359,9 +493,9 @@ def update_manifest(folder: str | Path, key: str, value: Any) -> bool:
     """
     run = open_run(folder)
     with locked(run.path):
-        manifest = run.manifest_or_none()
-        if manifest is None:
+        if not (run.path / MANIFEST_FILE).is_file():
             return False
+        manifest = run.stored_manifest
         manifest[key] = value
         atomic_write_bytes(run.path / MANIFEST_FILE, json.dumps(manifest, indent=2, default=str).encode())
     return True

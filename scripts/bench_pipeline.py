@@ -47,7 +47,7 @@ def make_config(voc_root: Path, n_images: int, model: str, folder: Path):
     return load_config(None, {
         "data.voc_root": str(voc_root), "data.year": "2007", "data.split": "val", "data.limit": n_images,
         "model.name": model, "model.input_size": 224, "model.resize_mode": "letterbox",
-        "boxes.classes": "gt", "boxes.thresholds": (0.01, 0.02, 0.06, 0.15, 0.2),
+        "boxes.explain": "gt", "boxes.thresholds": (0.01, 0.02, 0.06, 0.15, 0.2),
         "cache_dir": str(folder / "cache"), "out": str(folder / "results"), "name": model,
     })
 

@@ -8,7 +8,7 @@ bash scripts/env.sh
 HEADS=.gradloc-cache/heads
 for model in efficientnet_lite0 efficientnet_lite1 efficientnet_lite2; do
   if [ ! -f "$HEADS/${model}_train.pt" ]; then
-    .venv/bin/gradloc train --config configs/voc07.yaml --model "$model" --split train --out "$HEADS/${model}_train.pt"
+    .venv/bin/gradloc train --config configs/voc07.yaml --model "$model" --split train --checkpoint-out "$HEADS/${model}_train.pt"
   fi
 done
 .venv/bin/python scripts/benchmark.py --config configs/voc07.yaml --rows scripts/benchmark_rows.yaml \

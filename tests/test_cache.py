@@ -225,7 +225,7 @@ def test_tmp_of_a_live_writer_is_kept_until_an_hour_old(tmp_path):
 
 
 def test_all_zero_cached_map_gives_no_box_and_no_crash(demo_copy, cams_config):
-    config = cams_config(demo_copy, **{"boxes.classes": "gt", "boxes.baselines": ()})
+    config = cams_config(demo_copy, **{"boxes.explain": "gt", "boxes.baselines": ()})
     cache, dataset, _ = computed(config)
     entry = cache.get("000025")
     cache.put("000025", np.zeros_like(entry.maps), entry.scores, entry.geometry, "float32", entry.source)
@@ -265,11 +265,12 @@ def test_boxes_command_needs_valid_cached_maps_or_skips_with_on_error_skip(demo_
     config.write_text(f"data:\n  year: demo\n  split: val\n  classes: {list(DEMO_CLASSES)}\n"
                       "model:\n  name: demo_cnn\n  input_size: 64\n")
     common = ["--config", str(config), "--voc-root", str(demo_copy), "--checkpoint", str(demo_checkpoint),
-              "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), "--name", "b", "-q"]
+              "--cache-dir", str(tmp_path / "cache"), "-q"]
     assert CliRunner().invoke(main, ["cams", *common, "--on-error", "skip"]).exit_code == 0
-    refused = CliRunner().invoke(main, ["boxes", *common])
+    run_folder = ["--out", str(tmp_path / "out"), "--name", "b"]  # boxes writes a run folder, cams does not
+    refused = CliRunner().invoke(main, ["boxes", *common, *run_folder])
     assert refused.exit_code == 1 and "e.g. 000027) have no valid cached maps" in refused.output
-    done = CliRunner().invoke(main, ["boxes", *common, "--on-error", "skip"])
+    done = CliRunner().invoke(main, ["boxes", *common, *run_folder, "--on-error", "skip"])
     assert done.exit_code == 0, done.output
     dets = load_detections(next((tmp_path / "out" / "b" / "detections").glob("thr_*.pkl")))
     assert "000027" not in dets.image_ids and len(dets.image_ids) == 11

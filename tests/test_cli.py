@@ -1,7 +1,9 @@
 """The core commands through click's runner: help, a tiny demo run, scoring pickles, and error paths."""
 
 import json
+import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,8 +17,9 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    args = ["--quiet", "run", "--config", str(CONFIGS / "demo.yaml"), "--out", str(root / "results"),
-            "--cache-dir", str(root / "cache"), "--name", "tiny", "--thresholds", "0.1,0.2",
+    # paths relative to the working directory, as users type them (the manifest must not keep them so)
+    args = ["--quiet", "run", "--config", str(CONFIGS / "demo.yaml"), "--out", "results",
+            "--cache-dir", "cache", "--name", "tiny", "--thresholds", "0.1,0.2",
             "--iou", "0.3,0.5"]
     # a small demo: few images, short training (CLI behaviour, not localization quality, is tested here)
     overrides = root / "tiny.yaml"
@@ -24,12 +27,17 @@ def tiny_run(tmp_path_factory):
                          .replace("n_val: 80", "n_val: 8").replace("n_test: 80", "n_test: 12")
                          .replace("train_seconds: 90", "train_seconds: 5"))
     args[3] = str(overrides)
-    result = CliRunner().invoke(main, args)
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        result = CliRunner().invoke(main, args)
+    finally:
+        os.chdir(cwd)
     return root, result
 
 
-@pytest.mark.parametrize("command", ["run", "cams", "merge", "boxes", "score", "info", "models", "layers", "train",
-                                     "export"])
+@pytest.mark.parametrize("command", ["run", "demo", "cams", "merge", "boxes", "score", "info", "models", "layers",
+                                     "train", "export"])
 def test_help_has_an_example(command):
     result = CliRunner().invoke(main, [command, "--help"])
     assert result.exit_code == 0, result.output
@@ -74,7 +82,18 @@ def test_info_describes_the_run(tiny_run):
     root, _ = tiny_run
     result = CliRunner().invoke(main, ["info", str(root / "results" / "tiny")])
     assert result.exit_code == 0, result.output
-    assert "config hash:" in result.output and "detections/thr_0.100.pkl" in result.output
+    out = result.output
+    assert "{" not in out and "None" not in out  # no raw dicts, no unresolved settings
+    assert re.search(r"^model: +demo_cnn, voc head, input 128 px \(letterbox\), from /", out, re.M)
+    assert re.search(r"^CAM: +gradcam at layer block4$", out, re.M)
+    assert re.search(r"^thresholds: +0\.1, 0\.2 \(max; boxes: largest", out, re.M)
+    assert re.search(r"^data: +VOCdemo test, 12 images, 4 classes", out, re.M)
+    assert re.search(r"^classes explained: predicted \(p >= 0\.5\)$", out, re.M)
+    assert re.search(r"^seconds per stage: cams [\d.]+, boxes [\d.]+, score [\d.]+$", out, re.M)
+    rows = json.loads(CliRunner().invoke(main, ["score", str(root / "results" / "tiny"), "--format", "json",
+                                                "--iou", "0.5"]).stdout)
+    best = max(r["ap"] for r in rows if r["class"] == "mAP" and r["source"] == "cam")
+    assert re.search(rf"^mAP IoU 0\.5: +{100 * best:.2f} % at tau 0\.\d .*oracle", out, re.M)
 
 
 def test_missing_config_is_one_line_exit_1(tmp_path):
@@ -131,18 +150,25 @@ def test_score_refuses_a_hostile_pickle(tmp_path):
 
 
 @pytest.mark.parametrize(("flags", "match"), [
-    (["--method", "guided_backprop"], "pixel-level pictures"),
-    (["--method", "gradcam_plus"], "unknown CAM method 'gradcam_plus'"),
-    (["--box-mode", "biggest"], "biggest"),
-    (["--threshold-mode", "mean"], "mean"),
+    (["--method", "guided_backprop"], "'guided_backprop' is not one of 'cam', 'gradcam', "),  # pixel-level only
+    (["--method", "gradcam_plus"], "'gradcam_plus' is not one of 'cam', 'gradcam', "),
+    (["--box-mode", "biggest"], "'biggest' is not one of 'largest', 'all', 'union'"),
+    (["--threshold-mode", "mean"], "'mean' is not one of 'max', 'minmax', 'percentile'"),
 ])
 def test_unknown_names_are_refused_before_any_work(tmp_path, flags, match):
     result = CliRunner().invoke(main, ["run", "--config", str(CONFIGS / "demo.yaml"), *flags,
                                        "--cache-dir", str(tmp_path), "--out", str(tmp_path)])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a usage error: the flag's choices are listed in --help
     assert match in result.output
-    assert len(result.output.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []  # nothing generated, trained or written
+
+
+def test_unknown_method_in_a_config_is_one_line(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("cams:\n  method: guided_backprop\n")
+    result = CliRunner().invoke(main, ["run", "--config", str(config), "--out", str(tmp_path)])
+    assert result.exit_code == 1 and "pixel-level pictures" in result.output
+    assert len(result.output.strip().splitlines()) == 1
 
 
 def test_unknown_model_is_refused_with_suggestions(tmp_path):
@@ -229,8 +255,7 @@ def test_score_writes_nothing_unless_save(tiny_run):
     result = CliRunner().invoke(main, ["score", str(run_dir), "--iou", "0.5"])
     assert result.exit_code == 0, result.output
     assert _files(run_dir) == before
-    assert "tau=nan" not in result.stdout
-    assert re.search(r"pointing@15px \(gradloc, explained classes\) +\d+\.\d\d %", result.stdout)
+    assert "tau=nan" not in result.stdout and re.search(r"pointing@15px [^\n]*\) +\d+\.\d\d %", result.stdout)
     # every option is checked before anything is printed or written
     bad = CliRunner().invoke(main, ["score", str(run_dir), "--iou", "0.5", "--save", "--per-class", "0.33"])
     assert bad.exit_code == 1 and bad.stdout == ""
@@ -362,3 +387,173 @@ def test_logging_goes_through_tqdm_while_a_bar_is_shown():
         assert handler in root.handlers
     finally:
         root.removeHandler(handler)
+
+
+@pytest.mark.slow
+def test_a_copied_run_works_from_any_directory(tiny_run, tmp_path, monkeypatch):
+    """Run folder and cache copied elsewhere, original cache moved away, cwd = /: every reader command works
+    on the copy and uses the copy's cache and data."""
+    root, result = tiny_run
+    assert result.exit_code == 0, result.output
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(root / "results" / "tiny", copy / "results" / "tiny")
+    shutil.copytree(root / "cache", copy / "cache")
+    run_dir = copy / "results" / "tiny"
+    hidden = root / "cache.hidden"
+    (root / "cache").rename(hidden)  # the run's original cache is gone: only the copy can be used
+    try:
+        monkeypatch.chdir("/")
+        for args in (["info", str(run_dir)],
+                     ["score", str(run_dir), "--iou", "0.5", "--format", "csv"],
+                     ["compare", str(run_dir), str(run_dir), "--iou", "0.5"],
+                     ["plot", str(run_dir), "--out", str(tmp_path / "plots")],
+                     ["export", str(run_dir), str(tmp_path / "exported"), "--threshold", "0.2"],
+                     ["show", str(run_dir), "--threshold", "0.2", "--n", "2", "--png", str(tmp_path / "s.png")]):
+            result = CliRunner().invoke(main, args)
+            assert result.exit_code == 0, (args, result.output)
+        assert (tmp_path / "s.png").stat().st_size > 0
+        assert any((tmp_path / "plots").glob("*.png")) and any((tmp_path / "exported").glob("*.txt"))
+    finally:
+        monkeypatch.chdir(root)
+        hidden.rename(root / "cache")
+    stored = json.loads((run_dir / "manifest.json").read_text())
+    assert stored["paths"]["cache_dir"]["relative_to_run"].startswith("../../cache/cams/")
+    assert Path(stored["config"]["data"]["voc_root"]).is_absolute()
+
+
+def test_each_command_shows_its_own_flags_with_their_choices():
+    cams_help = CliRunner().invoke(main, ["cams", "--help"]).output
+    for absent in ("--thresholds", "--iou", "--metric", "--explain", "--out ", "--name"):
+        assert absent not in cams_help, absent
+    assert re.search(r"--method \[cam\|gradcam\|gradcampp\|", cams_help)
+    assert "guided" not in cams_help  # pixel-level methods make no boxes: not offered
+    assert "score tables" not in cams_help and "-q, --quiet" in cams_help
+    run_help = CliRunner().invoke(main, ["run", "--help"]).output
+    for choice in ("--threshold-mode [max|minmax|percentile]", "--box-mode [largest|all|union]",
+                   "--explain [predicted|gt|all]", "--head [voc|imagenet|voc+imagenet]",
+                   "--resize-mode [letterbox|stretch|shortside]", "--confidence [score|"):
+        assert choice in run_help, choice
+    assert "--classes" not in run_help.replace("was --classes", "")
+    boxes_help = CliRunner().invoke(main, ["boxes", "--help"]).output
+    assert "--thresholds" in boxes_help and "--iou" not in boxes_help
+    result = CliRunner().invoke(main, ["run", "--box-mode", "biggest"])
+    assert result.exit_code == 2 and "'biggest' is not one of 'largest', 'all', 'union'" in result.output
+
+
+def test_out_is_a_folder_everywhere():
+    train_help = CliRunner().invoke(main, ["train", "--help"]).output
+    assert not re.search(r"^\s+--out\b", train_help, re.M) and "--checkpoint-out FILE" in train_help
+    result = CliRunner().invoke(main, ["train", "--out", "x.pt"])
+    assert result.exit_code == 2 and "train --out FILE is now --checkpoint-out FILE" in result.output
+    assert "--out DIRECTORY" in CliRunner().invoke(main, ["plot", "--help"]).output
+    assert not re.search(r"^\s+--out-dir", CliRunner().invoke(main, ["plot", "--help"]).output, re.M)
+    assert "--png FILE" in CliRunner().invoke(main, ["show", "--help"]).output
+
+
+def test_single_iou_commands_refuse_a_list(tmp_path):
+    for command in (["plot", str(tmp_path)], ["compare", str(tmp_path), str(tmp_path)]):
+        result = CliRunner().invoke(main, [*command, "--iou", "0.3,0.5"])
+        assert result.exit_code == 2 and "shows one IoU" in result.output, command
+
+
+def test_old_config_key_boxes_classes_is_read_with_a_warning(tmp_path, caplog):
+    from gradloc.config import load_config
+
+    old = tmp_path / "old.yaml"
+    old.write_text("boxes:\n  classes: gt\n")
+    with caplog.at_level("WARNING"):
+        assert load_config(old).boxes.explain == "gt"
+    assert "'boxes.classes' is deprecated" in caplog.text and str(old) in caplog.text
+    old.write_text("boxes:\n  classes: gt\n  explain: all\n")
+    result = CliRunner().invoke(main, ["run", "--config", str(old)])
+    assert result.exit_code == 1 and "'boxes.classes' and 'boxes.explain' both given" in result.output
+    result = CliRunner().invoke(main, ["run", "--explain", "everything"])
+    assert result.exit_code == 2
+
+
+@pytest.mark.slow
+def test_only_scores_a_subset_of_classes(tiny_run):
+    root, _ = tiny_run
+    run_dir = str(root / "results" / "tiny")
+    every = json.loads(CliRunner().invoke(main, ["score", run_dir, "--iou", "0.5", "--format", "json"]).stdout)
+    result = CliRunner().invoke(main, ["score", run_dir, "--iou", "0.5", "--format", "json", "--only",
+                                       "disc,square"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert {r["class"] for r in rows} == {"disc", "square", "mAP"}
+    cam = [r for r in rows if r["source"] == "cam" and r["threshold"] == 0.2]
+    full = {r["class"]: r["ap"] for r in every if r["source"] == "cam" and r["threshold"] == 0.2}
+    per_class = {r["class"]: r["ap"] for r in cam}
+    assert per_class["disc"] == full["disc"] and per_class["square"] == full["square"]
+    aps = [full[c] for c in ("disc", "square") if full[c] == full[c]]
+    assert per_class["mAP"] == pytest.approx(sum(aps) / len(aps))
+    table = CliRunner().invoke(main, ["score", run_dir, "--iou", "0.5", "--only", "disc,square"]).output
+    assert "mAP over the 2 classes of disc, square (--only)" in table
+    result = CliRunner().invoke(main, ["score", run_dir, "--only", "disc,nope"])
+    assert result.exit_code == 1 and "'nope' is not one of disc, square, triangle, cross" in result.output
+
+
+@pytest.mark.slow
+def test_compare_refuses_different_ground_truth_unless_forced(tiny_run, tmp_path):
+    import pickle
+
+    root, _ = tiny_run
+    run_a = root / "results" / "tiny"
+    run_b = tmp_path / "other"
+    shutil.copytree(run_a, run_b)
+    manifest = json.loads((run_b / "manifest.json").read_text())
+    manifest["config"]["cams"]["method"] = "gradcampp"
+    (run_b / "manifest.json").write_text(json.dumps(manifest))
+    result = CliRunner().invoke(main, ["compare", str(run_a), str(run_b), "--iou", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("Config differences (A | B): 1\n  cams.method: gradcam | gradcampp\n")
+    assert "Largest disagreements (AP, B - A): none" in result.stdout  # same scores: all ties, none listed
+    gt = pickle.loads((run_b / "gt.pkl").read_bytes())
+    gt["image_ids"][0] = "renamed"
+    (run_b / "gt.pkl").write_bytes(pickle.dumps(gt))
+    result = CliRunner().invoke(main, ["compare", str(run_a), str(run_b), "--iou", "0.5"])
+    assert result.exit_code == 1 and result.stdout == ""
+    assert "cams.method: gradcam | gradcampp" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: tiny and other are scored on different "
+                                                             "ground truth (image ids: 12 | 12 images, 1 only in A")
+    result = CliRunner().invoke(main, ["compare", str(run_a), str(run_b), "--iou", "0.5", "--force"])
+    assert result.exit_code == 0 and "Different ground truth (A | B, compared with --force): image ids" in result.stdout
+
+
+def test_layers_prints_names_layer_accepts_with_shapes():
+    import torch
+
+    from gradloc.cams import compute_cams
+    from gradloc.models import build_architecture
+
+    result = CliRunner().invoke(main, ["layers", "resnet18", "--head", "imagenet", "--input-size", "64"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].split()[:2] == ["layer", "(--layer)"] and "output at 64x64" in lines[0]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[1:]}
+    assert rows["backbone.layer4"] == ["512x2x2", "default"]
+    assert "backbone.avgpool" not in rows and "avgpool" not in rows
+    model = build_architecture("resnet18", head="imagenet")
+    for name in ("backbone.layer4", "backbone.layer3.1.bn2"):  # printed names run as --layer values
+        maps, _ = compute_cams(model, torch.zeros(1, 3, 64, 64), [0], layer=name)
+        assert maps.shape[-2:] == (2, 2) if name.endswith("layer4") else (4, 4)
+    result = CliRunner().invoke(main, ["layers", "resnet18", "--input-size", "64", "--all"])
+    assert re.search(r"^avgpool +512x1x1 +not for CAMs: adaptive pooling", result.output, re.M)
+
+
+def test_demo_runs_the_packaged_config_from_any_directory(tmp_path, monkeypatch):
+    from gradloc.config import load_config, packaged_config
+
+    packaged = packaged_config("demo")
+    assert packaged.parent == Path(__import__("gradloc").__file__).parent / "data"  # package data, not configs/
+    assert load_config(packaged).demo.enabled
+    assert (CONFIGS / "demo.yaml").resolve() == packaged.resolve()  # configs/demo.yaml is the same file
+    monkeypatch.chdir(tmp_path)
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    # the packaged config loads and validates from here; the unwritable --out stops it before any work
+    result = CliRunner().invoke(main, ["demo", "--out", str(blocker / "results")])
+    assert result.exit_code == 1 and "output folder is not writable" in result.output, result.output
+    assert not (tmp_path / ".gradloc-cache").exists()
+    result = CliRunner().invoke(main, ["demo", "--config", "x.yaml"])
+    assert result.exit_code == 2 and "packaged demo config" in result.output

@@ -159,7 +159,7 @@ def test_float16_cache_moves_boxes_by_at_most_one_pixel(demo_run, tmp_path):
 
 @pytest.mark.slow
 def test_gt_known_run_reports_maxboxacc_and_localization_rows(demo_run, tmp_path):
-    """With ``boxes.classes: gt`` every GT class of every image is explained, and the WSOL metrics include
+    """With ``boxes.explain: gt`` every GT class of every image is explained, and the WSOL metrics include
     MaxBoxAcc at IoU 0.3 / 0.5 / 0.7 and their mean (MaxBoxAccV2 when box_mode is ``all``), each with the
     best τ of the run's sweep, labelled as an oracle choice."""
     import dataclasses
@@ -168,7 +168,7 @@ def test_gt_known_run_reports_maxboxacc_and_localization_rows(demo_run, tmp_path
 
     config, cache, dataset, _, _ = demo_run
     gt_config = dataclasses.replace(config, out=str(tmp_path), boxes=dataclasses.replace(
-        config.boxes, classes="gt", box_mode="all"))
+        config.boxes, explain="gt", box_mode="all"))
     run_dir = run_boxes(gt_config, cache, dataset)
     gt = load_ground_truth(run_dir / "gt.pkl")
     dets = load_detections(run_dir / "detections" / "thr_0.600.pkl")
@@ -191,3 +191,12 @@ def test_gt_known_run_reports_maxboxacc_and_localization_rows(demo_run, tmp_path
     torchray = rows[rows["metric"] == "pointing@15px (TorchRay, GT classes)"].set_index("class")
     counted = {(int(i), int(c)) for i, c, d in zip(gt.image_index, gt.labels, gt.difficult, strict=True) if not d}
     assert int(torchray.drop("mean")["n"].sum()) == len(counted)
+
+
+@pytest.mark.parametrize(("explain", "expected"), [("predicted", [1, 3]), ("gt", [0, 2]), ("all", [0, 1, 2, 3])])
+def test_explained_classes_per_explain_setting(explain, expected):
+    from gradloc.pipeline import explained_classes
+
+    config = load_config(None, {"boxes.explain": explain, "boxes.score_cut": 0.5})
+    probabilities = np.array([0.1, 0.9, 0.4, 0.5])
+    assert explained_classes(config, probabilities, np.array([2, 0, 2])).tolist() == expected

@@ -23,7 +23,7 @@ from gradloc import io as io_module
 from gradloc import runs
 from gradloc.cli import main
 from gradloc.detections import Detections, GroundTruth
-from gradloc.runs import RunLockedError, new_run, open_run
+from gradloc.runs import Run, RunLockedError, new_run, open_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -255,7 +255,7 @@ def _write_config(folder: Path, demo_data: Path, demo_checkpoint: Path) -> Path:
         "data": {"voc_root": str(demo_data), "year": "demo", "split": "val", "classes": list(DEMO_CLASSES)},
         "model": {"name": "demo_cnn", "checkpoint": str(demo_checkpoint), "input_size": 64},
         "cams": {"batch_size": 4},
-        "boxes": {"thresholds": [0.2, 0.4], "classes": "gt"},
+        "boxes": {"thresholds": [0.2, 0.4], "explain": "gt"},
         "score": {"iou": [0.3, 0.5]},
     }
     path = folder / "config.yaml"
@@ -477,3 +477,28 @@ def test_sigkill_in_each_stage_then_rerun_gives_identical_results(tmp_path, refe
     assert sorted(got) == sorted(reference)
     assert {name for name in got if got[name] != reference[name]} == set()
     assert _siblings(out / "k") == []
+
+
+def test_manifest_paths_resolve_beside_the_run_else_absolute(tmp_path):
+    from gradloc.runs import manifest_record
+
+    (tmp_path / "a" / "cache").mkdir(parents=True)
+    (tmp_path / "a" / "results").mkdir()
+    config = {"cache_dir": str(tmp_path / "a" / "cache"), "data": {"voc_root": "/nowhere/VOCdevkit"},
+              "model": {"checkpoint": None}}
+    stored = manifest_record(tmp_path / "a" / "results" / "r", config, config, "h", "k",
+                             str(tmp_path / "a" / "cache" / "cams" / "k"), {})
+    assert stored["paths"]["config.cache_dir"] == {"relative_to_run": "../../cache",
+                                                  "absolute": str(tmp_path / "a" / "cache")}
+    assert "config.model.checkpoint" not in stored["paths"]
+    run = tmp_path / "b" / "results" / "r"
+    run.mkdir(parents=True)
+    (run / "manifest.json").write_text(json.dumps(stored))
+    # no cache beside the copy: the absolute path, which exists
+    assert Run(run).manifest["config"]["cache_dir"] == str(tmp_path / "a" / "cache")
+    (tmp_path / "b" / "cache").mkdir()
+    # a cache beside the copy wins; a path that exists nowhere is named beside the run
+    resolved = Run(run).manifest
+    assert resolved["config"]["cache_dir"] == str(tmp_path / "b" / "cache")
+    assert resolved["config"]["data"]["voc_root"] == "/nowhere/VOCdevkit"
+    assert Run(run).stored_manifest["config"]["cache_dir"] == str(tmp_path / "a" / "cache")

@@ -65,7 +65,7 @@ def write_run(root, voc, dataset, dets_of, name="tiny"):
     ``dets_of(gt)`` gives the detections."""
     classes = tuple(dataset.classes)
     config = load_config(None, {"data.voc_root": str(voc), "data.year": "2007", "data.split": "val",
-                                "data.classes": classes, "boxes.classes": "gt", "boxes.thresholds": (0.2,),
+                                "data.classes": classes, "boxes.explain": "gt", "boxes.thresholds": (0.2,),
                                 "boxes.max_side": None, "out": str(root / "results"), "name": name,
                                 "cache_dir": str(root / "cache")})
     gt = dataset.ground_truth()

@@ -503,7 +503,7 @@ def test_image_smaller_than_the_network_input(demo_copy, cams_config):
         Image.new("RGB", (width, height), (250, 20, 20)).save(base / "JPEGImages" / f"{image_id}.jpg")
         write(base / "Annotations" / f"{image_id}.xml",
               annotation_xml(image_id, width, height, [obj_xml("disc", (1, 1, width, height))]))
-    config = cams_config(demo_copy, **{"boxes.classes": "gt"})
+    config = cams_config(demo_copy, **{"boxes.explain": "gt"})
     cache, dataset = run_cams(config)
     entry = cache.get("000025")
     assert (entry.geometry.width, entry.geometry.height) == (3, 2) and np.isfinite(entry.maps).all()
