@@ -103,6 +103,17 @@ def shared_pass(config, methods: list[str]) -> dict[str, float]:
     return {"seconds": time.perf_counter() - start, "images": computed}
 
 
+def shared_passes(specs: list[dict], config_path: str) -> dict[tuple[str, str, str], str]:
+    """(model, head, method) -> the row whose single pass computes those heatmaps (rows with ``also``)."""
+    shared = {}
+    for spec in specs:
+        if spec.get("also"):
+            config = load_config(config_path, spec.get("overrides", {}))
+            for method in (config.cams.method, *spec["also"]):
+                shared[(config.model.name, config.model.head, method)] = spec["name"]
+    return shared
+
+
 def benchmark_row(spec: dict, config_path: str, out: Path, shared: dict[str, str], timing: dict | None
                   ) -> tuple[list[dict], list[dict]]:
     """Sweep one row's config; return its table rows and per-class rows. ``shared`` maps a method's cache
@@ -122,8 +133,6 @@ def benchmark_row(spec: dict, config_path: str, out: Path, shared: dict[str, str
         timing = {"seconds": sum(m["seconds_per_stage"].get("cams", 0.0) for m in manifests),
                   "images": sum(len(open_run(d).gt.image_ids) for d in result.run_dirs.values())}
     key = (config.model.name, config.model.head, config.cams.method)
-    if spec.get("also"):
-        shared.update({(config.model.name, config.model.head, m): spec["name"] for m in spec["also"]})
     per_image = (f"shared pass of {shared[key]}" if key in shared and shared[key] != spec["name"]
                  else round(timing["seconds"] / max(timing["images"], 1), 3))
     protocol = {"model": config.model.name, "head": config.model.head, "method": config.cams.method,
@@ -181,7 +190,7 @@ def main() -> None:
     done_path = out / "rows.jsonl"
     done = _read_rows(done_path)
     only = set(args.only.split(",")) if args.only else None
-    shared: dict = {}
+    shared = shared_passes(specs, args.config)
     timings_path = out / "cams_seconds.json"  # heatmap time per row, kept from a --cams-only run
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
     for spec in specs:
