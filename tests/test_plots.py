@@ -102,7 +102,7 @@ def test_help_has_an_example():
 
 def test_plot_writes_both_pngs(tiny_run, tmp_path):
     result = CliRunner().invoke(main, ["plot", str(tiny_run), "--threshold", "0.1", "--iou", "0.3",
-                                       "--out-dir", str(tmp_path)])
+                                       "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert result.output.splitlines() == [str(tmp_path / "ap_recall_vs_threshold.png"),
                                           str(tmp_path / "pr_thr_0.100_iou_0.3.png")]
@@ -180,7 +180,7 @@ def test_default_threshold_is_the_best_one(tiny_run):
     (["--iou", "0.7"], "no IoU 0.7; available: 0.3, 0.5"),
 ])
 def test_bad_values_are_one_line_exit_1(tiny_run, tmp_path, args, message):
-    result = CliRunner().invoke(main, ["plot", str(tiny_run), "--out-dir", str(tmp_path), *args])
+    result = CliRunner().invoke(main, ["plot", str(tiny_run), "--out", str(tmp_path), *args])
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
