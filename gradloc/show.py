@@ -490,6 +490,16 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
 # --- heatmaps of a run --------------------------------------------------------------------------------------
 
 
+def _display_probabilities(scores: np.ndarray, score_kind: str) -> np.ndarray:
+    """Class probabilities for titles and panel order, in numpy so that `gradloc show` never imports torch.
+    They may differ from :func:`gradloc.pipeline.class_probabilities` (torch, the detection confidences) in the
+    last bit; the boxes drawn come from the run's detections, not from these."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if score_kind == "log_prob":
+        return np.exp(scores)
+    return 1.0 / (1.0 + np.exp(-scores))
+
+
 def open_run_cache(run: Any):  # (gradloc.runs.Run) -> gradloc.cache.HeatmapCache
     """The heatmap cache a run was made from (its manifest's ``cache_dir``)."""
     from gradloc.cache import HeatmapCache
@@ -564,7 +574,7 @@ def run_samples(run_dir: str | Path, threshold: float, n: int = 10, seed: int = 
         ValueError: bad threshold, ids, class or sample mode; malformed files.
     """
     from gradloc.config import load_config
-    from gradloc.pipeline import class_probabilities, explained_classes, open_dataset
+    from gradloc.pipeline import explained_classes, open_dataset
     from gradloc.runs import open_run
 
     run = open_run(run_dir, hint=" (for boxes only use --detections PKL --voc-root PATH)")
@@ -581,7 +591,7 @@ def run_samples(run_dir: str | Path, threshold: float, n: int = 10, seed: int = 
         image_id = gt.image_ids[index]
         image = dataset.load_image(image_id)
         entry = cache.get(image_id)
-        probs = class_probabilities(entry.scores, cache.key_data["score_kind"])
+        probs = _display_probabilities(entry.scores, cache.key_data["score_kind"])
         explained = np.union1d(explained_classes(config, probs, gt.labels[gt.image_index == index]),
                                dets.labels[dets.image_index == index]).astype(np.int64)
         if label is not None:

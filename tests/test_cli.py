@@ -557,3 +557,23 @@ def test_demo_runs_the_packaged_config_from_any_directory(tmp_path, monkeypatch)
     assert not (tmp_path / ".gradloc-cache").exists()
     result = CliRunner().invoke(main, ["demo", "--config", "x.yaml"])
     assert result.exit_code == 2 and "packaged demo config" in result.output
+
+
+def test_reading_commands_never_import_torch(tiny_run, tmp_path):
+    """score, info, plot, show, export, compare only read a run folder: they must not pay torch's start-up."""
+    import subprocess
+    import sys
+
+    root, _ = tiny_run
+    run_dir = str(root / "results" / "tiny")
+    commands = [["score", run_dir], ["info", run_dir], ["plot", run_dir, "--out", str(tmp_path / "p")],
+                ["show", run_dir, "--threshold", "0.2", "--n", "2", "--png", str(tmp_path / "s.png")],
+                ["export", run_dir, str(tmp_path / "e"), "--threshold", "0.2"], ["compare", run_dir, run_dir]]
+    code = ("import sys\nfrom click.testing import CliRunner\nfrom gradloc.cli import main\n"
+            f"for args in {commands!r}:\n"
+            "    result = CliRunner().invoke(main, args)\n"
+            "    assert result.exit_code == 0, (args, result.output)\n"
+            "print(sorted(m for m in ('torch', 'torchvision', 'timm') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
