@@ -20,9 +20,9 @@ import pandas as pd
 import yaml
 
 from gradloc.config import load_config
-from gradloc.detections import load_ground_truth
 from gradloc.io import atomic_write_bytes
 from gradloc.report import is_close
+from gradloc.runs import open_run
 from gradloc.sweep import run_sweep
 
 
@@ -72,9 +72,9 @@ def main() -> None:
         elapsed = time.perf_counter() - start
         n_images, cam_seconds = 0, 0.0
         for run_dir in result.run_dirs.values():
-            manifest = json.loads((run_dir / "manifest.json").read_text())
-            cam_seconds += manifest["seconds_per_stage"].get("cams", 0.0)
-            n_images += len(load_ground_truth(run_dir / "gt.pkl").image_ids)
+            run = open_run(run_dir)
+            cam_seconds += run.manifest["seconds_per_stage"].get("cams", 0.0)
+            n_images += len(run.gt.image_ids)
         # cams seconds are 0 when every map was cached by an earlier variant with the same maps
         done[name] = row(name, variant.get("what", ""), result.table, cam_seconds / n_images)
         print(json.dumps(done[name]), f"({elapsed:.0f} s)", flush=True)
