@@ -442,7 +442,7 @@ def _run_and_print(ctx: click.Context, config_path: str | None, flags: dict[str,
     original = build_config(config_path, flags)
     world = _join_world(ctx, shard, original)
     try:
-        if shard is None:
+        if shard is None and (world is None or world.rank == 0):  # rank 0 alone writes (and locks) the folder
             check_writable(original.run_dir)  # before the demo is prepared: an unwritable --out costs no work
         start = time.perf_counter()
         with rank_zero_first(world):
