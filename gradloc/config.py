@@ -21,6 +21,7 @@ import yaml
 
 from gradloc.boxes import BoxParams
 from gradloc.geometry import RESIZE_MODES
+from gradloc.io import to_plain
 from gradloc.voc import VOC_CLASSES
 
 logger = logging.getLogger(__name__)
@@ -186,7 +187,7 @@ class RunConfig:
         return Path(self.out) / self.name
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_plain(dataclasses.asdict(self))
+        return to_plain(dataclasses.asdict(self))
 
 
 def packaged_config(name: str) -> Path:
@@ -204,17 +205,9 @@ def packaged_config(name: str) -> Path:
     return path
 
 
-def _to_plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {key: _to_plain(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_to_plain(item) for item in value]
-    return value
-
-
 def config_hash(data: Mapping[str, Any], length: int = 12) -> str:
     """Short sha256 of the canonical JSON of ``data`` (sorted keys): the name of a cache entry."""
-    text = json.dumps(_to_plain(dict(data)), sort_keys=True, separators=(",", ":"), default=str)
+    text = json.dumps(to_plain(dict(data)), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 

@@ -14,6 +14,7 @@ import io
 import os
 import pickle
 import secrets
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -125,3 +126,12 @@ def save_pickle(obj: Any, path: str | os.PathLike[str]) -> None:
     ``to_dict()`` method (``GroundTruth``, ``Detections``) is saved as that dict."""
     data = obj.to_dict() if hasattr(obj, "to_dict") else obj
     atomic_write_bytes(path, pickle.dumps(data, protocol=4))
+
+
+def to_plain(value: Any) -> Any:
+    """A deep copy of nested mappings/sequences as dicts and lists (JSON- and YAML-ready, safe to edit)."""
+    if isinstance(value, Mapping):
+        return {key: to_plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_plain(item) for item in value]
+    return value

@@ -39,7 +39,7 @@ import pandas as pd
 
 from gradloc import __version__
 from gradloc.detections import Detections, GroundTruth, load_detections, load_ground_truth
-from gradloc.io import atomic_write_bytes, safe_load_pickle, save_pickle, temporary_name
+from gradloc.io import atomic_write_bytes, safe_load_pickle, save_pickle, temporary_name, to_plain
 
 logger = logging.getLogger(__name__)
 
@@ -122,8 +122,8 @@ def manifest_record(run_dir: str | Path, config: Mapping[str, Any], config_as_gi
     how long each stage took, the items skipped with ``data.on_error: skip`` (with the reason), and where the
     files it needs are (:data:`RUN_PATHS`, see :func:`portable_paths`)."""
     manifest = {
-        "config": _to_plain(config),
-        "config_as_given": _to_plain(config_as_given),
+        "config": to_plain(config),
+        "config_as_given": to_plain(config_as_given),
         "config_hash": config_hash,
         "cache_key": cache_key,
         "cache_dir": cache_dir,
@@ -142,15 +142,6 @@ def manifest_record(run_dir: str | Path, config: Mapping[str, Any], config_as_gi
 # (show --guided). ``config_as_given`` keeps the paths as typed (a record, never read back).
 RUN_PATHS = ("cache_dir", "config.cache_dir", "config.data.voc_root", "config.model.checkpoint")
 PATHS_KEY = "paths"
-
-
-def _to_plain(value: Any) -> Any:
-    """A deep copy of nested mappings/sequences as dicts and lists (JSON-ready, safe to edit)."""
-    if isinstance(value, Mapping):
-        return {key: _to_plain(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_to_plain(item) for item in value]
-    return value
 
 
 def _get(data: Mapping[str, Any], dotted: str) -> Any:
@@ -175,7 +166,7 @@ def portable_paths(manifest: Mapping[str, Any], run_dir: str | Path) -> dict[str
 
     :meth:`Run.manifest` resolves them back (:func:`resolve_paths`), so a run folder copied together with its
     cache and data works anywhere, and a run folder copied alone still finds them at their absolute place."""
-    manifest = _to_plain(manifest)
+    manifest = to_plain(manifest)
     run_dir = Path(run_dir).resolve()
     recorded = {}
     for dotted in RUN_PATHS:
@@ -195,7 +186,7 @@ def resolve_paths(manifest: Mapping[str, Any], run_dir: str | Path) -> dict[str,
     it exists, else the run-relative one (so that errors name where the file was expected). Manifests written
     before ``paths`` existed hold paths relative to the working directory of their run; they are returned
     unchanged."""
-    manifest = _to_plain(manifest)
+    manifest = to_plain(manifest)
     run_dir = Path(run_dir).resolve()
     for dotted, where in (manifest.get(PATHS_KEY) or {}).items():
         if dotted not in RUN_PATHS or not isinstance(where, Mapping) or _get(manifest, dotted) is None:
