@@ -677,20 +677,6 @@ class CamMethod:
     needs_gradients: bool = True
 
 
-METHODS: dict[str, CamMethod] = {
-    "cam": CamMethod(_cam, "Zhou et al., CVPR 2016", needs_gradients=False),
-    "gradcam": CamMethod(partial(_gradient_method, gradcam_map), "Selvaraju et al., ICCV 2017"),
-    "gradcampp": CamMethod(partial(_gradient_method, gradcampp_map), "Chattopadhay et al., WACV 2018"),
-    "xgradcam": CamMethod(partial(_gradient_method, xgradcam_map), "Fu et al., BMVC 2020"),
-    "layercam": CamMethod(partial(_gradient_method, layercam_map), "Jiang et al., IEEE TIP 2021"),
-    "hirescam": CamMethod(partial(_gradient_method, hirescam_map), "Draelos & Carin, arXiv:2011.08891"),
-    "scorecam": CamMethod(_scorecam, "Wang et al., CVPR Workshops 2020", needs_gradients=False),
-    "guided_backprop": CamMethod(_guided_backprop, "Springenberg et al., ICLR Workshops 2015",
-                                 uses_layer=False, input_resolution=True),
-    "guided_gradcam": CamMethod(_guided_gradcam, "Selvaraju et al., ICCV 2017", input_resolution=True),
-}
-
-
 GRADIENT_MAPS: dict[str, GradientMap] = {
     "gradcam": gradcam_map,
     "gradcampp": gradcampp_map,
@@ -700,6 +686,24 @@ GRADIENT_MAPS: dict[str, GradientMap] = {
 }
 """The methods that combine one layer's activations and gradients: :func:`compute_gradient_cams` computes any
 set of them from a single forward/backward pass."""
+
+_GRADIENT_CITATIONS = {
+    "gradcam": "Selvaraju et al., ICCV 2017",
+    "gradcampp": "Chattopadhay et al., WACV 2018",
+    "xgradcam": "Fu et al., BMVC 2020",
+    "layercam": "Jiang et al., IEEE TIP 2021",
+    "hirescam": "Draelos & Carin, arXiv:2011.08891",
+}
+
+METHODS: dict[str, CamMethod] = {
+    "cam": CamMethod(_cam, "Zhou et al., CVPR 2016", needs_gradients=False),
+    **{name: CamMethod(partial(_gradient_method, combine), _GRADIENT_CITATIONS[name])
+       for name, combine in GRADIENT_MAPS.items()},
+    "scorecam": CamMethod(_scorecam, "Wang et al., CVPR Workshops 2020", needs_gradients=False),
+    "guided_backprop": CamMethod(_guided_backprop, "Springenberg et al., ICLR Workshops 2015",
+                                 uses_layer=False, input_resolution=True),
+    "guided_gradcam": CamMethod(_guided_gradcam, "Selvaraju et al., ICCV 2017", input_resolution=True),
+}
 
 
 def _check_inputs(images: Tensor, classes: Sequence[int]) -> list[int]:
