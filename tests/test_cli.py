@@ -560,7 +560,8 @@ def test_demo_runs_the_packaged_config_from_any_directory(tmp_path, monkeypatch)
 
 
 def test_reading_commands_never_import_torch(tiny_run, tmp_path):
-    """score, info, plot, show, export, compare only read a run folder: they must not pay torch's start-up."""
+    """score, info, plot, show, export, compare only read a run folder and models lists the registry: they must
+    not pay torch's start-up (seconds)."""
     import subprocess
     import sys
 
@@ -568,7 +569,8 @@ def test_reading_commands_never_import_torch(tiny_run, tmp_path):
     run_dir = str(root / "results" / "tiny")
     commands = [["score", run_dir], ["info", run_dir], ["plot", run_dir, "--out", str(tmp_path / "p")],
                 ["show", run_dir, "--threshold", "0.2", "--n", "2", "--png", str(tmp_path / "s.png")],
-                ["export", run_dir, str(tmp_path / "e"), "--threshold", "0.2"], ["compare", run_dir, run_dir]]
+                ["export", run_dir, str(tmp_path / "e"), "--threshold", "0.2"], ["compare", run_dir, run_dir],
+                ["models"]]
     code = ("import sys\nfrom click.testing import CliRunner\nfrom gradloc.cli import main\n"
             f"for args in {commands!r}:\n"
             "    result = CliRunner().invoke(main, args)\n"

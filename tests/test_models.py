@@ -28,13 +28,13 @@ from gradloc.models import (
     _Source,
     build_architecture,
     get_spec,
-    list_models,
     lite_state_dict_to_timm,
     load_checkpoint,
     load_model,
     replace_linear,
     save_checkpoint,
 )
+from gradloc.registry import list_models
 from gradloc.voc import VOC_CLASSES, VOCDataset
 
 VOC_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "voc" / "VOCdevkit"
@@ -169,16 +169,6 @@ def test_registry_holds_the_documented_models_with_their_default_layers() -> Non
     assert not MODELS["vgg16"].gap_linear and MODELS["densenet121"].gap_linear
     assert not MODELS["convnext_tiny"].gap_linear and not MODELS["mobilenet_v3_large"].gap_linear
     assert "vit_b_16" not in MODELS and "squeezenet1_0" not in MODELS
-
-
-def test_list_models_rows() -> None:
-    rows = {row["name"]: row for row in list_models()}
-    assert set(rows) == set(MODELS)
-    assert rows["efficientnet_lite0"]["offline"] is True  # the packaged weights
-    assert rows["resnet18"]["offline"] is False  # the empty hub cache of this test
-    assert rows["resnet18"]["weights"] == "IMAGENET1K_V1" and rows["resnet50"]["weights"] == "IMAGENET1K_V2"
-    assert rows["inception_v3"]["input_size"] == 299
-    assert rows["demo_cnn"]["weights"] is None
 
 
 def _meta_build(name: str) -> nn.Module | None:
