@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -218,8 +218,8 @@ FLAG_GROUPS: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
         "iou": ("score.iou", {"help": "Comma-separated IoU thresholds, e.g. 0.3,0.4,0.5."}),
         "metric": ("score.metric", {"type": click.Choice(["voc07", "voc10"]),
                                     "help": "voc07 = 11-point AP, voc10 = all-point AP."}),
-        "only": ("score.only", {"help": "Score only these classes, e.g. car,cat,bus (the mAP is over them and "
-                                        "says so); default all."}),
+        "only": ("score.only", {"help": "Score only these classes, e.g. car,cat,bus (mAP, CorLoc, pointing "
+                                        "game and MaxBoxAccV2 are over them and say so); default all."}),
     },
 }
 RUN_FLAGS = {flag: spec for group in FLAG_GROUPS.values() for flag, spec in group.items()}
@@ -313,16 +313,18 @@ def _print_scores(ctx: click.Context, rows, meta, wsol, fmt: str = "table", **op
 
     click.echo(render(rows, fmt, meta, **options), nl=False)
     if fmt == "table" and wsol is not None and not ctx.obj["quiet"]:
-        click.echo("\n" + localization_lines(wsol, options.get("digits", 2)))
+        click.echo("\n" + localization_lines(wsol, options.get("digits", 2), meta.get("only")))
 
 
-def localization_lines(wsol, digits: int) -> str:
-    """The mean WSOL rows as text; τ-free metrics (pointing game) name no τ."""
+def localization_lines(wsol, digits: int, only: Sequence[str] | None = None) -> str:
+    """The mean WSOL rows as text (over the classes ``only`` when given); τ-free metrics (pointing game) name
+    no τ."""
     means = wsol[wsol["class"].isin(["mean", "all"])]
     width = max((len(str(metric)) for metric in means["metric"]), default=0)
     lines = [f"  {r.metric:<{width}} {'' if r.threshold != r.threshold else f'tau={r.threshold:g}':<10} "
              f"{100 * r.value:6.{digits}f} %  (n={r.n})" for r in means.itertuples()]
-    return ("Localization (mean over classes, in %; CorLoc per tau, pointing game tau-free):\n"
+    classes = f"the classes {', '.join(only)} (--only)" if only else "classes"
+    return (f"Localization (mean over {classes}, in %; CorLoc per tau, pointing game tau-free):\n"
             + "\n".join(lines))
 
 

@@ -242,6 +242,21 @@ def load_detections(path: str | os.PathLike[str]) -> Detections:
     return Detections.from_dict(safe_load_pickle(path), source=str(path))
 
 
+def class_relabel(classes: Sequence[str], names: Sequence[str]) -> np.ndarray:
+    """int64[len(classes)]: the index of each of ``classes`` in ``names``, -1 for the classes left out.
+
+    Raises:
+        ValueError: a name is not one of ``classes``.
+    """
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = [name for name in names if name not in index]
+    if unknown:
+        raise ValueError(f"class {unknown[0]!r} is not one of {', '.join(classes)}")
+    relabel = np.full(len(classes), -1, dtype=np.int64)
+    relabel[[index[name] for name in names]] = np.arange(len(names))
+    return relabel
+
+
 def keep_classes(item: GroundTruth | Detections, names: Sequence[str]) -> GroundTruth | Detections:
     """``item`` restricted to the classes ``names`` (in that order): their rows, relabelled; the class list
     becomes ``names`` (what ``--only car,cat,bus`` scores).
@@ -249,12 +264,7 @@ def keep_classes(item: GroundTruth | Detections, names: Sequence[str]) -> Ground
     Raises:
         ValueError: a name is not one of ``item.classes``.
     """
-    index = {name: i for i, name in enumerate(item.classes)}
-    unknown = [name for name in names if name not in index]
-    if unknown:
-        raise ValueError(f"class {unknown[0]!r} is not one of {', '.join(item.classes)}")
-    relabel = np.full(len(item.classes), -1, dtype=np.int64)
-    relabel[[index[name] for name in names]] = np.arange(len(names))
+    relabel = class_relabel(item.classes, names)
     keep = relabel[item.labels] >= 0
     rows = ("image_index", "boxes", "difficult") if isinstance(item, GroundTruth) else ("image_index", "boxes",
                                                                                          "scores")

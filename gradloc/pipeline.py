@@ -26,7 +26,14 @@ from gradloc import __version__, runs
 from gradloc.boxes import BASELINES, BoxRows, ThresholdDetections, image_boxes, peak_points, random_maps
 from gradloc.cache import HeatmapCache
 from gradloc.config import RunConfig, config_hash
-from gradloc.detections import Detections, GroundTruth, load_detections, load_ground_truth
+from gradloc.detections import (
+    Detections,
+    GroundTruth,
+    class_relabel,
+    keep_classes,
+    load_detections,
+    load_ground_truth,
+)
 from gradloc.voc import VOCDataset
 
 logger = logging.getLogger(__name__)
@@ -411,7 +418,6 @@ def score_detections(dets: Detections, gt: GroundTruth, ious: Sequence[float], m
                      source: str, only: Sequence[str] = ()) -> pd.DataFrame:
     """Flat score rows (JSON schema of the README) of one detections file; ``only``: score just these classes
     (the mAP row is then over them), empty = all."""
-    from gradloc.detections import keep_classes
     from gradloc.metrics import evaluate
 
     if only:
@@ -473,8 +479,9 @@ def score_run(run_dir: str | Path | runs.Run, ious: Sequence[float], metric: str
     return pd.concat(frames, ignore_index=True)
 
 
-def localization_scores(run_dir: str | Path | runs.Run) -> pd.DataFrame:
-    """WSOL metrics of a run, each row naming its protocol (column ``metric``):
+def localization_scores(run_dir: str | Path | runs.Run, only: Sequence[str] = ()) -> pd.DataFrame:
+    """WSOL metrics of a run (``only``: over just these classes), each row naming its protocol (column
+    ``metric``):
 
     * ``corloc@0.5`` per threshold (the run's explained classes);
     * ``pointing@15px (gradloc, explained classes)`` and ``pointing@15px (TorchRay, GT classes)``
@@ -489,17 +496,20 @@ def localization_scores(run_dir: str | Path | runs.Run) -> pd.DataFrame:
     from gradloc.wsol import max_box_acc_from_hits
 
     run = run_dir if isinstance(run_dir, runs.Run) else runs.open_run(run_dir)
-    gt = run.gt
+    gt, points, known = run.gt, run.points, run.gt_known
+    if only:
+        gt = keep_classes(run.gt, only)
+        points, known = (None if record is None else _keep_pairs(record, run.gt.classes, only)
+                         for record in (points, known))
     rows = []
     dets_by_tau = {}
     for tau in run.thresholds:
-        dets = run.detections_at(tau)
+        dets = keep_classes(run.detections_at(tau), only) if only else run.detections_at(tau)
         dets_by_tau[dets.threshold] = dets
         frame = corloc(dets, gt, iou=0.5)
         rows += [{"metric": "corloc@0.5", "threshold": dets.threshold, "class": r["class"], "value": r["corloc"],
                   "n": r["n_images"]} for r in frame.to_dict("records")]
-    pairs = [("gradloc, explained classes", run.points, "gradloc")]
-    known = run.gt_known
+    pairs = [("gradloc, explained classes", points, "gradloc")]
     if known is not None:
         pairs.append(("TorchRay, GT classes", known, "torchray"))
     for label, points, protocol in pairs:
@@ -519,16 +529,25 @@ def localization_scores(run_dir: str | Path | runs.Run) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _keep_pairs(record: dict[str, Any], classes: Sequence[str], only: Sequence[str]) -> dict[str, Any]:
+    """A points / gt_known record restricted to the (image, class) pairs of the classes ``only``, relabelled
+    to their order in ``only``."""
+    labels = class_relabel(classes, only)[record["labels"]]
+    keep = labels >= 0
+    return {**record, "labels": labels[keep],
+            **{key: np.asarray(record[key])[keep] for key in ("image_index", "points", "hits") if key in record}}
+
+
 def score_run_folder(run_dir: str | Path | runs.Run, ious: Sequence[float], metric: str, only: Sequence[str] = ()
                      ) -> tuple[pd.DataFrame, dict[str, Any], pd.DataFrame]:
-    """Score a run folder without writing anything (``only``: just these classes; the WSOL rows keep all).
+    """Score a run folder without writing anything (``only``: just these classes, WSOL rows too).
 
     Returns:
         (score rows, the protocol of its CAM detections (with ``only``), WSOL rows).
     """
     run = run_dir if isinstance(run_dir, runs.Run) else runs.open_run(run_dir)
     rows = score_run(run, ious, metric, only)
-    return rows, _with_only(run.detections_at(run.thresholds[0]).meta, only), localization_scores(run)
+    return rows, _with_only(run.detections_at(run.thresholds[0]).meta, only), localization_scores(run, only)
 
 
 def save_run_scores(run_dir: str | Path, rows: pd.DataFrame, meta: dict[str, Any], wsol: pd.DataFrame

@@ -6,6 +6,7 @@ import re
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from click.testing import CliRunner
 
@@ -489,8 +490,37 @@ def test_only_scores_a_subset_of_classes(tiny_run):
     assert per_class["mAP"] == pytest.approx(sum(aps) / len(aps))
     table = CliRunner().invoke(main, ["score", run_dir, "--iou", "0.5", "--only", "disc,square"]).output
     assert "mAP over the 2 classes of disc, square (--only)" in table
+    assert "Localization (mean over the classes disc, square (--only)" in table
     result = CliRunner().invoke(main, ["score", run_dir, "--only", "disc,nope"])
     assert result.exit_code == 1 and "'nope' is not one of disc, square, triangle, cross" in result.output
+
+
+@pytest.mark.slow
+def test_only_restricts_the_localization_rows(tiny_run):
+    from gradloc.pipeline import localization_scores
+    from gradloc.runs import open_run
+
+    run = open_run(tiny_run[0] / "results" / "tiny")
+    every, some = localization_scores(run), localization_scores(run, ["square", "disc"])
+    per_class = ~every["class"].isin(["mean", "all"])
+    assert set(every[per_class]["class"]) > {"square", "disc"}
+    assert set(some[~some["class"].isin(["mean", "all"])]["class"]) <= {"square", "disc"}
+    # per-class rows of the kept classes are unchanged: the restriction drops rows, it does not rescore them
+    key = ["metric", "threshold", "class"]
+    kept = every[every["class"].isin(["square", "disc"])].set_index(key).sort_index()
+    pd.testing.assert_frame_equal(some[some["class"].isin(["square", "disc"])].set_index(key).sort_index(), kept)
+    # the means are over the kept classes: CorLoc's mean is the mean of its two class rows
+    corloc = some[some["metric"] == "corloc@0.5"]
+    for tau, frame in corloc.groupby("threshold"):
+        classes = frame[frame["class"].isin(["square", "disc"])]["value"].dropna()
+        assert frame[frame["class"] == "mean"]["value"].item() == pytest.approx(classes.mean()), tau
+    # pairs: n of the pointing game / MaxBoxAccV2 count only the kept classes' (image, class) pairs
+    pairs = {label: int(label_rows["n"].iloc[0]) for label, label_rows in
+             some[some["class"].isin(["mean", "all"])].groupby("metric")}
+    gt = run.gt
+    n_pairs = len({(i, c) for i, c in zip(gt.image_index, gt.labels, strict=True)
+                   if gt.classes[c] in ("square", "disc")})
+    assert pairs["MaxBoxAccV2"] == n_pairs
 
 
 @pytest.mark.slow
