@@ -359,12 +359,14 @@ def _join_world(ctx: click.Context, shard: str | None, config):
 def _split_cams(ctx: click.Context, config, shard: str | None, world) -> dict[str, Any] | None:
     """The cams stage of one shard (``--shard``) or one torchrun rank. Returns None when this process is done
     (a shard, or a rank other than 0); on rank 0, the record of the split for manifest.json."""
-    from gradloc.distributed import barrier, compute_shard, gather, shards_todo
+    from gradloc.distributed import barrier, compute_shard, gather
     from gradloc.loader import parse_shard
+    from gradloc.pipeline import plan_cams
 
     part = parse_shard(shard) if shard is not None else (world.rank, world.size)
-    with progress_bar(ctx, shards_todo(config, part), f"cams shard {part[0]}/{part[1]}") as update:
-        cache, _, computed = compute_shard(config, part, update)
+    plan = plan_cams(config, shard=part)
+    with progress_bar(ctx, plan.n_images, plan.description) as update:
+        cache, _, computed = compute_shard(plan, update)
     if world is None:
         say(ctx, f"shard {part[0]}/{part[1]}: computed {computed} images into {cache.root}; once every shard has "
                  "run, `gradloc merge` (or `gradloc run`) with the same config cuts boxes and scores")
@@ -500,7 +502,7 @@ def cams(ctx: click.Context, config_path: str | None, shard: str | None, **flags
       torchrun --nproc-per-node 4 -m gradloc cams --config configs/voc07_resnet50.yaml
     """
     from gradloc.distributed import finish, rank_zero_first
-    from gradloc.pipeline import cams_cache, load_classifier, open_dataset, run_cams
+    from gradloc.pipeline import plan_cams
 
     original = build_config(config_path, flags)
     world = _join_world(ctx, shard, original)
@@ -510,11 +512,9 @@ def cams(ctx: click.Context, config_path: str | None, shard: str | None, **flags
         start = time.perf_counter()
         if (shard is not None or world is not None) and _split_cams(ctx, config, shard, world) is None:
             return
-        dataset, loaded = open_dataset(config), load_classifier(config)
-        cache = cams_cache(config, loaded, dataset)
-        todo = len(cache.todo(dataset, config.data.on_error))
-        with progress_bar(ctx, todo, f"cams ({config.cams.method})") as update:
-            cache, dataset = run_cams(config, progress=update, dataset=dataset, loaded=loaded, cache=cache)
+        plan = plan_cams(config)
+        with progress_bar(ctx, plan.n_images, plan.description) as update:
+            cache, dataset = plan.run(update)
         say(ctx, f"cache: {cache.root} ({len(dataset)} images, {cache.nbytes() / 1e6:.1f} MB, "
                  f"{time.perf_counter() - start:.1f} s)")
     finally:

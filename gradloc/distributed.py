@@ -20,7 +20,7 @@ from typing import Any
 from gradloc.cache import HeatmapCache
 from gradloc.config import RunConfig
 from gradloc.io import atomic_write_bytes
-from gradloc.pipeline import Progress, cams_cache, load_classifier, open_dataset, run_cams
+from gradloc.pipeline import CamsPlan, Progress, cams_cache, load_classifier, open_dataset
 from gradloc.voc import VOCDataset
 
 logger = logging.getLogger(__name__)
@@ -112,15 +112,13 @@ def _record_path(cache: HeatmapCache, shard: tuple[int, int]):
     return cache.root / SHARDS_DIR / str(shard[1]) / f"{shard[0]}.json"
 
 
-def compute_shard(config: RunConfig, shard: tuple[int, int] | None, progress: Progress = None
-                  ) -> tuple[HeatmapCache, VOCDataset, int]:
-    """Fill this shard's part of the heatmap cache (all of it for None) and, for a shard, write its record.
+def compute_shard(plan: CamsPlan, progress: Progress = None) -> tuple[HeatmapCache, VOCDataset, int]:
+    """Compute a planned cams stage (:func:`gradloc.pipeline.plan_cams`, with its shard or all of it) and, for
+    a shard, write its record.
 
     Returns:
         (cache, dataset, number of images this process computed).
     """
-    dataset, loaded = open_dataset(config), load_classifier(config)
-    cache = cams_cache(config, loaded, dataset)
     counts: list[int] = []
 
     def count(n: int) -> None:
@@ -128,22 +126,12 @@ def compute_shard(config: RunConfig, shard: tuple[int, int] | None, progress: Pr
         if progress:
             progress(n)
 
-    cache, dataset = run_cams(config, count, dataset=dataset, loaded=loaded, cache=cache, shard=shard)
-    if shard is not None:
-        record = {"shard": shard[0], "of": shard[1], "batch_size": config.cams.batch_size, "computed": sum(counts),
-                  "skipped": list(dataset.skipped)}
-        atomic_write_bytes(_record_path(cache, shard), json.dumps(record, indent=1).encode())
+    cache, dataset = plan.run(count)
+    if plan.shard is not None:
+        record = {"shard": plan.shard[0], "of": plan.shard[1], "batch_size": plan.config.cams.batch_size,
+                  "computed": sum(counts), "skipped": list(dataset.skipped)}
+        atomic_write_bytes(_record_path(cache, plan.shard), json.dumps(record, indent=1).encode())
     return cache, dataset, sum(counts)
-
-
-def shards_todo(config: RunConfig, shard: tuple[int, int]) -> int:
-    """How many images shard ``shard`` still has to compute (for the progress bar)."""
-    from gradloc.loader import plan_batches, shard_batches
-
-    dataset, loaded = open_dataset(config), load_classifier(config)
-    todo = set(cams_cache(config, loaded, dataset).todo(dataset, config.data.on_error))
-    batches = shard_batches(plan_batches(dataset, loaded.preprocessing, config.cams.batch_size), shard)
-    return sum(len(todo.intersection(batch)) for batch in batches)
 
 
 def check_filled(config: RunConfig) -> None:

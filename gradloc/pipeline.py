@@ -159,23 +159,107 @@ def cams_cache(config: RunConfig, loaded: Any, dataset: VOCDataset) -> HeatmapCa
     return HeatmapCache(config.cache_dir, key)
 
 
-def run_cams(config: RunConfig, progress: Progress = None, *, dataset: VOCDataset | None = None,
-             loaded: Any = None, cache: HeatmapCache | None = None, also: Sequence[str] = (),
-             shard: tuple[int, int] | None = None) -> tuple[HeatmapCache, VOCDataset]:
-    """Compute raw CAM maps of all classes for every image of the split not validly cached yet
-    (:meth:`HeatmapCache.todo`); with ``data.on_error: skip`` unreadable images leave ``dataset``.
+@dataclass
+class CamsPlan:
+    """What the cams stage will compute (:func:`plan_cams`); :meth:`run` computes it.
 
-    ``dataset``, ``loaded`` (the classifier) and ``cache`` are opened from the config unless given. ``also``
-    names more gradient methods (:data:`gradloc.cams.GRADIENT_MAPS`) whose caches are filled in the same
-    pass (one forward/backward per batch for all of them), as if each had its own run. Batches are planned
-    over the whole split (:func:`gradloc.loader.plan_batches`) and decoded by ``cams.workers`` DataLoader
-    workers; a batch holding an image to compute is computed whole (only the images to compute are stored),
-    so an image's maps never depend on what was cached before or on ``shard`` = (i, n), which computes only
-    every n-th planned batch from batch i."""
-    import torch
+    Attributes:
+        config: the run's config.
+        dataset, loaded: the split and the classifier.
+        caches: method -> heatmap cache; the first is ``config.cams.method``'s.
+        pending: image ids without valid maps in at least one of the caches.
+        batches: the planned batches (of this shard) holding a pending image; each is computed whole.
+        shard: (i, n) or None.
+        device: where the model runs.
+    """
 
-    from gradloc.cams import GRADIENT_MAPS, compute_cams, compute_gradient_cams
-    from gradloc.loader import default_workers, plan_batches, shard_batches, stream_batches
+    config: RunConfig
+    dataset: VOCDataset
+    loaded: Any
+    caches: dict[str, HeatmapCache]
+    pending: set[str]
+    batches: list[list[str]]
+    shard: tuple[int, int] | None
+    device: Any
+
+    @property
+    def cache(self) -> HeatmapCache:
+        return self.caches[self.config.cams.method]
+
+    @property
+    def n_images(self) -> int:
+        """Images this plan computes and stores."""
+        return sum(len(self.pending.intersection(batch)) for batch in self.batches)
+
+    @property
+    def description(self) -> str:
+        shard = f", shard {self.shard[0]}/{self.shard[1]}" if self.shard else ""
+        return f"cams {self.config.data.split} ({' + '.join(self.caches)}{shard})"
+
+    def run(self, progress: Progress = None) -> tuple[HeatmapCache, VOCDataset]:
+        """Compute and cache the maps; ``progress(n)`` after each batch (images stored or skipped). With
+        ``data.on_error: skip`` unreadable images leave the dataset. Returns (cache, dataset)."""
+        import torch
+
+        from gradloc.cams import compute_cams, compute_gradient_cams
+        from gradloc.loader import default_workers, stream_batches
+
+        config, dataset, caches, pending = self.config, self.dataset, self.caches, self.pending
+        logger.info("cams: %d of %d images to compute (%d batches%s) into %s", self.n_images, len(dataset),
+                    len(self.batches), f", shard {self.shard[0]}/{self.shard[1]}" if self.shard else "",
+                    ", ".join(str(c.root) for c in caches.values()))
+        model = self.loaded.model.to(self.device)
+        all_classes = list(range(len(self.loaded.classes)))
+        layer = self.cache.key_data["layer"]
+        workers = default_workers() if config.cams.workers is None else config.cams.workers
+        autocast = (torch.autocast(self.device.type, dtype=torch.float16) if config.cams.amp else nullcontext())
+        for batch in stream_batches(dataset, self.loaded.preprocessing, self.batches, workers,
+                                    pin_memory=self.device.type == "cuda"):
+            for image_id, error in batch.errors:
+                if config.data.on_error == "raise":
+                    raise error
+                dataset.skip(image_id, dataset.image_path(image_id), error)
+            if batch.inputs is not None:
+                inputs = batch.inputs.to(self.device, non_blocking=True)
+                with autocast:
+                    if len(caches) > 1:
+                        maps, scores = compute_gradient_cams(model, inputs, all_classes, list(caches), layer,
+                                                             flip=config.cams.flip)
+                    else:
+                        one, scores = compute_cams(model, inputs, all_classes, method=config.cams.method,
+                                                   layer=layer, flip=config.cams.flip)
+                        maps = {config.cams.method: one}
+                scores_np = scores.detach().float().cpu().numpy()
+                for method, method_cache in caches.items():
+                    maps_np = maps[method].float().cpu().numpy()
+                    for i, (image_id, source) in enumerate(zip(batch.image_ids, batch.sources, strict=True)):
+                        if image_id in pending:  # batch-mates already cached are computed, not rewritten
+                            method_cache.put(image_id, maps_np[i], scores_np[i], batch.geometries[i],
+                                             config.cams.store_dtype, source)
+            if progress:
+                progress(len(pending.intersection(batch.image_ids)) + len(batch.errors))
+        return self.cache, dataset
+
+
+def plan_cams(config: RunConfig, *, dataset: VOCDataset | None = None, loaded: Any = None,
+              also: Sequence[str] = (), shard: tuple[int, int] | None = None) -> CamsPlan:
+    """Open the split, the classifier and the heatmap cache(s) and plan the cams stage: every image of the
+    split not validly cached yet (:meth:`HeatmapCache.todo`).
+
+    ``dataset`` and ``loaded`` (the classifier) are opened from the config unless given. ``also`` names more
+    gradient methods (:data:`gradloc.cams.GRADIENT_MAPS`) whose caches are filled in the same pass (one
+    forward/backward per batch for all of them), as if each had its own run. Batches are planned over the
+    whole split (:func:`gradloc.loader.plan_batches`) and decoded by ``cams.workers`` DataLoader workers; a
+    batch holding an image to compute is computed whole (only the images to compute are stored), so an
+    image's maps never depend on what was cached before or on ``shard`` = (i, n), which computes only every
+    n-th planned batch from batch i.
+
+    Raises:
+        ValueError: an unknown name, ``cams.amp`` off CUDA, an empty split, or ``also`` with a method that is
+            not a gradient method.
+    """
+    from gradloc.cams import GRADIENT_MAPS
+    from gradloc.loader import plan_batches, shard_batches
     from gradloc.models import resolve_device
 
     check_names(config)
@@ -183,52 +267,26 @@ def run_cams(config: RunConfig, progress: Progress = None, *, dataset: VOCDatase
     if config.cams.amp and device.type != "cuda":
         raise ValueError(f"--amp (cams.amp) autocasts on a CUDA device, not on {device}; pass --device cuda on "
                          "a machine with a GPU, or drop --amp")
-    dataset = dataset or open_dataset(config)
-    loaded = loaded or load_classifier(config)
-    cache = cache or cams_cache(config, loaded, dataset)
-    caches = {config.cams.method: cache}
     for method in also:
         if method not in GRADIENT_MAPS or config.cams.method not in GRADIENT_MAPS:
             raise ValueError(f"cams for {config.cams.method} and {method} in one pass: both must be gradient "
                              f"methods ({', '.join(GRADIENT_MAPS)})")
-        caches[method] = cams_cache(_with_method(config, method), loaded, dataset)
+    dataset = dataset or open_dataset(config)
+    require_images(dataset)
+    loaded = loaded or load_classifier(config)
+    caches = {method: cams_cache(_with_method(config, method), loaded, dataset)
+              for method in (config.cams.method, *also)}
     pending = set().union(*(c.todo(dataset, config.data.on_error) for c in caches.values()))
-    pre = loaded.preprocessing
-    batches = [batch for batch in shard_batches(plan_batches(dataset, pre, config.cams.batch_size), shard)
-               if pending.intersection(batch)]
-    logger.info("cams: %d of %d images to compute (%d batches%s) into %s",
-                sum(len(pending.intersection(batch)) for batch in batches), len(dataset), len(batches),
-                f", shard {shard[0]}/{shard[1]}" if shard else "", ", ".join(str(c.root) for c in caches.values()))
-    model = loaded.model.to(device)
-    all_classes = list(range(len(loaded.classes)))
-    layer = cache.key_data["layer"]
-    workers = default_workers() if config.cams.workers is None else config.cams.workers
-    autocast = (torch.autocast(device.type, dtype=torch.float16) if config.cams.amp else nullcontext())
-    for batch in stream_batches(dataset, pre, batches, workers, pin_memory=device.type == "cuda"):
-        for image_id, error in batch.errors:
-            if config.data.on_error == "raise":
-                raise error
-            dataset.skip(image_id, dataset.image_path(image_id), error)
-        if batch.inputs is not None:
-            inputs = batch.inputs.to(device, non_blocking=True)
-            with autocast:
-                if also:
-                    maps, scores = compute_gradient_cams(model, inputs, all_classes, list(caches), layer,
-                                                         flip=config.cams.flip)
-                else:
-                    one, scores = compute_cams(model, inputs, all_classes, method=config.cams.method,
-                                               layer=layer, flip=config.cams.flip)
-                    maps = {config.cams.method: one}
-            scores_np = scores.detach().float().cpu().numpy()
-            for method, method_cache in caches.items():
-                maps_np = maps[method].float().cpu().numpy()
-                for i, (image_id, source) in enumerate(zip(batch.image_ids, batch.sources, strict=True)):
-                    if image_id in pending:  # batch-mates already cached are computed, not rewritten
-                        method_cache.put(image_id, maps_np[i], scores_np[i], batch.geometries[i],
-                                         config.cams.store_dtype, source)
-        if progress:
-            progress(len(pending.intersection(batch.image_ids)) + len(batch.errors))
-    return cache, dataset
+    batches = [batch for batch in shard_batches(plan_batches(dataset, loaded.preprocessing, config.cams.batch_size),
+                                                shard) if pending.intersection(batch)]
+    return CamsPlan(config, dataset, loaded, caches, pending, batches, shard, device)
+
+
+def run_cams(config: RunConfig, progress: Progress = None, *, dataset: VOCDataset | None = None,
+             loaded: Any = None, also: Sequence[str] = (), shard: tuple[int, int] | None = None
+             ) -> tuple[HeatmapCache, VOCDataset]:
+    """Plan (:func:`plan_cams`, same arguments) and compute the cams stage; returns (cache, dataset)."""
+    return plan_cams(config, dataset=dataset, loaded=loaded, also=also, shard=shard).run(progress)
 
 
 def _with_method(config: RunConfig, method: str) -> RunConfig:
@@ -609,14 +667,9 @@ def run(config: RunConfig, original: RunConfig | None = None, stage: StageProgre
     stage = stage or quiet
     times = StageTimes()
     with runs.new_run(config.run_dir) as writer:
-        dataset = open_dataset(config)
-        require_images(dataset)
-        loaded = load_classifier(config)
-        cache = cams_cache(config, loaded, dataset)
-        todo = len(cache.todo(dataset, config.data.on_error))
-        with times.stage("cams"), stage(f"cams {config.data.split} ({config.cams.method})", todo) as update:
-            cache, dataset = run_cams(config, progress=update, dataset=dataset, loaded=loaded,
-                                    cache=cache)
+        plan = plan_cams(config)
+        with times.stage("cams"), stage(plan.description, plan.n_images) as update:
+            cache, dataset = plan.run(update)
         n_thresholds = len(config.boxes.thresholds)
         with times.stage("boxes"), stage(f"boxes {config.data.split} ({n_thresholds} τ)", len(dataset)) as update:
             run_boxes(config, cache, dataset, progress=update, writer=writer)
