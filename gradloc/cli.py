@@ -188,6 +188,9 @@ FLAG_GROUPS: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
                                    "help": "CAM method (see the README's method table)."}),
         "layer": ("cams.layer", {"help": "Target layer name (see `gradloc layers MODEL`)."}),
         "batch_size": ("cams.batch_size", {"type": int, "help": "Images per batch."}),
+        "masked_batch": ("cams.masked_batch", {"type": int, "help": "Score-CAM: masked inputs per forward pass "
+                                                                    "(default 2 on CPU, 32 on CUDA). Results do "
+                                                                    "not depend on it."}),
         "flip": ("cams.flip", {"type": bool, "help": "Test-time horizontal flip: average each map with the "
                                                       "mirrored-back map of the mirrored image (--flip / --no-flip)."}),
         "device": ("cams.device", {"help": "torch device, e.g. cpu or cuda."}),

@@ -128,7 +128,8 @@ class CamConfig:
     """The CAM method, target layer (None = the model's default) and engine settings; ``flip``: average each
     raw map with the mirrored-back map of the mirrored image (test-time flip, :func:`gradloc.cams.compute_cams`);
     ``workers``: decode processes (None = from the CPU count, 0 = in-process; results do not depend on it);
-    ``amp``: autocast (float16) on a CUDA device."""
+    ``amp``: autocast (float16) on a CUDA device; ``masked_batch``: Score-CAM's masked inputs per forward pass
+    (None = :func:`gradloc.cams.default_masked_batch` of the device; results do not depend on it)."""
 
     method: str = "gradcam"
     layer: str | None = None
@@ -138,6 +139,7 @@ class CamConfig:
     flip: bool = False
     workers: int | None = None
     amp: bool = False
+    masked_batch: int | None = None
 
 
 @dataclass(frozen=True)
@@ -368,7 +370,8 @@ def validate(config: RunConfig) -> None:
     for key, value in (("train.l2", config.train.l2), ("train.weight_decay", config.train.weight_decay)):
         if value < 0:
             raise ConfigError(f"config key {key!r}: {value} must be >= 0")
-    for key, value in (("cams.batch_size", config.cams.batch_size), ("data.limit", config.data.limit),
+    for key, value in (("cams.batch_size", config.cams.batch_size), ("cams.masked_batch", config.cams.masked_batch),
+                       ("data.limit", config.data.limit),
                        ("train.epochs", config.train.epochs), ("train.batch_size", config.train.batch_size),
                        ("train.limit", config.train.limit),
                        ("model.input_size", config.model.input_size), ("boxes.max_side", config.boxes.max_side)):

@@ -201,7 +201,7 @@ class CamsPlan:
         ``data.on_error: skip`` unreadable images leave the dataset. Returns (cache, dataset)."""
         import torch
 
-        from gradloc.cams import compute_cams, compute_gradient_cams
+        from gradloc.cams import compute_cams, compute_gradient_cams, default_masked_batch
         from gradloc.loader import default_workers, stream_batches
 
         config, dataset, caches, pending = self.config, self.dataset, self.caches, self.pending
@@ -212,6 +212,7 @@ class CamsPlan:
         all_classes = list(range(len(self.loaded.classes)))
         layer = self.cache.key_data["layer"]
         workers = default_workers() if config.cams.workers is None else config.cams.workers
+        masked_batch = config.cams.masked_batch or default_masked_batch(self.device)
         autocast = (torch.autocast(self.device.type, dtype=torch.float16) if config.cams.amp else nullcontext())
         for batch in stream_batches(dataset, self.loaded.preprocessing, self.batches, workers,
                                     pin_memory=self.device.type == "cuda"):
@@ -227,7 +228,7 @@ class CamsPlan:
                                                              flip=config.cams.flip)
                     else:
                         one, scores = compute_cams(model, inputs, all_classes, method=config.cams.method,
-                                                   layer=layer, flip=config.cams.flip)
+                                                   layer=layer, flip=config.cams.flip, batch_size=masked_batch)
                         maps = {config.cams.method: one}
                 scores_np = scores.detach().float().cpu().numpy()
                 for method, method_cache in caches.items():

@@ -281,10 +281,24 @@ def test_gradients_match_finite_differences(model_cls: type[nn.Module]) -> None:
     assert numeric.abs().max() > 1e-3
 
 
-def test_scorecam_by_hand_and_batch_size_invariant() -> None:
+def _constant_channels(module: nn.Module, inputs: object, output: Tensor) -> Tensor:
+    """relu2 with channels 1 and 3 all zero and channel 4 constant 2.5 (dead / saturated units), in every
+    forward pass (the masked ones too)."""
+    output = output.clone()
+    output[:, [1, 3]] = 0.0
+    output[:, 4] = 2.5
+    return output
+
+
+@pytest.mark.parametrize("constant", [False, True])
+def test_scorecam_by_hand_and_batch_size_invariant(constant: bool) -> None:
     model = TinyHead(seed=2).eval()
     images = _images(n=2, seed=13)
+    if constant:  # constant channels share one pass of the zero input; the maps must not change
+        model.relu2.register_forward_hook(_constant_channels)
     activation = model.relu2(model.conv2(model.relu1(model.conv1(images)))).detach()
+    flat = activation.flatten(2)
+    assert ((flat.amax(2) == flat.amin(2)).sum() == 6) == constant
     expected = torch.zeros(2, len(CLASSES), 4, 4)
     with torch.no_grad():
         for b in range(2):
@@ -299,7 +313,10 @@ def test_scorecam_by_hand_and_batch_size_invariant() -> None:
                 channel_scores[k] = model(images[b:b + 1] * mask)[0, CLASSES]
             weights = torch.softmax(channel_scores, dim=0)  # over channels
             expected[b] = torch.einsum("kc,khw->chw", weights, activation[b]).relu()
+    seen = []  # images through the network: 2 + one per varying channel + one zero input if any is constant
+    model.conv1.register_forward_pre_hook(lambda module, inputs: seen.append(len(inputs[0])))
     results = [compute_cams(model, images, CLASSES, "scorecam", batch_size=bs)[0] for bs in (1, 3, 1000)]
+    assert sum(seen) == 3 * ((2 + 4 + 1) if constant else (2 + 10))
     for maps in results:
         _assert_close(maps, expected, tol=1e-5)
         _assert_close(maps, results[0], tol=1e-6)

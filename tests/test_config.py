@@ -53,6 +53,7 @@ def test_overrides_use_dotted_keys_and_lists_become_tuples(tmp_path):
         ("train:\n  epochs: 0\n", r"train\.epochs'?: 0 must be at least 1"),
         ("train:\n  optimizer: adam\n", r"unknown config key train\.optimizer"),
         ("cams:\n  flip: yes please\n", r"cams\.flip'?: expected true or false"),
+        ("cams:\n  masked_batch: 0\n", r"cams\.masked_batch'?: 0 must be at least 1"),
     ],
 )
 def test_bad_configs_name_the_key(tmp_path, text, match):

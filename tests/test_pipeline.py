@@ -200,3 +200,27 @@ def test_explained_classes_per_explain_setting(explain, expected):
     config = load_config(None, {"boxes.explain": explain, "boxes.score_cut": 0.5})
     probabilities = np.array([0.1, 0.9, 0.4, 0.5])
     assert explained_classes(config, probabilities, np.array([2, 0, 2])).tolist() == expected
+
+
+def test_masked_batch_reaches_scorecam(demo_run, tmp_path, monkeypatch):
+    """cams.masked_batch (default: the device's) is the batch of Score-CAM's masked passes; maps do not
+    depend on it."""
+    import gradloc.cams
+
+    config, *_ = demo_run
+    compute, seen = gradloc.cams.compute_cams, []
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["batch_size"])
+        return compute(*args, **kwargs)
+
+    monkeypatch.setattr(gradloc.cams, "compute_cams", recording)
+    base = dataclasses.replace(_with_method(config, "scorecam"), data=dataclasses.replace(config.data, limit=4))
+    caches = []
+    for masked_batch in (None, 5):
+        cams = dataclasses.replace(base.cams, masked_batch=masked_batch, batch_size=4)
+        cache, dataset = run_cams(dataclasses.replace(base, cams=cams, cache_dir=str(tmp_path / str(masked_batch))))
+        caches.append(cache)
+    assert seen == [2, 5]  # one batch of 4 images each; 2 = default_masked_batch on a CPU
+    for image_id in dataset.image_ids:
+        np.testing.assert_allclose(caches[0].get(image_id).maps, caches[1].get(image_id).maps, rtol=1e-5, atol=1e-6)
