@@ -740,8 +740,8 @@ def _check_class_range(classes: list[int], num_classes: int) -> None:
 
 def default_masked_batch(device: torch.device) -> int:
     """Masked inputs per forward pass for Score-CAM when ``cams.masked_batch`` is unset: 32 on CUDA, 2 on a
-    CPU, where larger batches are slower per image (EfficientNet-Lite0 at 320 x 448 on 2 cores: 0.07 s per
-    image at 1-2, 0.14 s at 8, 0.29 s at 32; ``python scripts/bench_scorecam.py``)."""
+    CPU, where larger batches are slower per image (Score-CAM of EfficientNet-Lite0 at ``bn2``, 320-px short
+    side, 2 cores: 68-74 s per image at 1-2, 128 s at 8, 195 s at 32; ``python scripts/bench_scorecam.py``)."""
     return 32 if device.type == "cuda" else 2
 
 
