@@ -205,9 +205,8 @@ class CamsPlan:
         from gradloc.loader import default_workers, stream_batches
 
         config, dataset, caches, pending = self.config, self.dataset, self.caches, self.pending
-        logger.info("cams: %d of %d images to compute (%d batches%s) into %s", self.n_images, len(dataset),
-                    len(self.batches), f", shard {self.shard[0]}/{self.shard[1]}" if self.shard else "",
-                    ", ".join(str(c.root) for c in caches.values()))
+        logger.info("%s: %d of %d images to compute (%d batches) into %s", self.description, self.n_images,
+                    len(dataset), len(self.batches), ", ".join(str(c.root) for c in caches.values()))
         model = self.loaded.model.to(self.device)
         all_classes = list(range(len(self.loaded.classes)))
         layer = self.cache.key_data["layer"]

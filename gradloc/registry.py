@@ -205,10 +205,10 @@ def torchvision_table() -> dict[str, Any]:
 def list_models() -> list[dict[str, Any]]:
     """One row per registered model: name, family, default layer, CAM-compatible, default weights and
     whether their file is available offline, default input size, notes."""
-    rows = []
+    rows, hub = [], hub_checkpoints()
     for name, entry in torchvision_table()["models"].items():
         wiring, _ = torchvision_wiring(name)
-        rows.append(_row(name, wiring, entry["weights"], hub_checkpoints() / entry["file"], entry["input_size"]))
+        rows.append(_row(name, wiring, entry["weights"], hub / entry["file"], entry["input_size"]))
     for name, wiring in EXTRA_WIRING.items():
         if name in LITE_VARIANTS:
             rows.append(_row(name, wiring, LITE_WEIGHTS, lite_weights_path(name), LITE_VARIANTS[name].input_size))
