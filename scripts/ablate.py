@@ -19,11 +19,11 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from gradloc.config import load_config
-from gradloc.io import atomic_write_bytes
-from gradloc.report import is_close
-from gradloc.runs import open_run
-from gradloc.sweep import run_sweep
+from gradloc.core.files import atomic_write_bytes
+from gradloc.run.config import load_config
+from gradloc.run.folder import open_run
+from gradloc.run.sweep import run_sweep
+from gradloc.scoring.tables import is_close
 
 
 def row(name: str, what: str, table: pd.DataFrame, seconds_per_image: float) -> dict:

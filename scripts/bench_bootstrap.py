@@ -1,4 +1,4 @@
-"""Time of the bootstrap intervals (``gradloc.bootstrap``) on a VOC-sized synthetic case, and of MaxBoxAccV2.
+"""Time of the bootstrap intervals (``gradloc.scoring.bootstrap``) on a VOC-sized synthetic case, and of MaxBoxAccV2.
 
 Seeded synthetic data shaped like the VOC07 val subset: 500 images (500x375), 1-3 GT boxes each over the 20
 VOC classes (10 % difficult), 1-4 detections per GT box (jittered boxes) plus 2 false positives per image,
@@ -6,7 +6,7 @@ distinct random scores. Times (median of ``--repeats`` runs, 1,000 resamples, se
 
 * ``map_interval`` (VOC07 11-point mAP@0.5), ``corloc_interval`` (IoU 0.5), ``pointing_interval`` (TorchRay
   protocol), ``max_box_acc_interval`` (from pair hits);
-* ``gradloc.wsol.box_hits`` on the GT-class maps at image resolution (MaxBoxAccV2 on the 0.01 grid), per image.
+* ``gradloc.scoring.wsol.box_hits`` on the GT-class maps at image resolution (MaxBoxAccV2 on the 0.01 grid), per image.
 
 Usage::
 
@@ -28,10 +28,15 @@ from collections.abc import Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from gradloc.bootstrap import corloc_interval, map_interval, max_box_acc_interval, pointing_interval  # noqa: E402
-from gradloc.detections import Detections, GroundTruth  # noqa: E402
-from gradloc.geometry import plan, upsample, working_size  # noqa: E402
-from gradloc.wsol import box_hits  # noqa: E402
+from gradloc.core.formats import Detections, GroundTruth  # noqa: E402
+from gradloc.core.geometry import plan, upsample, working_size  # noqa: E402
+from gradloc.scoring.bootstrap import (  # noqa: E402
+    corloc_interval,
+    map_interval,
+    max_box_acc_interval,
+    pointing_interval,
+)
+from gradloc.scoring.wsol import box_hits  # noqa: E402
 
 WIDTH, HEIGHT = 500, 375
 
@@ -65,7 +70,7 @@ def synthetic(n_images: int, seed: int = 0) -> tuple[Detections, GroundTruth]:
 def blob_maps(gt: GroundTruth, image: int, classes: np.ndarray, rng: np.random.Generator,
               max_side: int | None = None) -> np.ndarray:
     """Maps like a CNN's: a Gaussian blob per GT box plus noise on a 16x12 feature grid (stretch geometry),
-    back-projected to the image by ``gradloc.geometry.upsample``."""
+    back-projected to the image by ``gradloc.core.geometry.upsample``."""
     geometry = plan(WIDTH, HEIGHT, 512, "stretch")
     fy, fx = np.mgrid[0:12, 0:16].astype(np.float32)
     maps = rng.random((classes.size, 12, 16), dtype=np.float32) * 0.2

@@ -40,7 +40,8 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from gradloc.cams import compute_cams, resolve_layer
+from gradloc.cams.layers import resolve_layer
+from gradloc.cams.methods import compute_cams
 
 METHODS = ["gradcam", "gradcampp", "xgradcam", "layercam", "hirescam"]
 

@@ -35,10 +35,14 @@ from pathlib import Path
 
 import torch
 
-from gradloc.config import load_config
-from gradloc.models import LoadedModel, Preprocessing, build_architecture, get_spec
-from gradloc.pipeline import open_dataset, run_boxes, run_cams, score_run_folder
-from gradloc.voc import VOC_CLASSES
+from gradloc.datasets.voc import VOC_CLASSES
+from gradloc.models.build import LoadedModel, build_architecture
+from gradloc.models.preprocessing import Preprocessing
+from gradloc.models.zoo import get_spec
+from gradloc.run.boxes import run_boxes
+from gradloc.run.cams import plan_cams
+from gradloc.run.config import load_config, open_dataset
+from gradloc.run.score import score_run_folder
 
 VOC_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "voc" / "VOCdevkit"
 
@@ -76,7 +80,7 @@ def floor_rate(config, loaded: LoadedModel) -> float:
 
 def per_class_rate(config, loaded: LoadedModel, layer: str, n_images: int) -> float:
     """Images/s of one forward + backward per (image, class), batch 1."""
-    from gradloc.cams import compute_cams
+    from gradloc.cams.methods import compute_cams
 
     dataset = open_dataset(dataclasses.replace(config, data=dataclasses.replace(config.data, limit=n_images)))
     start = time.perf_counter()
@@ -91,7 +95,7 @@ def per_class_rate(config, loaded: LoadedModel, layer: str, n_images: int) -> fl
 def stage_times(config, loaded: LoadedModel) -> tuple[int, float, float]:
     """(images, cams seconds into an empty cache, boxes + scores seconds)."""
     start = time.perf_counter()
-    cache, dataset = run_cams(config, loaded=loaded)
+    cache, dataset = plan_cams(config, loaded=loaded).run()
     cams_seconds = time.perf_counter() - start
     start = time.perf_counter()
     run_boxes(config, cache, dataset)
@@ -152,7 +156,7 @@ def main() -> None:
             floor = floor_rate(config, loaded)
             images, cams_seconds, box_seconds = stage_times(config, loaded)
             cams = images / cams_seconds
-            from gradloc.cams import default_layer
+            from gradloc.cams.layers import default_layer
 
             per_class = per_class_rate(config, loaded, default_layer(loaded.model), args.per_class_images)
             print(f"| {name} | {floor:.1f} | {cams:.1f} | {floor / cams:.2f}x | {per_class:.2f} | "

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
-from gradloc.cams import compute_cams, default_layer, resolve_layer
-from gradloc.config import load_config
-from gradloc.pipeline import load_classifier, open_dataset
+from gradloc.cams.layers import default_layer, resolve_layer
+from gradloc.cams.methods import compute_cams
+from gradloc.run.config import load_config, open_dataset
+from gradloc.run.setup import load_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "voc07.yaml"

@@ -10,9 +10,9 @@ weaker blob anywhere, all plus uniform noise in [0, 0.1); class scores are highe
 Measures, printing markdown tables and the command:
 
 1. The whole sweep from cached maps: boxes at 100 thresholds (``max`` semantics, ``largest`` box, default
-   ``BoxParams``, working grid ``max_side`` 224) through ``sweep_images`` with 1 and ``--workers`` processes,
-   then VOC07 AP at 3 IoUs (0.3, 0.5, 0.7) of each threshold's detections. Target: <= 60 s on 2 cores.
-2. The scorer alone against the per-detection loop of ``tests/voc_reference.py`` on one threshold's
+   ``BoxParams``, working grid ``max_side`` 224) image by image (``image_boxes`` into ``BoxRows``, as the
+   boxes stage does), then VOC07 AP at 3 IoUs (0.3, 0.5, 0.7) of each threshold's detections. Target: <= 60 s.
+2. The scorer alone against the per-detection loop of ``gradloc.scoring.reference`` on one threshold's
    detections (τ = 0.2; same 3 IoUs; VOC07 and all-point), which it must match exactly (``==``).
    Target: >= 20x.
 3. The effect of the working resolution ``max_side`` (None = full original resolution, 224, 112) on a subset:
@@ -39,18 +39,36 @@ import argparse  # noqa: E402
 import resource  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+from typing import NamedTuple  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from gradloc.boxes import BoxParams, SweepEntry, sweep_images  # noqa: E402
-from gradloc.detections import Detections, GroundTruth  # noqa: E402
-from gradloc.geometry import Geometry, plan  # noqa: E402
-from gradloc.metrics import evaluate  # noqa: E402
+from gradloc.boxes.cut import BoxParams, image_boxes  # noqa: E402
+from gradloc.boxes.rows import BoxRows, ThresholdDetections  # noqa: E402
+from gradloc.core.formats import Detections, GroundTruth  # noqa: E402
+from gradloc.core.geometry import Geometry, plan  # noqa: E402
+from gradloc.scoring.reference import reference_evaluate  # noqa: E402
+from gradloc.scoring.voc import evaluate  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from voc_reference import reference_evaluate  # noqa: E402
+
+class SweepEntry(NamedTuple):
+    """One image's cached maps: float32[K, h, w], float64[K] class scores, geometry, int64[K] class labels."""
+
+    maps: np.ndarray
+    class_scores: np.ndarray
+    geometry: Geometry
+    labels: np.ndarray
+
+
+def sweep_images(entries: list[SweepEntry], thresholds: list[float], params: BoxParams) -> list[ThresholdDetections]:
+    """Boxes of every image at every threshold, as the boxes stage cuts them (one process)."""
+    rows = BoxRows(len(thresholds))
+    for index, entry in enumerate(entries):
+        rows.add_sweep(index, entry.labels, image_boxes(entry.maps, entry.class_scores, entry.geometry, thresholds,
+                                                        params))
+    return rows.per_threshold()
+
 
 VOC_CLASSES = [
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
@@ -171,17 +189,12 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def bench_sweep(entries, gt, thresholds, params, workers: int) -> tuple[list[dict], dict]:
-    rows, boxes_wall, boxes_cpu = [], {}, {}
-    for n_workers in sorted({1, workers}):
-        wall, cpu = time.perf_counter(), cpu_seconds()
-        swept = sweep_images(entries, thresholds, params, workers=n_workers)
-        boxes_wall[n_workers] = time.perf_counter() - wall
-        boxes_cpu[n_workers] = cpu_seconds() - cpu
-        rows.append({
-            "stage": f"boxes, {len(thresholds)} thresholds (sweep_images, workers={n_workers})",
-            "wall s": boxes_wall[n_workers], "CPU s": boxes_cpu[n_workers],
-        })  # fmt: skip
+def bench_sweep(entries, gt, thresholds, params) -> tuple[list[dict], dict]:
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    swept = sweep_images(entries, thresholds, params)
+    boxes_wall, boxes_cpu = time.perf_counter() - wall, cpu_seconds() - cpu
+    rows = [{"stage": f"boxes, {len(thresholds)} thresholds (image_boxes per image)", "wall s": boxes_wall,
+             "CPU s": boxes_cpu}]
     wall, cpu = time.perf_counter(), cpu_seconds()
     maps_at = {}
     for tau, part in zip(thresholds, swept, strict=True):
@@ -192,17 +205,10 @@ def bench_sweep(entries, gt, thresholds, params, workers: int) -> tuple[list[dic
         "stage": f"scoring, {len(thresholds)} thresholds x {len(IOUS)} IoUs (evaluate, voc07)",
         "wall s": score_wall, "CPU s": score_cpu,
     })  # fmt: skip
-    for n_workers, seconds in boxes_wall.items():
-        rows.append(
-            {
-                "stage": f"whole sweep, workers={n_workers}",
-                "wall s": seconds + score_wall,
-                "CPU s": boxes_cpu[n_workers] + score_cpu,
-            }
-        )
+    rows.append({"stage": "whole sweep", "wall s": boxes_wall + score_wall, "CPU s": boxes_cpu + score_cpu})
     best = pd.DataFrame(maps_at).T
     info = {
-        "total": min(boxes_wall.values()) + score_wall,
+        "total": boxes_wall + score_wall,
         "best": {iou: (float(best[iou].idxmax()), float(best[iou].max())) for iou in IOUS},
         "n_dets": sum(len(part.scores) for part in swept),
     }
@@ -286,7 +292,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--thresholds", type=int, default=100)
-    parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--subset", type=int, default=300, help="images for the max_side comparison")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="smoke run: 200 images, 10 thresholds, subset 50")
@@ -311,7 +316,7 @@ def main() -> None:
 
     print(f"## 1. Whole sweep: {len(thresholds)} thresholds x {len(IOUS)} IoUs from cached maps\n")
     print(f"BoxParams: {params}\n")
-    rows, timings = bench_sweep(entries, gt, thresholds, params, args.workers)
+    rows, timings = bench_sweep(entries, gt, thresholds, params)
     print(markdown(rows))
     print(
         f"\n{timings['n_dets']} detections in all; best τ (VOC07 mAP): "
@@ -319,10 +324,10 @@ def main() -> None:
     )
     print(
         f"\nTarget whole sweep <= 60 s: {'PASS' if timings['total'] <= 60 else 'FAIL'} "
-        f"({timings['total']:.1f} s with the faster worker count; the machine's load shows in wall vs CPU)\n"
+        f"({timings['total']:.1f} s; the machine's load shows in wall vs CPU)\n"
     )
 
-    print("## 2. Scorer vs the per-detection loop (tests/voc_reference.py), τ = 0.2\n")
+    print("## 2. Scorer vs the per-detection loop (gradloc.scoring.reference), τ = 0.2\n")
     scorer_rows = bench_scorer(entries, gt, params, 0.2, repeats=3)
     print(markdown(scorer_rows))
     ok = all(r["speed-up"] >= 20 and r["classes x IoUs differing (==)"] == 0 for r in scorer_rows)

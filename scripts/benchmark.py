@@ -34,14 +34,16 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from gradloc.bootstrap import corloc_interval, map_interval
-from gradloc.config import load_config
-from gradloc.io import atomic_write_bytes
-from gradloc.metrics import classification_map, evaluate
-from gradloc.pipeline import run_cams
-from gradloc.runs import open_run
-from gradloc.show import open_run_cache, save_figure, show_run
-from gradloc.sweep import run_sweep, split_config
+from gradloc.core.files import atomic_write_bytes
+from gradloc.reports.draw import save_figure
+from gradloc.reports.show import open_run_cache, show_run
+from gradloc.run.cams import plan_cams
+from gradloc.run.config import load_config
+from gradloc.run.folder import open_run
+from gradloc.run.sweep import run_sweep, split_config
+from gradloc.scoring.bootstrap import corloc_interval, map_interval
+from gradloc.scoring.classification import classification_map
+from gradloc.scoring.voc import evaluate
 
 logger = logging.getLogger("benchmark")
 
@@ -98,7 +100,7 @@ def shared_pass(config, methods: list[str]) -> dict[str, float]:
     start, computed = time.perf_counter(), 0
     for split in ("train", "val"):
         began = time.time()
-        cache, _ = run_cams(split_config(config, split), also=methods)
+        cache, _ = plan_cams(split_config(config, split), also=methods).run()
         computed += sum(1 for path in (cache.root / "maps").glob("*.pkl") if path.stat().st_mtime >= began)
     return {"seconds": time.perf_counter() - start, "images": computed}
 

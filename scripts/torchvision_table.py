@@ -12,9 +12,8 @@ from __future__ import annotations
 import json
 from importlib import resources
 
-from gradloc.io import atomic_write_bytes
-from gradloc.models import read_torchvision_table
-from gradloc.registry import TORCHVISION_TABLE
+from gradloc.core.files import atomic_write_bytes
+from gradloc.models.registry import TORCHVISION_TABLE, read_torchvision_table
 
 
 def main() -> None:

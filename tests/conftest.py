@@ -25,7 +25,7 @@ def voc_root() -> Path:
 def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """VOCdevkit folder of a small demo dataset (``DEMO_SMALL``); open with ``VOCDataset(p, year="demo",
     classes=gradloc.demo.DEMO_CLASSES)``. Shared by the session: do not modify it."""
-    from gradloc.demo import generate_demo
+    from gradloc.datasets.demo import generate_demo
 
     return generate_demo(tmp_path_factory.mktemp("demo_data"), **DEMO_SMALL)
 
@@ -35,7 +35,7 @@ def demo_checkpoint(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -
     """A ``gradloc.checkpoint/1`` DemoNet trained for 3 epochs at input size 64 on ``demo_data`` (about a
     second; it classifies poorly, use it for plumbing, not for accuracy; runs must use input size 64, the
     checkpoint's). Load with ``gradloc.demo.load_demo_model``."""
-    from gradloc.demo import train_demo_model
+    from gradloc.models.demo_cnn import train_demo_model
 
     return train_demo_model(demo_data, tmp_path_factory.mktemp("demo_model") / "demo_cnn.pt", input_size=64,
                             epochs=3, max_seconds=60.0)
@@ -53,8 +53,8 @@ def demo_copy(demo_data: Path, tmp_path: Path) -> Path:
 def cams_config(demo_checkpoint: Path, tmp_path: Path):
     """``cams_config(voc_root, **overrides)``: a RunConfig computing ``demo_checkpoint``'s Grad-CAM maps of
     the val split of a demo VOCdevkit, with cache and outputs under tmp_path."""
-    from gradloc.config import load_config
-    from gradloc.demo import DEMO_CLASSES
+    from gradloc.datasets.demo import DEMO_CLASSES
+    from gradloc.run.config import load_config
 
     def make(voc_root: Path, **overrides):
         return load_config(None, {

@@ -3,22 +3,16 @@ convention where they differ, reproduced from gradloc's own activations and grad
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-from gradloc.cams import activations_and_gradients
+from gradloc.cams.engine import activations_and_gradients
 
 pytest.importorskip("pytorch_grad_cam")
 pytest.importorskip("torchcam")
 
-_spec = importlib.util.spec_from_file_location(
-    "agreement", Path(__file__).resolve().parents[1] / "scripts" / "agreement.py")
-agreement = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(agreement)
+from gradloc.cams import agreement
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gradloc.bootstrap import (
+from gradloc.core.formats import Detections, GroundTruth
+from gradloc.scoring.bootstrap import (
     Interval,
     class_rate_samples,
     corloc_interval,
@@ -17,9 +18,9 @@ from gradloc.bootstrap import (
     resample_indices,
     resample_weights,
 )
-from gradloc.detections import Detections, GroundTruth
-from gradloc.metrics import corloc, evaluate, pointing_game, pointing_hits
-from gradloc.wsol import max_box_acc_from_hits
+from gradloc.scoring.localization import corloc, pointing_game, pointing_hits
+from gradloc.scoring.voc import evaluate
+from gradloc.scoring.wsol import max_box_acc_from_hits
 
 CLASSES = ["cat", "dog", "bird"]
 
@@ -148,7 +149,7 @@ def test_interval_format_and_quantiles() -> None:
     interval = Interval(0.183, 0.161, 0.204, 0.95, 101, 0, samples)
     assert interval.format() == "18.3 [16.1, 20.4]"
     assert interval.format(scale=1.0, digits=3) == "0.183 [0.161, 0.204]"
-    from gradloc.bootstrap import _interval
+    from gradloc.scoring.bootstrap import _interval
 
     made = _interval(0.5, np.r_[samples, np.nan], 0.95, 0)
     assert (made.low, made.high) == pytest.approx((0.025, 0.975))

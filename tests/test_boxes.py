@@ -9,20 +9,18 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from skimage.measure import label
 
-from gradloc.boxes import (
-    BASELINES,
+from gradloc.boxes.baselines import BASELINES, random_maps
+from gradloc.boxes.cut import (
     BOX_MODES,
     CONFIDENCES,
     THRESHOLD_MODES,
     BoxParams,
-    BoxRows,
     heatmap_to_boxes,
     image_boxes,
     peak_points,
-    random_maps,
-    sweep_images,
 )
-from gradloc.geometry import Geometry, plan
+from gradloc.boxes.rows import BoxRows
+from gradloc.core.geometry import Geometry, plan
 
 # Blob B (rows 1-2, cols 1-2, heat 4/4/4/8) and a vertical pair R (rows 3-4, col 4, heat 2). Total heat 24.
 A = np.array(
@@ -402,7 +400,7 @@ def test_sweep_matches_skimage_label_at_every_threshold(
 @pytest.mark.parametrize("seed", [0, 1])
 def test_sweep_matches_skimage_on_back_projected_noise(seed: int) -> None:
     """100 thresholds on a 60x80 smooth multi-peak map (noise back-projected from 7x7), every mode."""
-    from gradloc.geometry import upsample
+    from gradloc.core.geometry import upsample
 
     heat = upsample(random_maps((7, 7), seed), plan(80, 60, 56), 80, 60)
     thresholds = [round(t, 3) for t in np.linspace(0.0, 1.0, 101)]
@@ -444,60 +442,6 @@ def test_random_maps_are_seeded_uniform_float32() -> None:
     assert maps.min() >= 0.0 and maps.max() < 1.0
     np.testing.assert_array_equal(maps, random_maps((3, 7, 7), seed=5))
     assert not np.array_equal(maps, random_maps((3, 7, 7), seed=6))
-
-
-# --- sweep_images -------------------------------------------------------------------------------------------
-
-
-def make_entries(n: int) -> list[tuple[np.ndarray, np.ndarray, Geometry, np.ndarray]]:
-    rng = np.random.default_rng(3)
-    sizes = [(500, 375), (375, 500), (333, 500), (64, 48)]
-    return [
-        (
-            random_maps((2, 7, 7), seed=i) ** 3,
-            rng.random(2),
-            plan(*sizes[i % len(sizes)], 224),
-            rng.choice(20, size=2, replace=False).astype(np.int64),
-        )
-        for i in range(n)
-    ]
-
-
-def test_sweep_images_equals_image_boxes_per_image() -> None:
-    entries = make_entries(6)
-    thresholds = [0.1, 0.3, 0.6]
-    params = BoxParams(box_mode="all", confidence="score_x_mean", max_side=112)
-    got = sweep_images(entries, thresholds, params, chunk_size=4)
-    assert len(got) == len(thresholds)
-    for t, det in enumerate(got):
-        expected = []
-        for i, (maps, scores, geometry, labels) in enumerate(entries):
-            k, conf, boxes = image_boxes(maps, scores, geometry, thresholds, params)[t]
-            expected += [(i, labels[kk], c, tuple(b)) for kk, c, b in zip(k, conf, boxes, strict=True)]
-        assert [
-            (i, lab, c, tuple(b))
-            for i, lab, c, b in zip(det.image_index, det.labels, det.scores, det.boxes, strict=True)
-        ] == expected
-    assert sweep_images([], thresholds, params)[0].boxes.shape == (0, 4)
-
-
-@pytest.mark.slow
-def test_sweep_images_is_identical_with_two_worker_processes() -> None:
-    entries = make_entries(8)
-    thresholds = [0.0, 0.2, 0.5, 1.0]
-    one = sweep_images(entries, thresholds, BoxParams(), workers=1, chunk_size=3)
-    two = sweep_images(entries, thresholds, BoxParams(), workers=2, chunk_size=3)
-    for a, b in zip(one, two, strict=True):
-        for x, y in zip(a, b, strict=True):
-            np.testing.assert_array_equal(x, y)
-
-
-def test_sweep_images_rejects_bad_arguments() -> None:
-    with pytest.raises(ValueError, match="workers=0"):
-        sweep_images([], [0.5], BoxParams(), workers=0)
-    maps, scores, geometry, _ = make_entries(1)[0]
-    with pytest.raises(ValueError, match="image 0 has 1 labels for 2 maps"):
-        sweep_images([(maps, scores, geometry, np.array([3]))], [0.5], BoxParams())
 
 
 @pytest.mark.parametrize("thresholds", [[0.0, 5e-324], [5e-324, 1e-320, 1.0], [1.0, 1.0 - 2**-53]])

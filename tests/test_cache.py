@@ -17,13 +17,14 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from gradloc.cache import CacheError, HeatmapCache, clean_tmp
+from gradloc.cams.cache import CacheError, HeatmapCache, clean_tmp
 from gradloc.cli import main
-from gradloc.demo import DEMO_CLASSES
-from gradloc.detections import load_detections
-from gradloc.geometry import plan
-from gradloc.models import resolve_device
-from gradloc.pipeline import run_boxes, run_cams
+from gradloc.core.formats import load_detections
+from gradloc.core.geometry import plan
+from gradloc.datasets.demo import DEMO_CLASSES
+from gradloc.models.build import resolve_device
+from gradloc.run.boxes import run_boxes
+from gradloc.run.cams import plan_cams
 
 
 def _entry(seed):
@@ -65,7 +66,7 @@ def test_float16_storage_is_close_and_same_bytes_for_same_work(tmp_path):
 
 
 def test_interrupted_write_leaves_no_entry(tmp_path, monkeypatch):
-    import gradloc.detections as detections
+    import gradloc.core.formats as detections
 
     cache = HeatmapCache(tmp_path, {"k": 2})
     maps, scores = _entry(3)
@@ -100,7 +101,7 @@ def test_bad_image_id_and_foreign_file(tmp_path):
 def computed(config, **kwargs):
     """run_cams; returns (cache, dataset, number of images it computed)."""
     counts = []
-    cache, dataset = run_cams(config, progress=counts.append, **kwargs)
+    cache, dataset = plan_cams(config, **kwargs).run(counts.append)
     return cache, dataset, sum(counts)
 
 
@@ -176,7 +177,7 @@ def test_bad_cache_file_is_recomputed_with_a_warning_or_named_in_an_error(kind, 
     with pytest.raises(CacheError, match=rf"000025\.pkl: .*{re.escape(message)}") as error:
         computed(cams_config(demo_copy))
     assert "\n" not in str(error.value)
-    with caplog.at_level(logging.WARNING, logger="gradloc.cache"):
+    with caplog.at_level(logging.WARNING, logger="gradloc.cams.cache"):
         cache2, _, n = computed(config)
     assert n == 1
     assert any("000025.pkl" in r.getMessage() and message in r.getMessage() for r in caplog.records)
@@ -198,7 +199,7 @@ def test_killed_write_litter_is_cleaned_on_the_next_run(tmp_path):
     cache = HeatmapCache(tmp_path, {"k": 4})
     maps, scores = _entry(4)
     cache.put("a", maps, scores, plan(8, 8, 8), "float32")
-    script = ("import os, sys; from gradloc.io import atomic_write_bytes\n"
+    script = ("import os, sys; from gradloc.core.files import atomic_write_bytes\n"
               "os.replace = lambda *a: os._exit(9)\n"
               "atomic_write_bytes(sys.argv[1], b'half')\n")
     target = cache.root / "maps" / "b.pkl"

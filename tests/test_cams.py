@@ -8,15 +8,9 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-from gradloc.cams import (
-    METHODS,
-    activations_and_gradients,
-    compute_cams,
-    compute_gradient_cams,
-    default_layer,
-    list_layers,
-    resolve_layer,
-)
+from gradloc.cams.engine import activations_and_gradients
+from gradloc.cams.layers import default_layer, list_layers, resolve_layer
+from gradloc.cams.methods import METHODS, compute_cams, compute_gradient_cams
 
 GRADIENT_METHODS = ["gradcam", "gradcampp", "xgradcam", "layercam", "hirescam"]
 CLASSES = [4, 0, 2]

@@ -182,7 +182,7 @@ def test_unknown_model_is_refused_with_suggestions(tmp_path):
 def test_on_error_skip_runs_and_lists_skipped_items_in_the_manifest(demo_data, demo_checkpoint, tmp_path):
     import shutil
 
-    from gradloc.demo import DEMO_CLASSES
+    from gradloc.datasets.demo import DEMO_CLASSES
 
     devkit = tmp_path / "VOCdevkit"
     shutil.copytree(demo_data, devkit)
@@ -314,8 +314,8 @@ def test_export_then_score_voc_results_reproduces_the_run(tiny_run, tmp_path):
 def test_voc_results_malformed_line_is_one_line_error(tmp_path):
     import numpy as np
 
-    from gradloc.detections import GroundTruth
-    from gradloc.io import save_pickle
+    from gradloc.core.files import save_pickle
+    from gradloc.core.formats import GroundTruth
 
     save_pickle(GroundTruth(classes=["cat"], image_ids=["a"], image_sizes=np.array([[10, 10]]),
                             image_index=np.array([0]), labels=np.array([0]), boxes=np.array([[1.0, 1, 5, 5]]),
@@ -347,8 +347,8 @@ def test_broken_pipe_exits_quietly(tmp_path):
 
     import numpy as np
 
-    from gradloc.detections import Detections, GroundTruth
-    from gradloc.io import save_pickle
+    from gradloc.core.files import save_pickle
+    from gradloc.core.formats import Detections, GroundTruth
 
     n = 300
     classes = [f"c{i}" for i in range(n)]
@@ -375,7 +375,7 @@ def test_logging_goes_through_tqdm_while_a_bar_is_shown():
     import click
     from tqdm.contrib.logging import _TqdmLoggingHandler
 
-    from gradloc.cli import tqdm_bar
+    from gradloc.cli.options import tqdm_bar
 
     ctx = click.Context(main, obj={"quiet": False})
     root = logging.getLogger()
@@ -458,7 +458,7 @@ def test_single_iou_commands_refuse_a_list(tmp_path):
 
 
 def test_old_config_key_boxes_classes_is_read_with_a_warning(tmp_path, caplog):
-    from gradloc.config import load_config
+    from gradloc.run.config import load_config
 
     old = tmp_path / "old.yaml"
     old.write_text("boxes:\n  classes: gt\n")
@@ -497,8 +497,8 @@ def test_only_scores_a_subset_of_classes(tiny_run):
 
 @pytest.mark.slow
 def test_only_restricts_the_localization_rows(tiny_run):
-    from gradloc.pipeline import localization_scores
-    from gradloc.runs import open_run
+    from gradloc.run.folder import open_run
+    from gradloc.run.score import localization_scores
 
     run = open_run(tiny_run[0] / "results" / "tiny")
     every, some = localization_scores(run), localization_scores(run, ["square", "disc"])
@@ -553,8 +553,8 @@ def test_compare_refuses_different_ground_truth_unless_forced(tiny_run, tmp_path
 def test_layers_prints_names_layer_accepts_with_shapes():
     import torch
 
-    from gradloc.cams import compute_cams
-    from gradloc.models import build_architecture
+    from gradloc.cams.methods import compute_cams
+    from gradloc.models.build import build_architecture
 
     result = CliRunner().invoke(main, ["layers", "resnet18", "--head", "imagenet", "--input-size", "64"])
     assert result.exit_code == 0, result.output
@@ -572,7 +572,7 @@ def test_layers_prints_names_layer_accepts_with_shapes():
 
 
 def test_demo_runs_the_packaged_config_from_any_directory(tmp_path, monkeypatch):
-    from gradloc.config import load_config, packaged_config
+    from gradloc.run.config import load_config, packaged_config
 
     packaged = packaged_config("demo")
     assert packaged.parent == Path(__import__("gradloc").__file__).parent / "data"  # package data, not configs/

@@ -5,8 +5,8 @@ import pytest
 from click.testing import CliRunner
 
 from gradloc.cli import main
-from gradloc.compare import compare_scores, render_comparison
-from gradloc.runs import open_run
+from gradloc.reports.compare import compare_scores, render_comparison
+from gradloc.run.folder import open_run
 
 # (threshold, iou) -> (mAP, mean recall)
 MEANS_A = {(0.1, 0.3): (0.40, 0.60), (0.1, 0.5): (0.20, 0.30),

@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from gradloc.config import ConfigError, RunConfig, config_hash, load_config
+from gradloc.core.provenance import config_hash
+from gradloc.run.config import ConfigError, RunConfig, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -12,15 +12,13 @@ import torch
 from conftest import DEMO_SMALL
 from PIL import Image
 
-import gradloc.demo as demo
-from gradloc.demo import (
-    DEMO_CLASSES,
-    DemoNet,
-    generate_demo,
-    load_demo_model,
-    train_demo_model,
-)
-from gradloc.voc import VOCDataset
+import gradloc.datasets.demo as demo
+import gradloc.models.demo_cnn as demo_cnn
+from gradloc.datasets.demo import DEMO_CLASSES, generate_demo
+from gradloc.datasets.voc import VOCDataset
+from gradloc.models.build import load_model
+from gradloc.models.checkpoints import load_checkpoint
+from gradloc.models.demo_cnn import DemoNet, train_demo_model
 
 SPLITS = ("train", "val", "test", "trainval")
 
@@ -99,7 +97,9 @@ def test_class_files_agree_with_annotations(demo_data):
         ds = open_split(demo_data, split)
         labels = ds.image_labels()
         for c, name in enumerate(DEMO_CLASSES):
-            assert list(ds.class_image_ids(name).values()) == labels[:, c].tolist()
+            lines = (ds.main_dir / f"{name}_{split}.txt").read_text().split("\n")
+            flags = dict(line.split() for line in lines if line.strip())
+            assert [int(flags[image_id]) for image_id in ds.image_ids] == labels[:, c].tolist()
     text = (demo_data / "VOCdemo" / "ImageSets" / "Main" / "disc_train.txt").read_text()
     assert re.fullmatch(r"(\d{6} ( 1| 0|-1)\n)+", text)  # the devkit's "%s %2d" lines
 
@@ -234,7 +234,7 @@ def test_demonet_bad_arguments():
 
 
 def test_checkpoint_contents_and_loading(demo_data, demo_checkpoint):
-    model, checkpoint = load_demo_model(demo_checkpoint)
+    model, checkpoint = load_model("demo_cnn", checkpoint=demo_checkpoint).model, load_checkpoint(demo_checkpoint)
     assert not model.training
     assert checkpoint["format"] == "gradloc.checkpoint/1" and checkpoint["arch"] == "demo_cnn"
     assert checkpoint["classes"] == list(DEMO_CLASSES) and checkpoint["head"] == "voc"
@@ -262,10 +262,10 @@ def test_training_is_deterministic_and_reports_progress(demo_data, tmp_path):
     first = train_demo_model(demo_data, tmp_path / "a.pt", progress=lambda *a: seen.append(a), **kwargs)
     second = train_demo_model(demo_data, tmp_path / "b.pt", **kwargs)
     assert [(e, n) for e, n, _ in seen] == [(1, 2), (2, 2)] and all(loss > 0 for *_, loss in seen)
-    a, b = load_demo_model(first)[1]["state_dict"], load_demo_model(second)[1]["state_dict"]
+    a, b = load_checkpoint(first)["state_dict"], load_checkpoint(second)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     other = train_demo_model(demo_data, tmp_path / "c.pt", **{**kwargs, "seed": 6})
-    c = load_demo_model(other)[1]["state_dict"]
+    c = load_checkpoint(other)["state_dict"]
     assert not torch.equal(a["fc.weight"], c["fc.weight"])
     after = global_torch_state()
     assert after[:2] == before[:2] and torch.equal(after[2], before[2])  # global torch state restored
@@ -280,40 +280,40 @@ def test_existing_checkpoint_is_reused_or_retrained(demo_data, tmp_path):
     train_demo_model(demo_data, out, progress=lambda *a: calls.append(a), **kwargs)
     assert calls == [] and out.read_bytes() == data  # reused
     train_demo_model(demo_data, out, progress=lambda *a: calls.append(a), **{**kwargs, "epochs": 2})
-    assert len(calls) == 2 and load_demo_model(out)[1]["train"]["epochs"] == 2  # arguments changed: retrained
+    assert len(calls) == 2 and load_checkpoint(out)["train"]["epochs"] == 2  # arguments changed: retrained
     out.write_bytes(b"garbage")
     train_demo_model(demo_data, out, **kwargs)
-    assert load_demo_model(out)[1]["train"]["epochs"] == 1  # unreadable file: trained over
+    assert load_checkpoint(out)["train"]["epochs"] == 1  # unreadable file: trained over
 
 
 def test_max_seconds_stops_early(demo_data, tmp_path):
     out = train_demo_model(demo_data, tmp_path / "m.pt", input_size=32, epochs=50, max_seconds=1e-3)
-    assert load_demo_model(out)[1]["train"]["epochs"] < 50
+    assert load_checkpoint(out)["train"]["epochs"] < 50
 
 
 def test_load_errors(tmp_path, demo_checkpoint):
-    with pytest.raises(FileNotFoundError, match=r"missing\.pt: demo checkpoint not found"):
-        load_demo_model(tmp_path / "missing.pt")
+    with pytest.raises(FileNotFoundError, match=r"missing\.pt: checkpoint not found"):
+        load_model("demo_cnn", checkpoint=tmp_path / "missing.pt")
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(ValueError, match=r"junk\.pt: not a loadable torch checkpoint"):
-        load_demo_model(tmp_path / "junk.pt")
+        load_model("demo_cnn", checkpoint=tmp_path / "junk.pt")
     torch.save({"format": "something/1"}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match=r"other\.pt: format is 'something/1', expected 'gradloc\.checkpoint/1'"):
-        load_demo_model(tmp_path / "other.pt")
+        load_model("demo_cnn", checkpoint=tmp_path / "other.pt")
     other_arch = {**torch.load(demo_checkpoint, weights_only=True), "arch": "resnet50"}
     torch.save(other_arch, tmp_path / "arch.pt")
-    with pytest.raises(ValueError, match="checkpoint arch is 'resnet50', expected 'demo_cnn'"):
-        load_demo_model(tmp_path / "arch.pt")
+    with pytest.raises(ValueError, match="checkpoint is for model 'resnet50', not 'demo_cnn'"):
+        load_model("demo_cnn", checkpoint=tmp_path / "arch.pt")
     state = DemoNet(widths=(8, 8, 8, 8)).state_dict()
     wrong_shape = {**torch.load(demo_checkpoint, weights_only=True), "arch_kwargs": {}, "state_dict": state}
     torch.save(wrong_shape, tmp_path / "shape.pt")
-    with pytest.raises(ValueError, match=r"shape\.pt: state_dict does not fit DemoNet"):
-        load_demo_model(tmp_path / "shape.pt")
+    with pytest.raises(ValueError, match=r"shape\.pt: state_dict does not fit demo_cnn"):
+        load_model("demo_cnn", checkpoint=tmp_path / "shape.pt")
 
 
 def test_letterboxed_training_input(demo_data):
     # the preprocessing the checkpoint records: letterbox into a square, padding = mean colour (0 after norm)
-    images, labels, ids = demo._load_split(demo_data, "val", 64)
+    images, labels, ids = demo_cnn._load_split(demo_data, "val", 64)
     first = Image.open(demo_data / "VOCdemo" / "JPEGImages" / f"{ids[0]}.jpg")
     w, h = first.size
     assert images.shape == (len(ids), 3, 64, 64) and labels.shape == (len(ids), len(DEMO_CLASSES))

@@ -8,7 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from gradloc.detections import (
+from gradloc.core.files import safe_load_pickle, save_pickle
+from gradloc.core.formats import (
     DETECTIONS_FORMAT,
     GT_FORMAT,
     Detections,
@@ -16,8 +17,7 @@ from gradloc.detections import (
     load_detections,
     load_ground_truth,
 )
-from gradloc.io import safe_load_pickle, save_pickle
-from gradloc.runs import threshold_filename
+from gradloc.run.folder import threshold_filename
 
 
 def gt_fields(**overrides) -> dict:

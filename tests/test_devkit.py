@@ -6,10 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gradloc.detections import Detections, GroundTruth
-from gradloc.devkit import export_run, format_lines, read_voc_results, score_voc_results, write_voc_results
-from gradloc.io import save_pickle
-from gradloc.metrics import evaluate
+from gradloc.core.files import save_pickle
+from gradloc.core.formats import Detections, GroundTruth
+from gradloc.reports.export import export_run
+from gradloc.scoring.devkit import format_lines, read_voc_results, score_voc_results, write_voc_results
+from gradloc.scoring.voc import evaluate
 
 CLASSES = ["cat", "dog", "pottedplant"]
 

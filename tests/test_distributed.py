@@ -11,7 +11,7 @@ import yaml
 from click.testing import CliRunner
 
 from gradloc.cli import main
-from gradloc.distributed import world_from_env
+from gradloc.run.distributed import world_from_env
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPARED = ("gt.pkl", "detections/*.pkl", "baselines/*.pkl", "baselines/random/*.pkl", "points.pkl", "scores.csv")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
-from gradloc.geometry import (
+from gradloc.core.geometry import (
     Geometry,
     grid_boxes_to_voc,
     group_by_shape,
@@ -207,7 +207,7 @@ def test_group_by_shape_batches_equal_input_shapes_in_first_seen_order() -> None
 
 
 def test_preprocessing_batches_group_shortside_inputs_and_batch_refuses_mixed_shapes() -> None:
-    from gradloc.models import Preprocessing
+    from gradloc.models.preprocessing import Preprocessing
 
     pre = Preprocessing(64, "shortside")
     sizes = [(100, 75), (75, 100), (100, 75)]

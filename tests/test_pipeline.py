@@ -7,10 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gradloc.config import load_config
-from gradloc.detections import load_detections, load_ground_truth
-from gradloc.pipeline import StageTimes, _with_method, prepare_demo, run_boxes, run_cams, run_manifest, score_run
-from gradloc.runs import new_run
+from gradloc.core.formats import load_detections, load_ground_truth
+from gradloc.run.boxes import run_boxes
+from gradloc.run.cams import plan_cams
+from gradloc.run.config import load_config
+from gradloc.run.folder import new_run
+from gradloc.run.pipeline import run_manifest
+from gradloc.run.score import score_run
+from gradloc.run.setup import StageTimes, prepare_demo, with_method
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -24,7 +28,7 @@ def demo_run(tmp_path_factory):
         "boxes.thresholds": (0.2, 0.4, 0.6),
     })
     config = prepare_demo(config)
-    cache, dataset = run_cams(config)
+    cache, dataset = plan_cams(config).run()
     with new_run(config.run_dir) as writer:
         run_boxes(config, cache, dataset, writer=writer)
         writer.write_manifest(run_manifest(config, config, cache, StageTimes()))
@@ -89,7 +93,7 @@ def test_rerun_reuses_cache_and_gives_identical_files(demo_run):
     config, cache, dataset, run_dir, _ = demo_run
     before = {p: p.read_bytes() for p in (run_dir / "detections").glob("*.pkl")}
     stamps = {p: p.stat().st_mtime_ns for p in (cache.root / "maps").glob("*.pkl")}
-    cache2, _ = run_cams(config)
+    cache2, _ = plan_cams(config).run()
     assert cache2.root == cache.root
     assert {p: p.stat().st_mtime_ns for p in (cache.root / "maps").glob("*.pkl")} == stamps
     run_boxes(config, cache2, dataset)
@@ -99,16 +103,16 @@ def test_rerun_reuses_cache_and_gives_identical_files(demo_run):
 def test_methods_in_one_pass_fill_each_methods_cache(demo_run, tmp_path):
     config, cache, dataset, _, _ = demo_run
     shared = dataclasses.replace(config, cache_dir=str(tmp_path / "cache"))
-    run_cams(shared, also=["gradcampp"])
-    pp = _with_method(shared, "gradcampp")
-    cache_pp, _ = run_cams(pp)
+    plan_cams(shared, also=["gradcampp"]).run()
+    pp = with_method(shared, "gradcampp")
+    cache_pp, _ = plan_cams(pp).run()
     assert cache_pp.todo(dataset) == []  # filled by the shared pass
-    cache_alone, _ = run_cams(dataclasses.replace(pp, cache_dir=str(tmp_path / "alone")))
+    cache_alone, _ = plan_cams(dataclasses.replace(pp, cache_dir=str(tmp_path / "alone"))).run()
     for image_id in dataset.image_ids[:5]:
         np.testing.assert_array_equal(cache_pp.get(image_id).maps, cache_alone.get(image_id).maps)
-        np.testing.assert_array_equal(cache.get(image_id).maps, run_cams(shared)[0].get(image_id).maps)
+        np.testing.assert_array_equal(cache.get(image_id).maps, plan_cams(shared).run()[0].get(image_id).maps)
     with pytest.raises(ValueError, match="both must be gradient methods"):
-        run_cams(shared, also=["scorecam"])
+        plan_cams(shared, also=["scorecam"]).run()
 
 
 @pytest.mark.slow
@@ -124,9 +128,9 @@ def test_killed_cams_run_resumes(demo_run, tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_cams(dataclasses.replace(other, cams=dataclasses.replace(other.cams, batch_size=8)),
-                 progress=stop_after_first_batch)
-    resumed, _ = run_cams(other)
+        batch8 = dataclasses.replace(other, cams=dataclasses.replace(other.cams, batch_size=8))
+        plan_cams(batch8).run(stop_after_first_batch)
+    resumed, _ = plan_cams(other).run()
     assert len(list((resumed.root / "maps").glob("*.pkl"))) == len(dataset)
     for image_id in dataset.image_ids[:3]:  # batch composition may change float rounding, nothing more
         np.testing.assert_allclose(resumed.get(image_id).maps, cache.get(image_id).maps, rtol=1e-2, atol=1e-4)
@@ -142,7 +146,7 @@ def test_float16_cache_moves_boxes_by_at_most_one_pixel(demo_run, tmp_path):
     assert config.cams.store_dtype == "float32"
     config16 = dataclasses.replace(config, cache_dir=str(tmp_path / "cache16"), out=str(tmp_path / "out"),
                                    cams=dataclasses.replace(config.cams, store_dtype="float16"))
-    cache16, _ = run_cams(config16)
+    cache16, _ = plan_cams(config16).run()
     run_dir16 = run_boxes(config16, cache16, dataset)
     changed = total = 0
     for tau in config.boxes.thresholds:
@@ -164,7 +168,7 @@ def test_gt_known_run_reports_maxboxacc_and_localization_rows(demo_run, tmp_path
     best τ of the run's sweep, labelled as an oracle choice."""
     import dataclasses
 
-    from gradloc.pipeline import localization_scores
+    from gradloc.run.score import localization_scores
 
     config, cache, dataset, _, _ = demo_run
     gt_config = dataclasses.replace(config, out=str(tmp_path), boxes=dataclasses.replace(
@@ -195,31 +199,31 @@ def test_gt_known_run_reports_maxboxacc_and_localization_rows(demo_run, tmp_path
 
 @pytest.mark.parametrize(("explain", "expected"), [("predicted", [1, 3]), ("gt", [0, 2]), ("all", [0, 1, 2, 3])])
 def test_explained_classes_per_explain_setting(explain, expected):
-    from gradloc.pipeline import explained_classes
+    from gradloc.boxes.explain import explained_classes
 
-    config = load_config(None, {"boxes.explain": explain, "boxes.score_cut": 0.5})
     probabilities = np.array([0.1, 0.9, 0.4, 0.5])
-    assert explained_classes(config, probabilities, np.array([2, 0, 2])).tolist() == expected
+    assert explained_classes(explain, probabilities, np.array([2, 0, 2]), 0.5).tolist() == expected
 
 
 def test_masked_batch_reaches_scorecam(demo_run, tmp_path, monkeypatch):
     """cams.masked_batch (default: the device's) is the batch of Score-CAM's masked passes; maps do not
     depend on it."""
-    import gradloc.cams
+    import gradloc.run.cams
 
     config, *_ = demo_run
-    compute, seen = gradloc.cams.compute_cams, []
+    compute, seen = gradloc.run.cams.compute_cams, []
 
     def recording(*args, **kwargs):
         seen.append(kwargs["batch_size"])
         return compute(*args, **kwargs)
 
-    monkeypatch.setattr(gradloc.cams, "compute_cams", recording)
-    base = dataclasses.replace(_with_method(config, "scorecam"), data=dataclasses.replace(config.data, limit=4))
+    monkeypatch.setattr(gradloc.run.cams, "compute_cams", recording)
+    base = dataclasses.replace(with_method(config, "scorecam"), data=dataclasses.replace(config.data, limit=4))
     caches = []
     for masked_batch in (None, 5):
         cams = dataclasses.replace(base.cams, masked_batch=masked_batch, batch_size=4)
-        cache, dataset = run_cams(dataclasses.replace(base, cams=cams, cache_dir=str(tmp_path / str(masked_batch))))
+        config_b = dataclasses.replace(base, cams=cams, cache_dir=str(tmp_path / str(masked_batch)))
+        cache, dataset = plan_cams(config_b).run()
         caches.append(cache)
     assert seen == [2, 5]  # one batch of 4 images each; 2 = default_masked_batch on a CPU
     for image_id in dataset.image_ids:

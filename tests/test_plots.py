@@ -8,12 +8,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
 
 from gradloc.cli import main
-from gradloc.detections import Detections, GroundTruth
-from gradloc.io import save_pickle
-from gradloc.metrics import evaluate, voc_ap
-from gradloc.pipeline import score_run
-from gradloc.plots import plot_pr_curves, plot_threshold_curves, precision_recall_curves, tied_curves
-from gradloc.report import save_scores
+from gradloc.core.files import save_pickle
+from gradloc.core.formats import Detections, GroundTruth
+from gradloc.reports.plots import plot_pr_curves, plot_threshold_curves, precision_recall_curves, tied_curves
+from gradloc.run.score import score_run
+from gradloc.scoring.tables import save_scores
+from gradloc.scoring.voc import evaluate, voc_ap
 
 CLASSES = ["a", "b"]
 IMAGE_IDS = ["i0", "i1", "i2"]

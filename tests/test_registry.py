@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gradloc import registry
-from gradloc.models import MODELS, read_torchvision_table
-from gradloc.registry import hub_checkpoints, list_models
+from gradloc.models import registry
+from gradloc.models.registry import hub_checkpoints, list_models, read_torchvision_table
+from gradloc.models.zoo import MODELS
 
 
 def test_torchvision_snapshot_is_that_of_the_installed_torchvision() -> None:

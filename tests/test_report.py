@@ -3,7 +3,7 @@ import json
 import pandas as pd
 import pytest
 
-from gradloc.report import (
+from gradloc.scoring.tables import (
     is_close,
     match_value,
     per_class_table,

@@ -19,11 +19,11 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from gradloc import io as io_module
-from gradloc import runs
 from gradloc.cli import main
-from gradloc.detections import Detections, GroundTruth
-from gradloc.runs import Run, RunLockedError, new_run, open_run
+from gradloc.core import files as io_module
+from gradloc.core.formats import Detections, GroundTruth
+from gradloc.run import folder as runs
+from gradloc.run.folder import Run, RunLockedError, new_run, open_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -194,7 +194,7 @@ def test_lock_of_another_host_is_not_taken_over(tmp_path, dead_pid):
 def test_stale_lock_of_dead_process_is_taken_over(tmp_path, dead_pid, caplog):
     target = tmp_path / "k"
     _lock(tmp_path, dead_pid)
-    with caplog.at_level(logging.WARNING, logger="gradloc.runs"):
+    with caplog.at_level(logging.WARNING, logger="gradloc.run.folder"):
         _write(target, [0.2])
     assert f"taking over the lock of pid {dead_pid}" in caplog.text
     assert open_run(target).thresholds == [0.2]
@@ -227,8 +227,8 @@ def test_unwritable_out_is_found_before_any_work(tmp_path):
 
 @pytest.mark.parametrize("iou", [0.0, 1e-9, 0.5, 1 - 1e-9, 1.0, 1.5, float("nan")])
 def test_config_and_scorer_accept_the_same_ious(iou):
-    from gradloc.config import ConfigError, load_config
-    from gradloc.metrics import evaluate
+    from gradloc.run.config import ConfigError, load_config
+    from gradloc.scoring.voc import evaluate
 
     try:
         load_config(None, {"score.iou": (iou,)})
@@ -248,7 +248,7 @@ def test_config_and_scorer_accept_the_same_ious(iou):
 
 def _write_config(folder: Path, demo_data: Path, demo_checkpoint: Path) -> Path:
     """A run config on the small demo data and the 3-epoch demo CNN (no demo preparation: fast)."""
-    from gradloc.demo import DEMO_CLASSES
+    from gradloc.datasets.demo import DEMO_CLASSES
 
     config = {
         "name": "k", "out": str(folder / "results"), "cache_dir": str(folder / "cache"),
@@ -350,7 +350,7 @@ def test_every_item_skipped_is_an_error_and_writes_nothing(demo_config, demo_dat
 @pytest.mark.slow
 def test_failed_boxes_stage_leaves_no_orphan_gt_and_keeps_previous_run(demo_config, tmp_path, monkeypatch):
     """Issue 9 item 5: a failed boxes stage left an orphan gt.pkl (and, on a rerun, a mixed folder)."""
-    from gradloc import pipeline
+    from gradloc.run import boxes as pipeline
 
     def broken(*args, **kwargs):
         raise ValueError("broken box cutter")
@@ -368,7 +368,7 @@ def test_failed_boxes_stage_leaves_no_orphan_gt_and_keeps_previous_run(demo_conf
 
 @pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(demo_config, tmp_path, monkeypatch):
-    from gradloc import pipeline
+    from gradloc.run import boxes as pipeline
 
     assert _run(demo_config).exit_code == 0
     before = {p: p.read_bytes() for p in (tmp_path / "results" / "k").rglob("*") if p.is_file()}
@@ -415,7 +415,7 @@ KILLER = """
 import os, runpy, signal, sys
 stage, n = sys.argv[1], int(sys.argv[2])
 sys.argv = ["gradloc", *sys.argv[3:]]
-import gradloc.cache, gradloc.pipeline, gradloc.runs
+import gradloc.cams.cache, gradloc.run.boxes, gradloc.run.folder, gradloc.run.score
 calls = []
 def kill_after(function):
     def wrapper(*args, **kwargs):
@@ -425,13 +425,13 @@ def kill_after(function):
         return function(*args, **kwargs)
     return wrapper
 if stage == "cams":
-    gradloc.cache.HeatmapCache.put = kill_after(gradloc.cache.HeatmapCache.put)
+    gradloc.cams.cache.HeatmapCache.put = kill_after(gradloc.cams.cache.HeatmapCache.put)
 elif stage == "boxes":
-    gradloc.pipeline.image_boxes = kill_after(gradloc.pipeline.image_boxes)
+    gradloc.run.boxes.image_boxes = kill_after(gradloc.run.boxes.image_boxes)
 elif stage == "scores":
-    gradloc.pipeline.score_detections = kill_after(gradloc.pipeline.score_detections)
+    gradloc.run.score.score_detections = kill_after(gradloc.run.score.score_detections)
 elif stage == "swap":
-    gradloc.runs.os.rename = kill_after(gradloc.runs.os.rename)
+    gradloc.run.folder.os.rename = kill_after(gradloc.run.folder.os.rename)
 runpy.run_module("gradloc", run_name="__main__", alter_sys=True)
 """
 
@@ -480,7 +480,7 @@ def test_sigkill_in_each_stage_then_rerun_gives_identical_results(tmp_path, refe
 
 
 def test_manifest_paths_resolve_beside_the_run_else_absolute(tmp_path):
-    from gradloc.runs import manifest_record
+    from gradloc.run.folder import manifest_record
 
     (tmp_path / "a" / "cache").mkdir(parents=True)
     (tmp_path / "a" / "results").mkdir()

@@ -12,22 +12,15 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from PIL import Image
 
-from gradloc.cache import HeatmapCache
+from gradloc.cams.cache import HeatmapCache
 from gradloc.cli import main
-from gradloc.config import load_config
-from gradloc.detections import Detections, GroundTruth, load_detections
-from gradloc.geometry import plan
-from gradloc.io import save_pickle
-from gradloc.show import (
-    DPI,
-    PANEL_INCHES,
-    best_gt_iou,
-    image_extent,
-    sample_images,
-    show_run,
-    voc_box_to_rect,
-)
-from gradloc.voc import VOCDataset
+from gradloc.core.files import save_pickle
+from gradloc.core.formats import Detections, GroundTruth, load_detections
+from gradloc.core.geometry import plan
+from gradloc.datasets.voc import VOCDataset
+from gradloc.reports.draw import DPI, PANEL_INCHES, best_gt_iou, image_extent, voc_box_to_rect
+from gradloc.reports.show import sample_images, show_run
+from gradloc.run.config import load_config
 
 CLASSES = ("cat", "dog")
 # image id -> (width, height, [(class, [x1, y1, x2, y2], difficult)])
@@ -308,7 +301,7 @@ def test_per_image_writes_one_overlay_per_image_and_class(tiny_run, tmp_path):
 
 def test_crowded_labels_stay_inside_and_apart():
     """Six GT boxes sharing corners and long prediction tags at the image's right edge, in a narrow figure."""
-    from gradloc.show import Sample, render_grid
+    from gradloc.reports.draw import Sample, render_grid
 
     boxes = np.array([[1, 1, 40, 30], [1, 1, 38, 28], [2, 2, 39, 29], [60, 1, 80, 20], [60, 2, 80, 21],
                       [1, 1, 80, 60]], float)
@@ -331,7 +324,7 @@ def test_show_guided_adds_a_panel_per_class(tiny_run, monkeypatch):
                           nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
     loaded = SimpleNamespace(model=model, preprocessing=SimpleNamespace(
         input_size=INPUT_SIZE, resize_mode="letterbox", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)))
-    monkeypatch.setattr("gradloc.pipeline.load_classifier", lambda config: loaded)
+    monkeypatch.setattr("gradloc.run.setup.load_classifier", lambda config: loaded)
     root, run_dir = tiny_run
     out = root / "guided.png"
     result = CliRunner().invoke(main, ["show", str(run_dir), "--threshold", "0.2", "--n", "3", "--guided",
@@ -401,7 +394,7 @@ def test_real_voc_crowded_images_grid(real_run, tmp_path):
 @pytest.mark.slow
 def test_real_voc_narrow_grid_of_boxes(real_run):
     """One real image, boxes only (--detections): a 1-panel-wide figure whose legend wraps inside it."""
-    from gradloc.show import make_sample, render_grid
+    from gradloc.reports.draw import make_sample, render_grid
 
     run_dir, crowded, gt = real_run
     dets = load_detections(run_dir / "detections" / "thr_0.200.pkl")

@@ -7,8 +7,9 @@ import pytest
 from click.testing import CliRunner
 
 from gradloc.cli import main
-from gradloc.config import load_config
-from gradloc.sweep import parse_select_metric, render_sweep, select_threshold, split_config, sweep_table
+from gradloc.run.config import load_config
+from gradloc.run.sweep import parse_select_metric, render_sweep, split_config, sweep_table
+from gradloc.scoring.tables import select_threshold
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 NAN = float("nan")
@@ -116,7 +117,7 @@ def test_command_with_a_stub_pipeline(tmp_path, monkeypatch):
         calls.append((config.data.split, config.run_dir))
         return config.run_dir, {"train": TRAIN, "val": VAL}[config.data.split]
 
-    monkeypatch.setattr("gradloc.sweep.run_split", fake_run_split)
+    monkeypatch.setattr("gradloc.run.sweep.run_split", fake_run_split)
     result = CliRunner().invoke(main, ["-q", "sweep", "--out", str(tmp_path), "--name", "s", "--iou",
                                        "0.3,0.5", "--select-split", "train", "--eval-split", "val"])
     assert result.exit_code == 0, result.output
@@ -133,7 +134,7 @@ def test_command_with_a_stub_pipeline(tmp_path, monkeypatch):
     (["--split", "val"], 2, "not --split"),
 ])
 def test_command_errors(tmp_path, monkeypatch, args, code, message):
-    monkeypatch.setattr("gradloc.sweep.run_split", lambda *a, **k: pytest.fail("no work before the checks"))
+    monkeypatch.setattr("gradloc.run.sweep.run_split", lambda *a, **k: pytest.fail("no work before the checks"))
     result = CliRunner().invoke(main, ["sweep", "--out", str(tmp_path), "--select-split", "train",
                                        "--eval-split", "val", *args])
     assert result.exit_code == code, result.output
@@ -178,7 +179,7 @@ def test_render_digits():
 
 
 def test_command_digits(tmp_path, monkeypatch):
-    monkeypatch.setattr("gradloc.sweep.run_split",
+    monkeypatch.setattr("gradloc.run.sweep.run_split",
                         lambda config, stage=None: (config.run_dir, {"train": TRAIN, "val": VAL}[config.data.split]))
     result = CliRunner().invoke(main, ["-q", "sweep", "--out", str(tmp_path), "--name", "s", "--iou", "0.3,0.5",
                                        "--select-split", "train", "--eval-split", "val", "--select-metric",

@@ -11,11 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from gradloc.config import load_config
-from gradloc.metrics import classification_map
-from gradloc.models import build_pretrained, load_checkpoint, load_model
-from gradloc.train import TrainConfig, balanced_bce, fit_lbfgs, fit_linear, train_head
-from gradloc.voc import VOC_CLASSES, VOCDataset
+from gradloc.datasets.voc import VOC_CLASSES, VOCDataset
+from gradloc.models.build import load_model
+from gradloc.models.checkpoints import load_checkpoint
+from gradloc.models.zoo import build_pretrained
+from gradloc.run.config import load_config
+from gradloc.run.train import TrainConfig, balanced_bce, fit_lbfgs, fit_linear, train_head
+from gradloc.scoring.classification import classification_map
 
 VOC_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "voc" / "VOCdevkit"
 needs_voc = pytest.mark.skipif(not (VOC_ROOT / "VOC2007").is_dir(),

@@ -9,13 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gradloc.voc import (
-    VOC_CLASSES,
-    DatasetError,
-    MissingFileError,
-    VOCDataset,
-    parse_annotation,
-)
+from gradloc.datasets.voc import VOC_CLASSES, DatasetError, MissingFileError, VOCDataset, parse_annotation
 
 # --- helpers ------------------------------------------------------------------------------------------------
 
@@ -250,23 +244,6 @@ def test_load_image_unreadable(small_devkit):
         ds.load_image("000003")
 
 
-def test_class_image_ids(small_devkit):
-    main = small_devkit / "VOC2007" / "ImageSets" / "Main"
-    write(main / "dog_val.txt", "000001  1\n000002  0\n000003 -1\n")
-    ds = VOCDataset(small_devkit, split="val", limit=2)
-    assert ds.class_image_ids("dog") == {"000001": 1, "000002": 0}  # restricted to the dataset's ids
-    with pytest.raises(DatasetError, match="unknown class 'unicorn'; known classes: aeroplane"):
-        ds.class_image_ids("unicorn")
-    with pytest.raises(FileNotFoundError, match=r"cat_val\.txt: per-class image set not found"):
-        ds.class_image_ids("cat")
-    write(main / "dog_val.txt", "000001  1\n000002  2\n")
-    with pytest.raises(DatasetError, match=r"dog_val\.txt: line 2 is '000002  2'"):
-        ds.class_image_ids("dog")
-    write(main / "dog_val.txt", "000001  1\n")
-    with pytest.raises(DatasetError, match=r"dog_val\.txt: lacks 1 image\(s\) of split 'val', e\.g\. 000002"):
-        ds.class_image_ids("dog")
-
-
 def test_missing_root_says_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"VOC root .*nowhere does not exist; expected a VOCdevkit "
                                                 r"folder holding VOC2007/ .*--voc-root"):
@@ -352,7 +329,6 @@ def test_real_split_counts_and_class_files(voc_root, split, count):
         flags = dict(line.split() for line in path.read_text().splitlines())
         expected = np.array([int(flags[i]) for i in ds.image_ids])
         np.testing.assert_array_equal(labels[:, c], expected, err_msg=f"{name}_{split}")
-        assert ds.class_image_ids(name) == {i: int(flags[i]) for i in ds.image_ids}
 
 
 @pytest.mark.slow
@@ -467,25 +443,25 @@ BAD_IMAGES = {  # damage, what the one-line error says
 
 @pytest.mark.parametrize("kind", BAD_IMAGES)
 def test_bad_image_is_one_line_error_naming_the_file(kind, demo_copy, cams_config):
-    from gradloc.pipeline import run_cams
+    from gradloc.run.cams import plan_cams
 
     config = cams_config(demo_copy)
     damage, message = BAD_IMAGES[kind]
     damage(demo_copy / "VOCdemo" / "JPEGImages" / "000027.jpg")
     with pytest.raises(DatasetError, match=rf"000027\.jpg: .*{re.escape(message)}") as error:
-        run_cams(config)
+        plan_cams(config).run()
     assert "\n" not in str(error.value) and "--on-error skip" in str(error.value)
 
 
 def test_skip_mode_skips_unreadable_images_and_lists_them(demo_copy, cams_config):
-    from gradloc.pipeline import run_cams
+    from gradloc.run.cams import plan_cams
 
     images = demo_copy / "VOCdemo" / "JPEGImages"
     damaged = {"000026": "truncated", "000028": "zero bytes", "000030": "size mismatch", "000031":
                "decompression bomb"}
     for image_id, kind in damaged.items():
         BAD_IMAGES[kind][0](images / f"{image_id}.jpg")
-    cache, dataset = run_cams(cams_config(demo_copy, **{"data.on_error": "skip"}))
+    cache, dataset = plan_cams(cams_config(demo_copy, **{"data.on_error": "skip"})).run()
     assert [item["image_id"] for item in dataset.skipped] == list(damaged)
     for item, (image_id, kind) in zip(dataset.skipped, damaged.items(), strict=True):
         assert item["file"] == str(images / f"{image_id}.jpg")
@@ -495,8 +471,9 @@ def test_skip_mode_skips_unreadable_images_and_lists_them(demo_copy, cams_config
 
 
 def test_image_smaller_than_the_network_input(demo_copy, cams_config):
-    from gradloc.detections import load_detections
-    from gradloc.pipeline import run_boxes, run_cams
+    from gradloc.core.formats import load_detections
+    from gradloc.run.boxes import run_boxes
+    from gradloc.run.cams import plan_cams
 
     base = demo_copy / "VOCdemo"
     for image_id, (width, height) in {"000025": (3, 2), "000026": (1, 1)}.items():
@@ -504,7 +481,7 @@ def test_image_smaller_than_the_network_input(demo_copy, cams_config):
         write(base / "Annotations" / f"{image_id}.xml",
               annotation_xml(image_id, width, height, [obj_xml("disc", (1, 1, width, height))]))
     config = cams_config(demo_copy, **{"boxes.explain": "gt"})
-    cache, dataset = run_cams(config)
+    cache, dataset = plan_cams(config).run()
     entry = cache.get("000025")
     assert (entry.geometry.width, entry.geometry.height) == (3, 2) and np.isfinite(entry.maps).all()
     one_pixel = cache.get("000026").geometry
@@ -520,7 +497,7 @@ def test_image_smaller_than_the_network_input(demo_copy, cams_config):
 def test_skipped_images_reach_the_run_result_and_manifest(demo_copy, cams_config):
     import json
 
-    from gradloc.pipeline import run
+    from gradloc.run.pipeline import run
 
     _empty(demo_copy / "VOCdemo" / "JPEGImages" / "000029.jpg")
     config = cams_config(demo_copy, **{"data.on_error": "skip", "boxes.thresholds": (0.5,)})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gradloc.wsol import GRID, IOUS_V1, IOUS_V2, box_hits, max_box_acc, normalize_minmax
+from gradloc.scoring.wsol import GRID, IOUS_V2, box_hits, max_box_acc, normalize_minmax
 
 cv2 = pytest.importorskip("cv2")
 
@@ -122,8 +122,8 @@ def test_wsolevaluation_convention_equals_reference_on_maps_without_holes(seed: 
 @pytest.mark.parametrize("seed", range(8))
 def test_wsolevaluation_largest_equals_reference_on_single_blobs(seed: int) -> None:
     maps, gts = _case(100 + seed, lambda rng, h, w: _blob_map(rng, h, w, 1))
-    ours = box_hits(maps, gts, convention="wsolevaluation", box_mode="largest", ious=IOUS_V1)
-    reference = np.stack([_reference_hits(m, g, False, IOUS_V1) for m, g in zip(maps, gts, strict=True)])
+    ours = box_hits(maps, gts, convention="wsolevaluation", box_mode="largest", ious=(0.5,))
+    reference = np.stack([_reference_hits(m, g, False, (0.5,)) for m, g in zip(maps, gts, strict=True)])
     np.testing.assert_array_equal(ours, reference)
 
 
@@ -183,7 +183,7 @@ def test_v1_v2_labels_and_oracle_threshold() -> None:
     assert v2["max_box_acc"].tolist() == [1.0, 1.0, 1.0, 1.0]
     # the second region is cut out alone for τ in (0, 0.5]; the first τ reaching it is 0.01
     assert v2["best_threshold"].tolist()[:3] == [0.01, 0.01, 0.01]
-    v1 = max_box_acc([heat], [gt], ious=IOUS_V1, box_mode="largest")
+    v1 = max_box_acc([heat], [gt], ious=(0.5,), box_mode="largest")
     assert v1["metric"].tolist() == ["MaxBoxAcc@0.5"] and v1["max_box_acc"].tolist() == [0.0]
 
 

@@ -1,0 +1,93 @@
+"""The ``gradloc`` group: global flags (``-q``, ``--debug``) and the error policy of every command.
+
+Errors in the input are printed as one line (``error: ...``) with exit status 1; usage errors exit 2 (click);
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+import click
+
+from gradloc import __version__
+
+logger = logging.getLogger("gradloc")
+
+
+# Errors that come from what the user gave us (files, values, names) or from the file system: one line,
+# exit 1. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError)
+
+
+QUIET_HELP = ("No progress bars, notes or INFO logs on stderr: only the command's output (tables, documents, "
+              "file names), warnings and errors.")
+
+
+def _output_flag(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    """``--quiet`` / ``--debug`` given after the command name: same effect as before it."""
+    if value:
+        ctx.ensure_object(dict)[param.name] = True
+        logging.getLogger().setLevel(logging.DEBUG if param.name == "debug" else logging.WARNING)
+    return value
+
+
+class GradlocGroup(click.Group):
+    """Runs a command and turns input errors into one line on stderr (traceback only with --debug).
+
+    Every command also accepts ``--quiet``/``-q`` and ``--debug`` after its name."""
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        cmd.params += [
+            click.Option(["--quiet", "-q"], is_flag=True, expose_value=False, callback=_output_flag,
+                         help=QUIET_HELP),
+            click.Option(["--debug"], is_flag=True, expose_value=False, callback=_output_flag,
+                         help="Show full tracebacks and debug logging."),
+        ]
+        super().add_command(cmd, name)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            _quiet_broken_pipe()
+            sys.exit(141)  # 128 + SIGPIPE, what a shell pipeline expects from `cmd | head`
+        except USER_ERRORS as error:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"error: {error}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted: the run folder keeps its previous results and finished heatmaps stay "
+                       "cached; rerun the same command to resume", err=True)
+            sys.exit(130)
+
+
+def _quiet_broken_pipe() -> None:
+    """The reader of stdout went away (``| head``): point stdout at /dev/null so that the final flush at exit
+    raises nothing either."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor (click's test runner)
+        pass
+
+
+@click.group(cls=GradlocGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="gradloc")
+@click.option("--debug", is_flag=True, help="Show full tracebacks and debug logging.")
+@click.option("--quiet", "-q", is_flag=True, help=QUIET_HELP)
+@click.pass_context
+def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
+    """gradloc: how well do Grad-CAM-family heatmaps localize objects in Pascal VOC?
+
+    \b
+    Example (offline demo, about two minutes on a laptop CPU):
+      gradloc demo
+    """
+    ctx.ensure_object(dict).update(debug=debug, quiet=quiet)
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,270 @@
+"""Flag machinery shared by the commands: run flags by group, registry choices, progress bars, printing."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import click
+
+
+def parse_floats(value: str | None, name: str) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(float(item) for item in value.split(",") if item.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers such as 0.01,0.02, got {value!r}",
+                                 param_hint=name) from None
+
+
+class RegistryChoice(click.Choice):
+    """A ``click.Choice`` whose choices are read from a library registry when first needed (``--help`` or
+    parsing a value), so that merely starting the CLI imports neither torch nor the models."""
+
+    def __init__(self, load: Callable[[], Any]) -> None:  # no super().__init__: the choices are lazy
+        self._load = load
+        self._choices: tuple[str, ...] | None = None
+        self.case_sensitive = True
+
+    @property
+    def choices(self) -> tuple[str, ...]:  # type: ignore[override]
+        if self._choices is None:
+            self._choices = tuple(self._load())
+        return self._choices
+
+    @choices.setter
+    def choices(self, value: Any) -> None:
+        self._choices = tuple(value)
+
+
+def registry_choice(module: str, name: str, keep: Callable[[Any], bool] | None = None) -> RegistryChoice:
+    """The names of registry ``module.name`` (those whose entry ``keep`` accepts) as a lazy click choice."""
+
+    def load() -> list[str]:
+        from importlib import import_module
+
+        registry = getattr(import_module(module), name)
+        return [key for key in registry if keep is None or keep(registry[key])]
+
+    return RegistryChoice(load)
+
+
+def parse_names(value: str | None, name: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    names = tuple(item.strip() for item in value.split(",") if item.strip())
+    if not names:
+        raise click.BadParameter(f"expected comma-separated class names such as car,cat,bus, got {value!r}",
+                                 param_hint=name)
+    return names
+
+
+# Flags that set a config key, in groups: a command shows the groups it uses (``cams --help`` has no --iou).
+# group -> flag name -> (dotted config key, click option kwargs)
+FLAG_GROUPS: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
+    "data": {
+        "voc_root": ("data.voc_root", {"help": "VOCdevkit folder (holding VOC<year>/)."}),
+        "year": ("data.year", {"help": "VOC year: 2007, 2012 (folder VOC<year>)."}),
+        "split": ("data.split", {"help": "Image set of ImageSets/Main (train, val, trainval, test)."}),
+        "limit": ("data.limit", {"type": int, "help": "Use only the first N images of the split."}),
+        "on_error": ("data.on_error", {"type": click.Choice(["raise", "skip"]),
+                                       "help": "Bad image/annotation: stop (raise) or skip and list it."}),
+    },
+    "model": {
+        "model": ("model.name", {"help": "Model name (see `gradloc models`)."}),
+        "weights": ("model.weights", {"help": "torchvision weights name, e.g. IMAGENET1K_V1."}),
+        "checkpoint": ("model.checkpoint", {"help": "Local checkpoint file to read (gradloc checkpoint or "
+                                                    "state dict)."}),
+        "head": ("model.head", {"type": registry_choice("gradloc.models.build", "HEADS"),
+                                "help": "voc: trained head; imagenet: ImageNet classes mapped to VOC; "
+                                        "voc+imagenet: both (product of probabilities)."}),
+        "input_size": ("model.input_size", {"type": int,
+                                            "help": "Network input size (pixels): the square's side, or the "
+                                                    "short side for --resize-mode shortside."}),
+        "resize_mode": ("model.resize_mode", {"type": registry_choice("gradloc.core.geometry", "RESIZE_MODES"),
+                                              "help": "letterbox (square, aspect kept), stretch, or shortside "
+                                                      "(short side = input size, aspect kept)."}),
+    },
+    "cams": {
+        "method": ("cams.method", {"type": registry_choice("gradloc.cams.methods", "METHODS",
+                                                     lambda method: not method.input_resolution),
+                                   "help": "CAM method (see the README's method table)."}),
+        "layer": ("cams.layer", {"help": "Target layer name (see `gradloc layers MODEL`)."}),
+        "batch_size": ("cams.batch_size", {"type": int, "help": "Images per batch."}),
+        "masked_batch": ("cams.masked_batch", {"type": int, "help": "Score-CAM: masked inputs per forward pass "
+                                                                    "(default 2 on CPU, 32 on CUDA). Results do "
+                                                                    "not depend on it."}),
+        "flip": ("cams.flip", {"type": bool, "help": "Test-time horizontal flip: average each map with the "
+                                                      "mirrored-back map of the mirrored image (--flip / --no-flip)."}),
+        "device": ("cams.device", {"help": "torch device, e.g. cpu or cuda."}),
+        "workers": ("cams.workers", {"type": int, "help": "Image decoding processes (default: from the CPU count; "
+                                                         "0 = in-process). Results do not depend on it."}),
+        "amp": ("cams.amp", {"type": bool,
+                             "help": "Autocast the CAM engine to float16 (CUDA only; --amp / --no-amp)."}),
+        "cache_dir": ("cache_dir", {"help": "Heatmap cache and demo data folder (default .gradloc-cache)."}),
+        "seed": ("seed", {"type": int, "help": "Random seed (baselines, demo)."}),
+    },
+    "boxes": {
+        "thresholds": ("boxes.thresholds", {"help": "Comma-separated τ in [0, 1], e.g. 0.01,0.02,0.06."}),
+        "threshold_mode": ("boxes.threshold_mode", {"type": registry_choice("gradloc.boxes.cut", "THRESHOLD_MODES"),
+                                                    "help": "τ semantics: max (heat >= τ·max), minmax, percentile."}),
+        "box_mode": ("boxes.box_mode", {"type": registry_choice("gradloc.boxes.cut", "BOX_MODES"),
+                                        "help": "Boxes per class and τ: the largest component, all components, "
+                                                "or their union."}),
+        "confidence": ("boxes.confidence", {"type": registry_choice("gradloc.boxes.cut", "CONFIDENCES"),
+                                            "help": "Detection score of a box (README: confidences)."}),
+        "explain": ("boxes.explain", {"type": registry_choice("gradloc.boxes.explain", "EXPLAIN"),
+                                      "help": "Classes that get boxes: predicted (p >= --score-cut), gt (GT-known) "
+                                              "or all classes [config boxes.explain; was --classes]."}),
+        "score_cut": ("boxes.score_cut", {"type": float, "help": "Probability cut for --explain predicted."}),
+        "name": ("name", {"help": "Run name: the run folder is <out>/<name>/."}),
+        "out": ("out", {"help": "Folder holding run folders (default results); --out is always a folder."}),
+    },
+    "score": {
+        "iou": ("score.iou", {"help": "Comma-separated IoU thresholds, e.g. 0.3,0.4,0.5."}),
+        "metric": ("score.metric", {"type": click.Choice(["voc07", "voc10"]),
+                                    "help": "voc07 = 11-point AP, voc10 = all-point AP."}),
+        "only": ("score.only", {"help": "Score only these classes, e.g. car,cat,bus (mAP, CorLoc, pointing "
+                                        "game and MaxBoxAccV2 are over them and say so); default all."}),
+    },
+}
+
+
+RUN_FLAGS = {flag: spec for group in FLAG_GROUPS.values() for flag, spec in group.items()}
+
+
+LIST_FLAGS = {"thresholds": parse_floats, "iou": parse_floats, "only": parse_names}
+
+
+def run_options(*groups: str) -> Callable[[Callable], Callable]:
+    """Add ``--config`` and the flags of ``groups`` (:data:`FLAG_GROUPS`, default all) to a command."""
+
+    def decorate(command: Callable) -> Callable:
+        flags = [item for group in (groups or FLAG_GROUPS) for item in FLAG_GROUPS[group].items()]
+        for flag, (_, kwargs) in reversed(flags):
+            name = flag.replace("_", "-")
+            names = [f"--{name}/--no-{name}"] if kwargs.get("type") is bool else [f"--{name}"]
+            options = {key: value for key, value in kwargs.items() if not (key == "type" and value is bool)}
+            command = click.option(*names, flag, default=None, **options)(command)
+        return click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                            help="YAML config (configs/*.yaml); flags override it.")(command)
+
+    return decorate
+
+
+def build_config(config_path: str | None, flags: dict[str, Any]):
+    """The config file with flags applied, validated (names included) before any work starts."""
+    from gradloc.run.config import load_config
+    from gradloc.run.setup import check_names
+
+    overrides = {}
+    for flag, value in flags.items():
+        if value is None or flag not in RUN_FLAGS:
+            continue
+        parse = LIST_FLAGS.get(flag)
+        overrides[RUN_FLAGS[flag][0]] = parse(value, f"--{flag.replace('_', '-')}") if parse else value
+    config = load_config(config_path, overrides)
+    check_names(config)
+    return config
+
+
+@contextmanager
+def tqdm_bar(ctx: click.Context, **kwargs: Any) -> Iterator[Any]:
+    """A tqdm bar on stderr (off with --quiet); while it is shown, log records go through ``tqdm.write``
+    (tqdm's logging handler) so that they print above the bar instead of inside it."""
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    disable = kwargs.pop("disable", False) or ctx.obj["quiet"]
+    with logging_redirect_tqdm(), tqdm(disable=disable, file=sys.stderr, dynamic_ncols=True, **kwargs) as bar:
+        yield bar
+
+
+@contextmanager
+def progress_bar(ctx: click.Context, total: int, desc: str, unit: str = "img") -> Iterator[Callable[[int], None]]:
+    with tqdm_bar(ctx, total=total, desc=desc, unit=unit, disable=total == 0) as bar:
+        yield bar.update
+
+
+def say(ctx: click.Context, message: str) -> None:
+    """Informational output (suppressed by --quiet)."""
+    if not ctx.obj["quiet"]:
+        click.echo(message, err=True)
+
+
+def prepare(ctx: click.Context, config):
+    from gradloc.run.setup import prepare_demo
+
+    if not config.demo.enabled:
+        return config
+    say(ctx, "demo: synthetic VOC-layout dataset and tiny CNN (generated once, then reused)")
+    with tqdm_bar(ctx, desc="train demo CNN", unit="epoch") as bar:
+
+        def report(epoch: int, epochs: int, loss: float) -> None:
+            bar.total = epochs
+            bar.set_postfix(loss=f"{loss:.3f}")
+            bar.update(epoch - bar.n)
+
+        return prepare_demo(config, progress=report)
+
+
+def stage_progress(ctx: click.Context):
+    """The progress factory the pipeline expects: ``(description, total) -> tqdm's update``."""
+    return lambda description, total: progress_bar(ctx, total, description)
+
+
+def print_scores(ctx: click.Context, rows, meta, wsol, fmt: str = "table", **options: Any) -> None:
+    """Score rows as one document on stdout (``options``: digits, layout, per_class of ``report.render``);
+    human formats add the WSOL lines unless --quiet."""
+    from gradloc.scoring.tables import render
+
+    click.echo(render(rows, fmt, meta, **options), nl=False)
+    if fmt == "table" and wsol is not None and not ctx.obj["quiet"]:
+        click.echo("\n" + localization_lines(wsol, options.get("digits", 2), meta.get("only")))
+
+
+def localization_lines(wsol, digits: int, only: Sequence[str] | None = None) -> str:
+    """The mean WSOL rows as text (over the classes ``only`` when given); τ-free metrics (pointing game) name
+    no τ."""
+    means = wsol[wsol["class"].isin(["mean", "all"])]
+    width = max((len(str(metric)) for metric in means["metric"]), default=0)
+    lines = [f"  {r.metric:<{width}} {'' if r.threshold != r.threshold else f'tau={r.threshold:g}':<10} "
+             f"{100 * r.value:6.{digits}f} %  (n={r.n})" for r in means.itertuples()]
+    classes = f"the classes {', '.join(only)} (--only)" if only else "classes"
+    return (f"Localization (mean over {classes}, in %; CorLoc per tau, pointing game tau-free):\n"
+            + "\n".join(lines))
+
+
+def shard_option(command: Callable) -> Callable:
+    """``--shard i/n``: compute one shard of the heatmap cache (job arrays); see gradloc.distributed."""
+    return click.option("--shard", default=None, metavar="I/N",
+                        help="Compute only shard I of N of the heatmap cache (every N-th planned batch from "
+                             "batch I), then stop; `gradloc merge` uses the filled cache.")(command)
+
+
+SINGLE_IOU_HELP = ("IoU of {what}: one value (the flag is --iou everywhere; `run` and `score` take a "
+                   "comma-separated list).")
+
+
+def one_iou(value: str) -> float:
+    """``--iou`` of a command that shows one IoU: the same syntax as the list, exactly one value."""
+    ious = parse_floats(value, "--iou")
+    if len(ious) != 1:
+        raise click.BadParameter(f"this command shows one IoU, got {value!r}; give one value such as 0.5",
+                                 param_hint="--iou")
+    return ious[0]
+
+
+def renamed_flag(value: Any, message: str) -> None:
+    """Callback of a hidden old flag name: a usage error that names the new one."""
+    if value is not None:
+        raise click.UsageError(message)
+
+
+def digits_option(command: Callable) -> Callable:
+    """``--digits N``: decimals of the printed percentages (score, compare, sweep)."""
+    return click.option("--digits", type=click.IntRange(min=0, max=12), default=2, show_default=True,
+                        help="Decimals of the percentages in tables.")(command)

@@ -1,0 +1,196 @@
+"""Commands that report: show, plot, compare, sweep, export."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import click
+
+from gradloc.cli.app import logger
+from gradloc.cli.options import (
+    SINGLE_IOU_HELP,
+    build_config,
+    digits_option,
+    one_iou,
+    prepare,
+    run_options,
+    say,
+    stage_progress,
+)
+
+
+@click.command()
+@click.argument("run_dir", required=False, type=click.Path(file_okay=False))
+@click.option("--threshold", type=float, help="τ of the detections to draw (a threshold of the run).")
+@click.option("--n", "n", type=int, default=10, show_default=True, help="Number of images to show.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random sample.")
+@click.option("--sample", type=click.Choice(["detected", "gt"]), default="detected", show_default=True,
+              help="Draw among images with detections at τ (detected), or with GT boxes whatever was detected "
+                   "(gt: the same images for every method of a split).")
+@click.option("--ids", help="Comma-separated image ids to draw instead of a sample, e.g. 000005,000012.")
+@click.option("--class", "focus", metavar="NAME",
+              help="Only this class: images where it is detected or in GT, only its boxes and heatmap.")
+@click.option("--png", "out", default=None, type=click.Path(dir_okay=False),
+              help="PNG file to write [default: samples.png] (was --out; --out is always a folder).")
+@click.option("--out", "old_out", default=None, hidden=True, type=click.Path(dir_okay=False),
+              help="Deprecated name of --png.")
+@click.option("--per-image", "per_image", type=click.Path(file_okay=False),
+              help="Instead of the grid: one overlay PNG per image and class, <image_id>_<class>.png, in DIR.")
+@click.option("--guided", is_flag=True, help="Add a Guided Grad-CAM panel per class (rebuilds the model).")
+@click.option("--detections", "detections_path", type=click.Path(dir_okay=False),
+              help="Boxes only: a detections pickle instead of a run folder (needs --voc-root).")
+@click.option("--voc-root", help="With --detections: the VOCdevkit folder.")
+@click.option("--year", default="2007", show_default=True, help="With --detections: VOC year.")
+@click.option("--split", default="val", show_default=True, help="With --detections: the image set.")
+@click.pass_context
+def show(ctx: click.Context, run_dir: str | None, threshold: float | None, n: int, seed: int, sample: str,
+         ids: str | None, focus: str | None, out: str | None, old_out: str | None, per_image: str | None,
+         guided: bool,
+         detections_path: str | None, voc_root: str | None, year: str, split: str) -> None:
+    """Draw images with heatmaps, GT boxes and predicted boxes as a PNG grid (or one PNG per image).
+
+    By default a seeded random sample of --n images among those with detections at --threshold.
+
+    \b
+    Examples:
+      gradloc show results/demo --threshold 0.2 --n 8 --png samples.png
+      gradloc show results/demo --threshold 0.2 --ids 000005,000012 --class car
+      gradloc show results/demo --threshold 0.2 --n 20 --per-image overlays/
+      gradloc show --detections thr_0.200.pkl --voc-root ../shared/voc/VOCdevkit --year 2007 --split val
+    """
+    from gradloc.reports.draw import save_figure
+    from gradloc.reports.show import show_detections, show_run, write_overlays
+
+    if (run_dir is None) == (detections_path is None):
+        raise click.UsageError("give a run folder, or --detections PKL with --voc-root (not both)")
+    pick = {"n": n, "seed": seed, "sample": sample, "ids": ids.split(",") if ids is not None else None,
+            "focus": focus}
+    if detections_path is not None:
+        if voc_root is None or guided or threshold is not None or per_image is not None:
+            raise click.UsageError("--detections needs --voc-root, draws boxes only (no --guided, no "
+                                   "--per-image) and takes τ from the pickle (no --threshold)")
+        fig = show_detections(detections_path, voc_root, year=year, split=split, **pick)
+    else:
+        if threshold is None:
+            raise click.UsageError("--threshold is required with a run folder (e.g. --threshold 0.2)")
+        if per_image is not None:
+            if guided:
+                raise click.UsageError("--per-image writes heatmap overlays only (no --guided)")
+            written = write_overlays(run_dir, threshold, per_image, **pick)
+            say(ctx, f"wrote {len(written)} PNGs into {per_image}")
+            return
+        fig = show_run(run_dir, threshold, guided=guided, **pick)
+    if old_out is not None:
+        logger.warning("show --out FILE is deprecated (--out is always a folder): use --png FILE")
+    say(ctx, f"wrote {save_figure(fig, out or old_out or 'samples.png')}")
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--threshold", type=float, default=None,
+              help="τ of the PR curves (default: best mAP at --iou on this run, an oracle choice).")
+@click.option("--iou", default="0.5", show_default=True, help=SINGLE_IOU_HELP.format(what="the PR curves"))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder for the PNGs (default RUN_DIR/plots; was --out-dir).")
+def plot(run_dir: str, threshold: float | None, iou: str, out_dir: str | None) -> None:
+    """Plot AP and recall versus threshold, and per-class precision-recall curves, as PNGs.
+
+    \b
+    Example:
+      gradloc plot results/demo --threshold 0.2 --iou 0.5
+    """
+    from gradloc.reports.plots import plot_run
+
+    for path in plot_run(run_dir, threshold=threshold, iou=one_iou(iou), out_dir=out_dir):
+        click.echo(str(path))
+
+
+@click.command()
+@click.argument("run_a", type=click.Path(file_okay=False))
+@click.argument("run_b", type=click.Path(file_okay=False))
+@click.option("--iou", default="0.5", show_default=True, help=SINGLE_IOU_HELP.format(what="the per-class table"))
+@click.option("--threshold", type=float, default=None,
+              help="τ of the per-class table (default: best mAP of RUN_A, an oracle choice).")
+@click.option("--top", type=int, default=5, show_default=True, help="How many largest disagreements to list.")
+@click.option("--format", "fmt", type=click.Choice(["table", "markdown"]), default="table", show_default=True)
+@click.option("--force", is_flag=True, help="Compare runs on different ground truth (classes, images, split) too.")
+@digits_option
+def compare(run_a: str, run_b: str, iou: str, threshold: float | None, top: int, fmt: str, force: bool,
+            digits: int) -> None:
+    """Compare two runs: their config differences, mAP per threshold x IoU side by side, per-class AP
+    differences (B - A). Runs on different ground truth are refused unless --force.
+
+    \b
+    Example:
+      gradloc compare results/gradcam results/gradcampp --iou 0.5 --threshold 0.2
+    """
+    from gradloc.reports.compare import GroundTruthMismatch, compare_runs, differences_text, render_comparison
+
+    try:
+        comparison = compare_runs(run_a, run_b, iou=one_iou(iou), threshold=threshold, top=top, force=force)
+    except GroundTruthMismatch as error:
+        click.echo(differences_text(dataclasses.replace(error.differences, ground_truth=[])), err=True, nl=False)
+        raise
+    click.echo(render_comparison(comparison, tablefmt="github" if fmt == "markdown" else "orgtbl", digits=digits),
+               nl=False)
+
+
+@click.command()
+@run_options()
+@click.option("--select-split", required=True, help="Split τ is chosen on, e.g. train.")
+@click.option("--eval-split", required=True, help="Split the scores are reported on, e.g. val.")
+@click.option("--select-metric", default="ap@0.5", show_default=True,
+              help="What τ maximizes: ap@<iou> (mAP) or recall@<iou> (mean recall).")
+@digits_option
+@click.pass_context
+def sweep(ctx: click.Context, config_path: str | None, select_split: str, eval_split: str, select_metric: str,
+          digits: int, **flags: Any) -> None:
+    """Choose τ on one split and report it on another (a τ chosen on the evaluated split is labelled oracle).
+
+    Runs go to <out>/<name>/<split>/, the table to <out>/<name>/sweep.csv and sweep.md.
+
+    \b
+    Example:
+      gradloc sweep --config configs/voc07_efficientnet_lite0.yaml --select-split train --eval-split val
+    """
+    from gradloc.run.folder import check_writable
+    from gradloc.run.sweep import parse_select_metric, run_sweep
+
+    if flags.get("split") is not None:
+        raise click.UsageError("sweep takes --select-split and --eval-split, not --split")
+    parse_select_metric(select_metric)  # fail before any work
+    config = build_config(config_path, flags)
+    check_writable(config.run_dir)
+    config = prepare(ctx, config)
+    result = run_sweep(config, select_split, eval_split, select_metric, stage=stage_progress(ctx), digits=digits)
+    click.echo(result.text, nl=False)
+    say(ctx, "runs: " + ", ".join(str(p) for p in result.run_dirs.values()) + "; table: "
+        + ", ".join(str(p) for p in result.files))
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--threshold", type=float, required=True, help="τ of the detections to export (a threshold of the run).")
+@click.option("--format", "fmt", type=click.Choice(["voc"]), default="voc", show_default=True,
+              help="voc = the official devkit's per-class files comp4_det_<split>_<class>.txt.")
+@click.option("--split", default=None, help="Split in the file names (default: the run's split).")
+@click.pass_context
+def export(ctx: click.Context, run_dir: str, out_dir: str, threshold: float, fmt: str, split: str | None) -> None:
+    """Write a run's detections at one τ in the devkit's results format (baselines in OUT_DIR/baselines/).
+
+    Lines are `image_id score x1 y1 x2 y2`, VOC 1-based boxes, numbers that read back exactly.
+
+    \b
+    Example:
+      gradloc export results/demo --threshold 0.2 --format voc exported/
+      gradloc score --gt results/demo/gt.pkl --voc-results exported/
+    """
+    from gradloc.reports.export import export_run
+
+    written = export_run(run_dir, threshold, out_dir, split=split)
+    say(ctx, f"wrote {len(written)} {fmt} results files to {out_dir}")
+
+
+COMMANDS = (show, plot, compare, sweep, export)

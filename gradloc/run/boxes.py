@@ -1,0 +1,167 @@
+"""Stage 2, boxes: heatmap cache -> ``gt.pkl``, ``detections/thr_<τ>.pkl``, baselines, ``points.pkl``,
+``gt_known.pkl``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gradloc.boxes.baselines import BASELINES, random_maps
+from gradloc.boxes.cut import image_boxes, peak_points
+from gradloc.boxes.explain import explained_classes
+from gradloc.boxes.rows import BoxRows, ThresholdDetections
+from gradloc.cams.cache import HeatmapCache
+from gradloc.core.formats import Detections
+from gradloc.core.geometry import upsample, working_size
+from gradloc.datasets.voc import VOCDataset
+from gradloc.run.cams import cams_cache
+from gradloc.run.config import RunConfig, open_dataset
+from gradloc.run.folder import RunWriter, new_run
+from gradloc.run.setup import Progress, check_names, class_probabilities, load_classifier, require_images
+from gradloc.scoring.wsol import GRID, IOUS_V2, box_hits
+
+
+class _GtKnown:
+    """Per (image, GT class) pair, from the raw map of that class (GT-known, whatever the run explains): the
+    map's peak (TorchRay's pointing game) and the wsolevaluation box hits (MaxBoxAccV2: min-max map, τ grid
+    0.01, one box per region, IoU 0.3 / 0.5 / 0.7) on the run's working grid (``boxes.max_side``)."""
+
+    def __init__(self, max_side: int | None) -> None:
+        self.max_side = max_side
+        self.points = BoxRows(width=2)
+        self.hits: list[np.ndarray] = []
+
+    def add(self, index: int, entry: Any, labels: np.ndarray, boxes: np.ndarray) -> None:
+
+        classes = np.unique(labels).astype(np.int64)
+        if not len(classes):
+            return
+        maps = entry.maps[classes]
+        self.points.add(index, classes, np.zeros(len(classes)), peak_points(maps, entry.geometry))
+        size = (entry.geometry.width, entry.geometry.height)
+        heat = upsample(maps, entry.geometry, *working_size(*size, self.max_side))
+        self.hits.append(box_hits(heat, [boxes[labels == c] for c in classes], image_size=size))
+
+    def record(self) -> dict[str, Any]:
+
+        hits = np.concatenate(self.hits) if self.hits else np.zeros((0, len(GRID), len(IOUS_V2)), dtype=bool)
+        [(image_index, labels, _, points)] = self.points.per_threshold()
+        return {"image_index": image_index, "labels": labels, "points": points, "hits": hits, "grid": GRID,
+                "ious": np.asarray(IOUS_V2),
+                "max_side": self.max_side}
+
+
+def run_protocol(config: RunConfig, cache: HeatmapCache) -> dict[str, Any]:
+    """The protocol description stored in every detections file and printed under every table."""
+    b = config.boxes
+    model = cache.key_data["model"]
+    return {
+        "method": config.cams.method,
+        "layer": cache.key_data["layer"],
+        "model": model.get("arch", config.model.name) if isinstance(model, dict) else str(model),
+        "head": config.model.head,
+        "checkpoint": config.model.checkpoint,
+        "input_size": cache.key_data["input_size"],
+        "resize_mode": cache.key_data["resize_mode"],
+        "dataset": f"VOC{config.data.year} {config.data.split}",
+        "classes_explained": f"predicted (p >= {b.score_cut})" if b.explain == "predicted" else b.explain,
+        "threshold_mode": b.threshold_mode,
+        "box_mode": b.box_mode,
+        "connectivity": b.connectivity,
+        "min_area": b.min_area,
+        "confidence": b.confidence,
+        "nms_iou": b.nms_iou,
+        "max_side": b.max_side,
+        "cache_key": cache.key,
+    }
+
+
+def open_cached(config: RunConfig) -> tuple[HeatmapCache, VOCDataset]:
+    """The heatmap cache and dataset of ``gradloc boxes`` (maps computed earlier by ``gradloc cams``), with the
+    cached maps verified: an image without valid maps is an error (``data.on_error: raise``) or leaves the
+    dataset as a skipped item (``skip``).
+
+    Raises:
+        FileNotFoundError: images without valid cached maps (raise mode); names the cache and what to run.
+    """
+    dataset = open_dataset(config)
+    cache = cams_cache(config, load_classifier(config), dataset)
+    missing = cache.todo(dataset, config.data.on_error)
+    if missing and config.data.on_error == "raise":
+        raise FileNotFoundError(f"{cache.root}: {len(missing)} of {len(dataset)} images (e.g. {missing[0]}) have "
+                                "no valid cached maps for this model/method/layer; run `gradloc cams` with the "
+                                "same options first")
+    for image_id in missing:
+        dataset.skip(image_id, dataset.image_path(image_id), ValueError("no valid cached maps (unreadable, or "
+                                                                        "edited since `gradloc cams` ran)"))
+    return cache, dataset
+
+
+def run_boxes(config: RunConfig, cache: HeatmapCache, dataset: VOCDataset, progress: Progress = None,
+              writer: RunWriter | None = None) -> Path:
+    """Cut boxes from the cached maps at every threshold; write gt.pkl, detections, baselines, points.
+
+    With ``writer`` (a run being staged by :func:`gradloc.new_run`) the files go to its staging folder;
+    without, they replace ``config.run_dir`` as a whole (with ``config.yaml``). Returns ``config.run_dir``."""
+    if writer is None:
+        with new_run(config.run_dir) as staged:
+            run_boxes(config, cache, dataset, progress, staged)
+            staged.write_config(config.to_dict())
+        return config.run_dir
+    require_images(dataset)
+    gt = dataset.ground_truth()
+    params = config.boxes
+    thresholds = list(config.boxes.thresholds)
+    score_kind = cache.key_data["score_kind"]
+    check_names(config)
+    cam_rows, random_rows = BoxRows(len(thresholds)), BoxRows(len(thresholds))
+    fixed_rows = {name: BoxRows() for name in config.boxes.baselines if name in BASELINES}
+    points = BoxRows(width=2)
+    gt_known = _GtKnown(params.max_side)
+    order = np.argsort(gt.image_index, kind="stable")
+    bounds = np.searchsorted(gt.image_index[order], np.arange(len(gt.image_ids) + 1))
+    rng = np.random.default_rng(config.seed)
+    for index, image_id in enumerate(dataset.image_ids):
+        entry = cache.get(image_id)
+        probs = class_probabilities(entry.scores, score_kind)
+        in_image = order[bounds[index] : bounds[index + 1]]
+        gt_known.add(index, entry, gt.labels[in_image], gt.boxes[in_image])
+        classes = explained_classes(config.boxes.explain, probs, gt.labels[in_image], config.boxes.score_cut)
+        maps = entry.maps[classes]
+        if len(classes):
+            cam_rows.add_sweep(index, classes, image_boxes(maps, probs[classes], entry.geometry, thresholds,
+                                                           params))
+            if "random" in config.boxes.baselines:
+                noise = random_maps(maps.shape, int(rng.integers(2**31)))
+                random_rows.add_sweep(index, classes, image_boxes(noise, probs[classes], entry.geometry,
+                                                                  thresholds, params))
+            for name, rows in fixed_rows.items():
+                box = BASELINES[name](entry.geometry)
+                rows.add(index, classes, probs[classes], np.repeat(box[None], len(classes), axis=0))
+            points.add(index, classes, probs[classes], peak_points(maps, entry.geometry))
+        if progress:
+            progress(1)
+
+    protocol = run_protocol(config, cache)
+    common = {"classes": list(gt.classes), "image_ids": list(gt.image_ids)}
+
+    def detections(rows: ThresholdDetections, threshold: float, threshold_mode: str, box_mode: str,
+                   source: str) -> Detections:
+        return Detections(threshold=threshold, threshold_mode=threshold_mode, box_mode=box_mode,
+                          meta={**protocol, "source": source}, **common, **rows._asdict())
+
+    writer.write_gt(gt)
+    for tau, rows, noise_rows in zip(thresholds, cam_rows.per_threshold(), random_rows.per_threshold(),
+                                     strict=True):
+        writer.write_detections(detections(rows, tau, params.threshold_mode, params.box_mode, "cam"))
+        if "random" in config.boxes.baselines:
+            writer.write_random(detections(noise_rows, tau, params.threshold_mode, params.box_mode, "random"))
+    for name, rows in fixed_rows.items():
+        writer.write_baseline(name, detections(rows.per_threshold()[0], 0.0, "none", name, name))
+    [(image_index, labels, scores, values)] = points.per_threshold()
+    writer.write_points({**common, "image_index": image_index, "labels": labels, "scores": scores,
+                         "points": values, "meta": protocol})
+    writer.write_gt_known({**common, **gt_known.record(), "meta": protocol})
+    return config.run_dir

@@ -1,0 +1,165 @@
+"""Stage 1, cams: VOC split + classifier + CAM method -> the heatmap cache (raw maps of all classes, per image)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from gradloc import __version__
+from gradloc.cams.cache import HeatmapCache
+from gradloc.cams.gradient import GRADIENT_MAPS
+from gradloc.cams.layers import default_layer, resolve_layer
+from gradloc.cams.loader import default_workers, plan_batches, shard_batches, stream_batches
+from gradloc.cams.methods import compute_cams, compute_gradient_cams, default_masked_batch
+from gradloc.datasets.voc import VOCDataset
+from gradloc.models.build import resolve_device
+from gradloc.run.config import RunConfig, open_dataset
+from gradloc.run.setup import Progress, check_names, load_classifier, require_images, with_method
+
+logger = logging.getLogger(__name__)
+
+def cams_cache(config: RunConfig, loaded: Any, dataset: VOCDataset) -> HeatmapCache:
+    """The cache folder for this (model, method, layer, preprocessing, classes) -- named by their hash. The
+    images are not in the key: each cached file records its image's fingerprint (see gradloc.cache)."""
+
+    layer, _ = resolve_layer(loaded.model, config.cams.layer or default_layer(loaded.model))
+    pre = loaded.preprocessing
+    key = {
+        "model": loaded.description,
+        "score_kind": loaded.score_kind,
+        "method": config.cams.method,
+        "layer": layer,
+        "input_size": pre.input_size,
+        "resize_mode": pre.resize_mode,
+        "mean": list(pre.mean),
+        "std": list(pre.std),
+        "store_dtype": config.cams.store_dtype,
+        "classes": list(loaded.classes),
+        "dataset": {"year": dataset.year, "classes": list(dataset.classes)},
+        **({"flip": True} if config.cams.flip else {}),  # absent when off: caches made before the option stay valid
+        **({"amp": "float16"} if config.cams.amp else {}),
+        "gradloc": __version__,
+    }
+    return HeatmapCache(config.cache_dir, key)
+
+
+@dataclass
+class CamsPlan:
+    """What the cams stage will compute (:func:`plan_cams`); :meth:`run` computes it.
+
+    Attributes:
+        config: the run's config.
+        dataset, loaded: the split and the classifier.
+        caches: method -> heatmap cache; the first is ``config.cams.method``'s.
+        pending: image ids without valid maps in at least one of the caches.
+        batches: the planned batches (of this shard) holding a pending image; each is computed whole.
+        shard: (i, n) or None.
+        device: where the model runs.
+    """
+
+    config: RunConfig
+    dataset: VOCDataset
+    loaded: Any
+    caches: dict[str, HeatmapCache]
+    pending: set[str]
+    batches: list[list[str]]
+    shard: tuple[int, int] | None
+    device: Any
+
+    @property
+    def cache(self) -> HeatmapCache:
+        return self.caches[self.config.cams.method]
+
+    @property
+    def n_images(self) -> int:
+        """Images this plan computes and stores."""
+        return sum(len(self.pending.intersection(batch)) for batch in self.batches)
+
+    @property
+    def description(self) -> str:
+        shard = f", shard {self.shard[0]}/{self.shard[1]}" if self.shard else ""
+        return f"cams {self.config.data.split} ({' + '.join(self.caches)}{shard})"
+
+    def run(self, progress: Progress = None) -> tuple[HeatmapCache, VOCDataset]:
+        """Compute and cache the maps; ``progress(n)`` after each batch (images stored or skipped). With
+        ``data.on_error: skip`` unreadable images leave the dataset. Returns (cache, dataset)."""
+
+
+        config, dataset, caches, pending = self.config, self.dataset, self.caches, self.pending
+        logger.info("%s: %d of %d images to compute (%d batches) into %s", self.description, self.n_images,
+                    len(dataset), len(self.batches), ", ".join(str(c.root) for c in caches.values()))
+        model = self.loaded.model.to(self.device)
+        all_classes = list(range(len(self.loaded.classes)))
+        layer = self.cache.key_data["layer"]
+        workers = default_workers() if config.cams.workers is None else config.cams.workers
+        masked_batch = config.cams.masked_batch or default_masked_batch(self.device)
+        autocast = (torch.autocast(self.device.type, dtype=torch.float16) if config.cams.amp else nullcontext())
+        for batch in stream_batches(dataset, self.loaded.preprocessing, self.batches, workers,
+                                    pin_memory=self.device.type == "cuda"):
+            for image_id, error in batch.errors:
+                if config.data.on_error == "raise":
+                    raise error
+                dataset.skip(image_id, dataset.image_path(image_id), error)
+            if batch.inputs is not None:
+                inputs = batch.inputs.to(self.device, non_blocking=True)
+                with autocast:
+                    if len(caches) > 1:
+                        maps, scores = compute_gradient_cams(model, inputs, all_classes, list(caches), layer,
+                                                             flip=config.cams.flip)
+                    else:
+                        one, scores = compute_cams(model, inputs, all_classes, method=config.cams.method,
+                                                   layer=layer, flip=config.cams.flip, batch_size=masked_batch)
+                        maps = {config.cams.method: one}
+                scores_np = scores.detach().float().cpu().numpy()
+                for method, method_cache in caches.items():
+                    maps_np = maps[method].float().cpu().numpy()
+                    for i, (image_id, source) in enumerate(zip(batch.image_ids, batch.sources, strict=True)):
+                        if image_id in pending:  # batch-mates already cached are computed, not rewritten
+                            method_cache.put(image_id, maps_np[i], scores_np[i], batch.geometries[i],
+                                             config.cams.store_dtype, source)
+            if progress:
+                progress(len(pending.intersection(batch.image_ids)) + len(batch.errors))
+        return self.cache, dataset
+
+
+def plan_cams(config: RunConfig, *, dataset: VOCDataset | None = None, loaded: Any = None,
+              also: Sequence[str] = (), shard: tuple[int, int] | None = None) -> CamsPlan:
+    """Open the split, the classifier and the heatmap cache(s) and plan the cams stage: every image of the
+    split not validly cached yet (:meth:`HeatmapCache.todo`).
+
+    ``dataset`` and ``loaded`` (the classifier) are opened from the config unless given. ``also`` names more
+    gradient methods (:data:`gradloc.cams.GRADIENT_MAPS`) whose caches are filled in the same pass (one
+    forward/backward per batch for all of them), as if each had its own run. Batches are planned over the
+    whole split (:func:`gradloc.loader.plan_batches`) and decoded by ``cams.workers`` DataLoader workers; a
+    batch holding an image to compute is computed whole (only the images to compute are stored), so an
+    image's maps never depend on what was cached before or on ``shard`` = (i, n), which computes only every
+    n-th planned batch from batch i.
+
+    Raises:
+        ValueError: an unknown name, ``cams.amp`` off CUDA, an empty split, or ``also`` with a method that is
+            not a gradient method.
+    """
+
+    check_names(config)
+    device = resolve_device(config.cams.device)
+    if config.cams.amp and device.type != "cuda":
+        raise ValueError(f"--amp (cams.amp) autocasts on a CUDA device, not on {device}; pass --device cuda on "
+                         "a machine with a GPU, or drop --amp")
+    for method in also:
+        if method not in GRADIENT_MAPS or config.cams.method not in GRADIENT_MAPS:
+            raise ValueError(f"cams for {config.cams.method} and {method} in one pass: both must be gradient "
+                             f"methods ({', '.join(GRADIENT_MAPS)})")
+    dataset = dataset or open_dataset(config)
+    require_images(dataset)
+    loaded = loaded or load_classifier(config)
+    caches = {method: cams_cache(with_method(config, method), loaded, dataset)
+              for method in (config.cams.method, *also)}
+    pending = set().union(*(c.todo(dataset, config.data.on_error) for c in caches.values()))
+    batches = [batch for batch in shard_batches(plan_batches(dataset, loaded.preprocessing, config.cams.batch_size),
+                                                shard) if pending.intersection(batch)]
+    return CamsPlan(config, dataset, loaded, caches, pending, batches, shard, device)
