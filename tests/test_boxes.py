@@ -82,9 +82,9 @@ def test_box_params_reject_bad_values(kwargs: dict[str, object], message: str) -
 
 
 def test_thresholds_outside_unit_interval_are_rejected() -> None:
-    with pytest.raises(ValueError, match=r"threshold 1\.5 is outside \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"threshold: 1\.5 is outside \[0, 1\]"):
         boxes_of(A, [0.5, 1.5])
-    with pytest.raises(ValueError, match="threshold nan"):
+    with pytest.raises(ValueError, match="threshold: nan is outside"):
         boxes_of(A, [float("nan")])
 
 

@@ -310,7 +310,7 @@ def test_evaluate_errors():
     for bad in (0.0, 1.0, 1.5, float("nan")):
         with pytest.raises(ValueError, match=r"outside \(0, 1\)"):
             evaluate(dets, gt, (0.5, bad))
-    with pytest.raises(ValueError, match="no IoU thresholds"):
+    with pytest.raises(ValueError, match="give at least one IoU threshold"):
         evaluate(dets, gt, ())
     with pytest.raises(ValueError, match="NaN"):
         evaluate(make_dets([("a", "cat", float("nan"), box(1, 1))]), gt)

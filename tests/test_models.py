@@ -15,14 +15,14 @@ from torchvision.models import ResNet18_Weights, get_model
 
 from gradloc.datasets.voc import VOC_CLASSES, VOCDataset
 from gradloc.models import imagenet_voc
-from gradloc.models.build import LoadedModel, _attach_voc_imagenet, _Source, build_architecture, load_model
+from gradloc.models.build import _attach_voc_imagenet, _Source, build_architecture, load_model
 from gradloc.models.checkpoints import CHECKPOINT_FIELDS, load_checkpoint, save_checkpoint
 from gradloc.models.demo_cnn import DemoNet
 from gradloc.models.heads import ImageNetHeadModel, ImageNetToVOC, VocImageNetHead
 from gradloc.models.imagenet_voc import IMAGENET_VOC_GROUPS, imagenet_groups
 from gradloc.models.lite import lite_state_dict_to_timm
 from gradloc.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from gradloc.models.registry import list_models
+from gradloc.models.registry import class_probabilities, list_models
 from gradloc.models.zoo import MODELS, build_pretrained, get_spec, replace_linear
 
 VOC_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "voc" / "VOCdevkit"
@@ -284,17 +284,16 @@ def test_hub_cache_weights_load_without_network(_no_hub_cache: Path) -> None:
     with torch.no_grad():
         p = torch.softmax(reference(x).double(), dim=1)
         manual = torch.stack([p[:, 281:286].sum(1), p[:, 151:269].sum(1)], dim=1)
-        probabilities = loaded.probabilities(loaded.model(x)).double()
-        torch.testing.assert_close(probabilities, manual, rtol=1e-4, atol=1e-6)
+        probabilities = class_probabilities(loaded.model(x).numpy(), loaded.score_kind)
+        np.testing.assert_allclose(probabilities, manual.numpy(), rtol=1e-4, atol=1e-6)
 
 
-def test_loaded_model_probabilities_follow_the_score_kind() -> None:
-    pre = Preprocessing(32)
-    scores = torch.tensor([[0.0, math.log(0.25)]])
-    torch.testing.assert_close(LoadedModel(nn.Identity(), ["a", "b"], pre, "logit").probabilities(scores),
-                               torch.tensor([[0.5, 0.2]]))
-    torch.testing.assert_close(LoadedModel(nn.Identity(), ["a", "b"], pre, "log_prob").probabilities(scores),
-                               torch.tensor([[1.0, 0.25]]))
+def test_class_probabilities_follow_the_score_kind() -> None:
+    scores = np.array([[0.0, math.log(0.25)]])
+    np.testing.assert_allclose(class_probabilities(scores, "logit"), [[0.5, 0.2]])
+    np.testing.assert_allclose(class_probabilities(scores, "log_prob"), [[1.0, 0.25]])
+    with pytest.raises(ValueError, match="unknown score kind 'softmax'"):
+        class_probabilities(scores, "softmax")
 
 
 def test_preprocessing_validates_and_letterboxes() -> None:

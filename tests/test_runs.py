@@ -303,7 +303,8 @@ def test_iou_1_is_refused_before_any_work(demo_config, tmp_path):
     result = _run(demo_config, "--iou", "0.5,1")
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "score.iou[1]': 1.0 is outside (0, 1)" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert "config key score.iou[1]: 1 is outside (0, 1)" in lines[0]
     assert not (tmp_path / "results").exists() and not (tmp_path / "cache").exists()
 
 

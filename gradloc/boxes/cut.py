@@ -69,6 +69,7 @@ from gradloc.boxes.kernels import (
     _nms_keep,
 )
 from gradloc.core.geometry import Geometry, grid_boxes_to_voc, upsample, working_size
+from gradloc.core.ranges import THRESHOLD_RANGE
 
 logger = logging.getLogger(__name__)
 
@@ -265,9 +266,8 @@ def _check_thresholds(thresholds: Sequence[float]) -> np.ndarray:
     taus = np.asarray(thresholds, dtype=np.float64)
     if taus.ndim != 1:
         raise ValueError(f"thresholds must be a flat sequence of numbers, got shape {taus.shape}")
-    bad = taus[~((taus >= 0.0) & (taus <= 1.0))]
-    if bad.size:
-        raise ValueError(f"threshold {float(bad[0])!r} is outside [0, 1]; thresholds are fractions (see BoxParams)")
+    for tau in taus[~((taus >= 0.0) & (taus <= 1.0))][:1]:
+        THRESHOLD_RANGE.check(tau, "threshold")  # raises, naming the range
     return taus
 
 

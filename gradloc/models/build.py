@@ -66,7 +66,7 @@ from gradloc.models.zoo import build_pretrained, get_spec, load_state, replace_l
 logger = logging.getLogger(__name__)
 
 # How a head's outputs become probabilities: sigmoid of logits, exp of log-probabilities.
-SCORE_KINDS: dict[str, Callable[[Tensor], Tensor]] = {"logit": torch.sigmoid, "log_prob": torch.exp}
+
 
 
 @dataclass
@@ -89,10 +89,6 @@ class LoadedModel:
     preprocessing: Preprocessing
     score_kind: str
     description: dict[str, Any] = field(default_factory=dict)
-
-    def probabilities(self, scores: Tensor) -> Tensor:
-        """Class probabilities of scores: ``sigmoid(s)`` for logits, ``exp(s)`` for log-probabilities."""
-        return SCORE_KINDS[self.score_kind](scores)
 
 
 @dataclass

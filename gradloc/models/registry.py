@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import cache
 from importlib import metadata, resources
@@ -24,7 +25,30 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import numpy as np
+
 TORCHVISION_TABLE = "data/torchvision_models.json"
+
+
+def _sigmoid(scores: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-scores))
+
+
+# How a head's outputs become class probabilities: sigmoid of logits (``voc`` head), exp of log-probabilities
+# (``imagenet``, ``voc+imagenet``). The probabilities are the detection confidences and what the ``predicted``
+# cut compares with.
+SCORE_KINDS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"logit": _sigmoid, "log_prob": np.exp}
+
+
+def class_probabilities(scores: np.ndarray, score_kind: str) -> np.ndarray:
+    """float64[..., C] class probabilities of model outputs (the CAM targets) of a :data:`SCORE_KINDS` kind.
+
+    Raises:
+        ValueError: unknown score kind.
+    """
+    if score_kind not in SCORE_KINDS:
+        raise ValueError(f"unknown score kind {score_kind!r}; expected one of {', '.join(SCORE_KINDS)}")
+    return SCORE_KINDS[score_kind](np.asarray(scores, dtype=np.float64))
 
 
 @dataclass(frozen=True)

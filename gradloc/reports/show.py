@@ -43,6 +43,7 @@ from gradloc.cams.cache import HeatmapCache
 from gradloc.core.formats import Detections, GroundTruth, load_detections
 from gradloc.core.geometry import preprocess_image, upsample, working_size
 from gradloc.datasets.voc import VOCDataset
+from gradloc.models.registry import class_probabilities
 from gradloc.reports.draw import (
     GUIDED_CMAP,
     GUIDED_PERCENTILE,
@@ -161,16 +162,6 @@ def pick_images(dets: Detections, gt: GroundTruth, source: str, n: int, seed: in
     return chosen, label, what
 
 
-def _display_probabilities(scores: np.ndarray, score_kind: str) -> np.ndarray:
-    """Class probabilities for titles and panel order, in numpy so that `gradloc show` never imports torch.
-    They may differ from :func:`gradloc.pipeline.class_probabilities` (torch, the detection confidences) in the
-    last bit; the boxes drawn come from the run's detections, not from these."""
-    scores = np.asarray(scores, dtype=np.float64)
-    if score_kind == "log_prob":
-        return np.exp(scores)
-    return 1.0 / (1.0 + np.exp(-scores))
-
-
 def open_run_cache(run: Any):  # (gradloc.runs.Run) -> gradloc.cache.HeatmapCache
     """The heatmap cache a run was made from (its manifest's ``cache_dir``)."""
 
@@ -255,7 +246,7 @@ def run_samples(run_dir: str | Path, threshold: float, n: int = 10, seed: int = 
         image_id = gt.image_ids[index]
         image = dataset.load_image(image_id)
         entry = cache.get(image_id)
-        probs = _display_probabilities(entry.scores, cache.key_data["score_kind"])
+        probs = class_probabilities(entry.scores, cache.key_data["score_kind"])
         explained = np.union1d(explained_classes(config.boxes.explain, probs, gt.labels[gt.image_index == index],
                                                   config.boxes.score_cut),
                                dets.labels[dets.image_index == index]).astype(np.int64)

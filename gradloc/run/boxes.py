@@ -16,10 +16,11 @@ from gradloc.cams.cache import HeatmapCache
 from gradloc.core.formats import Detections
 from gradloc.core.geometry import upsample, working_size
 from gradloc.datasets.voc import VOCDataset
+from gradloc.models.registry import class_probabilities
 from gradloc.run.cams import cams_cache
 from gradloc.run.config import RunConfig, open_dataset
 from gradloc.run.folder import RunWriter, new_run
-from gradloc.run.setup import Progress, check_names, class_probabilities, load_classifier, require_images
+from gradloc.run.setup import Progress, check_names, load_classifier, require_images
 from gradloc.scoring.wsol import GRID, IOUS_V2, box_hits
 
 

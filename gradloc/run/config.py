@@ -22,7 +22,7 @@ from gradloc.boxes.cut import BoxParams
 from gradloc.boxes.explain import EXPLAIN
 from gradloc.core.files import to_plain
 from gradloc.core.geometry import RESIZE_MODES
-from gradloc.core.ranges import IOU_RANGE, SCORE_CUT_RANGE, THRESHOLD_RANGE, Interval
+from gradloc.core.ranges import SCORE_CUT_RANGE, ValidRange, check_ious, check_thresholds
 from gradloc.datasets.voc import VOC_CLASSES, VOCDataset
 
 logger = logging.getLogger(__name__)
@@ -297,27 +297,27 @@ def _renamed_keys(data: dict[str, Any], path: Path | None) -> dict[str, Any]:
     return {**data, "boxes": boxes}
 
 
-def _check_range(key: str, value: float, valid: Interval) -> None:
+def _check_range(key: str, value: float, valid: ValidRange) -> None:
     if value not in valid:
         raise ConfigError(f"config key {key!r}: {value} is outside {valid}")
 
 
+def _checked(check, values, key: str) -> None:
+    """A core.ranges check of a config key, as a ConfigError."""
+    try:
+        check(values, f"config key {key}")
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
 def validate(config: RunConfig) -> None:
     """Value checks that types alone cannot express. Registries are checked by the stages themselves."""
-    if not config.boxes.thresholds:
-        raise ConfigError("config key 'boxes.thresholds': give at least one threshold")
-    for i, tau in enumerate(config.boxes.thresholds):
-        _check_range(f"boxes.thresholds[{i}]", tau, THRESHOLD_RANGE)
-        if abs(round(tau, 3) - tau) > 1e-9:
-            raise ConfigError(f"config key 'boxes.thresholds[{i}]': {tau} has more than 3 decimals")
+    _checked(check_thresholds, config.boxes.thresholds, "boxes.thresholds")
     selected = config.boxes.selected_threshold
     if selected is not None and not any(abs(selected - tau) <= 1e-9 for tau in config.boxes.thresholds):
         raise ConfigError(f"config key 'boxes.selected_threshold': {selected} is not one of boxes.thresholds "
                           f"({', '.join(f'{t:g}' for t in config.boxes.thresholds)})")
-    if not config.score.iou:
-        raise ConfigError("config key 'score.iou': give at least one IoU threshold")
-    for i, iou in enumerate(config.score.iou):
-        _check_range(f"score.iou[{i}]", iou, IOU_RANGE)
+    _checked(check_ious, config.score.iou, "score.iou")
     if config.boxes.explain not in EXPLAIN:
         raise ConfigError(f"config key 'boxes.explain': {config.boxes.explain!r} is not one of "
                           f"{', '.join(EXPLAIN)}")

@@ -38,6 +38,7 @@ import yaml
 from gradloc.core.files import atomic_write_bytes, pid_alive, safe_load_pickle, save_pickle, temporary_name, to_plain
 from gradloc.core.formats import Detections, GroundTruth, load_detections, load_ground_truth
 from gradloc.core.provenance import git_commit, package_versions
+from gradloc.core.ranges import threshold_label
 from gradloc.scoring.tables import save_scores
 
 logger = logging.getLogger(__name__)
@@ -90,13 +91,9 @@ def threshold_filename(threshold: float) -> str:
     """Stable, readable file name of a per-threshold output, e.g. ``0.02 -> "thr_0.020.pkl"``.
 
     Raises:
-        ValueError: if the threshold is outside [0, 1] or needs more than 3 decimals.
+        ValueError: if the threshold is outside [0, 1] or needs more than 3 decimals (:mod:`gradloc.core.ranges`).
     """
-    if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold {threshold!r} is outside [0, 1]")
-    if abs(round(threshold, 3) - threshold) > 1e-9:
-        raise ValueError(f"threshold {threshold!r} has more than 3 decimals; file names keep 3 (thr_0.020.pkl)")
-    return f"thr_{threshold:.3f}.pkl"
+    return f"thr_{threshold_label(threshold)}.pkl"
 
 
 def _listed_thresholds(folder: Path) -> list[float]:

@@ -10,8 +10,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from gradloc.boxes.baselines import BASELINES
 from gradloc.cams.methods import METHODS
 from gradloc.datasets.demo import DEMO_CLASSES, generate_demo
@@ -83,17 +81,6 @@ def check_names(config: RunConfig) -> None:
     if not config.demo.enabled:
         get_spec(config.model.name)
     resolve_device(config.cams.device)
-
-
-def class_probabilities(scores: np.ndarray, score_kind: str) -> np.ndarray:
-    """float64[C] class probabilities of cached model outputs (the CAM targets): ``sigmoid`` of logits or
-    ``exp`` of log-probabilities (``gradloc.models.SCORE_KINDS``). They are the detection confidences and
-    what the ``predicted`` cut compares with."""
-    import torch
-
-    from gradloc.models.build import SCORE_KINDS
-
-    return SCORE_KINDS[score_kind](torch.from_numpy(np.asarray(scores, dtype=np.float64))).numpy()
 
 
 def load_classifier(config: RunConfig):  # -> gradloc.models.LoadedModel

@@ -28,7 +28,7 @@ import numpy as np
 
 from gradloc.core.formats import Detections, GroundTruth
 from gradloc.scoring.localization import corloc, corloc_hits, pointing_hits
-from gradloc.scoring.voc import METRICS, evaluate, match_detections
+from gradloc.scoring.voc import ap_kernel, evaluate, match_detections
 
 logger = logging.getLogger(__name__)
 
@@ -100,31 +100,6 @@ def _nanmean_rows(values: np.ndarray) -> np.ndarray:
         return np.nanmean(values, axis=1)
 
 
-def _ap_voc07(recall: np.ndarray, precision: np.ndarray) -> np.ndarray:
-    """11-point AP of B curves at once (recall non-decreasing along axis 1), as ``metrics._ap_11_point``."""
-    total = np.zeros(recall.shape[0])
-    if recall.shape[1] == 0:
-        return total
-    envelope = np.maximum.accumulate(precision[:, ::-1], axis=1)[:, ::-1]
-    padded = np.concatenate([envelope, np.zeros((recall.shape[0], 1))], axis=1)
-    for t in np.arange(0.0, 1.1, 0.1):
-        first = (recall < t).sum(axis=1)  # first position with recall >= t (n_c if none)
-        total = total + np.take_along_axis(padded, first[:, None], axis=1)[:, 0] / 11.0
-    return total
-
-
-def _ap_voc10(recall: np.ndarray, precision: np.ndarray) -> np.ndarray:
-    """All-point AP of B curves at once, as ``metrics._ap_all_point``."""
-    rows = recall.shape[0]
-    mrec = np.concatenate([np.zeros((rows, 1)), recall, np.ones((rows, 1))], axis=1)
-    mpre = np.concatenate([np.zeros((rows, 1)), precision, np.zeros((rows, 1))], axis=1)
-    mpre = np.maximum.accumulate(mpre[:, ::-1], axis=1)[:, ::-1]
-    return np.sum(np.diff(mrec, axis=1) * mpre[:, 1:], axis=1)
-
-
-_BATCHED_AP = {"voc07": _ap_voc07, "voc10": _ap_voc10}
-
-
 def map_samples(dets: Detections, gt: GroundTruth, weights: np.ndarray, iou: float = 0.5,
                 metric: str = "voc07") -> np.ndarray:
     """mAP of every resample given as image weights.
@@ -137,8 +112,7 @@ def map_samples(dets: Detections, gt: GroundTruth, weights: np.ndarray, iou: flo
     Returns:
         float64[B] mAP over the classes with >= 1 weighted non-difficult GT box (NaN if none).
     """
-    if metric not in METRICS:
-        raise ValueError(f"unknown AP metric {metric!r}; choose one of {', '.join(METRICS)}")
+    batched_ap = ap_kernel(metric)
     matches = match_detections(dets, gt, [iou])
     n_classes, n_images = len(gt.classes), len(gt.image_ids)
     easy = ~gt.difficult
@@ -157,7 +131,7 @@ def map_samples(dets: Detections, gt: GroundTruth, weights: np.ndarray, iou: flo
         present = npos > 0
         recall = tp[present] / npos[present, None]
         precision = tp[present] / np.maximum(tp[present] + fp[present], eps)
-        aps[present, c] = _BATCHED_AP[metric](recall, precision)
+        aps[present, c] = batched_ap(recall, precision)
     return _nanmean_rows(aps)
 
 

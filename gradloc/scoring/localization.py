@@ -9,15 +9,14 @@ import numpy as np
 import pandas as pd
 
 from gradloc.core.formats import Detections, GroundTruth
+from gradloc.core.ranges import IOU_RANGE, check_ious
 from gradloc.scoring.voc import (
     _best_gt,
     _check_compatible,
     _check_gt,
-    _check_iou,
     _pair_key,
     _pairs,
     _rank,
-    check_ious,
 )
 
 
@@ -37,7 +36,7 @@ def corloc_hits(dets: Detections, gt: GroundTruth, iou: float = 0.5) -> tuple[np
     See :func:`corloc` for the rule. Returns ``(labels int64[P], image_index int64[P], hit bool[P])`` over the
     pairs with >= 1 GT box (difficult included), sorted by (class, image).
     """
-    iou = _check_iou(iou)
+    iou = IOU_RANGE.check(iou, "IoU threshold")
     _check_compatible(dets, gt)
     _check_gt(gt)
     n_images = len(gt.image_ids)
@@ -75,7 +74,7 @@ def corloc(dets: Detections, gt: GroundTruth, iou: float = 0.5) -> pd.DataFrame:
     Raises:
         ValueError: different classes/image_ids, invalid boxes, NaN scores, IoU outside (0, 1).
     """
-    iou = _check_iou(iou)
+    iou = IOU_RANGE.check(iou, "IoU threshold")
     pair_labels, _, pair_hits = corloc_hits(dets, gt, iou)
     n_classes = len(gt.classes)
     n_pairs = np.bincount(pair_labels, minlength=n_classes)

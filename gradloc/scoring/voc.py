@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from gradloc.core.formats import Detections, GroundTruth, keep_classes
-from gradloc.core.ranges import IOU_RANGE
+from gradloc.core.ranges import check_ious
 
 logger = logging.getLogger(__name__)
 
@@ -93,41 +93,59 @@ def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return box_iou(a[:, None, :], b[None, :, :])
 
 
-def _ap_11_point(recall: np.ndarray, precision: np.ndarray) -> float:
-    """VOC2007 11-point interpolated AP (Everingham et al., IJCV 2010, eq. 1).
+def _ap_11_point(recall: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """VOC2007 11-point interpolated AP (Everingham et al., IJCV 2010, eq. 1) of B curves at once.
 
     ``AP = 1/11 * sum_{t in {0, 0.1, ..., 1}} max_{r >= t} p(r)`` (0 when no recall reaches ``t``), with the
     devkit's exact grid ``np.arange(0, 1.1, 0.1)`` and comparison ``rec >= t``: the grid point 0.3 is
-    ``0.30000000000000004``, so a recall of exactly 0.3 does not reach it. The sum is accumulated in grid
-    order, as the devkit's loop does.
+    ``0.30000000000000004``, so a recall of exactly 0.3 does not reach it. Recall is non-decreasing along a
+    curve, so ``max_{r >= t} p`` is the precision envelope at the first position reaching ``t``. The eleven
+    ``p / 11`` terms are added in grid order, as the devkit's loop does (bit-identical).
     """
-    grid = np.arange(0.0, 1.1, 0.1)
-    reached = recall[None, :] >= grid[:, None]
-    best = np.max(np.where(reached, precision[None, :], -np.inf), axis=1, initial=-np.inf)
-    p = np.where(reached.any(axis=1), best, 0.0)
-    return float(np.cumsum(p / 11.0)[-1])
+    total = np.zeros(recall.shape[0])
+    envelope = np.maximum.accumulate(precision[:, ::-1], axis=1)[:, ::-1]
+    padded = np.concatenate([envelope, np.zeros((recall.shape[0], 1))], axis=1)  # no recall reaches t: 0
+    for t in np.arange(0.0, 1.1, 0.1):
+        first = (recall < t).sum(axis=1)  # first position with recall >= t (n if none)
+        total = total + np.take_along_axis(padded, first[:, None], axis=1)[:, 0] / 11.0
+    return total
 
 
-def _ap_all_point(recall: np.ndarray, precision: np.ndarray) -> float:
-    """VOC2010+ all-point AP: area under the monotone precision envelope (Everingham et al., IJCV 2015).
+def _ap_all_point(recall: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """VOC2010+ all-point AP of B curves: area under the monotone precision envelope (Everingham et al., IJCV
+    2015).
 
     With ``r_0 = 0``, ``r_{n+1} = 1``, ``p_0 = p_{n+1} = 0`` and the envelope ``P_i = max_{k >= i} p_k``:
-    ``AP = sum_{i: r_{i+1} != r_i} (r_{i+1} - r_i) * P_{i+1}``.
+    ``AP = sum_{i: r_{i+1} != r_i} (r_{i+1} - r_i) * P_{i+1}``. The envelope is computed for all curves at
+    once; the sum runs per curve over its own steps only, as the devkit's ``np.sum`` does (bit-identical: a
+    sum that also added the zero terms would group the additions differently).
     """
-    mrec = np.concatenate(([0.0], recall, [1.0]))
-    mpre = np.concatenate(([0.0], precision, [0.0]))
-    mpre = np.maximum.accumulate(mpre[::-1])[::-1]
-    steps = np.flatnonzero(mrec[1:] != mrec[:-1])
-    return float(np.sum((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]))
+    rows = recall.shape[0]
+    mrec = np.concatenate([np.zeros((rows, 1)), recall, np.ones((rows, 1))], axis=1)
+    mpre = np.concatenate([np.zeros((rows, 1)), precision, np.zeros((rows, 1))], axis=1)
+    mpre = np.maximum.accumulate(mpre[:, ::-1], axis=1)[:, ::-1]
+    out = np.empty(rows)
+    for b in range(rows):
+        steps = np.flatnonzero(mrec[b, 1:] != mrec[b, :-1])
+        out[b] = np.sum((mrec[b, steps + 1] - mrec[b, steps]) * mpre[b, steps + 1])
+    return out
 
 
-METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+METRICS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     "voc07": _ap_11_point,
     "voc10": _ap_all_point,
-}  # AP variants by name: voc07 = 11-point interpolated AP, voc10 = all-point AP (VOC2010 onwards)
+}
+"""AP variants by name (voc07 = 11-point interpolated AP, voc10 = all-point AP, VOC2010 onwards): each maps
+recall and precision float64[B, n] (B curves, recall non-decreasing along each) to float64[B] AP. The one AP
+kernel of gradloc: :func:`evaluate` calls it with one curve, the bootstrap with a curve per resample."""
 
 
-def _ap_function(metric: str) -> Callable[[np.ndarray, np.ndarray], float]:
+def ap_kernel(metric: str) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """The batched AP function of ``metric`` (:data:`METRICS`).
+
+    Raises:
+        ValueError: unknown metric.
+    """
     try:
         return METRICS[metric]
     except (KeyError, TypeError):
@@ -149,14 +167,14 @@ def voc_ap(recall: np.ndarray, precision: np.ndarray, metric: str = "voc07") -> 
     Raises:
         ValueError: unknown metric, or arrays that are not 1-D of equal length.
     """
-    ap_function = _ap_function(metric)
+    ap_function = ap_kernel(metric)
     recall = np.asarray(recall, dtype=np.float64)
     precision = np.asarray(precision, dtype=np.float64)
     if recall.ndim != 1 or recall.shape != precision.shape:
         raise ValueError(
             f"voc_ap: recall {recall.shape} and precision {precision.shape} must be 1-D and of equal length"
         )
-    return ap_function(recall, precision)
+    return float(ap_function(recall[None], precision[None])[0])
 
 
 def _first_difference(a: Sequence[str], b: Sequence[str]) -> str:
@@ -184,18 +202,6 @@ def _check_gt(gt: GroundTruth) -> None:
     _check_boxes("ground truth", gt.boxes)
 
 
-def _check_iou(iou: float) -> float:
-    iou = float(iou)
-    if iou not in IOU_RANGE:
-        raise ValueError(f"IoU threshold {iou!r} is outside {IOU_RANGE}; use e.g. 0.5")
-    return iou
-
-
-def check_ious(ious: Sequence[float]) -> list[float]:
-    ious = [_check_iou(iou) for iou in ious]
-    if not ious:
-        raise ValueError("no IoU thresholds given; pass at least one, e.g. (0.5,)")
-    return ious
 
 
 @dataclass(frozen=True)
@@ -420,7 +426,7 @@ def evaluate(
         ValueError: different classes/image_ids, invalid boxes, NaN scores, IoU outside (0, 1), unknown
             metric.
     """
-    ap_function = _ap_function(metric)
+    ap_kernel(metric)  # an unknown metric fails before any work
     matches = match_detections(dets, gt, iou_thresholds)
     n_gt, n_det = matches.n_gt, np.diff(matches.bounds)
     scored = np.flatnonzero(n_gt > 0)
@@ -429,7 +435,7 @@ def evaluate(
         aps, recalls = np.full(n_gt.size, np.nan), np.full(n_gt.size, np.nan)
         for c in scored:
             recall, precision = matches.curve(c, t)
-            aps[c], recalls[c] = ap_function(recall, precision), recall[-1] if recall.size else 0.0
+            aps[c], recalls[c] = voc_ap(recall, precision, metric), recall[-1] if recall.size else 0.0
         rows.extend(
             {"iou": thr, "metric": metric, "class": name, "ap": float(aps[c]), "recall": float(recalls[c]),
              "n_gt": int(n_gt[c]), "n_det": int(n_det[c])}
@@ -450,8 +456,6 @@ def score_detections(dets: Detections, gt: GroundTruth, ious: Sequence[float], m
                      source: str, only: Sequence[str] = ()) -> pd.DataFrame:
     """Flat score rows (JSON schema of the README) of one detections file; ``only``: score just these classes
     (the mAP row is then over them), empty = all."""
-    pass  # DROPPED-IMPORT
-
     if only:
         dets, gt = keep_classes(dets, only), keep_classes(gt, only)
     frame = evaluate(dets, gt, iou_thresholds=ious, metric=metric)

@@ -57,7 +57,8 @@ from gradloc.boxes.kernels import (
     _component_sweep,
 )
 from gradloc.core.geometry import grid_boxes_to_voc
-from gradloc.scoring.voc import box_iou, check_ious
+from gradloc.core.ranges import check_ious
+from gradloc.scoring.voc import box_iou
 
 logger = logging.getLogger(__name__)
 
