@@ -445,7 +445,7 @@ def test_out_is_a_folder_everywhere():
     train_help = CliRunner().invoke(main, ["train", "--help"]).output
     assert not re.search(r"^\s+--out\b", train_help, re.M) and "--checkpoint-out FILE" in train_help
     result = CliRunner().invoke(main, ["train", "--out", "x.pt"])
-    assert result.exit_code == 2 and "train --out FILE is now --checkpoint-out FILE" in result.output
+    assert result.exit_code == 2 and "No such option '--out'" in result.output
     assert "--out DIRECTORY" in CliRunner().invoke(main, ["plot", "--help"]).output
     assert not re.search(r"^\s+--out-dir", CliRunner().invoke(main, ["plot", "--help"]).output, re.M)
     assert "--png FILE" in CliRunner().invoke(main, ["show", "--help"]).output
@@ -457,17 +457,15 @@ def test_single_iou_commands_refuse_a_list(tmp_path):
         assert result.exit_code == 2 and "shows one IoU" in result.output, command
 
 
-def test_old_config_key_boxes_classes_is_read_with_a_warning(tmp_path, caplog):
+def test_explain_is_a_config_key_and_a_flag(tmp_path):
     from gradloc.run.config import load_config
 
     old = tmp_path / "old.yaml"
-    old.write_text("boxes:\n  classes: gt\n")
-    with caplog.at_level("WARNING"):
-        assert load_config(old).boxes.explain == "gt"
-    assert "'boxes.classes' is deprecated" in caplog.text and str(old) in caplog.text
-    old.write_text("boxes:\n  classes: gt\n  explain: all\n")
+    old.write_text("boxes:\n  classes: gt\n")  # the key's name before version 0.1
     result = CliRunner().invoke(main, ["run", "--config", str(old)])
-    assert result.exit_code == 1 and "'boxes.classes' and 'boxes.explain' both given" in result.output
+    assert result.exit_code == 1 and "unknown config key boxes.classes" in result.output
+    old.write_text("boxes:\n  explain: gt\n")
+    assert load_config(old).boxes.explain == "gt"
     result = CliRunner().invoke(main, ["run", "--explain", "everything"])
     assert result.exit_code == 2
 

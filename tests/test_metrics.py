@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from gradloc.core.formats import Detections, GroundTruth
 from gradloc.scoring.classification import classification_map
-from gradloc.scoring.localization import box_acc_table, corloc, max_box_acc, pointing_game, pointing_hits
+from gradloc.scoring.localization import best_box_acc, box_acc_table, corloc, pointing_game, pointing_hits
 from gradloc.scoring.reference import reference_evaluate
 from gradloc.scoring.voc import METRICS, evaluate, iou_matrix, match_detections, voc_ap
 
@@ -593,26 +593,26 @@ def test_box_acc_table_by_hand():
 
 def test_max_box_acc_by_hand():
     dets_by_threshold, gt = _box_acc_case()
-    df = max_box_acc(dets_by_threshold, gt, (0.3, 0.5, 0.7))
+    df = best_box_acc(dets_by_threshold, gt, (0.3, 0.5, 0.7))
     assert list(df.columns) == ["iou", "best_threshold", "max_box_acc", "n_pairs"]
     assert df["iou"].tolist() == [0.3, 0.5, 0.7, "mean"]
     assert df["best_threshold"].tolist()[:3] == [0.2, 0.2, 0.1]
     assert np.isnan(df["best_threshold"].iloc[3])
     assert df["max_box_acc"].tolist() == pytest.approx([1.0, 1.0, 2 / 3, (1 + 1 + 2 / 3) / 3])
-    single = max_box_acc(dets_by_threshold, gt)
+    single = best_box_acc(dets_by_threshold, gt)
     assert len(single) == 1 and single["iou"].tolist() == [0.5] and single["max_box_acc"].iloc[0] == 1.0
 
 
 def test_max_box_acc_ties_pick_smallest_threshold_and_errors():
     dets_by_threshold, gt = _box_acc_case()
     same = {0.3: dets_by_threshold[0.1], 0.1: dets_by_threshold[0.1]}
-    assert max_box_acc(same, gt)["best_threshold"].iloc[0] == 0.1
+    assert best_box_acc(same, gt)["best_threshold"].iloc[0] == 0.1
     with pytest.raises(ValueError, match="no detections"):
-        max_box_acc({}, gt)
+        best_box_acc({}, gt)
     with pytest.raises(ValueError, match=r"outside \(0, 1\)"):
-        max_box_acc(dets_by_threshold, gt, (0.5, 1.2))
+        best_box_acc(dets_by_threshold, gt, (0.5, 1.2))
     with pytest.raises(ValueError, match=r"threshold 0\.4 .*classes"):
-        max_box_acc({0.4: make_dets([], classes=["cat"])}, gt)
+        best_box_acc({0.4: make_dets([], classes=["cat"])}, gt)
 
 
 # --- pointing game ------------------------------------------------------------------------------------------

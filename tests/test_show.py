@@ -328,7 +328,7 @@ def test_show_guided_adds_a_panel_per_class(tiny_run, monkeypatch):
     root, run_dir = tiny_run
     out = root / "guided.png"
     result = CliRunner().invoke(main, ["show", str(run_dir), "--threshold", "0.2", "--n", "3", "--guided",
-                                       "--out", str(out)])
+                                       "--png", str(out)])
     assert result.exit_code == 0, result.output
     # image 000001 explains 2 classes: image + 2 heatmap panels + 2 Guided Grad-CAM panels per row
     with Image.open(out) as image:
@@ -342,7 +342,7 @@ def test_show_detections_with_voc_root_draws_boxes_only(tiny_run):
     out = root / "boxes.png"
     result = CliRunner().invoke(main, ["show", "--detections", str(run_dir / "detections" / "thr_0.200.pkl"),
                                        "--voc-root", str(root / "VOCdevkit"), "--year", "2007",
-                                       "--split", "val", "--n", "2", "--out", str(out)])
+                                       "--split", "val", "--n", "2", "--png", str(out)])
     assert result.exit_code == 0, result.output
     with Image.open(out) as image:  # 2 images, one panel each, side by side
         assert image.size[0] == round(2 * PANEL_INCHES[0] * DPI)
@@ -385,7 +385,7 @@ def test_real_voc_crowded_images_grid(real_run, tmp_path):
     assert all(t.get_fontsize() >= 5 for ax in fig.axes for t in ax.texts)
     assert layout_problems(fig) == []
     out = tmp_path / "real.png"
-    result = CliRunner().invoke(main, ["show", str(run_dir), "--threshold", "0.2", "--n", "4", "--out", str(out)])
+    result = CliRunner().invoke(main, ["show", str(run_dir), "--threshold", "0.2", "--n", "4", "--png", str(out)])
     assert result.exit_code == 0, result.output
     pixels, n_colours = _png_stats(out)
     assert n_colours > 1000 and _has_colour(pixels, (0xFF, 0x1A, 0x1A)) and _has_colour(pixels, (0, 0xD0, 0))
@@ -409,14 +409,14 @@ def test_detections_on_another_split_are_refused(tiny_run, tmp_path):
     _, run_dir = tiny_run
     voc = write_voc(tmp_path / "other", {"000009": IMAGES["000002"]})
     result = CliRunner().invoke(main, ["show", "--detections", str(run_dir / "detections" / "thr_0.200.pkl"),
-                                       "--voc-root", str(voc), "--out", str(tmp_path / "x.png")])
+                                       "--voc-root", str(voc), "--png", str(tmp_path / "x.png")])
     assert result.exit_code == 1
     assert "image '000001'" in result.output and "not in VOC2007 val" in result.output
 
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--threshold", "0.5"], "no detections at threshold 0.5; this run has thresholds 0.200"),
-    (["--threshold", "1.5"], "threshold 1.5 is outside [0, 1]"),
+    (["--threshold", "1.5"], "threshold: 1.5 is outside [0, 1]"),
 ])
 def test_bad_threshold_is_one_line_exit_1(tiny_run, args, message):
     _, run_dir = tiny_run

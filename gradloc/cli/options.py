@@ -70,7 +70,7 @@ FLAG_GROUPS: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
         "year": ("data.year", {"help": "VOC year: 2007, 2012 (folder VOC<year>)."}),
         "split": ("data.split", {"help": "Image set of ImageSets/Main (train, val, trainval, test)."}),
         "limit": ("data.limit", {"type": int, "help": "Use only the first N images of the split."}),
-        "on_error": ("data.on_error", {"type": click.Choice(["raise", "skip"]),
+        "on_error": ("data.on_error", {"type": registry_choice("gradloc.datasets.voc", "ON_ERROR_CHOICES"),
                                        "help": "Bad image/annotation: stop (raise) or skip and list it."}),
     },
     "model": {
@@ -125,7 +125,7 @@ FLAG_GROUPS: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
     },
     "score": {
         "iou": ("score.iou", {"help": "Comma-separated IoU thresholds, e.g. 0.3,0.4,0.5."}),
-        "metric": ("score.metric", {"type": click.Choice(["voc07", "voc10"]),
+        "metric": ("score.metric", {"type": registry_choice("gradloc.scoring.voc", "METRICS"),
                                     "help": "voc07 = 11-point AP, voc10 = all-point AP."}),
         "only": ("score.only", {"help": "Score only these classes, e.g. car,cat,bus (mAP, CorLoc, pointing "
                                         "game and MaxBoxAccV2 are over them and say so); default all."}),
@@ -256,12 +256,6 @@ def one_iou(value: str) -> float:
         raise click.BadParameter(f"this command shows one IoU, got {value!r}; give one value such as 0.5",
                                  param_hint="--iou")
     return ious[0]
-
-
-def renamed_flag(value: Any, message: str) -> None:
-    """Callback of a hidden old flag name: a usage error that names the new one."""
-    if value is not None:
-        raise click.UsageError(message)
 
 
 def digits_option(command: Callable) -> Callable:

@@ -22,15 +22,16 @@ from gradloc.cli.options import (
               help="With --gt: a folder of devkit files <comp>_det_<split>_<class>.txt (any detector; "
                    "baselines/<name>/ subfolders are scored as baselines).")
 @click.option("--iou", default="0.3,0.4,0.5", show_default=True, help="Comma-separated IoU thresholds.")
-@click.option("--metric", type=click.Choice(["voc07", "voc10"]), default="voc07", show_default=True,
+@click.option("--metric", type=registry_choice("gradloc.scoring.voc", "METRICS"), default="voc07", show_default=True,
               help="voc07 = 11-point AP, voc10 = all-point AP.")
 @click.option("--only", default=None, help=FLAG_GROUPS["score"]["only"][1]["help"])
-@click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv", "json"]), default="table",
+@click.option("--format", "fmt", type=registry_choice("gradloc.scoring.tables", "FORMATS"), default="table",
               show_default=True, help="csv/json: stdout holds exactly one document of flat score rows.")
 @click.option("--per-class", "per_class", type=float, default=None, metavar="TAU",
               help="Tables: add per-class AP/recall (%) at this τ, one table per IoU. csv/json: keep only "
                    "the rows (every class, mAP, every source) of this τ.")
-@click.option("--layout", type=click.Choice(["blocks", "rows"]), default="blocks", show_default=True,
+@click.option("--layout", type=registry_choice("gradloc.scoring.tables", "LAYOUTS"), default="blocks",
+              show_default=True,
               help="Tables: one block per τ, or one row per τ (columns metric@IoU per source).")
 @digits_option
 @click.option("--save", is_flag=True,

@@ -7,13 +7,13 @@ from typing import Any
 
 import click
 
-from gradloc.cli.app import logger
 from gradloc.cli.options import (
     SINGLE_IOU_HELP,
     build_config,
     digits_option,
     one_iou,
     prepare,
+    registry_choice,
     run_options,
     say,
     stage_progress,
@@ -25,16 +25,15 @@ from gradloc.cli.options import (
 @click.option("--threshold", type=float, help="τ of the detections to draw (a threshold of the run).")
 @click.option("--n", "n", type=int, default=10, show_default=True, help="Number of images to show.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random sample.")
-@click.option("--sample", type=click.Choice(["detected", "gt"]), default="detected", show_default=True,
+@click.option("--sample", type=registry_choice("gradloc.reports.show", "SAMPLE_MODES"), default="detected",
+              show_default=True,
               help="Draw among images with detections at τ (detected), or with GT boxes whatever was detected "
                    "(gt: the same images for every method of a split).")
 @click.option("--ids", help="Comma-separated image ids to draw instead of a sample, e.g. 000005,000012.")
 @click.option("--class", "focus", metavar="NAME",
               help="Only this class: images where it is detected or in GT, only its boxes and heatmap.")
 @click.option("--png", "out", default=None, type=click.Path(dir_okay=False),
-              help="PNG file to write [default: samples.png] (was --out; --out is always a folder).")
-@click.option("--out", "old_out", default=None, hidden=True, type=click.Path(dir_okay=False),
-              help="Deprecated name of --png.")
+              help="PNG file to write [default: samples.png].")
 @click.option("--per-image", "per_image", type=click.Path(file_okay=False),
               help="Instead of the grid: one overlay PNG per image and class, <image_id>_<class>.png, in DIR.")
 @click.option("--guided", is_flag=True, help="Add a Guided Grad-CAM panel per class (rebuilds the model).")
@@ -45,7 +44,7 @@ from gradloc.cli.options import (
 @click.option("--split", default="val", show_default=True, help="With --detections: the image set.")
 @click.pass_context
 def show(ctx: click.Context, run_dir: str | None, threshold: float | None, n: int, seed: int, sample: str,
-         ids: str | None, focus: str | None, out: str | None, old_out: str | None, per_image: str | None,
+         ids: str | None, focus: str | None, out: str | None, per_image: str | None,
          guided: bool,
          detections_path: str | None, voc_root: str | None, year: str, split: str) -> None:
     """Draw images with heatmaps, GT boxes and predicted boxes as a PNG grid (or one PNG per image).
@@ -81,9 +80,7 @@ def show(ctx: click.Context, run_dir: str | None, threshold: float | None, n: in
             say(ctx, f"wrote {len(written)} PNGs into {per_image}")
             return
         fig = show_run(run_dir, threshold, guided=guided, **pick)
-    if old_out is not None:
-        logger.warning("show --out FILE is deprecated (--out is always a folder): use --png FILE")
-    say(ctx, f"wrote {save_figure(fig, out or old_out or 'samples.png')}")
+    say(ctx, f"wrote {save_figure(fig, out or 'samples.png')}")
 
 
 @click.command()

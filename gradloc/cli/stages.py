@@ -16,7 +16,7 @@ from gradloc.cli.options import (
     prepare,
     print_scores,
     progress_bar,
-    renamed_flag,
+    registry_choice,
     run_options,
     say,
     shard_option,
@@ -245,22 +245,20 @@ def boxes(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
               help="Held-out image set for the report, or none [config train.val_split, default val].")
 @click.option("--model", "model_name", default=None, help="Model name [config model.name].")
 @click.option("--weights", default=None, help="torchvision weights name (backbone) [config model.weights].")
-@click.option("--mode", type=click.Choice(["linear", "finetune_last", "lbfgs"]), default=None,
+@click.option("--mode", type=registry_choice("gradloc.run.train", "TRAIN_MODES"), default=None,
               help="Training mode [config train.mode, default linear].")
 @click.option("--epochs", type=int, default=None, help="Epochs (lbfgs: iterations); default: the mode's.")
 @click.option("--batch-size", type=int, default=None)
 @click.option("--lr", type=float, default=None)
 @click.option("--l2", type=float, default=None, help="L2 penalty on the lbfgs head's weights (default 1e-4).")
 @click.option("--input-size", type=int, default=None, help="Network input size [config model.input_size].")
-@click.option("--resize-mode", type=click.Choice(["letterbox", "stretch", "shortside"]), default=None,
+@click.option("--resize-mode", type=registry_choice("gradloc.core.geometry", "RESIZE_MODES"), default=None,
               help="[config model.resize_mode].")
 @click.option("--limit", type=int, default=None, help="Use only the first N images of each split.")
 @click.option("--seed", type=int, default=None)
 @click.option("--device", default=None, help="torch device [config cams.device].")
-@click.option("--out", "old_out", hidden=True, expose_value=False, callback=lambda ctx, param, value: renamed_flag(
-    value, "train --out FILE is now --checkpoint-out FILE (--out is always a folder)"))
 @click.option("--checkpoint-out", "out", required=True, type=click.Path(dir_okay=False),
-              help="Checkpoint file to write (was --out; --out is always a folder); `gradloc run --checkpoint "
+              help="Checkpoint file to write; `gradloc run --checkpoint "
                    "FILE` reads it.")
 @click.pass_context
 def train(ctx: click.Context, config_path: str | None, out: str, **options: Any) -> None:

@@ -115,12 +115,12 @@ class CamConfig:
 
 @dataclass(frozen=True)
 class BoxConfig(BoxParams):
-    """How heatmaps become boxes: the box parameters of :class:`gradloc.boxes.BoxParams` (threshold_mode,
+    """How heatmaps become boxes: the box parameters of :class:`gradloc.boxes.cut.BoxParams` (threshold_mode,
     box_mode, connectivity, min_area, confidence, nms_iou, max_side; validated there) plus the sweep of
-    thresholds, which classes are explained (:data:`gradloc.boxes.explain.EXPLAIN`; the key was ``classes``, still read
-    with a warning), and the baselines. ``selected_threshold``: the τ of the sweep recommended for this config, chosen
-    on another split than the one reported (e.g. `train` for `val`); ``gradloc show`` and ``gradloc export``
-    default to it; None = no recommendation."""
+    thresholds, which classes are explained (:data:`gradloc.boxes.explain.EXPLAIN`), and the baselines.
+    ``selected_threshold``: the τ of the sweep recommended for this config, chosen on another split than the
+    one reported (e.g. `train` for `val`); ``gradloc show`` and ``gradloc export`` default to it; None = no
+    recommendation."""
 
     thresholds: tuple[float, ...] = (0.01, 0.02, 0.06, 0.15, 0.2)
     selected_threshold: float | None = None
@@ -277,24 +277,9 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
         for part in reversed(dotted.split(".")):
             nested = {part: nested}
         data = _merge(data, nested)
-    config = _build(RunConfig, _renamed_keys(data, path))
+    config = _build(RunConfig, data)
     validate(config)
     return config
-
-
-def _renamed_keys(data: dict[str, Any], path: Path | None) -> dict[str, Any]:
-    """Read ``boxes.classes`` (the old name of ``boxes.explain``) with a deprecation warning."""
-    boxes = data.get("boxes")
-    if not isinstance(boxes, Mapping) or "classes" not in boxes:
-        return data
-    where = f"{path}: " if path is not None else ""
-    if "explain" in boxes:
-        raise ConfigError(f"{where}config keys 'boxes.classes' and 'boxes.explain' both given; 'boxes.classes' is "
-                          "the old name of 'boxes.explain': delete it")
-    logger.warning("%sconfig key 'boxes.classes' is deprecated: rename it 'boxes.explain' (same values: "
-                   "predicted, gt; or all)", where)
-    boxes = {("explain" if key == "classes" else key): value for key, value in boxes.items()}
-    return {**data, "boxes": boxes}
 
 
 def _check_range(key: str, value: float, valid: ValidRange) -> None:

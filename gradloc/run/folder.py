@@ -286,12 +286,10 @@ class Run:
         return data
 
     @property
-    def gt_known(self) -> dict[str, Any] | None:
+    def gt_known(self) -> dict[str, Any]:
         """``gt_known.pkl`` (``gradloc.gt_known/1``): per (image, GT class) pair the map's peak and the
-        wsolevaluation box hits (see :func:`gradloc.pipeline.run_boxes`); None for runs made before it."""
+        wsolevaluation box hits (see :func:`gradloc.run.boxes.run_boxes`)."""
         path = self.path / GT_KNOWN_FILE
-        if not path.is_file():
-            return None
         data = safe_load_pickle(path)
         if not isinstance(data, dict) or data.get("format") != GT_KNOWN_FORMAT:
             raise ValueError(f"{path}: not a {GT_KNOWN_FORMAT} file")

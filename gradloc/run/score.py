@@ -21,7 +21,7 @@ from gradloc.core.formats import (
 )
 from gradloc.core.provenance import git_commit
 from gradloc.run.folder import Run, locked, open_run, update_manifest, write_scores
-from gradloc.scoring.localization import corloc, max_box_acc, pointing_game
+from gradloc.scoring.localization import best_box_acc, corloc, pointing_game
 from gradloc.scoring.voc import score_detections
 from gradloc.scoring.wsol import max_box_acc_from_hits
 
@@ -93,8 +93,7 @@ def localization_scores(run_dir: str | Path | Run, only: Sequence[str] = ()) -> 
     gt, points, known = run.gt, run.points, run.gt_known
     if only:
         gt = keep_classes(run.gt, only)
-        points, known = (None if record is None else _keep_pairs(record, run.gt.classes, only)
-                         for record in (points, known))
+        points, known = (_keep_pairs(record, run.gt.classes, only) for record in (points, known))
     rows = []
     dets_by_tau = {}
     for tau in run.thresholds:
@@ -103,21 +102,19 @@ def localization_scores(run_dir: str | Path | Run, only: Sequence[str] = ()) -> 
         frame = corloc(dets, gt, iou=0.5)
         rows += [{"metric": "corloc@0.5", "threshold": dets.threshold, "class": r["class"], "value": r["corloc"],
                   "n": r["n_images"]} for r in frame.to_dict("records")]
-    pairs = [("gradloc, explained classes", points, "gradloc")]
-    if known is not None:
-        pairs.append(("TorchRay, GT classes", known, "torchray"))
-    for label, points, protocol in pairs:
-        frame = pointing_game(points["image_index"], points["labels"], points["points"], gt, tolerance=15.0,
+    for label, record, protocol in (("gradloc, explained classes", points, "gradloc"),
+                                    ("TorchRay, GT classes", known, "torchray")):
+        frame = pointing_game(record["image_index"], record["labels"], record["points"], gt, tolerance=15.0,
                               protocol=protocol)
         rows += [{"metric": f"pointing@15px ({label})", "threshold": float("nan"), "class": r["class"],
                   "value": r["accuracy"], "n": r["n"]} for r in frame.to_dict("records")]
-    if known is not None and len(known["hits"]):
+    if len(known["hits"]):
         frame = max_box_acc_from_hits(known["hits"])
         rows += [{"metric": r["metric"].replace("MaxBoxAcc (all boxes)", "MaxBoxAccV2"),
                   "threshold": r["best_threshold"], "class": "all", "value": r["max_box_acc"], "n": r["n_pairs"]}
                  for r in frame.to_dict("records")]
     if dets_by_tau and next(iter(dets_by_tau.values())).meta.get("classes_explained") == "gt":
-        frame = max_box_acc(dets_by_tau, gt, ious=(0.3, 0.5, 0.7))
+        frame = best_box_acc(dets_by_tau, gt, ious=(0.3, 0.5, 0.7))
         rows += [{"metric": f"boxacc@{r['iou']}, best of the run's tau", "threshold": r["best_threshold"],
                   "class": "all", "value": r["max_box_acc"], "n": r["n_pairs"]} for r in frame.to_dict("records")]
     return pd.DataFrame(rows)

@@ -130,10 +130,12 @@ def box_acc_table(
     return pd.DataFrame(rows, columns=["threshold", "iou", "hits", "n_pairs", "box_acc"])
 
 
-def max_box_acc(
+def best_box_acc(
     dets_by_threshold: Mapping[float, Detections], gt: GroundTruth, ious: Sequence[float] = (0.5,)
 ) -> pd.DataFrame:
-    """GT-known MaxBoxAcc (Choe et al., CVPR 2020): ``MaxBoxAcc(δ) = max_τ BoxAcc(τ, δ)``.
+    """The best GT-known box accuracy over a run's own τ list: ``max_τ BoxAcc(τ, δ)`` (the idea of MaxBoxAcc,
+    Choe et al., CVPR 2020, on the run's thresholds and box mode; wsolevaluation's own grid and conventions are
+    :func:`gradloc.scoring.wsol.max_box_acc`).
 
     See :func:`box_acc_table` for BoxAcc. MaxBoxAcc (V1) is δ = 0.5 on detections made with box mode
     ``largest``; MaxBoxAccV2 is the mean over δ in {0.3, 0.5, 0.7}, each δ with its own best τ, on detections
