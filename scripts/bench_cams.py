@@ -1,7 +1,7 @@
 """Benchmark of the all-class CAM engine against a plain forward pass and a naive per-class loop.
 
 Measures, on the CPU with random weights (batch 8, 224x224, 20 classes by default), the time of
-``gradloc.cams.compute_cams`` for all classes divided by the time of a no-grad forward of the same batch, for
+``gradloc.cams.methods.compute_cams`` for all classes divided by the time of a no-grad forward of the same batch, for
 ResNet50 at ``layer4`` (GAP + linear head: closed-form gradients, plus the same model through autograd) and
 VGG16 at ``features.29``, next to a naive per-class loop (per class: one full forward with autograd and a
 backward to the layer, the way per-target Grad-CAM implementations work).

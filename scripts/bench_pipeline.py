@@ -4,7 +4,7 @@ For each model (random weights: timing only), on the first N images of VOC2007 v
 letterbox, Grad-CAM at the default layer, all 20 classes):
 
 * floor -- a plain loop: decode + preprocess + one no-grad forward per image (batch 1), images/s;
-* cams -- ``gradloc.pipeline.run_cams`` into an empty cache (DataLoader workers, planned batches), images/s
+* cams -- ``gradloc.run.pipeline.run_cams`` into an empty cache (DataLoader workers, planned batches), images/s
   and its time per image as a multiple of the floor's;
 * per-class loop -- the way per-target Grad-CAM tools (pytorch-grad-cam style) work: per image and per
   class, one forward with autograd and one backward (``compute_cams`` with one class, batch 1), on the first

@@ -1,4 +1,4 @@
-"""Benchmark of the box sweep (``gradloc.boxes``) and the VOC scorer (``gradloc.metrics.evaluate``).
+"""Benchmark of the box sweep (``gradloc.boxes``) and the VOC scorer (``gradloc.scoring.voc.evaluate``).
 
 Synthetic but VOC-shaped data, seeded: 5,000 images (mostly 500x375, some portrait/other VOC sizes), 1-3 GT
 boxes each over the 20 VOC classes (10 % difficult), and 3 explained classes per image (its GT classes, then

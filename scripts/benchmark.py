@@ -2,7 +2,7 @@
 
     bash scripts/benchmark.sh            # trains the heads it needs, then runs this script
 
-Every row is one (model, head, CAM method, box mode). For each, `gradloc.sweep.run_sweep` runs the pipeline
+Every row is one (model, head, CAM method, box mode). For each, `gradloc.run.sweep.run_sweep` runs the pipeline
 on the selection split (`train`) and the evaluation split (`val`); τ is the one with the best CAM mAP@0.5
 on `train`. On `val` at that τ the script reports VOC07 11-point mAP at IoU 0.3 / 0.4 / 0.5, all-point
 (VOC10) AP@0.5, recall@0.5, CorLoc@0.5 and 95 % bootstrap intervals (images resampled, 1,000 times, seed 0)
@@ -14,7 +14,7 @@ working grid) and the pointing game under TorchRay's protocol
 boxes are all difficult skipped). The baselines (center, full image, random maps at the selected τ) are
 scored on the same detections protocol. Seconds per image = the `cams` stage of both splits / images; a
 row's `also` methods get their heatmaps from that row's single forward/backward pass
-(`gradloc.cams.compute_gradient_cams`), and say so.
+(`gradloc.cams.methods.compute_gradient_cams`), and say so.
 
 Outputs in --out: `methods.csv` / `methods.md` (one row per model x head x method x box mode x τ choice,
 plus baselines), `per_class.csv` / `per_class.md` (AP@0.5 of car, person, cat, train, bus), `samples/`

@@ -4,5 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/env.sh
 .venv/bin/ruff check gradloc tests scripts
-.venv/bin/lint-imports
 exec .venv/bin/python -m pytest -q "$@"

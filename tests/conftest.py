@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-# ../shared/voc/VOCdevkit seen from the repository root
-VOC_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "voc" / "VOCdevkit"
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+CONFIGS = ROOT / "configs"
+VOC_ROOT = ROOT.parent / "shared" / "voc" / "VOCdevkit"  # ../shared/voc/VOCdevkit seen from the repository root
 
 # Parameters of the small demo dataset used by the test suite (a few dozen images, generated in ~0.3 s).
 DEMO_SMALL = {"n_train": 24, "n_val": 12, "n_test": 8, "seed": 0}
@@ -24,7 +25,7 @@ def voc_root() -> Path:
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """VOCdevkit folder of a small demo dataset (``DEMO_SMALL``); open with ``VOCDataset(p, year="demo",
-    classes=gradloc.demo.DEMO_CLASSES)``. Shared by the session: do not modify it."""
+    classes=gradloc.datasets.demo.DEMO_CLASSES)``. Shared by the session: do not modify it."""
     from gradloc.datasets.demo import generate_demo
 
     return generate_demo(tmp_path_factory.mktemp("demo_data"), **DEMO_SMALL)
@@ -34,7 +35,7 @@ def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def demo_checkpoint(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A ``gradloc.checkpoint/1`` DemoNet trained for 3 epochs at input size 64 on ``demo_data`` (about a
     second; it classifies poorly, use it for plumbing, not for accuracy; runs must use input size 64, the
-    checkpoint's). Load with ``gradloc.demo.load_demo_model``."""
+    checkpoint's). Load with ``gradloc.models.build.load_model("demo_cnn", checkpoint=...)``."""
     from gradloc.models.demo_cnn import train_demo_model
 
     return train_demo_model(demo_data, tmp_path_factory.mktemp("demo_model") / "demo_cnn.pt", input_size=64,

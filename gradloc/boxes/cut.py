@@ -1,8 +1,8 @@
 """Heatmap -> boxes for a whole threshold sweep.
 
 A raw class map (after ReLU, at feature resolution) is back-projected once onto a working grid over the
-original image (``gradloc.geometry.upsample``), every threshold of the sweep is cut from that one map, and the
-boxes are converted to VOC pixel boxes by ``gradloc.geometry.grid_boxes_to_voc``.
+original image (``gradloc.core.geometry.upsample``), every threshold of the sweep is cut from that one map, and the
+boxes are converted to VOC pixel boxes by ``gradloc.core.geometry.grid_boxes_to_voc``.
 
 Threshold semantics (``THRESHOLD_MODES``; a pixel is foreground when ``heat >= level``, pixels equal to the
 level are in, ``level`` is computed in float64 from the float32 map on the working grid):
@@ -38,7 +38,7 @@ where boxes shrink to a few pixels around the peak), the best AP@0.5 moves by -0
 average over τ, at 1/4 of the time (112: 0.97 / 0.95, -0.006 / 0.010, 1/12 of the time).
 
 ``sweep_images`` runs ``image_boxes`` over many images, optionally in worker processes (``spawn``), and
-returns per-threshold arrays ready for ``gradloc.detections.Detections``; results do not depend on the
+returns per-threshold arrays ready for ``gradloc.core.formats.Detections``; results do not depend on the
 number of workers. Numerical work stays single-threaded: set ``OPENBLAS_NUM_THREADS=1`` (before numpy is
 imported) on a shared machine, as the back-projection multiplies tiny matrices.
 """

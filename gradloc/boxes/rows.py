@@ -11,7 +11,7 @@ from gradloc.boxes.cut import split_by_threshold
 
 
 class ThresholdDetections(NamedTuple):
-    """Detections of one threshold over many images, the arrays of ``gradloc.detections.Detections``."""
+    """Detections of one threshold over many images, the arrays of ``gradloc.core.formats.Detections``."""
 
     image_index: np.ndarray
     labels: np.ndarray
@@ -24,7 +24,7 @@ class BoxRows:
     a label, a score and a float64[width] value (a VOC box, width 4, or a point, width 2).
 
     Rows come out per threshold in the order they were added (image by image), e.g. for
-    ``gradloc.detections.Detections``. Picklable, so worker processes can fill one each (``sweep_images``).
+    ``gradloc.core.formats.Detections``. Picklable, so worker processes can fill one each (``sweep_images``).
     """
 
     def __init__(self, n_thresholds: int = 1, width: int = 4) -> None:

@@ -165,7 +165,7 @@ class HeatmapCache:
     def put(self, image_id: str, maps: np.ndarray, scores: np.ndarray, geometry: Geometry, dtype: str,
             source: dict[str, Any] | None = None) -> None:
         """Store one image's raw maps [C, h, w] (as ``dtype``), scores [C], geometry and the
-        :func:`gradloc.voc.fingerprint` of its image file, atomically."""
+        :func:`gradloc.datasets.voc.fingerprint` of its image file, atomically."""
         if not (self.root / "key.json").is_file():
             atomic_write_bytes(self.root / "key.json", json.dumps(self.key_data, indent=2, sort_keys=True,
                                                                   default=str).encode())

@@ -68,10 +68,10 @@ class _Capture:
         if not isinstance(output, Tensor) or output.ndim != 4:
             found = f"shape {tuple(output.shape)}" if isinstance(output, Tensor) else type(output).__name__
             raise ValueError(f"layer {self.name!r} returns {found}; a target layer must return a 4-D tensor "
-                             "[B, C, h, w] (see gradloc.cams.list_layers)")
+                             "[B, C, h, w] (see gradloc.cams.layers.list_layers)")
         if self.activation is not None:
             raise ValueError(f"layer {self.name!r} runs more than once per forward pass; pick a module that "
-                             "runs once (see gradloc.cams.list_layers)")
+                             "runs once (see gradloc.cams.layers.list_layers)")
         if not self.track_grad:
             self.activation = output.detach().clone()
             return None
@@ -99,7 +99,7 @@ def forward_capture(model: nn.Module, images: Tensor, layer: tuple[str, nn.Modul
         scores = run_model(model, images)
     if capture.activation is None:
         raise ValueError(f"layer {name!r} did not run during the forward pass of {type(model).__name__}; "
-                         "pick a module on the path to the output (see gradloc.cams.list_layers)")
+                         "pick a module on the path to the output (see gradloc.cams.layers.list_layers)")
     return capture.activation, scores
 
 
@@ -178,7 +178,7 @@ def layer_activations_and_gradients(model: nn.Module, images: Tensor, classes: l
     grads = batched_vjp(scores, activation, onehot(classes, scores)) if scores.requires_grad else None
     if grads is None:
         raise ValueError(f"the output of {type(model).__name__} does not depend on layer {layer[0]!r}; "
-                         "pick a module on the path to the output (see gradloc.cams.list_layers)")
+                         "pick a module on the path to the output (see gradloc.cams.layers.list_layers)")
     return activation.detach(), grads, scores.detach()
 
 

@@ -157,7 +157,7 @@ def resolve_layer(model: nn.Module, name: str) -> tuple[str, nn.Module]:
         f"{type(model).__name__} has no layer {name!r}"
         + (f" (did you mean {', '.join(close)}?)" if close else "")
         + f"; valid layers include {', '.join(shortlist)}"
-        + (f" and {more} more (gradloc.cams.list_layers(model))" if more > 0 else "")
+        + (f" and {more} more (gradloc.cams.layers.list_layers(model))" if more > 0 else "")
     )
 
 

@@ -5,7 +5,7 @@ The batches are planned once over the whole split (:func:`plan_batches`: split o
 ``batch_size`` images each), so an image always shares its batch with the same images, whatever was cached
 before, however the split is sharded (:func:`shard_batches`) and however many processes or workers run. A
 worker reports an unreadable image instead of raising; the main process then raises it or, with
-``data.on_error: skip``, records the skip exactly as :meth:`gradloc.voc.VOCDataset.read_images` does.
+``data.on_error: skip``, records the skip exactly as :meth:`gradloc.datasets.voc.VOCDataset.read_images` does.
 """
 
 from __future__ import annotations

@@ -239,7 +239,7 @@ def localization_lines(wsol, digits: int, only: Sequence[str] | None = None) -> 
 
 
 def shard_option(command: Callable) -> Callable:
-    """``--shard i/n``: compute one shard of the heatmap cache (job arrays); see gradloc.distributed."""
+    """``--shard i/n``: compute one shard of the heatmap cache (job arrays); see gradloc.run.distributed."""
     return click.option("--shard", default=None, metavar="I/N",
                         help="Compute only shard I of N of the heatmap cache (every N-th planned batch from "
                              "batch I), then stop; `gradloc merge` uses the filled cache.")(command)

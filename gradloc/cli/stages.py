@@ -27,7 +27,7 @@ from gradloc.cli.options import (
 
 def _join_world(ctx: click.Context, shard: str | None, config):
     """Under torchrun: join the process group; ranks other than 0 print nothing but rank-tagged logs on
-    stderr. Returns the :class:`gradloc.distributed.World` (None outside torchrun)."""
+    stderr. Returns the :class:`gradloc.run.distributed.World` (None outside torchrun)."""
     from gradloc.run.distributed import init_process_group, world_from_env
 
     world = world_from_env()
@@ -67,7 +67,7 @@ def _split_cams(ctx: click.Context, config, shard: str | None, world) -> dict[st
         logger.info("computed %d images; rank 0 cuts boxes and scores", computed)
         return None
     return {"world_size": world.size, "images_per_rank": counts,
-            "split": "round robin over planned batches (gradloc.loader.shard_batches)"}
+            "split": "round robin over planned batches (gradloc.cams.loader.shard_batches)"}
 
 
 def _run_and_report(ctx: click.Context, config, original, prepare_seconds: float,

@@ -1,10 +1,10 @@
-"""Detection and ground-truth containers and their pickle formats (loaded through ``gradloc.io``).
+"""Detection and ground-truth containers and their pickle formats (loaded through ``gradloc.core.files``).
 
 Both formats hold flat arrays (one row per box) so that scoring is vectorized and files made by other tools
 are easy to write. Boxes are ``float64 [x1, y1, x2, y2]`` in VOC convention: 1-based, inclusive pixel
 coordinates of the original image (width = x2 - x1 + 1).
 
-A detections file (format ``gradloc.detections/1``; where a run keeps them: ``gradloc.runs``)::
+A detections file (format ``gradloc.detections/1``; where a run keeps them: ``gradloc.run.folder``)::
 
     {"format": "gradloc.detections/1", "threshold": float, "threshold_mode": str, "box_mode": str,
      "classes": list[str], "image_ids": list[str], "image_index": int64[N], "labels": int64[N],

@@ -3,7 +3,8 @@
 ``generate_demo`` draws textured shapes (one shape, colour family and texture per class) on cluttered,
 noisy gradient backgrounds and writes them as ``VOCdevkit/VOCdemo`` with the VOC XML schema and image
 sets, so the whole pipeline runs on it exactly as on Pascal VOC (``VOCDataset(root, year="demo")``).
-``train_demo_model`` trains :class:`gradloc.models.DemoNet` (conv blocks -> global average pooling -> linear, so both
+``train_demo_model`` trains :class:`gradloc.models.demo_cnn.DemoNet` (conv blocks -> global average pooling -> linear,
+so both
 CAM and Grad-CAM apply) as a multi-label classifier on the ``train`` split in 30-60 s on a CPU.
 
 Both functions are deterministic given the seed and reuse their output when it already exists with the

@@ -1,14 +1,14 @@
 """Model registry: torchvision CNNs, the packaged EfficientNet-Lite0/1/2, the demo CNN, VOC heads and checkpoints.
 
-A model is a registry name (:data:`MODELS`, built from the torch-free facts of :mod:`gradloc.registry`)
+A model is a registry name (:data:`MODELS`, built from the torch-free facts of :mod:`gradloc.models.registry`)
 plus a *head*:
 
 * ``voc`` -- a 20-way (or any class list) multi-label head: the network's final ImageNet ``nn.Linear`` is
   replaced in place by ``nn.Linear(in_features, n_classes)``, so torchvision's module names stay valid. Its
   outputs are logits (``score_kind = "logit"``, probability = sigmoid). The head's weights come from a
-  checkpoint written by ``gradloc train`` (:mod:`gradloc.train`).
+  checkpoint written by ``gradloc train`` (:mod:`gradloc.run.train`).
 * ``imagenet`` -- the unchanged ImageNet-1k classifier followed by the fixed ImageNet -> VOC mapping of
-  :mod:`gradloc.imagenet_voc`: the output for class ``c`` is ``log sum_{i in G_c} softmax(z)_i``
+  :mod:`gradloc.models.imagenet_voc`: the output for class ``c`` is ``log sum_{i in G_c} softmax(z)_i``
   (``score_kind = "log_prob"``, probability = exp). The model is wrapped, so its layers are named
   ``backbone.<torchvision name>``.
 * ``voc+imagenet`` -- both on the same pooled features: a voc head trained with a frozen backbone (modes
@@ -255,11 +255,11 @@ def load_model(
         checkpoint: a ``gradloc.checkpoint/1`` file (voc head) or a plain state dict of the architecture
             (with a ``len(classes)``-way voc head, or the ImageNet classifier for ``head="imagenet"``).
         head: ``voc`` (logits of a trained multi-label head) or ``imagenet`` (log of summed ImageNet
-            softmax probabilities of each class's synsets, :mod:`gradloc.imagenet_voc`).
+            softmax probabilities of each class's synsets, :mod:`gradloc.models.imagenet_voc`).
         classes: score columns. None: the checkpoint's classes (voc head) or the 20 VOC classes. A voc
             checkpoint's head is restricted to / reordered as the given classes.
         input_size: network input side; None: the checkpoint's or the weights' size.
-        resize_mode: ``letterbox``, ``stretch`` or ``shortside`` (:mod:`gradloc.geometry`); None: the
+        resize_mode: ``letterbox``, ``stretch`` or ``shortside`` (:mod:`gradloc.core.geometry`); None: the
             checkpoint's or the weights' (letterbox).
 
     Raises:

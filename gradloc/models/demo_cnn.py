@@ -42,7 +42,7 @@ class DemoNet(nn.Module):
     ~0.5 (test split, GT classes, largest component at tau = 0.6 x max; a centred box: <= 0.04).
 
     Args:
-        n_classes: number of outputs (default: the 4 classes of :data:`gradloc.demo.DEMO_CLASSES`).
+        n_classes: number of outputs (default: the 4 classes of :data:`gradloc.datasets.demo.DEMO_CLASSES`).
         widths: output channels of ``block1`` ... ``block<n>`` (at least two blocks).
 
     Attributes:
@@ -144,7 +144,7 @@ def train_demo_model(
     Multi-label classification with binary cross-entropy on logits, weighting each class's positives by
     ``n_negative / n_positive`` (images whose only instances are difficult are left out of that class's
     loss); AdamW with a cosine learning-rate schedule, batches of 32, random horizontal and vertical flips.
-    Images are letterboxed to ``input_size`` with :func:`gradloc.geometry.plan` and normalized with
+    Images are letterboxed to ``input_size`` with :func:`gradloc.core.geometry.plan` and normalized with
     ``DEMO_MEAN`` / ``DEMO_STD``. Training stops early after ``max_seconds`` (so the number of epochs
     actually run is then time-dependent); otherwise it is deterministic given the seed. The classification
     mAP (VOC07 11-point) on ``val`` is logged and stored.

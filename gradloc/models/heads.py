@@ -50,7 +50,7 @@ class VocImageNetHead(nn.Module):
     Args:
         voc: the trained ``nn.Linear(n_features, n_classes)``.
         imagenet: the network's ImageNet ``nn.Linear(n_features, 1000)``.
-        groups: ImageNet indices of each class (:func:`gradloc.imagenet_voc.imagenet_groups`).
+        groups: ImageNet indices of each class (:func:`gradloc.models.imagenet_voc.imagenet_groups`).
         use_voc: bool per class: whether the voc head's term is used.
     """
 

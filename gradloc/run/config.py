@@ -74,7 +74,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """How ``gradloc train --config`` trains the model's ``voc`` head (:class:`gradloc.train.TrainConfig`).
+    """How ``gradloc train --config`` trains the model's ``voc`` head (:class:`gradloc.run.train.TrainConfig`).
 
     The VOC folder, year, classes, model, weights, input size, resize mode and device come from the
     ``data``, ``model`` and ``cams`` sections, so the head is trained with exactly the run's preprocessing.
@@ -97,10 +97,11 @@ class TrainSettings:
 @dataclass(frozen=True)
 class CamConfig:
     """The CAM method, target layer (None = the model's default) and engine settings; ``flip``: average each
-    raw map with the mirrored-back map of the mirrored image (test-time flip, :func:`gradloc.cams.compute_cams`);
+    raw map with the mirrored-back map of the mirrored image (test-time flip,
+    :func:`gradloc.cams.methods.compute_cams`);
     ``workers``: decode processes (None = from the CPU count, 0 = in-process; results do not depend on it);
     ``amp``: autocast (float16) on a CUDA device; ``masked_batch``: Score-CAM's masked inputs per forward pass
-    (None = :func:`gradloc.cams.default_masked_batch` of the device; results do not depend on it)."""
+    (None = :func:`gradloc.cams.methods.default_masked_batch` of the device; results do not depend on it)."""
 
     method: str = "gradcam"
     layer: str | None = None

@@ -1,6 +1,6 @@
 """Splitting the cams stage over processes: job-array shards (``--shard i/n``) and torchrun ranks.
 
-Both split the same way (:func:`gradloc.loader.shard_batches`): the split's batches are planned once, in split
+Both split the same way (:func:`gradloc.cams.loader.shard_batches`): the split's batches are planned once, in split
 order and grouped by input shape, and shard / rank ``i`` of ``n`` computes every n-th planned batch from batch
 ``i``. An image's batch-mates are therefore the same in every layout and its maps are the same bytes. Every
 shard leaves a record ``<cache>/shards/<n>/<i>.json`` (images computed, images skipped) so that
@@ -114,7 +114,7 @@ def _record_path(cache: HeatmapCache, shard: tuple[int, int]):
 
 
 def compute_shard(plan: CamsPlan, progress: Progress = None) -> tuple[HeatmapCache, VOCDataset, int]:
-    """Compute a planned cams stage (:func:`gradloc.pipeline.plan_cams`, with its shard or all of it) and, for
+    """Compute a planned cams stage (:func:`gradloc.run.cams.plan_cams`, with its shard or all of it) and, for
     a shard, write its record.
 
     Returns:

@@ -298,7 +298,7 @@ class Run:
     @property
     def localization(self) -> pd.DataFrame:
         """``localization.csv``: the WSOL rows (metric, threshold, class, value, n) of
-        :func:`gradloc.pipeline.localization_scores`."""
+        :func:`gradloc.run.score.localization_scores`."""
         path = self.path / LOCALIZATION_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path}: not found; score the run first with `gradloc score {self.path} --save`")
@@ -310,7 +310,7 @@ class Run:
 
     @property
     def scores(self) -> pd.DataFrame:
-        """The flat score rows (``scores.csv``, see :mod:`gradloc.report`).
+        """The flat score rows (``scores.csv``, see :mod:`gradloc.scoring.tables`).
 
         Raises:
             FileNotFoundError: no scores.csv. ValueError: unreadable or without the documented columns.

@@ -81,9 +81,9 @@ def localization_scores(run_dir: str | Path | Run, only: Sequence[str] = ()) -> 
 
     * ``corloc@0.5`` per threshold (the run's explained classes);
     * ``pointing@15px (gradloc, explained classes)`` and ``pointing@15px (TorchRay, GT classes)``
-      (:func:`gradloc.metrics.pointing_game`; τ-free);
+      (:func:`gradloc.scoring.localization.pointing_game`; τ-free);
     * ``MaxBoxAccV2@δ`` and ``MaxBoxAccV2`` (wsolevaluation: GT-known, min-max maps, 0.01 τ grid chosen on this
-      split, all boxes; :mod:`gradloc.wsol`), from ``gt_known.pkl``;
+      split, all boxes; :mod:`gradloc.scoring.wsol`), from ``gt_known.pkl``;
     * for runs that explain the GT classes, ``boxacc@δ, best of the run's τ``: the same idea restricted to
       the run's own τ list and box mode (not comparable with wsolevaluation's numbers).
 

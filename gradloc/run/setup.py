@@ -83,7 +83,7 @@ def check_names(config: RunConfig) -> None:
     resolve_device(config.cams.device)
 
 
-def load_classifier(config: RunConfig):  # -> gradloc.models.LoadedModel
+def load_classifier(config: RunConfig):  # -> gradloc.models.build.LoadedModel
 
     m = config.model
     return load_model(m.name, weights=m.weights, checkpoint=m.checkpoint, head=m.head,

@@ -152,7 +152,8 @@ def run_split(config: Any, stage: StageProgress | None = None) -> tuple[Path, pd
     """CAMs, boxes and scores of one config (an ordinary run folder with manifest.json and scores files).
 
     Args:
-        config: a prepared :class:`gradloc.config.RunConfig` (demo configs through ``gradloc.run.setup.prepare_demo``).
+        config: a prepared :class:`gradloc.run.config.RunConfig` (demo configs through
+        ``gradloc.run.setup.prepare_demo``).
         stage: optional progress factory ``(description, total) -> context manager yielding update(n)``.
 
     Returns:

@@ -82,7 +82,7 @@ class TrainConfig:
         voc_root: VOCdevkit folder. year: ``VOC<year>`` folder name suffix.
         split: training image set. val_split: held-out image set for the report (None: no evaluation).
         classes: class names of the head.
-        model: registry name (:data:`gradloc.models.MODELS`); weights: its ImageNet weights name (None:
+        model: registry name (:data:`gradloc.models.zoo.MODELS`); weights: its ImageNet weights name (None:
             default).
         mode: ``linear``, ``finetune_last`` or ``lbfgs`` (module docstring).
         epochs, lr: None means the mode's default (linear: 100 epochs, lr 1e-3; finetune_last: 5 epochs of

@@ -105,7 +105,7 @@ def map_samples(dets: Detections, gt: GroundTruth, weights: np.ndarray, iou: flo
     """mAP of every resample given as image weights.
 
     Args:
-        dets, gt: as for ``gradloc.metrics.evaluate``.
+        dets, gt: as for ``gradloc.scoring.voc.evaluate``.
         weights: float64[B, n_images] image counts (:func:`resample_weights`).
         iou: IoU threshold. metric: ``voc07`` (11-point) or ``voc10`` (all-point).
 
@@ -168,7 +168,7 @@ def class_rate_samples(labels: np.ndarray, image_index: np.ndarray, hit: np.ndar
 
 def corloc_interval(dets: Detections, gt: GroundTruth, iou: float = 0.5, *, n_resamples: int = N_RESAMPLES,
                     seed: int = 0, level: float = LEVEL) -> Interval:
-    """Bootstrap interval of the mean CorLoc (``gradloc.metrics.corloc``) at one IoU."""
+    """Bootstrap interval of the mean CorLoc (``gradloc.scoring.localization.corloc``) at one IoU."""
     estimate = float(corloc(dets, gt, iou).iloc[-1]["corloc"])
     labels, images, hit = corloc_hits(dets, gt, iou)
     weights = resample_weights(len(gt.image_ids), n_resamples, seed)
@@ -179,7 +179,7 @@ def corloc_interval(dets: Detections, gt: GroundTruth, iou: float = 0.5, *, n_re
 def pointing_interval(image_index: np.ndarray, labels: np.ndarray, points: np.ndarray, gt: GroundTruth,
                       tolerance: float = 15.0, protocol: str = "gradloc", *, n_resamples: int = N_RESAMPLES,
                       seed: int = 0, level: float = LEVEL) -> Interval:
-    """Bootstrap interval of the mean pointing-game accuracy (``gradloc.metrics.pointing_game``)."""
+    """Bootstrap interval of the mean pointing-game accuracy (``gradloc.scoring.localization.pointing_game``)."""
     hit, counted = pointing_hits(image_index, labels, points, gt, tolerance, protocol)
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
     image_index = np.asarray(image_index, dtype=np.int64).reshape(-1)
@@ -195,7 +195,7 @@ def max_box_acc_samples(hits: np.ndarray, pair_image: np.ndarray, weights: np.nd
     for δ = 0.5 alone).
 
     Args:
-        hits: bool[P, T, D] from ``gradloc.wsol.box_hits`` (concatenated over images).
+        hits: bool[P, T, D] from ``gradloc.scoring.wsol.box_hits`` (concatenated over images).
         pair_image: int64[P] image of each pair. weights: float64[B, n_images].
 
     Returns:
@@ -216,7 +216,7 @@ def max_box_acc_samples(hits: np.ndarray, pair_image: np.ndarray, weights: np.nd
 
 def max_box_acc_interval(hits: np.ndarray, pair_image: np.ndarray, n_images: int, *,
                          n_resamples: int = N_RESAMPLES, seed: int = 0, level: float = LEVEL) -> Interval:
-    """Bootstrap interval of MaxBoxAcc / MaxBoxAccV2 from ``gradloc.wsol.box_hits`` pair hits."""
+    """Bootstrap interval of MaxBoxAcc / MaxBoxAccV2 from ``gradloc.scoring.wsol.box_hits`` pair hits."""
     estimate = float(max_box_acc_samples(hits, pair_image, np.ones((1, n_images)))[0])
     samples = max_box_acc_samples(hits, pair_image, resample_weights(n_images, n_resamples, seed))
     return _interval(estimate, samples, level, seed)

@@ -13,7 +13,7 @@ reading a written file gives back the same float64 scores and coordinates bit fo
 
 ``gradloc export RUN --threshold τ --format voc DIR`` writes the CAM detections of τ to ``DIR`` and the
 baselines to ``DIR/baselines/<name>/``; ``gradloc score --gt gt.pkl --voc-results DIR`` scores such a folder
-(from gradloc or any detector) with the metric of :func:`gradloc.metrics.evaluate`.
+(from gradloc or any detector) with the metric of :func:`gradloc.scoring.voc.evaluate`.
 """
 
 from __future__ import annotations

@@ -268,7 +268,7 @@ def pointing_game(
     """Pointing game accuracy per class (Zhang et al., "Top-down neural attention by excitation backprop",
     ECCV 2016), under a named protocol (:data:`POINTING_PROTOCOLS`).
 
-    A pair (image, class) with its point ``(x, y)`` (the map's maximum, see ``gradloc.boxes.peak_points``) is a
+    A pair (image, class) with its point ``(x, y)`` (the map's maximum, see ``gradloc.boxes.cut.peak_points``) is a
     hit when the point lies within ``tolerance`` pixels of a GT box of that class in that image (difficult boxes
     count as targets under both protocols). ``accuracy_c = hits_c / n_c`` over the counted pairs; the mean row
     averages the per-class rates over classes with ``n_c >= 1``.

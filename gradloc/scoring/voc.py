@@ -1,8 +1,8 @@
 """Localization metrics: VOC detection AP (exactly as the devkit), CorLoc, MaxBoxAcc and the pointing game.
 
 Boxes are ``float64 [x1, y1, x2, y2]`` in VOC convention (1-based, inclusive pixel coordinates of the original
-image, width = x2 - x1 + 1). Every function takes :class:`~gradloc.detections.Detections` and
-:class:`~gradloc.detections.GroundTruth` built on the *same* ``classes`` and ``image_ids`` lists (same
+image, width = x2 - x1 + 1). Every function takes :class:`~gradloc.core.formats.Detections` and
+:class:`~gradloc.core.formats.GroundTruth` built on the *same* ``classes`` and ``image_ids`` lists (same
 order); anything else is refused with a ``ValueError``, because a detection file made on another split
 would silently score every missing image as a miss.
 

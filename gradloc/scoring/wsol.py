@@ -33,7 +33,8 @@ OpenCV and checks ``convention="wsolevaluation"`` against it exactly on seeded m
 measures both conventions on general seeded maps. wsolevaluation resizes images and maps to 224 x 224;
 gradloc scores maps at the original image resolution against the original VOC boxes (no resize).
 
-Difficult boxes: wsolevaluation has none; pass the GT boxes that should count (``gradloc.metrics.box_acc_table``
+Difficult boxes: wsolevaluation has none; pass the GT boxes that should count
+(``gradloc.scoring.localization.box_acc_table``
 counts difficult boxes as targets, and the pipeline does the same).
 """
 
@@ -146,7 +147,7 @@ def box_hits(
 
     Args:
         maps: float[K, H, W] raw maps at the original image resolution, one per GT class of the image
-            (e.g. ``gradloc.geometry.upsample(entry.maps[classes], entry.geometry)``).
+            (e.g. ``gradloc.core.geometry.upsample(entry.maps[classes], entry.geometry)``).
         gt_boxes: K arrays float64[M_k, 4], the VOC boxes (1-based inclusive) of each map's class, M_k >= 1.
         ious: IoU thresholds δ in (0, 1).
         grid: CAM thresholds τ in [0, 1] on the min-max normalised map (default: wsolevaluation's 0.01 grid).

@@ -1,0 +1,110 @@
+import dataclasses
+
+import pytest
+
+from gradloc.core.provenance import config_hash
+from gradloc.run.config import ConfigError, RunConfig, load_config
+from tests.conftest import CONFIGS
+
+
+def test_defaults_are_the_documented_sweep():
+    config = load_config()
+    assert config.boxes.thresholds == (0.01, 0.02, 0.06, 0.15, 0.2)
+    assert config.score.iou == (0.3, 0.4, 0.5)
+    assert config.boxes.threshold_mode == "max"
+    assert config.score.metric == "voc07"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    config = load_config(path)
+    assert isinstance(config, RunConfig)
+
+
+def test_overrides_use_dotted_keys_and_lists_become_tuples(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("boxes:\n  thresholds: [0.1, 0.2]\nname: x\n")
+    config = load_config(path, {"boxes.box_mode": "all", "score.iou": (0.5,)})
+    assert config.boxes.thresholds == (0.1, 0.2)
+    assert config.boxes.box_mode == "all"
+    assert config.score.iou == (0.5,)
+    assert config.name == "x"
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("boxes:\n  thresold: [0.1]\n", r"unknown config key boxes\.thresold"),
+        ("boxes:\n  thresholds: [0.1, high]\n", r"boxes\.thresholds\[1\]'?: expected a number"),
+        ("boxes:\n  thresholds: 0.1\n", r"boxes\.thresholds.*expected a list"),
+        ("boxes:\n  thresholds: [1.5]\n", r"boxes\.thresholds\[0\].*outside"),
+        ("boxes:\n  thresholds: [0.0125]\n", r"more than 3 decimals"),
+        ("score:\n  iou: [0]\n", r"score\.iou\[0\].*outside"),
+        ("cams:\n  batch_size: two\n", r"cams\.batch_size'?: expected an integer"),
+        ("demo:\n  enabled: 1\n", r"demo\.enabled'?: expected true or false"),
+        ("data: [1, 2]\n", r"'data': expected a mapping"),
+        ("boxes:\n  explain: everything\n", r"boxes\.explain"),
+        ("score:\n  only: [car, nope]\n", r"score\.only.*'nope' is not a class"),
+        ("- just\n- a list\n", r"mapping of settings at the top level"),
+        ("boxes: [unclosed\n", r"not valid YAML"),
+        ("model:\n  resize_mode: crop\n", r"model\.resize_mode.*'crop' is not one of letterbox, stretch, shortside"),
+        ("train:\n  l2: -1\n", r"train\.l2'?: -1.0 must be >= 0"),
+        ("train:\n  epochs: 0\n", r"train\.epochs'?: 0 must be at least 1"),
+        ("train:\n  optimizer: adam\n", r"unknown config key train\.optimizer"),
+        ("cams:\n  flip: yes please\n", r"cams\.flip'?: expected true or false"),
+        ("cams:\n  masked_batch: 0\n", r"cams\.masked_batch'?: 0 must be at least 1"),
+    ],
+)
+def test_bad_configs_name_the_key(tmp_path, text, match):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(path)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nope\.yaml"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_loading_has_no_side_effects(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    load_config(CONFIGS / "demo.yaml")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_config_hash_changes_with_any_setting_and_ignores_key_order():
+    config = load_config()
+    changed = dataclasses.replace(config, cams=dataclasses.replace(config.cams, layer="layer3"))
+    assert config_hash(config.to_dict()) != config_hash(changed.to_dict())
+    assert config_hash({"a": 1, "b": 2}) == config_hash({"b": 2, "a": 1})
+
+
+def test_box_settings_are_validated_at_load_and_name_the_key():
+    with pytest.raises(ConfigError, match=r"unknown boxes\.box_mode 'biggest'; choose one of largest, all, union"):
+        load_config(overrides={"boxes.box_mode": "biggest"})
+    with pytest.raises(ConfigError, match=r"boxes\.connectivity 3"):
+        load_config(overrides={"boxes.connectivity": 3})
+
+
+def test_train_section_and_resize_mode_load(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  input_size: 320\n  resize_mode: shortside\ncams:\n  flip: true\n"
+                    "train:\n  mode: lbfgs\n  l2: 0.001\n  split: trainval\n  val_split: null\n")
+    config = load_config(path)
+    assert (config.model.input_size, config.model.resize_mode, config.cams.flip) == (320, "shortside", True)
+    assert (config.train.mode, config.train.l2, config.train.split, config.train.val_split) == (
+        "lbfgs", 0.001, "trainval", None)
+    defaults = load_config()
+    assert defaults.model.resize_mode is None  # the checkpoint's, else the weights' (letterbox)
+    assert defaults.cams.flip is False
+    assert (defaults.train.mode, defaults.train.l2, defaults.train.split) == ("linear", 1e-4, "train")
+
+
+def test_selected_threshold_must_be_in_the_sweep(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("boxes:\n  thresholds: [0.1, 0.2]\n  selected_threshold: 0.2\n")
+    assert load_config(path).boxes.selected_threshold == 0.2
+    path.write_text("boxes:\n  thresholds: [0.1, 0.2]\n  selected_threshold: 0.3\n")
+    with pytest.raises(ConfigError, match=r"selected_threshold': 0.3 is not one of boxes.thresholds \(0.1, 0.2\)"):
+        load_config(path)
