@@ -110,7 +110,8 @@ def plot(run_dir: str, threshold: float | None, iou: str, out_dir: str | None) -
 @click.option("--threshold", type=float, default=None,
               help="τ of the per-class table (default: best mAP of RUN_A, an oracle choice).")
 @click.option("--top", type=int, default=5, show_default=True, help="How many largest disagreements to list.")
-@click.option("--format", "fmt", type=click.Choice(["table", "markdown"]), default="table", show_default=True)
+@click.option("--format", "fmt", type=registry_choice("gradloc.scoring.tables", "TABLE_FORMATS"), default="table",
+              show_default=True)
 @click.option("--force", is_flag=True, help="Compare runs on different ground truth (classes, images, split) too.")
 @digits_option
 def compare(run_a: str, run_b: str, iou: str, threshold: float | None, top: int, fmt: str, force: bool,
@@ -123,13 +124,14 @@ def compare(run_a: str, run_b: str, iou: str, threshold: float | None, top: int,
       gradloc compare results/gradcam results/gradcampp --iou 0.5 --threshold 0.2
     """
     from gradloc.reports.compare import GroundTruthMismatch, compare_runs, differences_text, render_comparison
+    from gradloc.scoring.tables import TABLE_FORMATS
 
     try:
         comparison = compare_runs(run_a, run_b, iou=one_iou(iou), threshold=threshold, top=top, force=force)
     except GroundTruthMismatch as error:
         click.echo(differences_text(dataclasses.replace(error.differences, ground_truth=[])), err=True, nl=False)
         raise
-    click.echo(render_comparison(comparison, tablefmt="github" if fmt == "markdown" else "orgtbl", digits=digits),
+    click.echo(render_comparison(comparison, tablefmt=TABLE_FORMATS[fmt], digits=digits),
                nl=False)
 
 

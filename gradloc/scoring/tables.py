@@ -24,6 +24,7 @@ METRIC_NAMES = {"voc07": "VOC07 11-point AP", "voc10": "all-point AP (VOC2010+)"
 
 
 FORMATS = ("table", "markdown", "csv", "json")
+TABLE_FORMATS = {"table": "orgtbl", "markdown": "github"}  # human formats -> tabulate's table format
 
 
 JSON_KEYS = ["threshold", "threshold_mode", "iou", "metric", "class", "ap", "recall", "n_gt", "n_det",
@@ -223,7 +224,7 @@ def render(rows: pd.DataFrame, fmt: str, meta: Mapping[str, Any] | None = None, 
     if fmt in ("csv", "json"):
         part = rows if tau is None else rows[is_close(rows["threshold"], tau)]
         return part.to_csv(index=False) if fmt == "csv" else json.dumps(to_json_rows(part), indent=1) + "\n"
-    tablefmt = "orgtbl" if fmt == "table" else "github"
+    tablefmt = TABLE_FORMATS.get(fmt, "github")
     tables = (threshold_tables if layout == "blocks" else threshold_rows)(rows, tablefmt, digits)
     text = tables + "\n" + protocol_line(rows, meta, oracle=rows["threshold"].nunique() > 1) + "\n"
     if tau is not None:
