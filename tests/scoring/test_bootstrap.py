@@ -9,11 +9,16 @@ from gradloc.core.formats import Detections, GroundTruth
 from gradloc.scoring.bootstrap import (
     Interval,
     class_rate_samples,
+    class_rate_statistic,
     corloc_interval,
+    corloc_statistic,
+    interval,
     map_interval,
     map_samples,
+    map_statistic,
     max_box_acc_interval,
     max_box_acc_samples,
+    paired_interval,
     pointing_interval,
     resample_indices,
     resample_weights,
@@ -144,15 +149,97 @@ def test_weights_are_counts_of_the_indices() -> None:
         assert row.tolist() == np.bincount(drawn, minlength=5).tolist()
 
 
-def test_interval_format_and_quantiles() -> None:
+def test_interval_format_and_percentile_fallback() -> None:
     samples = np.arange(101) / 100  # 0.00 .. 1.00: 2.5 % and 97.5 % quantiles 0.025 and 0.975
-    interval = Interval(0.183, 0.161, 0.204, 0.95, 101, 0, samples)
-    assert interval.format() == "18.3 [16.1, 20.4]"
-    assert interval.format(scale=1.0, digits=3) == "0.183 [0.161, 0.204]"
-    from gradloc.scoring.bootstrap import _interval
+    made = Interval(0.183, 0.161, 0.204, 0.95, 101, 0, "BCa", samples)
+    assert made.format() == "18.3 [16.1, 20.4]"
+    assert made.format(scale=1.0, digits=3) == "0.183 [0.161, 0.204]"
+    difference = Interval(0.071, -0.027, 0.165, 0.95, 4, 0, "BCa", np.array([-0.1, 0.0, 0.1, 0.2]), paired=True)
+    assert difference.share_at_most_zero == 0.5
+    assert difference.format() == "+7.1 [-2.7, +16.5], P(<=0) 0.50"
+    # every resample above the estimate: BCa's bias correction is undefined, the percentile interval is used
+    one_sided = interval(lambda w: np.where((w == 1).all(axis=1), 0.5, 0.6), 10, n_resamples=50)
+    assert one_sided.method == "percentile" and one_sided.low == one_sided.high == 0.6
 
-    made = _interval(0.5, np.r_[samples, np.nan], 0.95, 0)
-    assert (made.low, made.high) == pytest.approx((0.025, 0.975))
+
+def _scipy_bca(statistic, n_images: int, n_resamples: int, seed: int, level: float = 0.95):
+    """scipy.stats.bootstrap(method="BCa") of a statistic of image weights, resampling image indices."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+
+    def of_indices(index: np.ndarray, axis: int = -1) -> np.ndarray:
+        rows = np.atleast_2d(index)
+        weights = np.zeros((rows.shape[0], n_images))
+        np.add.at(weights, (np.arange(rows.shape[0])[:, None], rows), 1.0)
+        values = statistic(weights)
+        return values[0] if np.ndim(index) == 1 else values
+
+    return scipy_stats.bootstrap((np.arange(n_images),), of_indices, vectorized=True, n_resamples=n_resamples,
+                                 confidence_level=level, method="BCa", rng=np.random.default_rng(seed))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_bca_interval_equals_scipy_on_the_same_resamples(seed: int) -> None:
+    """Same draws (default_rng(seed).integers(0, n, (B, n))), same z0 (ties count half), same jackknife
+    acceleration: scipy's BCa bounds to rounding."""
+    dets, gt = _random_case(seed, n_images=40)
+    statistic = map_statistic(dets, gt, 0.5, "voc07")
+    ours = interval(statistic, 40, n_resamples=400, seed=seed)
+    reference = _scipy_bca(statistic, 40, 400, seed)
+    assert ours.method == "BCa"
+    np.testing.assert_allclose(ours.samples, reference.bootstrap_distribution, rtol=0, atol=1e-12)
+    assert (ours.low, ours.high) == pytest.approx(tuple(reference.confidence_interval), abs=1e-12)
+    assert ours.estimate == pytest.approx(evaluate(dets, gt, [0.5]).query("`class` == 'mAP'")["ap"].iloc[0])
+    corloc = corloc_interval(dets, gt, n_resamples=400, seed=seed)
+    reference = _scipy_bca(corloc_statistic(dets, gt), 40, 400, seed)
+    assert (corloc.low, corloc.high) == pytest.approx(tuple(reference.confidence_interval), abs=1e-12)
+
+
+def _shifted(dets: Detections, seed: int) -> Detections:
+    """Another method's detections of the same images: the same boxes moved by a few pixels, rescored."""
+    rng = np.random.default_rng(seed)
+    boxes = dets.boxes + rng.integers(-8, 9, dets.boxes.shape)
+    boxes[:, 2:] = np.maximum(boxes[:, 2:], boxes[:, :2])
+    return Detections(dets.threshold, dets.threshold_mode, dets.box_mode, dets.classes, dets.image_ids,
+                      dets.image_index, dets.labels, rng.random(len(dets)) + 0.01, boxes)
+
+
+def test_paired_difference_equals_a_slow_loop_and_scipy() -> None:
+    """The paired interval resamples images once for both methods: each resample's difference equals
+    rescoring both methods on that resampled dataset; its BCa bounds are scipy's on the difference."""
+    dets_a, gt = _random_case(4, n_images=30)
+    dets_b = _shifted(dets_a, 1)
+    n = 60
+    slow = []
+    for drawn in resample_indices(30, n, 2):
+        scores = [evaluate(*_resample(dets, gt, drawn), iou_thresholds=[0.5]) for dets in (dets_a, dets_b)]
+        a, b = (float(frame.loc[frame["class"] == "mAP", "ap"].iloc[0]) for frame in scores)
+        slow.append(a - b)
+    stat_a, stat_b = map_statistic(dets_a, gt), map_statistic(dets_b, gt)
+    difference = paired_interval(stat_a, stat_b, 30, n_resamples=n, seed=2)
+    np.testing.assert_allclose(difference.samples, slow, rtol=0, atol=1e-12)
+    assert difference.paired and difference.share_at_most_zero == pytest.approx(np.mean(np.array(slow) <= 0))
+    reference = _scipy_bca(lambda w: stat_a(w) - stat_b(w), 30, n, 2)
+    assert (difference.low, difference.high) == pytest.approx(tuple(reference.confidence_interval), abs=1e-12)
+    # paired is tighter than the two separate intervals' widths when the methods move together
+    separate = [interval(stat, 30, n_resamples=n, seed=2) for stat in (stat_a, stat_b)]
+    assert difference.high - difference.low < sum(s.high - s.low for s in separate)
+
+
+def test_pointing_mean_over_all_classes_counts_absent_classes_as_zero() -> None:
+    labels, images = np.array([0, 0, 1]), np.array([0, 1, 2])
+    hit, counted = np.array([True, False, True]), np.ones(3, bool)
+    one = np.ones((1, 3))
+    present = class_rate_statistic(labels, images, hit, counted, 4)(one)[0]
+    everything = class_rate_statistic(labels, images, hit, counted, 4, absent_as_zero=True)(one)[0]
+    assert present == pytest.approx((0.5 + 1.0) / 2) and everything == pytest.approx((0.5 + 1.0) / 4)
+
+
+def test_map_over_a_class_subset() -> None:
+    dets, gt = _random_case(2, n_images=30)
+    frame = evaluate(dets, gt, [0.5]).set_index("class")
+    keep = np.array([0, 2])
+    assert map_statistic(dets, gt, 0.5, "voc07", keep)(np.ones((1, 30)))[0] == pytest.approx(
+        np.nanmean(frame.loc[[CLASSES[c] for c in keep], "ap"]))
 
 
 def test_errors() -> None:
