@@ -351,26 +351,48 @@ def heatmap_to_boxes(
     return [rows_t for (rows_t,) in split_by_threshold(t, taus.size, rows)]
 
 
-def _image_rows(
-    maps: np.ndarray, class_scores: np.ndarray, geometry: Geometry, taus: np.ndarray, params: BoxParams
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Boxes of one image for all thresholds, flat: ``(t, k, confidence, voc_boxes)`` sorted by (t, k)."""
+def working_heat(maps: np.ndarray, geometry: Geometry, max_side: int | None) -> np.ndarray:
+    """Raw maps back-projected onto the working grid over the original image (``max_side``, see
+    :func:`gradloc.core.geometry.working_size`).
+
+    Args:
+        maps: float32[K, h, w] raw maps at feature resolution. geometry: their image's preprocessing.
+    Returns:
+        float32[K, H', W'] on the working grid of the image.
+    """
     maps = _check_maps(maps, "image_boxes")
+    return upsample(maps, geometry, *working_size(geometry.width, geometry.height, max_side))
+
+
+def cut_heat(heat: np.ndarray, class_scores: np.ndarray, width: int, height: int, thresholds: Sequence[float],
+             params: BoxParams) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Boxes of maps already on the working grid of a ``width x height`` image, for a whole threshold sweep.
+
+    Args:
+        heat: float32[K, H', W'] maps on a grid laid over the image (any grid size: cells are converted to
+            the image's pixels by :func:`gradloc.core.geometry.grid_boxes_to_voc`).
+        class_scores: float64[K] the class scores behind the maps (the confidences' first factor).
+        width, height: the image's size in pixels.
+        thresholds: T values τ in [0, 1]. params: box parameters (``max_side`` is not used: the grid is given).
+    Returns:
+        per threshold ``(k int64[n], confidence float64[n], boxes float64[n, 4])`` as :func:`image_boxes`.
+    """
+    taus = _check_thresholds(thresholds)
+    heat = _check_maps(heat, "cut_heat")
     scores = np.asarray(class_scores, dtype=np.float64).reshape(-1)
-    if scores.size != maps.shape[0]:
-        raise ValueError(f"image_boxes: {scores.size} class scores for {maps.shape[0]} maps; give one each")
-    out_w, out_h = working_size(geometry.width, geometry.height, params.max_side)
-    heat = upsample(maps, geometry, out_w, out_h)
-    cell_area = geometry.width * geometry.height / (out_w * out_h)
+    if scores.size != heat.shape[0]:
+        raise ValueError(f"image_boxes: {scores.size} class scores for {heat.shape[0]} maps; give one each")
+    out_h, out_w = heat.shape[1:]
+    cell_area = width * height / (out_w * out_h)
     rows, t, k = _grid_rows(heat, taus, params, params.min_area / cell_area)
     heat_max = heat.reshape(heat.shape[0], -1).max(axis=1).astype(np.float64)
     confidence = CONFIDENCES[params.confidence](rows, scores[k], heat_max[k])
-    boxes = grid_boxes_to_voc(rows[:, :4], out_w, out_h, geometry.width, geometry.height)
+    boxes = grid_boxes_to_voc(rows[:, :4], out_w, out_h, width, height)
     if params.nms_iou is not None and rows.shape[0] > 1:
         starts = np.flatnonzero(np.r_[True, (t[1:] != t[:-1]) | (k[1:] != k[:-1]), True])
         keep = _nms_keep(boxes, confidence, starts, float(params.nms_iou))
         t, k, confidence, boxes = t[keep], k[keep], confidence[keep], boxes[keep]
-    return t, k, confidence, boxes
+    return split_by_threshold(t, taus.size, k, confidence, boxes)  # type: ignore[return-value]
 
 
 def image_boxes(
@@ -382,9 +404,10 @@ def image_boxes(
 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Boxes of one image for a whole threshold sweep.
 
-    Each raw map is back-projected once onto the working grid (``max_side``), every threshold is cut from
-    it, confidences are computed (``params.confidence``), boxes are converted to VOC pixel boxes by
-    ``grid_boxes_to_voc`` and, if ``params.nms_iou`` is set, NMS runs per map and threshold.
+    Each raw map is back-projected once onto the working grid (``max_side``, :func:`working_heat`), every
+    threshold is cut from it, confidences are computed (``params.confidence``), boxes are converted to VOC
+    pixel boxes by ``grid_boxes_to_voc`` and, if ``params.nms_iou`` is set, NMS runs per map and threshold
+    (:func:`cut_heat`).
 
     Args:
         maps: float32[K, h, w] raw maps (after ReLU) at feature resolution, one per explained class.
@@ -396,9 +419,9 @@ def image_boxes(
         per threshold ``(k int64[n], confidence float64[n], boxes float64[n, 4])``: indices into the K maps,
         confidences, VOC boxes (1-based inclusive pixels of the original image), sorted by k.
     """
-    taus = _check_thresholds(thresholds)
-    t, k, confidence, boxes = _image_rows(maps, class_scores, geometry, taus, params)
-    return split_by_threshold(t, taus.size, k, confidence, boxes)  # type: ignore[return-value]
+    _check_thresholds(thresholds)
+    heat = working_heat(maps, geometry, params.max_side)
+    return cut_heat(heat, class_scores, geometry.width, geometry.height, thresholds, params)
 
 
 def peak_points(maps: np.ndarray, geometry: Geometry) -> np.ndarray:

@@ -44,6 +44,7 @@ class ValidRange:
 IOU_RANGE = ValidRange(0.0, 1.0, low_open=True, high_open=True)
 THRESHOLD_RANGE = ValidRange(0.0, 1.0)  # τ: a fraction with a named meaning (boxes.threshold_mode)
 SCORE_CUT_RANGE = ValidRange(0.0, 1.0)  # a class probability
+CENTER_SIZE_RANGE = ValidRange(0.0, 1.0, low_open=True)  # the center baseline's share of width and height
 
 THRESHOLD_DECIMALS = 3
 """Per-threshold files are named by τ with this many decimals (``thr_0.020.pkl``), so a run's τ have at most

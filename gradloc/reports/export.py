@@ -14,7 +14,7 @@ logger = logging.getLogger(__name__)
 def export_run(run_dir: str | Path, threshold: float, out_dir: str | Path, split: str | None = None,
                competition: str = COMPETITION) -> list[Path]:
     """Write a run's detections at τ as devkit results files: CAM boxes in ``out_dir``, each baseline in
-    ``out_dir/baselines/<name>/`` (the random baseline of the same τ, the τ-free center/full boxes).
+    ``out_dir/baselines/<name>/`` (the map baselines of the same τ, the τ-free center/full boxes).
 
     Args:
         run_dir: a run folder.
@@ -39,11 +39,7 @@ def export_run(run_dir: str | Path, threshold: float, out_dir: str | Path, split
             raise ValueError(f"{run.path}: the detections do not say their split (meta 'dataset' = "
                              f"{dataset!r}); give --split")
         split = dataset.rsplit(" ", 1)[1]
-    sources = {"": dets}
-    random = run.random_at(tau)
-    if random is not None:
-        sources["random"] = random
-    sources.update(run.baselines)
+    sources = {"": dets, **run.baselines_at(tau)}
     written = []
     for name, part in sources.items():
         target = out_dir / "baselines" / name if name else out_dir

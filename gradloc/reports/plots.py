@@ -4,8 +4,9 @@
 
 * ``ap_recall_vs_threshold.png``: mAP and mean recall (from ``scores.csv``) versus τ, one colour per IoU,
   one line style and hollow marker per source (``SOURCE_STYLES``: CAM solid with dots, ``center`` dashed with
-  squares, ``full`` dotted with triangles, ``random`` dash-dot with crosses); the legend sits below the axes
-  and names the sources whose curves are identical (drawn over each other, told apart by their markers).
+  squares, ``full`` dotted with triangles, ``shuffled`` dash-dot with crosses, ``blob`` with pluses); the legend
+  sits below the axes and names the sources whose curves are identical (drawn over each other, told apart by
+  their markers).
 * ``pr_thr_<τ>_iou_<iou>.png``: one precision-recall curve per class with non-difficult GT and at least one
   detection from some source, computed from the detection pickles with the VOC matching of
   :mod:`gradloc.scoring.voc`, in the same styles; the figure names the classes skipped for lack of detections.
@@ -30,7 +31,7 @@ from matplotlib.lines import Line2D
 
 from gradloc.core.formats import Detections, GroundTruth
 from gradloc.reports.draw import save_figure
-from gradloc.run.folder import Run, open_run, threshold_filename
+from gradloc.run.folder import open_run, threshold_filename
 from gradloc.scoring.tables import METRIC_NAMES, match_value, select_threshold
 from gradloc.scoring.voc import match_detections, voc_ap
 
@@ -45,7 +46,8 @@ SOURCE_STYLES: dict[str, tuple[str, str, str]] = {
     "cam": ("-", "o", "solid, dots"),
     "center": ("--", "s", "dashed, squares"),
     "full": (":", "^", "dotted, triangles"),
-    "random": ("-.", "x", "dash-dot, crosses"),
+    "shuffled": ("-.", "x", "dash-dot, crosses"),
+    "blob": ((0, (1, 1, 4, 1)), "+", "dash-dotted, pluses"),
 }
 
 
@@ -242,14 +244,6 @@ def plot_pr_curves(curves: dict[str, dict[int, PRCurve]], classes: list[str], me
     return fig
 
 
-def _baseline_detections(run: Run, threshold: float) -> dict[str, Detections]:
-    found = dict(run.baselines)
-    random = run.random_at(threshold)
-    if random is not None:
-        found["random"] = random
-    return found
-
-
 def plot_run(run_dir: str | Path, threshold: float | None = None, iou: float = 0.5,
              out_dir: str | Path | None = None) -> list[Path]:
     """Write the threshold curves and the per-class PR curves of a run folder as PNGs.
@@ -294,7 +288,7 @@ def plot_run(run_dir: str | Path, threshold: float | None = None, iou: float = 0
     save_figure(fig, written[-1])
 
     gt = run.gt
-    dets = {"cam": run.detections_at(threshold), **_baseline_detections(run, threshold)}
+    dets = {"cam": run.detections_at(threshold), **run.baselines_at(threshold)}
     curves = {source: precision_recall_curves(d, gt, iou) for source, d in dets.items()}
     fig = plot_pr_curves(curves, gt.classes, metric,
                          f"{run_dir.name}: precision-recall at {choice} ({mode}), IoU > {iou:g}; "

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from gradloc.boxes.baselines import BASELINES, random_maps
-from gradloc.boxes.cut import image_boxes, peak_points
+from gradloc.boxes.baselines import BOX_BASELINES, MAP_BASELINES, derangement
+from gradloc.boxes.cut import cut_heat, peak_points, working_heat
 from gradloc.boxes.explain import explained_classes
 from gradloc.boxes.rows import BoxRows, ThresholdDetections
 from gradloc.cams.cache import HeatmapCache
@@ -75,6 +75,7 @@ def run_protocol(config: RunConfig, cache: HeatmapCache) -> dict[str, Any]:
         "confidence": b.confidence,
         "nms_iou": b.nms_iou,
         "max_side": b.max_side,
+        "center_size": b.center_size,
         "cache_key": cache.key,
     }
 
@@ -117,31 +118,36 @@ def run_boxes(config: RunConfig, cache: HeatmapCache, dataset: VOCDataset, progr
     thresholds = list(config.boxes.thresholds)
     score_kind = cache.key_data["score_kind"]
     check_names(config)
-    cam_rows, random_rows = BoxRows(len(thresholds)), BoxRows(len(thresholds))
-    fixed_rows = {name: BoxRows() for name in config.boxes.baselines if name in BASELINES}
+    cam_rows = BoxRows(len(thresholds))
+    box_rows = {name: BoxRows() for name in config.boxes.baselines if name in BOX_BASELINES}
+    map_rows = {name: BoxRows(len(thresholds)) for name in config.boxes.baselines if name in MAP_BASELINES}
     points = BoxRows(width=2)
     gt_known = _GtKnown(params.max_side)
     order = np.argsort(gt.image_index, kind="stable")
     bounds = np.searchsorted(gt.image_index[order], np.arange(len(gt.image_ids) + 1))
     rng = np.random.default_rng(config.seed)
+    partners = derangement(len(dataset.image_ids), config.seed)
     for index, image_id in enumerate(dataset.image_ids):
         entry = cache.get(image_id)
         probs = class_probabilities(entry.scores, score_kind)
         in_image = order[bounds[index] : bounds[index + 1]]
         gt_known.add(index, entry, gt.labels[in_image], gt.boxes[in_image])
         classes = explained_classes(config.boxes.explain, probs, gt.labels[in_image], config.boxes.score_cut)
-        maps = entry.maps[classes]
         if len(classes):
-            cam_rows.add_sweep(index, classes, image_boxes(maps, probs[classes], entry.geometry, thresholds,
-                                                           params))
-            if "random" in config.boxes.baselines:
-                noise = random_maps(maps.shape, int(rng.integers(2**31)))
-                random_rows.add_sweep(index, classes, image_boxes(noise, probs[classes], entry.geometry,
-                                                                  thresholds, params))
-            for name, rows in fixed_rows.items():
-                box = BASELINES[name](entry.geometry)
+            size = (entry.geometry.width, entry.geometry.height)
+            heat = working_heat(entry.maps[classes], entry.geometry, params.max_side)
+            cam_rows.add_sweep(index, classes, cut_heat(heat, probs[classes], *size, thresholds, params))
+            partner_heat = None
+            if "shuffled" in map_rows:  # the same classes' maps of another image, laid over this image's grid
+                partner = cache.get(dataset.image_ids[partners[index]])
+                partner_heat = upsample(partner.maps[classes], partner.geometry, heat.shape[2], heat.shape[1])
+            for name, rows in map_rows.items():
+                stand_in = MAP_BASELINES[name](heat, partner_heat, rng)
+                rows.add_sweep(index, classes, cut_heat(stand_in, probs[classes], *size, thresholds, params))
+            for name, rows in box_rows.items():
+                box = BOX_BASELINES[name](entry.geometry, params.center_size)
                 rows.add(index, classes, probs[classes], np.repeat(box[None], len(classes), axis=0))
-            points.add(index, classes, probs[classes], peak_points(maps, entry.geometry))
+            points.add(index, classes, probs[classes], peak_points(entry.maps[classes], entry.geometry))
         if progress:
             progress(1)
 
@@ -149,18 +155,21 @@ def run_boxes(config: RunConfig, cache: HeatmapCache, dataset: VOCDataset, progr
     common = {"classes": list(gt.classes), "image_ids": list(gt.image_ids)}
 
     def detections(rows: ThresholdDetections, threshold: float, threshold_mode: str, box_mode: str,
-                   source: str) -> Detections:
+                   source: str, confidence: str) -> Detections:
         return Detections(threshold=threshold, threshold_mode=threshold_mode, box_mode=box_mode,
-                          meta={**protocol, "source": source}, **common, **rows._asdict())
+                          meta={**protocol, "source": source, "confidence": confidence}, **common,
+                          **rows._asdict())
 
     writer.write_gt(gt)
-    for tau, rows, noise_rows in zip(thresholds, cam_rows.per_threshold(), random_rows.per_threshold(),
-                                     strict=True):
-        writer.write_detections(detections(rows, tau, params.threshold_mode, params.box_mode, "cam"))
-        if "random" in config.boxes.baselines:
-            writer.write_random(detections(noise_rows, tau, params.threshold_mode, params.box_mode, "random"))
-    for name, rows in fixed_rows.items():
-        writer.write_baseline(name, detections(rows.per_threshold()[0], 0.0, "none", name, name))
+    for tau, rows in zip(thresholds, cam_rows.per_threshold(), strict=True):
+        writer.write_detections(detections(rows, tau, params.threshold_mode, params.box_mode, "cam",
+                                           params.confidence))
+    for name, rows in map_rows.items():
+        for tau, part in zip(thresholds, rows.per_threshold(), strict=True):
+            writer.write_map_baseline(name, detections(part, tau, params.threshold_mode, params.box_mode, name,
+                                                       params.confidence))
+    for name, rows in box_rows.items():
+        writer.write_baseline(name, detections(rows.per_threshold()[0], 0.0, "none", name, name, "score"))
     [(image_index, labels, scores, values)] = points.per_threshold()
     writer.write_points({**common, "image_index": image_index, "labels": labels, "scores": scores,
                          "points": values, "meta": protocol})

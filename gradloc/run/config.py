@@ -22,7 +22,7 @@ from gradloc.boxes.cut import BoxParams
 from gradloc.boxes.explain import EXPLAIN
 from gradloc.core.files import to_plain
 from gradloc.core.geometry import RESIZE_MODES
-from gradloc.core.ranges import SCORE_CUT_RANGE, ValidRange, check_ious, check_thresholds
+from gradloc.core.ranges import CENTER_SIZE_RANGE, SCORE_CUT_RANGE, ValidRange, check_ious, check_thresholds
 from gradloc.datasets.voc import VOC_CLASSES, VOCDataset
 
 logger = logging.getLogger(__name__)
@@ -118,7 +118,9 @@ class CamConfig:
 class BoxConfig(BoxParams):
     """How heatmaps become boxes: the box parameters of :class:`gradloc.boxes.cut.BoxParams` (threshold_mode,
     box_mode, connectivity, min_area, confidence, nms_iou, max_side; validated there) plus the sweep of
-    thresholds, which classes are explained (:data:`gradloc.boxes.explain.EXPLAIN`), and the baselines.
+    thresholds, which classes are explained (:data:`gradloc.boxes.explain.EXPLAIN`), the baselines
+    (:mod:`gradloc.boxes.baselines`) and ``center_size``, the fraction of the image's width and height the
+    ``center`` baseline box covers (0.5: the middle half; choose it on another split, like τ).
     ``selected_threshold``: the τ of the sweep recommended for this config, chosen on another split than the
     one reported (e.g. `train` for `val`); ``gradloc show`` and ``gradloc export`` default to it; None = no
     recommendation."""
@@ -127,7 +129,8 @@ class BoxConfig(BoxParams):
     selected_threshold: float | None = None
     explain: str = "predicted"
     score_cut: float = 0.5
-    baselines: tuple[str, ...] = ("center", "full", "random")
+    baselines: tuple[str, ...] = ("center", "full", "shuffled", "blob")
+    center_size: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -314,6 +317,7 @@ def validate(config: RunConfig) -> None:
     if len(set(config.score.only)) != len(config.score.only):
         raise ConfigError(f"config key 'score.only': a class is listed twice ({', '.join(config.score.only)})")
     _check_range("boxes.score_cut", config.boxes.score_cut, SCORE_CUT_RANGE)
+    _check_range("boxes.center_size", config.boxes.center_size, CENTER_SIZE_RANGE)
     if config.data.on_error not in ("raise", "skip"):
         raise ConfigError(f"config key 'data.on_error': {config.data.on_error!r} is not one of raise, skip")
     if config.model.resize_mode is not None and config.model.resize_mode not in RESIZE_MODES:

@@ -5,7 +5,7 @@ Layout (see the README's *Files*)::
     manifest.json  config.yaml  gt.pkl  points.pkl  scores.csv  scores.json  scores.md  localization.csv
     detections/thr_<τ>.pkl                  CAM boxes at τ (one file per threshold of the sweep)
     baselines/<name>.pkl                    threshold-free baselines (center, full)
-    baselines/random/thr_<τ>.pkl            the random-heatmap baseline at τ
+    baselines/<name>/thr_<τ>.pkl            map baselines cut at τ (shuffled, blob)
 
 Every reader goes through :func:`open_run` (a :class:`Run`); every writer through :func:`new_run` (a
 :class:`RunWriter`). Reliability:
@@ -68,7 +68,6 @@ DETECTIONS_DIR = "detections"
 BASELINES_DIR = "baselines"
 
 
-RANDOM_BASELINE = "random"
 
 
 POINTS_FORMAT = "gradloc.points/1"
@@ -260,13 +259,25 @@ class Run:
     def detections_at(self, threshold: float) -> Detections:
         return load_detections(self.detections_path(threshold))
 
-    @property
-    def random_thresholds(self) -> list[float]:
-        return _listed_thresholds(self.path / BASELINES_DIR / RANDOM_BASELINE)
+    def map_baselines(self) -> dict[str, list[float]]:
+        """Map baselines (``baselines/<name>/thr_<τ>.pkl``) by name, each with its τ ascending."""
+        folder = self.path / BASELINES_DIR
+        names = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+        return {name: _listed_thresholds(folder / name) for name in names}
 
-    def random_at(self, threshold: float) -> Detections | None:
-        """The random-heatmap baseline at τ, or None when the run has none."""
-        path = self.path / BASELINES_DIR / RANDOM_BASELINE / threshold_filename(threshold)
+    def baselines_at(self, threshold: float) -> dict[str, Detections]:
+        """Every baseline of the run that goes with its CAM detections at τ: the threshold-free ones and the map
+        baselines cut at τ, by name."""
+        found = dict(self.baselines)
+        for name in self.map_baselines():
+            dets = self.map_baseline_at(name, threshold)
+            if dets is not None:
+                found[name] = dets
+        return found
+
+    def map_baseline_at(self, name: str, threshold: float) -> Detections | None:
+        """Map baseline ``name`` at τ, or None when the run has none."""
+        path = self.path / BASELINES_DIR / name / threshold_filename(threshold)
         return load_detections(path) if path.is_file() else None
 
     @property
@@ -376,9 +387,9 @@ class RunWriter:
         """CAM boxes at ``dets.threshold``."""
         save_pickle(dets, self.path / DETECTIONS_DIR / threshold_filename(dets.threshold))
 
-    def write_random(self, dets: Detections) -> None:
-        """The random-heatmap baseline at ``dets.threshold``."""
-        save_pickle(dets, self.path / BASELINES_DIR / RANDOM_BASELINE / threshold_filename(dets.threshold))
+    def write_map_baseline(self, name: str, dets: Detections) -> None:
+        """Map baseline ``name`` at ``dets.threshold``."""
+        save_pickle(dets, self.path / BASELINES_DIR / name / threshold_filename(dets.threshold))
 
     def write_baseline(self, name: str, dets: Detections) -> None:
         """A threshold-free baseline (``center``, ``full``)."""

@@ -66,8 +66,9 @@ def score_run(run_dir: str | Path | Run, ious: Sequence[float], metric: str, onl
         dets = run.detections_at(tau)
         frames.append(_score_file(run.detections_path(tau), dets, gt, ious, metric, dets.meta.get("source", "cam"),
                                   only))
-    for tau in run.random_thresholds:
-        frames.append(_score_file(run.path, run.random_at(tau), gt, ious, metric, "random", only))
+    for name, taus in run.map_baselines().items():
+        for tau in taus:
+            frames.append(_score_file(run.path, run.map_baseline_at(name, tau), gt, ious, metric, name, only))
     for name, dets in run.baselines.items():
         for tau in thresholds:  # threshold-free boxes: repeat under every threshold so tables line up
             frames.append(_score_file(run.path, dataclasses.replace(dets, threshold=tau), gt, ious, metric, name,

@@ -72,9 +72,8 @@ def check_names(config: RunConfig) -> None:
         raise ValueError(f"CAM method {config.cams.method!r} makes pixel-level pictures, not heatmaps for "
                          "boxes; use it with `gradloc show --guided`")
     for name in config.boxes.baselines:
-        if name not in (*BASELINES, "random"):
-            raise ValueError(f"unknown baseline {name!r} (boxes.baselines); choose from "
-                             f"{', '.join([*BASELINES, 'random'])}")
+        if name not in BASELINES:
+            raise ValueError(f"unknown baseline {name!r} (boxes.baselines); choose from {', '.join(BASELINES)}")
     if config.score.metric not in METRICS:
         raise ValueError(f"unknown AP metric {config.score.metric!r} (score.metric); choose one of "
                          f"{', '.join(METRICS)}")

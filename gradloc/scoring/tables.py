@@ -180,9 +180,12 @@ def protocol_line(rows: pd.DataFrame, meta: Mapping[str, Any] | None = None, ora
             f"(connectivity {meta.get('connectivity')}, working grid <= {meta.get('max_side') or 'full'} px); "
             f"classes explained: {meta.get('classes_explained')}; confidence: {meta.get('confidence')}"
         )
+    center = f"{meta.get('center_size', 0.5):g}" if meta else "a fraction"
     parts.append(
-        "baselines: same classes and confidences, only the boxes differ (center = middle half of the image, "
-        "full = whole image, random = random heatmap cut like the CAMs)"
+        "baselines: the CAM row's classes and class probabilities with other boxes: center = centred box covering "
+        f"{center} of the width and height and full = whole image (confidence: class probability); shuffled = "
+        "the same class's map of another image, blob = a Gaussian of the map's own spread at a random position "
+        "(both cut like the CAMs, same confidence rule)"
     )
     if oracle:
         parts.append("every tau of the sweep is shown; picking the best of them on this split is an oracle choice")

@@ -355,12 +355,12 @@ def test_failed_boxes_stage_leaves_no_orphan_gt_and_keeps_previous_run(demo_conf
     def broken(*args, **kwargs):
         raise ValueError("broken box cutter")
 
-    result = (monkeypatch.setattr(pipeline, "image_boxes", broken), _run(demo_config))[1]
+    result = (monkeypatch.setattr(pipeline, "cut_heat", broken), _run(demo_config))[1]
     _assert_nothing_written(result, tmp_path, "broken box cutter")
     monkeypatch.undo()
     assert _run(demo_config).exit_code == 0
     before = {p: p.read_bytes() for p in (tmp_path / "results" / "k").rglob("*.pkl")}
-    monkeypatch.setattr(pipeline, "image_boxes", broken)
+    monkeypatch.setattr(pipeline, "cut_heat", broken)
     assert _run(demo_config, "--thresholds", "0.7").exit_code == 1
     assert {p: p.read_bytes() for p in (tmp_path / "results" / "k").rglob("*.pkl")} == before
     assert _siblings(tmp_path / "results" / "k") == []
@@ -376,7 +376,7 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(demo_config, tmp_path, monk
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "image_boxes", interrupt)
+    monkeypatch.setattr(pipeline, "cut_heat", interrupt)
     result = CliRunner().invoke(main, ["run", "--config", str(demo_config), "--thresholds", "0.7"])
     assert result.exit_code == 130
     last = result.output.strip().splitlines()[-1]
@@ -427,7 +427,7 @@ def kill_after(function):
 if stage == "cams":
     gradloc.cams.cache.HeatmapCache.put = kill_after(gradloc.cams.cache.HeatmapCache.put)
 elif stage == "boxes":
-    gradloc.run.boxes.image_boxes = kill_after(gradloc.run.boxes.image_boxes)
+    gradloc.run.boxes.cut_heat = kill_after(gradloc.run.boxes.cut_heat)
 elif stage == "scores":
     gradloc.run.score.score_detections = kill_after(gradloc.run.score.score_detections)
 elif stage == "swap":

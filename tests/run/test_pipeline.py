@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from gradloc.core.files import safe_load_pickle
 from gradloc.core.formats import load_detections, load_ground_truth
 from gradloc.run.boxes import run_boxes
 from gradloc.run.cams import plan_cams
@@ -40,8 +41,8 @@ def test_run_folder_layout(demo_run):
     config, cache, dataset, run_dir, rows = demo_run
     names = {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()}
     assert {"gt.pkl", "detections/thr_0.200.pkl", "detections/thr_0.400.pkl", "detections/thr_0.600.pkl",
-            "baselines/center.pkl", "baselines/full.pkl", "baselines/random/thr_0.200.pkl", "points.pkl",
-            "manifest.json"} <= names
+            "baselines/center.pkl", "baselines/full.pkl", "baselines/shuffled/thr_0.200.pkl",
+            "baselines/blob/thr_0.600.pkl", "points.pkl", "manifest.json"} <= names
     gt = load_ground_truth(run_dir / "gt.pkl")
     assert gt.image_ids == dataset.image_ids
     manifest = json.loads((run_dir / "manifest.json").read_text())
@@ -73,6 +74,28 @@ def test_baselines_share_classes_and_scores(demo_run):
     gt = load_ground_truth(run_dir / "gt.pkl")
     w, h = gt.image_sizes[full.image_index].T
     np.testing.assert_array_equal(full.boxes, np.stack([np.ones_like(w), np.ones_like(h), w, h], 1))
+    assert center.meta["confidence"] == "score" and center.meta["center_size"] == 0.5
+
+
+@pytest.mark.slow
+def test_map_baselines_are_cut_like_the_cams_from_other_maps(demo_run):
+    """shuffled and blob explain exactly the CAM row's (image, class) pairs with its class probabilities (the
+    demo's confidence rule is the probability); shuffled boxes come from other images' maps."""
+    config, cache, dataset, run_dir, _ = demo_run
+    points = safe_load_pickle(run_dir / "points.pkl")  # one row per explained (image, class) pair
+    pairs = zip(points["image_index"].tolist(), points["labels"].tolist(), strict=True)
+    explained = dict(zip(pairs, points["scores"].tolist(), strict=True))
+    assert config.boxes.confidence == "score"
+    cam = load_detections(run_dir / "detections" / "thr_0.200.pkl")
+    for name in ("shuffled", "blob"):
+        dets = load_detections(run_dir / "baselines" / name / "thr_0.200.pkl")
+        assert dets.meta["source"] == name and dets.meta["confidence"] == "score" and len(dets) > 0
+        for image, label, score in zip(dets.image_index, dets.labels, dets.scores, strict=True):
+            assert explained[(int(image), int(label))] == score
+        cam_boxes = {(i, c): tuple(b) for i, c, b in zip(cam.image_index, cam.labels, cam.boxes, strict=True)}
+        same = [cam_boxes.get((i, c)) == tuple(b) for i, c, b in zip(dets.image_index, dets.labels, dets.boxes,
+                                                                       strict=True)]
+        assert np.mean(same) < 0.5, name  # other maps: mostly other boxes
 
 
 @pytest.mark.slow
