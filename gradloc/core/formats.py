@@ -269,3 +269,30 @@ def keep_classes(item: GroundTruth | Detections, names: Sequence[str]) -> Ground
                                                                                          "scores")
     return dataclasses.replace(item, classes=list(names), labels=relabel[item.labels[keep]],
                                **{name: getattr(item, name)[keep] for name in rows})
+
+
+def concat(parts: Sequence[GroundTruth | Detections]) -> GroundTruth | Detections:
+    """Ground truth (or detections) of disjoint image sets as one: image lists concatenated in order, each
+    part's ``image_index`` shifted by the images before it (cross-validation folds scored as one set). The
+    first part gives the scalar fields (threshold, modes, meta) of detections.
+
+    Raises:
+        ValueError: no parts, parts of different kinds or class lists, or an image in two parts.
+    """
+    if not parts:
+        raise ValueError("concat: give at least one part")
+    first = parts[0]
+    if any(type(part) is not type(first) or part.classes != first.classes for part in parts):
+        raise ValueError("concat: the parts must be of one kind with the same class list")
+    image_ids = [image_id for part in parts for image_id in part.image_ids]
+    if len(set(image_ids)) != len(image_ids):
+        raise ValueError("concat: an image is in two parts; the parts must hold disjoint images")
+    offsets = np.cumsum([0] + [len(part.image_ids) for part in parts[:-1]])
+    rows = ("labels", "boxes", "difficult") if isinstance(first, GroundTruth) else ("labels", "boxes", "scores")
+    joined = {name: np.concatenate([getattr(part, name) for part in parts]) for name in rows}
+    joined["image_index"] = np.concatenate([part.image_index + offset for part, offset in
+                                            zip(parts, offsets, strict=True)])
+    if isinstance(first, GroundTruth):
+        joined["image_sizes"] = np.concatenate([part.image_sizes for part in parts]).reshape(-1, 2)
+    return dataclasses.replace(first, image_ids=image_ids, **joined)
+

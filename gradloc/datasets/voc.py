@@ -17,6 +17,7 @@ rejected with a one-line :class:`DatasetError` instead of being expanded.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import logging
@@ -421,6 +422,22 @@ class VOCDataset:
                 raise
             raise DatasetError(f"{path}: unreadable image ({type(error).__name__}: {error}); replace the file, "
                                "or pass --on-error skip to leave it out") from None
+
+    def subset(self, image_ids: Sequence[str]) -> VOCDataset:
+        """The same split restricted to ``image_ids`` (kept in split order): cross-validation folds.
+
+        Raises:
+            ValueError: an id that is not an image of this dataset.
+        """
+        wanted = set(image_ids)
+        unknown = sorted(wanted.difference(self.image_ids))
+        if unknown:
+            raise ValueError(f"{self.base.name} {self.split}: {len(unknown)} image id(s) not in the split, e.g. "
+                             f"{unknown[0]!r}")
+        subset = copy.copy(self)
+        subset.image_ids = [image_id for image_id in self.image_ids if image_id in wanted]
+        subset.skipped = list(self.skipped)
+        return subset
 
     def skip(self, image_id: str, path: Path, error: Exception) -> None:
         """Leave an image out of the dataset (``on_error="skip"``), recording why in ``skipped``."""

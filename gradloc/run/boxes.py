@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from gradloc.boxes.cut import cut_heat, peak_points, working_heat
 from gradloc.boxes.explain import explained_classes
 from gradloc.boxes.rows import BoxRows, ThresholdDetections
 from gradloc.cams.cache import HeatmapCache
-from gradloc.core.formats import Detections
+from gradloc.core.formats import Detections, GroundTruth
 from gradloc.core.geometry import upsample, working_size
 from gradloc.datasets.voc import VOCDataset
 from gradloc.models.registry import class_probabilities
@@ -35,7 +36,6 @@ class _GtKnown:
         self.hits: list[np.ndarray] = []
 
     def add(self, index: int, entry: Any, labels: np.ndarray, boxes: np.ndarray) -> None:
-
         classes = np.unique(labels).astype(np.int64)
         if not len(classes):
             return
@@ -46,7 +46,6 @@ class _GtKnown:
         self.hits.append(box_hits(heat, [boxes[labels == c] for c in classes], image_size=size))
 
     def record(self) -> dict[str, Any]:
-
         hits = np.concatenate(self.hits) if self.hits else np.zeros((0, len(GRID), len(IOUS_V2)), dtype=bool)
         [(image_index, labels, _, points)] = self.points.per_threshold()
         return {"image_index": image_index, "labels": labels, "points": points, "hits": hits, "grid": GRID,
@@ -101,17 +100,59 @@ def open_cached(config: RunConfig) -> tuple[HeatmapCache, VOCDataset]:
     return cache, dataset
 
 
+@dataclass
+class BoxesOutput:
+    """What the boxes stage makes of a split (:func:`cut_boxes`); :meth:`write` puts it in a run folder.
+
+    Attributes:
+        gt: the split's ground truth.
+        cam: CAM detections, one per τ of ``boxes.thresholds``.
+        box_baselines: threshold-free baselines by name (center, full).
+        map_baselines: map baselines by name, one detections per τ.
+        points, gt_known: the ``points.pkl`` and ``gt_known.pkl`` records.
+    """
+
+    gt: GroundTruth
+    cam: list[Detections]
+    box_baselines: dict[str, Detections]
+    map_baselines: dict[str, list[Detections]]
+    points: dict[str, Any]
+    gt_known: dict[str, Any]
+
+    def write(self, writer: RunWriter) -> None:
+        writer.write_gt(self.gt)
+        for dets in self.cam:
+            writer.write_detections(dets)
+        for name, per_tau in self.map_baselines.items():
+            for dets in per_tau:
+                writer.write_map_baseline(name, dets)
+        for name, dets in self.box_baselines.items():
+            writer.write_baseline(name, dets)
+        writer.write_points(self.points)
+        writer.write_gt_known(self.gt_known)
+
+
 def run_boxes(config: RunConfig, cache: HeatmapCache, dataset: VOCDataset, progress: Progress = None,
               writer: RunWriter | None = None) -> Path:
-    """Cut boxes from the cached maps at every threshold; write gt.pkl, detections, baselines, points.
+    """Cut boxes from the cached maps at every threshold (:func:`cut_boxes`); write gt.pkl, detections,
+    baselines, points.
 
-    With ``writer`` (a run being staged by :func:`gradloc.new_run`) the files go to its staging folder;
-    without, they replace ``config.run_dir`` as a whole (with ``config.yaml``). Returns ``config.run_dir``."""
+    With ``writer`` (a run being staged by :func:`gradloc.run.folder.new_run`) the files go to its staging
+    folder; without, they replace ``config.run_dir`` as a whole (with ``config.yaml``). Returns
+    ``config.run_dir``."""
     if writer is None:
         with new_run(config.run_dir) as staged:
             run_boxes(config, cache, dataset, progress, staged)
             staged.write_config(config.to_dict())
         return config.run_dir
+    cut_boxes(config, cache, dataset, progress).write(writer)
+    return config.run_dir
+
+
+def cut_boxes(config: RunConfig, cache: HeatmapCache, dataset: VOCDataset, progress: Progress = None
+              ) -> BoxesOutput:
+    """The boxes stage of a split in memory: CAM boxes at every threshold, the baselines, the maps' peaks and
+    the GT-known box hits, from the cached maps of ``dataset``'s images."""
     require_images(dataset)
     gt = dataset.ground_truth()
     params = config.boxes
@@ -160,18 +201,17 @@ def run_boxes(config: RunConfig, cache: HeatmapCache, dataset: VOCDataset, progr
                           meta={**protocol, "source": source, "confidence": confidence}, **common,
                           **rows._asdict())
 
-    writer.write_gt(gt)
-    for tau, rows in zip(thresholds, cam_rows.per_threshold(), strict=True):
-        writer.write_detections(detections(rows, tau, params.threshold_mode, params.box_mode, "cam",
-                                           params.confidence))
-    for name, rows in map_rows.items():
-        for tau, part in zip(thresholds, rows.per_threshold(), strict=True):
-            writer.write_map_baseline(name, detections(part, tau, params.threshold_mode, params.box_mode, name,
-                                                       params.confidence))
-    for name, rows in box_rows.items():
-        writer.write_baseline(name, detections(rows.per_threshold()[0], 0.0, "none", name, name, "score"))
     [(image_index, labels, scores, values)] = points.per_threshold()
-    writer.write_points({**common, "image_index": image_index, "labels": labels, "scores": scores,
-                         "points": values, "meta": protocol})
-    writer.write_gt_known({**common, **gt_known.record(), "meta": protocol})
-    return config.run_dir
+    return BoxesOutput(
+        gt=gt,
+        cam=[detections(rows, tau, params.threshold_mode, params.box_mode, "cam", params.confidence)
+             for tau, rows in zip(thresholds, cam_rows.per_threshold(), strict=True)],
+        box_baselines={name: detections(rows.per_threshold()[0], 0.0, "none", name, name, "score")
+                       for name, rows in box_rows.items()},
+        map_baselines={name: [detections(part, tau, params.threshold_mode, params.box_mode, name, params.confidence)
+                              for tau, part in zip(thresholds, rows.per_threshold(), strict=True)]
+                       for name, rows in map_rows.items()},
+        points={**common, "image_index": image_index, "labels": labels, "scores": scores, "points": values,
+                "meta": protocol},
+        gt_known={**common, **gt_known.record(), "meta": protocol},
+    )

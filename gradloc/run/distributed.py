@@ -81,7 +81,6 @@ def init_process_group(world: World, device: str) -> str:
 
 
 def barrier() -> None:
-
     dist.barrier()
 
 
@@ -94,7 +93,6 @@ def gather(value: Any) -> list[Any]:
 
 
 def finish() -> None:
-
     if dist.is_initialized():
         dist.destroy_process_group()
 

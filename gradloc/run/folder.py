@@ -402,7 +402,6 @@ class RunWriter:
         save_pickle({"format": GT_KNOWN_FORMAT, **record}, self.path / GT_KNOWN_FILE)
 
     def write_config(self, config: Mapping[str, Any]) -> None:
-
         atomic_write_bytes(self.path / CONFIG_FILE, yaml.safe_dump(dict(config), sort_keys=False).encode())
 
     def write_manifest(self, manifest: Mapping[str, Any]) -> None:

@@ -93,6 +93,7 @@ class TrainConfig:
         input_size: network input side (None: the weights'); resize_mode: ``letterbox``, ``stretch`` or
             ``shortside`` (None: the weights', letterbox).
         limit: use only the first ``limit`` images of each split (quick runs and tests).
+        ids: train only on these image ids of ``split`` (the other folds of a cross-validation); None: all.
         device: torch device for feature extraction and training.
         out: checkpoint file to write.
     """
@@ -115,6 +116,7 @@ class TrainConfig:
     input_size: int | None = None
     resize_mode: str | None = None
     limit: int | None = None
+    ids: tuple[str, ...] | None = None
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -410,6 +412,8 @@ def train_head(cfg: TrainConfig, progress: Progress = None) -> dict[str, Any]:
     device = torch.device(cfg.device)
     model, resolved = build_pretrained(cfg.model, cfg.weights)  # first: a missing file fails fast
     train = VOCDataset(cfg.voc_root, year=cfg.year, split=cfg.split, classes=cfg.classes, limit=cfg.limit)
+    if cfg.ids is not None:
+        train = train.subset(cfg.ids)
     val = (VOCDataset(cfg.voc_root, year=cfg.year, split=cfg.val_split, classes=cfg.classes, limit=cfg.limit)
            if cfg.val_split else None)
     overlap = len(set(val.image_ids) & set(train.image_ids)) if val is not None else 0
