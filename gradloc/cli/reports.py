@@ -141,18 +141,30 @@ def compare(run_a: str, run_b: str, iou: str, threshold: float | None, top: int,
 @click.option("--eval-split", required=True, help="Split the scores are reported on, e.g. val.")
 @click.option("--select-metric", default="ap@0.5", show_default=True,
               help="What τ maximizes: ap@<iou> (mAP) or recall@<iou> (mean recall).")
+@click.option("--folds", type=click.IntRange(min=2), default=None,
+              help="Choose on K held-out folds of the selection split (a trained head refitted per fold, then on "
+                   "the whole split for the reported run); default: on the selection split's own run.")
+@click.option("--fold-seed", type=int, default=0, show_default=True, help="Seed of the fold assignment.")
+@click.option("--variants", "variants_path", type=click.Path(dir_okay=False),
+              help="YAML list of {name, what, overrides}: alternatives cross-validated alike (needs --folds); "
+                   "the best held-out score wins (see scripts/ablations.yaml).")
 @digits_option
 @click.pass_context
 def sweep(ctx: click.Context, config_path: str | None, select_split: str, eval_split: str, select_metric: str,
-          digits: int, **flags: Any) -> None:
-    """Choose τ on one split and report it on another (a τ chosen on the evaluated split is labelled oracle).
+          folds: int | None, fold_seed: int, variants_path: str | None, digits: int, **flags: Any) -> None:
+    """Choose τ (with --folds: also a variant and the centre box size) on one split, report it on another.
 
-    Runs go to <out>/<name>/<split>/, the table to <out>/<name>/sweep.csv and sweep.md.
+    A τ chosen on the evaluated split is labelled oracle. With --folds every choice is made on held-out folds
+    of the selection split and the evaluation split is only reported (cv.csv, ablations.csv/md and
+    chosen.yaml beside sweep.csv/md in <out>/<name>/).
 
     \b
-    Example:
+    Examples:
       gradloc sweep --config configs/voc07_efficientnet_lite0.yaml --select-split train --eval-split val
+      gradloc sweep --config configs/voc07.yaml --select-split train --eval-split val --folds 5 \\
+          --variants scripts/ablations.yaml
     """
+    from gradloc.run.cv import load_variants
     from gradloc.run.folder import check_writable
     from gradloc.run.sweep import parse_select_metric, run_sweep
 
@@ -162,7 +174,11 @@ def sweep(ctx: click.Context, config_path: str | None, select_split: str, eval_s
     config = build_config(config_path, flags)
     check_writable(config.run_dir)
     config = prepare(ctx, config)
-    result = run_sweep(config, select_split, eval_split, select_metric, stage=stage_progress(ctx), digits=digits)
+    variants = load_variants(variants_path) if variants_path is not None else None
+    if variants is not None and folds is None:
+        raise click.UsageError("--variants are chosen on held-out folds: give --folds K")
+    result = run_sweep(config, select_split, eval_split, select_metric, stage=stage_progress(ctx), digits=digits,
+                       folds=folds, seed=fold_seed, variants=variants)
     click.echo(result.text, nl=False)
     say(ctx, "runs: " + ", ".join(str(p) for p in result.run_dirs.values()) + "; table: "
         + ", ".join(str(p) for p in result.files))

@@ -257,6 +257,24 @@ def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def with_overrides(config: RunConfig, overrides: Mapping[str, Any]) -> RunConfig:
+    """``config`` with ``overrides`` (dotted keys, e.g. ``{"boxes.box_mode": "union"}``) applied and the result
+    validated as a loaded config is.
+
+    Raises:
+        ConfigError: an unknown key, a wrong type or an invalid value, naming the key.
+    """
+    data = config.to_dict()
+    for dotted, value in overrides.items():
+        nested: Any = value
+        for part in reversed(dotted.split(".")):
+            nested = {part: nested}
+        data = _merge(data, nested)
+    merged = _build(RunConfig, data)
+    validate(merged)
+    return merged
+
+
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
     """Load a YAML config (or the defaults), apply ``overrides`` (nested dict or dotted keys), validate.
 

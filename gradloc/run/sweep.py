@@ -21,10 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 from tabulate import tabulate
 
 from gradloc.core.files import atomic_write_bytes
 from gradloc.core.ranges import IOU_RANGE
+from gradloc.run.cv import Variant, best_center_size, cross_validate, refit_config
 from gradloc.run.pipeline import StageProgress, run
 from gradloc.scoring.tables import DIGITS, METRIC_NAMES, is_close, select_threshold
 
@@ -165,36 +167,142 @@ def run_split(config: Any, stage: StageProgress | None = None) -> tuple[Path, pd
 
 
 def run_sweep(config: Any, select_split: str, eval_split: str, select_metric: str = "ap@0.5",
-              stage: StageProgress | None = None, digits: int = DIGITS) -> SweepResult:
-    """Run the pipeline on the selection and evaluation splits, choose τ, write ``sweep.csv`` / ``sweep.md``.
+              stage: StageProgress | None = None, digits: int = DIGITS, folds: int | None = None, seed: int = 0,
+              variants: list[Variant] | None = None) -> SweepResult:
+    """Choose τ (and, with ``folds``, a variant and the centre box's size) on the selection split, report the
+    evaluation split at that choice; write ``sweep.csv`` / ``sweep.md`` (and, with ``folds``, ``cv.csv``,
+    ``ablations.csv`` / ``ablations.md`` and ``chosen.yaml``).
 
     Args:
         config: a prepared run config; its ``data.split`` is replaced by each split.
-        select_split: split τ is chosen on; eval_split: split the scores are reported on (may be equal:
-            then the only choice is labelled oracle).
+        select_split: split the choices are made on; eval_split: split the scores are reported on (may be
+            equal: then the only choice is labelled oracle).
         select_metric: e.g. ``ap@0.5``; its IoU must be among ``config.score.iou``.
         stage: optional progress factory (see :func:`run_split`).
         digits: decimals of the percentages in the returned text.
+        folds: choose on ``folds`` held-out folds of the selection split (:mod:`gradloc.run.cv`: the head is
+            refitted per fold, then on the whole selection split for the evaluation run); None: on the
+            selection split's own run, with the config's head as it is (in-sample if that head was fitted
+            on the selection split; the table says so).
+        seed: of the fold assignment.
+        variants: alternatives cross-validated alike (needs ``folds``); the best held-out score wins.
 
     Returns:
-        The :class:`SweepResult`; files go to ``<out>/<name>/`` (runs in ``<out>/<name>/<split>/``).
+        The :class:`SweepResult`; files go to ``<out>/<name>/`` (runs in ``<out>/<name>-<split>/``).
 
     Raises:
-        ValueError: bad selection metric or IoU not scored (checked before any work), pipeline errors.
+        ValueError: bad selection metric, IoU not scored or variants without folds (checked before any work),
+            pipeline errors.
     """
-    _, iou = parse_select_metric(select_metric)
+    name, iou = parse_select_metric(select_metric)
     if not is_close(config.score.iou, iou).any():
         raise ValueError(f"selection metric {select_metric}: IoU {iou:g} is not scored "
                          f"(score.iou = {', '.join(f'{v:g}' for v in config.score.iou)}); add it with --iou")
-    run_dirs, rows = {}, {}
-    for split in dict.fromkeys((select_split, eval_split)):
-        run_dirs[split], rows[split] = run_split(split_config(config, split), stage)
-    table = sweep_table(rows[select_split], rows[eval_split], select_metric, select_split, eval_split)
-    text = render_sweep(table, config.score.metric, digits=digits)
+    if variants and folds is None:
+        raise ValueError("variants are chosen on held-out folds of the selection split: give --folds K")
+    if folds is not None and select_split == eval_split:
+        raise ValueError(f"--folds chooses on {select_split} and reports {eval_split}: give two different splits")
     out_dir = config.run_dir
     files = [out_dir / "sweep.csv", out_dir / "sweep.md"]
+    if folds is None:
+        run_dirs, rows = {}, {}
+        for split in dict.fromkeys((select_split, eval_split)):
+            run_dirs[split], rows[split] = run_split(split_config(config, split), stage)
+        table = sweep_table(rows[select_split], rows[eval_split], select_metric, select_split, eval_split)
+    else:
+        selection = select_by_cv(config, select_split, eval_split, SELECT_METRICS[name], iou, folds, seed,
+                                 variants or [Variant(config.name)], stage)
+        table = sweep_table(selection.cv_rows, selection.eval_rows, select_metric,
+                            f"{select_split} ({folds} held-out folds)", eval_split)
+        run_dirs = {eval_split: selection.run_dir}
+        files += selection.write(out_dir, digits)
     atomic_write_bytes(files[0], table.to_csv(index=False).encode())
     atomic_write_bytes(files[1], (render_sweep(table, config.score.metric, tablefmt="github")).encode())
-    logger.info("sweep: tau chosen by %s on %s, reported on %s; wrote %s", select_metric, select_split,
-                eval_split, out_dir)
-    return SweepResult(table=table, run_dirs=run_dirs, files=files, text=text)
+    logger.info("sweep: chosen by %s on %s, reported on %s; wrote %s", select_metric, select_split, eval_split,
+                out_dir)
+    return SweepResult(table=table, run_dirs=run_dirs, files=files, text=render_sweep(table, config.score.metric,
+                                                                                     digits=digits))
+
+
+@dataclass
+class Selection:
+    """What :func:`select_by_cv` chose and measured.
+
+    Attributes:
+        ablations: one row per variant: its held-out (CV) choice of τ and centre size, the CV scores, and the
+            evaluation split's scores at that choice (and at its own oracle τ, labelled).
+        cv_rows, eval_rows: the score rows of the chosen variant (held-out folds; evaluation split).
+        all_cv_rows: every variant's held-out rows (column ``variant``).
+        chosen: the chosen variant's evaluation config (refitted head, selected τ, centre size).
+        run_dir: its evaluation run folder.
+    """
+
+    ablations: pd.DataFrame
+    cv_rows: pd.DataFrame
+    eval_rows: pd.DataFrame
+    all_cv_rows: pd.DataFrame
+    chosen: Any
+    run_dir: Path
+
+    def write(self, out_dir: Path, digits: int = DIGITS) -> list[Path]:
+        """``cv.csv``, ``ablations.csv``, ``ablations.md``, ``chosen.yaml`` in ``out_dir``; returns them."""
+        files = [out_dir / name for name in ("cv.csv", "ablations.csv", "ablations.md", "chosen.yaml")]
+        atomic_write_bytes(files[0], self.all_cv_rows.to_csv(index=False).encode())
+        atomic_write_bytes(files[1], self.ablations.to_csv(index=False).encode())
+        atomic_write_bytes(files[2], render_ablations(self.ablations, "github", digits).encode())
+        atomic_write_bytes(files[3], yaml.safe_dump(self.chosen.to_dict(), sort_keys=False).encode())
+        return files
+
+
+def select_by_cv(config: Any, select_split: str, eval_split: str, column: str, iou: float, folds: int, seed: int,
+                 variants: list[Variant], stage: StageProgress | None = None) -> Selection:
+    """Cross-validate every variant on ``select_split`` (:func:`gradloc.run.cv.cross_validate`), choose each
+    one's τ and centre size on its held-out rows, run each at its choice on ``eval_split`` with the head
+    refitted on the whole selection split, and pick the variant with the best held-out score (ties: the
+    first listed). The evaluation split never enters a choice."""
+    rows, results = [], []
+    for variant in variants:
+        variant_config = variant.apply(config)
+        cv = cross_validate(variant_config, select_split, folds, seed, stage)
+        tau, cv_value = select_threshold(cv.rows, column, iou)
+        size, center_cv = best_center_size(cv.center, iou)
+        chosen = refit_config(variant_config, select_split, None)
+        chosen = dataclasses.replace(chosen, name=f"{config.name}-{variant.name}" if len(variants) > 1 else
+                                     config.name, boxes=dataclasses.replace(chosen.boxes, selected_threshold=tau,
+                                                                            center_size=size))
+        run_dir, eval_rows = run_split(split_config(chosen, eval_split), stage)
+        at = eval_rows[(eval_rows["class"] == "mAP") & is_close(eval_rows["iou"], iou)]
+        cam = at[at["source"] == "cam"]
+        oracle_tau, oracle = select_threshold(eval_rows, column, iou)
+        rows.append({"variant": variant.name, "what": variant.what, "metric": column, "iou": iou, "tau": tau,
+                     "cv": cv_value, "eval": float(cam.loc[is_close(cam["threshold"], tau), column].iloc[0]),
+                     "center_size": size, "cv_center": center_cv,
+                     "eval_center": float(at.loc[at["source"] == "center", column].iloc[0]),
+                     "eval_oracle_tau": oracle_tau, "eval_at_oracle_tau": oracle, "select_split": select_split,
+                     "folds": folds, "seed": seed, "eval_split": eval_split})
+        results.append((cv, eval_rows, chosen, run_dir))
+    table = pd.DataFrame(rows)
+    best = int(table["cv"].to_numpy().argmax())
+    table.insert(1, "chosen", [i == best for i in range(len(table))])
+    cv, eval_rows, chosen, run_dir = results[best]
+    all_cv = pd.concat([r[0].rows.assign(variant=v.name) for r, v in zip(results, variants, strict=True)],
+                       ignore_index=True)
+    return Selection(table, cv.rows, eval_rows, all_cv, chosen, run_dir)
+
+
+def render_ablations(table: pd.DataFrame, tablefmt: str = "orgtbl", digits: int = DIGITS) -> str:
+    """The ablation table (:func:`select_by_cv`) as text: every variant with its held-out choice, held-out
+    score and evaluation score, and the protocol."""
+    first = table.iloc[0]
+    measure, split = f"{first['metric']}@{first['iou']:g}", first["eval_split"]
+    lines = [[f"**{r.variant}**" if r.chosen else r.variant, r.what, r.tau, 100 * r.cv, 100 * r.eval,
+              r.center_size, 100 * r.cv_center, 100 * r.eval_center] for r in table.itertuples()]
+    headers = ["variant", "what changed", "tau (cv)", f"cv {measure}", f"{split} {measure}", "center size (cv)",
+               f"center cv {measure}", f"center {split} {measure}"]
+    floats = ("", "", "g", f".{digits}f", f".{digits}f", "g", f".{digits}f", f".{digits}f")
+    text = tabulate(lines, headers=headers, tablefmt=tablefmt, floatfmt=floats)
+    protocol = (f"Every choice on {first['folds']} held-out folds of {first['select_split']} (stratified by class, "
+                f"seed {first['seed']}; a trained head refitted on the other folds for each); the bold variant "
+                f"has the best held-out {measure} and is the one chosen; {split} is reported at each variant's "
+                f"own held-out choice of tau and centre size, never used to choose; values in %.")
+    return f"{text}\n{protocol}\n"
