@@ -34,14 +34,17 @@ from gradloc.cli.options import (
               show_default=True,
               help="Tables: one block per τ, or one row per τ (columns metric@IoU per source).")
 @digits_option
+@click.option("--ci", is_flag=True,
+              help="Run folder: add 95 % BCa bootstrap intervals (images resampled, 1,000 times, seed 0) to every "
+                   "mAP and to the CAM's CorLoc@0.5 (tables: an Intervals block; csv/json: ci_low, ci_high).")
 @click.option("--save", is_flag=True,
               help="Run folder: write scores.csv/json/md and localization.csv and record the rescoring in "
                    "manifest.json (without it, score only prints).")
 @click.argument("detections", nargs=-1, type=click.Path(dir_okay=False))
 @click.pass_context
 def score(ctx: click.Context, run_dir: str | None, gt_path: str | None, voc_results: str | None, iou: str,
-          metric: str, only: str | None, fmt: str, per_class: float | None, layout: str, digits: int, save: bool,
-          detections: tuple[str, ...]) -> None:
+          metric: str, only: str | None, fmt: str, per_class: float | None, layout: str, digits: int, ci: bool,
+          save: bool, detections: tuple[str, ...]) -> None:
     """Score detections with the VOC devkit's AP: a run folder, pickles, or devkit result files.
 
     A run folder is only read unless --save is given. Everything but the scores goes to stderr.
@@ -50,6 +53,7 @@ def score(ctx: click.Context, run_dir: str | None, gt_path: str | None, voc_resu
     Examples:
       gradloc score results/demo --iou 0.5 --per-class 0.4
       gradloc score results/demo --iou 0.5 --save
+      gradloc score results/demo --iou 0.5 --ci
       gradloc score results/demo --format json > scores.json
       gradloc score --gt gt.pkl detections/thr_0.020.pkl detections/thr_0.060.pkl --format csv
       gradloc score --gt results/demo/gt.pkl --voc-results exported/
@@ -59,7 +63,7 @@ def score(ctx: click.Context, run_dir: str | None, gt_path: str | None, voc_resu
     if gt_path is None:
         if run_dir is None or detections or voc_results:
             raise click.UsageError("give a run folder, or --gt GT.pkl with detection pickles or --voc-results DIR")
-        from gradloc.run.score import record_rescoring, save_run_scores, score_run_folder
+        from gradloc.run.score import record_rescoring, save_run_scores, score_run_folder, with_intervals
         from gradloc.scoring.tables import check_per_class
 
         rows, meta, wsol = score_run_folder(run_dir, ious, metric, classes)
@@ -70,8 +74,12 @@ def score(ctx: click.Context, run_dir: str | None, gt_path: str | None, voc_resu
             recorded = record_rescoring(run_dir, ious, metric, files, classes)
             say(ctx, f"saved {', '.join(f.name for f in files)} in {run_dir}"
                      + ("; manifest.json records the rescoring" if recorded else " (no manifest.json to update)"))
+        if ci:
+            rows, options["corloc"] = with_intervals(run_dir, rows, classes)
         print_scores(ctx, rows, meta, wsol, fmt, **options)
         return
+    if ci:
+        raise click.UsageError("--ci resamples the images of a run folder; give a run folder")
     if save:
         raise click.UsageError("--save writes into a run folder; with --gt redirect stdout instead")
     files = ((run_dir,) if run_dir else ()) + detections  # with --gt, positional arguments are all pickles

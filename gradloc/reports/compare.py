@@ -23,6 +23,14 @@ import pandas as pd
 from tabulate import tabulate
 
 from gradloc.run.folder import GT_FILE, Run, open_run
+from gradloc.scoring.bootstrap import (
+    N_RESAMPLES,
+    corloc_statistic,
+    map_statistic,
+    max_box_acc_statistic,
+    paired_interval,
+    pointing_statistic,
+)
 from gradloc.scoring.tables import DIGITS, METRIC_NAMES, match_value, select_threshold
 
 logger = logging.getLogger(__name__)
@@ -42,6 +50,8 @@ class Comparison:
         top: the ``per_class`` rows (mAP excluded) with the largest ``|ap_diff|``, largest first.
         notes: differences of protocol worth knowing (threshold semantics, box mode, GT, dropped τ).
         differences: the settings in which the runs' configs differ (see :func:`run_differences`).
+        paired: the paired bootstrap differences B - A (:func:`paired_differences`), None for runs on
+            different images.
     """
 
     names: tuple[str, str]
@@ -54,6 +64,7 @@ class Comparison:
     top: pd.DataFrame
     notes: list[str] = field(default_factory=list)
     differences: RunDifferences | None = None
+    paired: pd.DataFrame | None = None
 
 
 @dataclass(frozen=True)
@@ -225,7 +236,46 @@ def compare_runs(run_a: str | Path, run_b: str | Path, iou: float = 0.5, thresho
     if differences.ground_truth and not force:
         raise GroundTruthMismatch(differences, names)
     comparison = compare_scores(run_a.scores, run_b.scores, iou=iou, threshold=threshold, names=names, top=top)
-    return dataclasses.replace(comparison, differences=differences)
+    paired, notes = None, list(comparison.notes)
+    if differences.ground_truth:
+        notes.append("no paired intervals: the runs are on different images")
+    elif all((run.path / GT_FILE).is_file() for run in (run_a, run_b)):
+        paired = paired_differences(run_a, run_b, comparison.threshold, comparison.iou, comparison.metric)
+    else:
+        notes.append("no paired intervals: a run folder has scores but no gt.pkl and detections")
+    return dataclasses.replace(comparison, differences=differences, paired=paired, notes=notes)
+
+
+def paired_differences(run_a: Run, run_b: Run, threshold: float, iou: float, metric: str, *,
+                       n_resamples: int = N_RESAMPLES, seed: int = 0) -> pd.DataFrame:
+    """B - A of the headline metrics of two runs on the same images, each with its paired BCa bootstrap
+    interval (both runs scored on the same resamples of the images) and the share of resamples <= 0.
+
+    Rows ``metric, a, b, diff, low, high, share_at_most_zero``: mAP@``iou`` and CorLoc@0.5 of the CAM boxes at
+    τ, the TorchRay pointing game (GT classes, mean over present classes), MaxBoxAccV2 (gradloc convention).
+    """
+    gt = run_a.gt
+    n = len(gt.image_ids)
+    dets_a, dets_b = run_a.detections_at(threshold), run_b.detections_at(threshold)
+    known_a, known_b = run_a.gt_known, run_b.gt_known
+    statistics = {
+        f"mAP@{iou:g} (tau {threshold:g}, {metric})": (map_statistic(dets_a, gt, iou, metric),
+                                                       map_statistic(dets_b, gt, iou, metric)),
+        f"CorLoc@0.5 (tau {threshold:g})": (corloc_statistic(dets_a, gt), corloc_statistic(dets_b, gt)),
+        "pointing@15px (TorchRay protocol, GT classes, mean over present classes)": tuple(
+            pointing_statistic(k["image_index"], k["labels"], k["points"], gt, protocol="torchray")
+            for k in (known_a, known_b)),
+        "MaxBoxAccV2 (gradloc convention, GT-known)": tuple(max_box_acc_statistic(k["hits"], k["image_index"])
+                                                           for k in (known_a, known_b)),
+    }
+    rows = []
+    for name, (stat_a, stat_b) in statistics.items():
+        one = np.ones((1, n))
+        difference = paired_interval(stat_b, stat_a, n, n_resamples=n_resamples, seed=seed)
+        rows.append({"metric": name, "a": float(stat_a(one)[0]), "b": float(stat_b(one)[0]),
+                     "diff": difference.estimate, "low": difference.low, "high": difference.high,
+                     "share_at_most_zero": difference.share_at_most_zero, "method": difference.method})
+    return pd.DataFrame(rows)
 
 
 class GroundTruthMismatch(ValueError):
@@ -275,6 +325,15 @@ def render_comparison(comparison: Comparison, tablefmt: str = "orgtbl", digits: 
         f"Protocol: {metric}, match when IoU > the IoU column (devkit rule), mAP over classes with "
         "non-difficult GT.",
     ]
+    if comparison.paired is not None:
+        paired = tabulate(
+            [[r.metric, f"{_pct(r.a):{pct}}", f"{_pct(r.b):{pct}}",
+              f"{_pct(r.diff):{diff}} [{_pct(r.low):{diff}}, {_pct(r.high):{diff}}]", f"{r.share_at_most_zero:.3f}"]
+             for r in comparison.paired.itertuples()],
+            headers=["metric", a, b, "B - A [95 % CI]", "P(B - A <= 0)"], tablefmt=tablefmt, disable_numparse=True,
+            colalign=("left", "right", "right", "right", "right"))
+        lines += ["", "Paired differences (the same bootstrap resamples of the images for A and B; BCa 95 % "
+                  f"intervals, {N_RESAMPLES} resamples, seed 0; P = share of resamples with B - A <= 0):", paired]
     lines += [f"Note: {note}." for note in comparison.notes]
     return differences_text(comparison.differences) + "\n".join(lines) + "\n"
 

@@ -21,7 +21,9 @@ from gradloc.core.formats import (
 )
 from gradloc.core.provenance import git_commit
 from gradloc.run.folder import Run, locked, open_run, update_manifest, write_scores
+from gradloc.scoring.bootstrap import N_RESAMPLES, corloc_interval, map_interval
 from gradloc.scoring.localization import best_box_acc, corloc, pointing_game
+from gradloc.scoring.tables import is_close
 from gradloc.scoring.voc import score_detections
 from gradloc.scoring.wsol import max_box_acc_from_hits
 
@@ -165,3 +167,34 @@ def record_rescoring(run_dir: str | Path, ious: Sequence[float], metric: str, fi
         "gradloc": __version__,
         "git_commit": git_commit(),
     })
+
+
+def with_intervals(run_dir: str | Path | Run, rows: pd.DataFrame, only: Sequence[str] = (), *,
+                   n_resamples: int = N_RESAMPLES, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """BCa bootstrap intervals of a run's means (images resampled, :mod:`gradloc.scoring.bootstrap`).
+
+    Returns:
+        ``rows`` (of :func:`score_run`) with columns ``ci_low``, ``ci_high`` (fractions) and ``ci_method`` on
+        the ``class == "mAP"`` rows of every source (NaN / empty elsewhere); and the CAM's CorLoc@0.5 per τ with
+        its interval: rows ``threshold, corloc, ci_low, ci_high, ci_method``.
+    """
+    run = run_dir if isinstance(run_dir, Run) else open_run(run_dir)
+    gt = keep_classes(run.gt, only) if only else run.gt
+    rows = rows.assign(ci_low=np.nan, ci_high=np.nan, ci_method="")
+    corloc_rows, fixed = [], {}  # fixed: the threshold-free baselines' intervals, the same at every τ
+    for tau in run.thresholds:
+        for source, dets in {"cam": run.detections_at(tau), **run.baselines_at(tau)}.items():
+            dets = keep_classes(dets, only) if only else dets
+            mask = (rows["class"] == "mAP") & (rows["source"] == source) & is_close(rows["threshold"], tau)
+            for index in rows.index[mask]:
+                iou, metric = float(rows.at[index, "iou"]), str(rows.at[index, "metric"])
+                key = (source, iou) if source in run.baselines else None
+                found = fixed.get(key) or map_interval(dets, gt, iou, metric, n_resamples=n_resamples, seed=seed)
+                if key is not None:
+                    fixed[key] = found
+                rows.loc[index, ["ci_low", "ci_high", "ci_method"]] = [found.low, found.high, found.method]
+            if source == "cam":
+                found = corloc_interval(dets, gt, 0.5, n_resamples=n_resamples, seed=seed)
+                corloc_rows.append({"threshold": tau, "corloc": found.estimate, "ci_low": found.low,
+                                    "ci_high": found.high, "ci_method": found.method})
+    return rows, pd.DataFrame(corloc_rows)

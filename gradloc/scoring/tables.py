@@ -28,7 +28,7 @@ TABLE_FORMATS = {"table": "orgtbl", "markdown": "github"}  # human formats -> ta
 
 
 JSON_KEYS = ["threshold", "threshold_mode", "iou", "metric", "class", "ap", "recall", "n_gt", "n_det",
-             "source", "box_mode"]
+             "source", "box_mode", "ci_low", "ci_high", "ci_method"]
 
 
 DIGITS = 2  # decimals of printed percentages (``--digits``)
@@ -201,8 +201,39 @@ def check_per_class(rows: pd.DataFrame, threshold: float) -> float:
     return match_value(rows["threshold"].dropna(), threshold, "threshold", "--per-class")
 
 
+def interval_table(rows: pd.DataFrame, corloc: pd.DataFrame | None = None, tablefmt: str = "orgtbl",
+                   digits: int = DIGITS) -> str:
+    """The mean rows with bootstrap intervals (columns ``ci_low``, ``ci_high``) as one row per (τ, source):
+    ``mAP@IoU [low, high]`` per IoU, and the CAM's ``CorLoc@0.5 [low, high]`` when ``corloc`` is given."""
+    means = rows[(rows["class"] == "mAP") & rows["ci_low"].notna()]
+    fixed = means["threshold_mode"] == "none"  # threshold-free baselines: shown once
+    means = pd.concat([means[~fixed], means[fixed & is_close(means["threshold"], means["threshold"].min())]])
+    ious = sorted(means["iou"].unique())
+    cell = f".{digits}f"
+    by_tau = corloc.set_index("threshold") if corloc is not None and len(corloc) else None
+    lines = []
+    for (tau, source), part in means.groupby(["threshold", "source"], sort=False):
+        at = part.set_index("iou")
+        free = (part["threshold_mode"] == "none").all()
+        line = ["any" if free else f"{tau:g}", source,
+                *[f"{100 * at.at[iou, 'ap']:{cell}} [{100 * at.at[iou, 'ci_low']:{cell}}, "
+                  f"{100 * at.at[iou, 'ci_high']:{cell}}]" if iou in at.index else "-" for iou in ious]]
+        if by_tau is not None:
+            found = by_tau.loc[tau] if source == "cam" and tau in by_tau.index else None
+            line.append("-" if found is None else f"{100 * found['corloc']:{cell}} [{100 * found['ci_low']:{cell}}, "
+                                                  f"{100 * found['ci_high']:{cell}}]")
+        lines.append(line)
+    headers = ["tau", "boxes", *[f"mAP@{iou:g} [95 % CI]" for iou in ious]]
+    if by_tau is not None:
+        headers.append("CorLoc@0.5 [95 % CI]")
+    methods = ", ".join(sorted(set(means["ci_method"])))
+    return (tabulate(lines, headers=headers, tablefmt=tablefmt, disable_numparse=True) + "\n"
+            f"Intervals: {methods} bootstrap over images (1,000 resamples, seed 0; gradloc.scoring.bootstrap), "
+            "95 %, in %.")
+
+
 def render(rows: pd.DataFrame, fmt: str, meta: Mapping[str, Any] | None = None, *, digits: int = DIGITS,
-           layout: str = "blocks", per_class: float | None = None) -> str:
+           layout: str = "blocks", per_class: float | None = None, corloc: pd.DataFrame | None = None) -> str:
     """Score rows as one document in ``table`` / ``markdown`` (human) or ``csv`` / ``json`` (machine).
 
     Args:
@@ -213,6 +244,8 @@ def render(rows: pd.DataFrame, fmt: str, meta: Mapping[str, Any] | None = None, 
         layout: ``blocks`` (one ap/recall x IoU block per τ) or ``rows`` (one row per τ).
         per_class: a threshold of ``rows``: tables add per-class tables at it (one per IoU); machine formats
             keep only the rows of that threshold (every class and the mAP row, every source and IoU).
+        corloc: CorLoc@0.5 intervals per τ (``gradloc.run.score.with_intervals``); tables add the intervals
+            of the mean rows when ``rows`` has ``ci_low`` / ``ci_high`` columns.
 
     Raises:
         ValueError: unknown format or layout, negative digits, ``per_class`` not a threshold of ``rows``.
@@ -230,6 +263,8 @@ def render(rows: pd.DataFrame, fmt: str, meta: Mapping[str, Any] | None = None, 
     tablefmt = TABLE_FORMATS.get(fmt, "github")
     tables = (threshold_tables if layout == "blocks" else threshold_rows)(rows, tablefmt, digits)
     text = tables + "\n" + protocol_line(rows, meta, oracle=rows["threshold"].nunique() > 1) + "\n"
+    if "ci_low" in rows.columns:
+        text += "\n" + interval_table(rows, corloc, tablefmt, digits) + "\n"
     if tau is not None:
         for iou in sorted(rows["iou"].unique()):
             text += (f"\nPer class, threshold = {tau:g}, IoU = {iou:g} (AP and recall in %)\n"

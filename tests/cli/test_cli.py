@@ -1,11 +1,13 @@
 """The core commands through click's runner: help, a tiny demo run, scoring pickles, and error paths."""
 
+import dataclasses
 import json
 import os
 import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
@@ -606,3 +608,56 @@ def test_reading_commands_never_import_torch(tiny_run, tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=600)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_compare_prints_paired_intervals_of_the_differences(tiny_run, tmp_path):
+    """B = A with its τ = 0.2 boxes moved: the paired mAP difference is B - A exactly, with a BCa interval; A
+    against itself differs by 0 in every resample."""
+    from gradloc.core.files import save_pickle
+    from gradloc.core.formats import load_detections, load_ground_truth
+    from gradloc.scoring.voc import evaluate
+
+    root, _ = tiny_run
+    a = root / "results" / "tiny"
+    b = tmp_path / "moved"
+    shutil.copytree(a, b)
+    dets = load_detections(b / "detections" / "thr_0.200.pkl")
+    save_pickle(dataclasses.replace(dets, boxes=dets.boxes + np.array([6.0, 6.0, 6.0, 6.0])),
+                b / "detections" / "thr_0.200.pkl")
+    assert CliRunner().invoke(main, ["score", str(b), "--iou", "0.3,0.5", "--save", "-q"]).exit_code == 0
+    result = CliRunner().invoke(main, ["compare", str(a), str(b), "--threshold", "0.2", "--iou", "0.5"])
+    assert result.exit_code == 0, result.output
+    gt = load_ground_truth(a / "gt.pkl")
+    maps = [evaluate(load_detections(run / "detections" / "thr_0.200.pkl"), gt, [0.5]).query(
+        "`class` == 'mAP'")["ap"].iloc[0] for run in (a, b)]
+    line = next(row for row in result.output.splitlines() if row.startswith("| mAP@0.5 (tau 0.2"))
+    assert f"{100 * (maps[1] - maps[0]):+.2f} [" in line
+    assert "Paired differences" in result.output and "P(B - A <= 0)" in result.output
+    assert "CorLoc@0.5" in result.output and "MaxBoxAccV2" in result.output and "TorchRay" in result.output
+    same = CliRunner().invoke(main, ["compare", str(a), str(a), "--threshold", "0.2", "--iou", "0.5"])
+    rows = [row for row in same.output.splitlines() if row.startswith("| mAP@0.5 (tau 0.2")]
+    assert rows and "+0.00 [+0.00, +0.00]" in rows[0] and rows[0].rstrip(" |").endswith("1.000")
+
+
+def test_score_ci_adds_bca_intervals_of_the_means(tiny_run):
+    from gradloc.core.formats import load_detections, load_ground_truth
+    from gradloc.scoring.bootstrap import corloc_interval, map_interval
+
+    root, _ = tiny_run
+    run_dir = root / "results" / "tiny"
+    result = CliRunner().invoke(main, ["score", str(run_dir), "--iou", "0.5", "--ci", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    cam = next(r for r in rows if r["class"] == "mAP" and r["source"] == "cam" and r["threshold"] == 0.2)
+    expected = map_interval(load_detections(run_dir / "detections" / "thr_0.200.pkl"),
+                            load_ground_truth(run_dir / "gt.pkl"), 0.5)
+    assert (cam["ci_low"], cam["ci_high"], cam["ci_method"]) == (expected.low, expected.high, expected.method)
+    assert all(r["ci_low"] is None for r in rows if r["class"] != "mAP")
+    table = CliRunner().invoke(main, ["score", str(run_dir), "--iou", "0.5", "--ci"]).output
+    corloc = corloc_interval(load_detections(run_dir / "detections" / "thr_0.200.pkl"),
+                             load_ground_truth(run_dir / "gt.pkl"))
+    line = next(row for row in table.splitlines() if row.startswith("| 0.2 ") and "| cam " in row)
+    assert f"{100 * corloc.estimate:.2f} [{100 * corloc.low:.2f}, {100 * corloc.high:.2f}]" in line
+    assert "| any   | center" in table and "bootstrap over images (1,000 resamples, seed 0" in table
+    pickles = [str(run_dir / "gt.pkl"), str(run_dir / "detections" / "thr_0.200.pkl")]
+    assert CliRunner().invoke(main, ["score", "--gt", *pickles, "--ci"]).exit_code == 2
