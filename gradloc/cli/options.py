@@ -228,13 +228,16 @@ def print_scores(ctx: click.Context, rows, meta, wsol, fmt: str = "table", **opt
 
 def localization_lines(wsol, digits: int, only: Sequence[str] | None = None) -> str:
     """The mean WSOL rows as text (over the classes ``only`` when given); τ-free metrics (pointing game) name
-    no τ."""
-    means = wsol[wsol["class"].isin(["mean", "all"])]
-    width = max((len(str(metric)) for metric in means["metric"]), default=0)
-    lines = [f"  {r.metric:<{width}} {'' if r.threshold != r.threshold else f'tau={r.threshold:g}':<10} "
-             f"{100 * r.value:6.{digits}f} %  (n={r.n})" for r in means.itertuples()]
+    no τ; a mean over all classes with absent ones as 0 (TorchRay's) says so."""
+    from gradloc.run.score import MEAN_ALL_CLASSES
+
+    means = wsol[wsol["class"].isin(["mean", "all", MEAN_ALL_CLASSES])]
+    labels = [f"{r.metric}{', ' + r._3 if r._3 == MEAN_ALL_CLASSES else ''}" for r in means.itertuples()]
+    width = max((len(label) for label in labels), default=0)
+    lines = [f"  {label:<{width}} {'' if r.threshold != r.threshold else f'tau={r.threshold:g}':<10} "
+             f"{100 * r.value:6.{digits}f} %  (n={r.n})" for label, r in zip(labels, means.itertuples(), strict=True)]
     classes = f"the classes {', '.join(only)} (--only)" if only else "classes"
-    return (f"Localization (mean over {classes}, in %; CorLoc per tau, pointing game tau-free):\n"
+    return (f"Localization (mean over {classes} unless said, in %; CorLoc per tau, pointing game tau-free):\n"
             + "\n".join(lines))
 
 

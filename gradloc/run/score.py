@@ -78,13 +78,24 @@ def score_run(run_dir: str | Path | Run, ious: Sequence[float], metric: str, onl
     return pd.concat(frames, ignore_index=True)
 
 
+POINTING_GT = "pointing@15px, GT classes (TorchRay protocol)"
+POINTING_CENTRE = "pointing@15px, image centre as the point (TorchRay protocol baseline)"
+POINTING_EXPLAINED = "pointing@15px, explained classes (a class absent from the image is a miss)"
+MEAN_ALL_CLASSES = "mean over all classes (absent = 0)"
+
+
 def localization_scores(run_dir: str | Path | Run, only: Sequence[str] = ()) -> pd.DataFrame:
     """WSOL metrics of a run (``only``: over just these classes), each row naming its protocol (column
     ``metric``):
 
     * ``corloc@0.5`` per threshold (the run's explained classes);
-    * ``pointing@15px (gradloc, explained classes)`` and ``pointing@15px (TorchRay, GT classes)``
-      (:func:`gradloc.scoring.localization.pointing_game`; τ-free);
+    * the pointing game (:func:`gradloc.scoring.localization.pointing_game`; τ-free, 15 px): ``POINTING_GT`` --
+      TorchRay's protocol on every GT class of every image, class rows, their ``mean`` over classes with a
+      counted pair and TorchRay's own mean over all classes, an absent class counting 0
+      (``MEAN_ALL_CLASSES``, what its published tables report); ``POINTING_CENTRE`` -- the same for the image
+      centre as the point (TorchRay's centre baseline); ``POINTING_EXPLAINED`` -- the explained classes'
+      peaks, a class without GT in the image counting as a miss (with every class explained this measures how
+      often a peak is on an object of its class, not how well present objects are found);
     * ``MaxBoxAccV2@δ`` and ``MaxBoxAccV2`` (wsolevaluation: GT-known, min-max maps, 0.01 τ grid chosen on this
       split, all boxes; :mod:`gradloc.scoring.wsol`), from ``gt_known.pkl``;
     * for runs that explain the GT classes, ``boxacc@δ, best of the run's τ``: the same idea restricted to
@@ -105,12 +116,18 @@ def localization_scores(run_dir: str | Path | Run, only: Sequence[str] = ()) -> 
         frame = corloc(dets, gt, iou=0.5)
         rows += [{"metric": "corloc@0.5", "threshold": dets.threshold, "class": r["class"], "value": r["corloc"],
                   "n": r["n_images"]} for r in frame.to_dict("records")]
-    for label, record, protocol in (("gradloc, explained classes", points, "gradloc"),
-                                    ("TorchRay, GT classes", known, "torchray")):
-        frame = pointing_game(record["image_index"], record["labels"], record["points"], gt, tolerance=15.0,
-                              protocol=protocol)
-        rows += [{"metric": f"pointing@15px ({label})", "threshold": float("nan"), "class": r["class"],
-                  "value": r["accuracy"], "n": r["n"]} for r in frame.to_dict("records")]
+    centre = gt.image_sizes[known["image_index"]] / 2.0 + 1.0  # TorchRay's (w/2, h/2), 0-based -> VOC pixels
+    for metric, record, protocol in ((POINTING_EXPLAINED, points["points"], "gradloc"),
+                                     (POINTING_GT, known["points"], "torchray"),
+                                     (POINTING_CENTRE, centre, "torchray")):
+        owner = points if protocol == "gradloc" else known
+        frame = pointing_game(owner["image_index"], owner["labels"], record, gt, tolerance=15.0, protocol=protocol)
+        rows += [{"metric": metric, "threshold": float("nan"), "class": r["class"], "value": r["accuracy"],
+                  "n": r["n"]} for r in frame.to_dict("records")]
+        if protocol == "torchray":  # TorchRay's tables average all classes, an absent class counting 0
+            per_class = frame[frame["class"] != "mean"]
+            rows.append({"metric": metric, "threshold": float("nan"), "class": MEAN_ALL_CLASSES,
+                         "value": float(per_class["accuracy"].fillna(0.0).mean()), "n": int(per_class["n"].sum())})
     if len(known["hits"]):
         frame = max_box_acc_from_hits(known["hits"])
         rows += [{"metric": r["metric"].replace("MaxBoxAcc (all boxes)", "MaxBoxAccV2"),

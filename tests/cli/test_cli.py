@@ -257,7 +257,7 @@ def test_score_writes_nothing_unless_save(tiny_run):
     result = CliRunner().invoke(main, ["score", str(run_dir), "--iou", "0.5"])
     assert result.exit_code == 0, result.output
     assert _files(run_dir) == before
-    assert "tau=nan" not in result.stdout and re.search(r"pointing@15px [^\n]*\) +\d+\.\d\d %", result.stdout)
+    assert "tau=nan" not in result.stdout and re.search(r"pointing@15px[^\n]*\) +\d+\.\d\d %", result.stdout)
     # every option is checked before anything is printed or written
     bad = CliRunner().invoke(main, ["score", str(run_dir), "--iou", "0.5", "--save", "--per-class", "0.33"])
     assert bad.exit_code == 1 and bad.stdout == ""
@@ -497,13 +497,14 @@ def test_only_scores_a_subset_of_classes(tiny_run):
 @pytest.mark.slow
 def test_only_restricts_the_localization_rows(tiny_run):
     from gradloc.run.folder import open_run
-    from gradloc.run.score import localization_scores
+    from gradloc.run.score import MEAN_ALL_CLASSES, localization_scores
 
     run = open_run(tiny_run[0] / "results" / "tiny")
     every, some = localization_scores(run), localization_scores(run, ["square", "disc"])
-    per_class = ~every["class"].isin(["mean", "all"])
+    means = ["mean", "all", MEAN_ALL_CLASSES]
+    per_class = ~every["class"].isin(means)
     assert set(every[per_class]["class"]) > {"square", "disc"}
-    assert set(some[~some["class"].isin(["mean", "all"])]["class"]) <= {"square", "disc"}
+    assert set(some[~some["class"].isin(means)]["class"]) <= {"square", "disc"}
     # per-class rows of the kept classes are unchanged: the restriction drops rows, it does not rescore them
     key = ["metric", "threshold", "class"]
     kept = every[every["class"].isin(["square", "disc"])].set_index(key).sort_index()

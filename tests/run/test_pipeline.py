@@ -13,7 +13,7 @@ from gradloc.run.cams import plan_cams
 from gradloc.run.config import load_config
 from gradloc.run.folder import new_run
 from gradloc.run.pipeline import run_manifest
-from gradloc.run.score import score_run
+from gradloc.run.score import MEAN_ALL_CLASSES, POINTING_CENTRE, POINTING_GT, score_run
 from gradloc.run.setup import StageTimes, prepare_demo, with_method
 from tests.conftest import CONFIGS
 
@@ -213,9 +213,16 @@ def test_gt_known_run_reports_maxboxacc_and_localization_rows(demo_run, tmp_path
     assert (v2["n"] == len(pairs)).all() and v2["value"].iloc[:3].is_monotonic_decreasing
     assert v2["value"].iloc[3] == pytest.approx(v2["value"].iloc[:3].mean())
     assert all(np.isclose(t, np.arange(0, 1, 0.01)).any() for t in v2["threshold"].dropna())
-    torchray = rows[rows["metric"] == "pointing@15px (TorchRay, GT classes)"].set_index("class")
+    torchray = rows[rows["metric"] == POINTING_GT].set_index("class")
     counted = {(int(i), int(c)) for i, c, d in zip(gt.image_index, gt.labels, gt.difficult, strict=True) if not d}
-    assert int(torchray.drop("mean")["n"].sum()) == len(counted)
+    per_class = torchray.drop(["mean", MEAN_ALL_CLASSES])
+    assert int(per_class["n"].sum()) == len(counted)
+    # TorchRay's published mean: every class of the class list, a class without pairs counting 0
+    assert torchray.at[MEAN_ALL_CLASSES, "value"] == pytest.approx(per_class["value"].fillna(0).mean())
+    assert torchray.at[MEAN_ALL_CLASSES, "value"] <= torchray.at["mean", "value"]
+    centre = rows[rows["metric"] == POINTING_CENTRE].set_index("class")
+    assert set(centre.index) == set(torchray.index) and int(centre.drop(["mean", MEAN_ALL_CLASSES])["n"].sum()) == len(
+        counted)
 
 
 def test_masked_batch_reaches_scorecam(demo_run, tmp_path, monkeypatch):
