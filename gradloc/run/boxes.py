@@ -109,7 +109,7 @@ class BoxesOutput:
         cam: CAM detections, one per τ of ``boxes.thresholds``.
         box_baselines: threshold-free baselines by name (center, full).
         map_baselines: map baselines by name, one detections per τ.
-        points, gt_known: the ``points.pkl`` and ``gt_known.pkl`` records.
+        points, gt_known, image_scores: the ``points.pkl``, ``gt_known.pkl`` and ``image_scores.pkl`` records.
     """
 
     gt: GroundTruth
@@ -118,6 +118,7 @@ class BoxesOutput:
     map_baselines: dict[str, list[Detections]]
     points: dict[str, Any]
     gt_known: dict[str, Any]
+    image_scores: dict[str, Any]
 
     def write(self, writer: RunWriter) -> None:
         writer.write_gt(self.gt)
@@ -130,6 +131,7 @@ class BoxesOutput:
             writer.write_baseline(name, dets)
         writer.write_points(self.points)
         writer.write_gt_known(self.gt_known)
+        writer.write_image_scores(self.image_scores)
 
 
 def run_boxes(config: RunConfig, cache: HeatmapCache, dataset: VOCDataset, progress: Progress = None,
@@ -168,9 +170,10 @@ def cut_boxes(config: RunConfig, cache: HeatmapCache, dataset: VOCDataset, progr
     bounds = np.searchsorted(gt.image_index[order], np.arange(len(gt.image_ids) + 1))
     rng = np.random.default_rng(config.seed)
     partners = derangement(len(dataset.image_ids), config.seed)
+    probabilities = np.zeros((len(dataset.image_ids), len(gt.classes)))
     for index, image_id in enumerate(dataset.image_ids):
         entry = cache.get(image_id)
-        probs = class_probabilities(entry.scores, score_kind)
+        probs = probabilities[index] = class_probabilities(entry.scores, score_kind)
         in_image = order[bounds[index] : bounds[index + 1]]
         gt_known.add(index, entry, gt.labels[in_image], gt.boxes[in_image])
         classes = explained_classes(config.boxes.explain, probs, gt.labels[in_image], config.boxes.score_cut)
@@ -214,4 +217,5 @@ def cut_boxes(config: RunConfig, cache: HeatmapCache, dataset: VOCDataset, progr
         points={**common, "image_index": image_index, "labels": labels, "scores": scores, "points": values,
                 "meta": protocol},
         gt_known={**common, **gt_known.record(), "meta": protocol},
+        image_scores={**common, "probabilities": probabilities, "score_kind": score_kind, "meta": protocol},
     )

@@ -74,6 +74,8 @@ POINTS_FORMAT = "gradloc.points/1"
 
 
 GT_KNOWN_FILE = "gt_known.pkl"
+IMAGE_SCORES_FILE = "image_scores.pkl"
+IMAGE_SCORES_FORMAT = "gradloc.image_scores/1"
 
 
 GT_KNOWN_FORMAT = "gradloc.gt_known/1"
@@ -297,6 +299,16 @@ class Run:
         return data
 
     @property
+    def image_scores(self) -> dict[str, Any]:
+        """``image_scores.pkl`` (``gradloc.image_scores/1``): every image's class probabilities (the classifier's
+        outputs behind the confidences), float64[n_images, C] under ``probabilities``."""
+        path = self.path / IMAGE_SCORES_FILE
+        data = safe_load_pickle(path)
+        if not isinstance(data, dict) or data.get("format") != IMAGE_SCORES_FORMAT:
+            raise ValueError(f"{path}: not a {IMAGE_SCORES_FORMAT} file")
+        return data
+
+    @property
     def gt_known(self) -> dict[str, Any]:
         """``gt_known.pkl`` (``gradloc.gt_known/1``): per (image, GT class) pair the map's peak and the
         wsolevaluation box hits (see :func:`gradloc.run.boxes.run_boxes`)."""
@@ -400,6 +412,9 @@ class RunWriter:
 
     def write_gt_known(self, record: Mapping[str, Any]) -> None:
         save_pickle({"format": GT_KNOWN_FORMAT, **record}, self.path / GT_KNOWN_FILE)
+
+    def write_image_scores(self, record: Mapping[str, Any]) -> None:
+        save_pickle({"format": IMAGE_SCORES_FORMAT, **record}, self.path / IMAGE_SCORES_FILE)
 
     def write_config(self, config: Mapping[str, Any]) -> None:
         atomic_write_bytes(self.path / CONFIG_FILE, yaml.safe_dump(dict(config), sort_keys=False).encode())

@@ -22,6 +22,7 @@ from gradloc.core.formats import (
 from gradloc.core.provenance import git_commit
 from gradloc.run.folder import Run, locked, open_run, update_manifest, write_scores
 from gradloc.scoring.bootstrap import N_RESAMPLES, corloc_interval, map_interval
+from gradloc.scoring.classification import classification_map
 from gradloc.scoring.localization import best_box_acc, corloc, pointing_game
 from gradloc.scoring.tables import is_close
 from gradloc.scoring.voc import score_detections
@@ -82,6 +83,7 @@ POINTING_GT = "pointing@15px, GT classes (TorchRay protocol)"
 POINTING_CENTRE = "pointing@15px, image centre as the point (TorchRay protocol baseline)"
 POINTING_EXPLAINED = "pointing@15px, explained classes (a class absent from the image is a miss)"
 MEAN_ALL_CLASSES = "mean over all classes (absent = 0)"
+CLASSIFICATION = "classification AP (VOC07 11-point, image labels; the run's class probabilities)"
 
 
 def localization_scores(run_dir: str | Path | Run, only: Sequence[str] = ()) -> pd.DataFrame:
@@ -100,6 +102,9 @@ def localization_scores(run_dir: str | Path | Run, only: Sequence[str] = ()) -> 
       split, all boxes; :mod:`gradloc.scoring.wsol`), from ``gt_known.pkl``;
     * for runs that explain the GT classes, ``boxacc@δ, best of the run's τ``: the same idea restricted to
       the run's own τ list and box mode (not comparable with wsolevaluation's numbers).
+
+    * ``CLASSIFICATION``: the classifier's image-classification AP per class and its mean (the devkit's
+      classification task on the class probabilities behind the confidences; n = positive images).
 
     Rows: metric, threshold, class, value, n."""
 
@@ -128,6 +133,14 @@ def localization_scores(run_dir: str | Path | Run, only: Sequence[str] = ()) -> 
             per_class = frame[frame["class"] != "mean"]
             rows.append({"metric": metric, "threshold": float("nan"), "class": MEAN_ALL_CLASSES,
                          "value": float(per_class["accuracy"].fillna(0.0).mean()), "n": int(per_class["n"].sum())})
+    scores = run.image_scores
+    labels = gt.image_labels()
+    columns = [run.gt.classes.index(name) for name in gt.classes]  # the kept classes' (all without --only)
+    value, aps = classification_map(scores["probabilities"][:, columns], labels)
+    rows += [{"metric": CLASSIFICATION, "threshold": float("nan"), "class": name, "value": float(ap),
+              "n": int((labels[:, c] == 1).sum())} for c, (name, ap) in enumerate(zip(gt.classes, aps, strict=True))]
+    rows.append({"metric": CLASSIFICATION, "threshold": float("nan"), "class": "mean", "value": value,
+                 "n": int(np.isfinite(aps).sum())})
     if len(known["hits"]):
         frame = max_box_acc_from_hits(known["hits"])
         rows += [{"metric": r["metric"].replace("MaxBoxAcc (all boxes)", "MaxBoxAccV2"),
