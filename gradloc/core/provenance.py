@@ -56,3 +56,14 @@ def file_sha256(path: Path) -> str:
                 digest.update(chunk)
         _DIGESTS[key] = digest.hexdigest()
     return _DIGESTS[key]
+
+
+def provenance(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Where a number came from: git commit, config hash, the sha256 of the config's checkpoint (when it names
+    one that exists), package versions and seed -- one flat record for a results row."""
+    checkpoint = (config.get("model") or {}).get("checkpoint")
+    path = Path(checkpoint) if checkpoint else None
+    return {"git_commit": git_commit(), "config_hash": config_hash(config),
+            "checkpoint_sha256": file_sha256(path) if path is not None and path.is_file() else None,
+            "seed": config.get("seed"), **{f"version_{k}": v for k, v in package_versions().items()}}
+
