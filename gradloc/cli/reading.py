@@ -59,18 +59,19 @@ def score(ctx: click.Context, run_dir: str | None, gt_path: str | None, voc_resu
     if gt_path is None:
         if run_dir is None or detections or voc_results:
             raise click.UsageError("give a run folder, or --gt GT.pkl with detection pickles or --voc-results DIR")
-        from gradloc.run.score import record_rescoring, save_run_scores, score_run_folder
-        from gradloc.scoring.tables import check_per_class
+        from gradloc.run.score import coco_scores, record_rescoring, save_run_scores, score_run_folder
+        from gradloc.scoring.tables import TABLE_FORMATS, check_per_class
 
         rows, meta, wsol = score_run_folder(run_dir, ious, metric, classes)
         if per_class is not None:
             check_per_class(rows, per_class)  # before anything is written or printed
+        coco = coco_scores(run_dir, classes) if save or fmt in TABLE_FORMATS else None
         if save:
-            files = save_run_scores(run_dir, rows, meta, wsol)
+            files = save_run_scores(run_dir, rows, meta, wsol, coco)
             recorded = record_rescoring(run_dir, ious, metric, files, classes)
             say(ctx, f"saved {', '.join(f.name for f in files)} in {run_dir}"
                      + ("; manifest.json records the rescoring" if recorded else " (no manifest.json to update)"))
-        print_scores(ctx, rows, meta, wsol, fmt, **options)
+        print_scores(ctx, rows, meta, wsol, fmt, coco, **options)
         return
     if save:
         raise click.UsageError("--save writes into a run folder; with --gt redirect stdout instead")

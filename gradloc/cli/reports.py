@@ -188,23 +188,30 @@ def sweep(ctx: click.Context, config_path: str | None, select_split: str, eval_s
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--threshold", type=float, required=True, help="τ of the detections to export (a threshold of the run).")
-@click.option("--format", "fmt", type=click.Choice(["voc"]), default="voc", show_default=True,
-              help="voc = the official devkit's per-class files comp4_det_<split>_<class>.txt.")
+@click.option("--format", "fmt", type=registry_choice("gradloc.reports.export", "EXPORT_FORMATS"), default="voc",
+              show_default=True,
+              help="voc = the official devkit's per-class files comp4_det_<split>_<class>.txt; coco = a COCO "
+                   "results JSON and the matching ground-truth JSON (pycocotools reads both).")
 @click.option("--split", default=None, help="Split in the file names (default: the run's split).")
 @click.pass_context
 def export(ctx: click.Context, run_dir: str, out_dir: str, threshold: float, fmt: str, split: str | None) -> None:
-    """Write a run's detections at one τ in the devkit's results format (baselines in OUT_DIR/baselines/).
+    """Write a run's detections at one τ in the devkit's or COCO's results format (baselines in
+    OUT_DIR/baselines/).
 
-    Lines are `image_id score x1 y1 x2 y2`, VOC 1-based boxes, numbers that read back exactly.
+    voc: lines `image_id score x1 y1 x2 y2`, VOC 1-based boxes, numbers that read back exactly. coco:
+    detections_<split>_results.json with boxes [x1 - 1, y1 - 1, x2 - x1 + 1, y2 - y1 + 1] and
+    instances_<split>.json (difficult boxes as iscrowd 1), ids = 1-based positions in the run's image and
+    class lists.
 
     \b
-    Example:
+    Examples:
       gradloc export results/demo --threshold 0.2 --format voc exported/
       gradloc score --gt results/demo/gt.pkl --voc-results exported/
+      gradloc export results/demo --threshold 0.2 --format coco coco/
     """
     from gradloc.reports.export import export_run
 
-    written = export_run(run_dir, threshold, out_dir, split=split)
+    written = export_run(run_dir, threshold, out_dir, split=split, fmt=fmt)
     say(ctx, f"wrote {len(written)} {fmt} results files to {out_dir}")
 
 

@@ -21,6 +21,7 @@ from gradloc.core.formats import (
 )
 from gradloc.core.provenance import git_commit
 from gradloc.run.folder import Run, locked, open_run, update_manifest, write_scores
+from gradloc.scoring.coco import coco_evaluate
 from gradloc.scoring.localization import best_box_acc, corloc, pointing_game
 from gradloc.scoring.voc import score_detections
 from gradloc.scoring.wsol import max_box_acc_from_hits
@@ -121,6 +122,29 @@ def localization_scores(run_dir: str | Path | Run, only: Sequence[str] = ()) -> 
     return pd.DataFrame(rows)
 
 
+def coco_scores(run_dir: str | Path | Run, only: Sequence[str] = ()) -> pd.DataFrame:
+    """COCO-style AP (:func:`gradloc.scoring.coco.coco_evaluate`: AP@[.50:.95], AP@0.50, AP@0.75, AP by size)
+    of every detections file of a run: the CAM boxes and the map baselines per τ, the τ-free baselines once
+    (``threshold`` NaN). ``only``: just these classes.
+
+    Rows: threshold, source, metric, class (a class or ``mean``), ap, n_gt, n_det.
+    """
+    run = run_dir if isinstance(run_dir, Run) else open_run(run_dir)
+    sources = [("cam", tau, run.detections_at(tau)) for tau in run.thresholds]
+    sources += [(name, tau, run.map_baseline_at(name, tau)) for name, taus in run.map_baselines().items()
+                for tau in taus]
+    sources += [(name, float("nan"), dets) for name, dets in run.baselines.items()]
+    frames = []
+    for source, tau, dets in sources:
+        try:
+            frame = coco_evaluate(dets, run.gt, only)
+        except ValueError as error:
+            raise ValueError(f"{run.path} ({source}, tau {tau:g}): {error}") from None
+        frames.append(frame.assign(threshold=tau, source=source))
+    columns = ["threshold", "source", "metric", "class", "ap", "n_gt", "n_det"]
+    return pd.concat(frames, ignore_index=True)[columns]
+
+
 def _keep_pairs(record: dict[str, Any], classes: Sequence[str], only: Sequence[str]) -> dict[str, Any]:
     """A points / gt_known record restricted to the (image, class) pairs of the classes ``only``, relabelled
     to their order in ``only``."""
@@ -142,12 +166,12 @@ def score_run_folder(run_dir: str | Path | Run, ious: Sequence[float], metric: s
     return rows, _with_only(run.detections_at(run.thresholds[0]).meta, only), localization_scores(run, only)
 
 
-def save_run_scores(run_dir: str | Path, rows: pd.DataFrame, meta: dict[str, Any], wsol: pd.DataFrame
-                    ) -> list[Path]:
-    """Write scores.csv/json/md and localization.csv into a finished run folder (holding its lock); returns
-    the written files."""
+def save_run_scores(run_dir: str | Path, rows: pd.DataFrame, meta: dict[str, Any], wsol: pd.DataFrame,
+                    coco: pd.DataFrame | None = None) -> list[Path]:
+    """Write scores.csv/json/md, localization.csv (and coco.csv) into a finished run folder (holding its lock);
+    returns the written files."""
     with locked(run_dir):
-        return write_scores(run_dir, rows, meta, wsol)
+        return write_scores(run_dir, rows, meta, wsol, coco)
 
 
 def record_rescoring(run_dir: str | Path, ious: Sequence[float], metric: str, files: Sequence[Path],
