@@ -11,13 +11,47 @@ import click
 
 
 def parse_floats(value: str | None, name: str) -> tuple[float, ...] | None:
+    """A comma-separated list of numbers and ranges ``start:stop:step`` (stop included, e.g. ``0.5:0.95:0.05``
+    = 0.5, 0.55, ..., 0.95), as the explicit list of floats. Only the syntax is checked here; which values
+    are valid (IoU in (0, 1), τ in [0, 1], ...) is checked once, by :mod:`gradloc.core.ranges`."""
     if value is None:
         return None
+    values: list[float] = []
+    for item in (part.strip() for part in value.split(",")):
+        if item:
+            values += _expand_range(item, name) if ":" in item else [_number(item, value, name)]
+    return tuple(values)
+
+
+def _number(text: str, value: str, name: str) -> float:
     try:
-        return tuple(float(item) for item in value.split(",") if item.strip())
+        return float(text)
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers such as 0.01,0.02, got {value!r}",
+        raise click.BadParameter(f"expected comma-separated numbers or ranges start:stop:step such as "
+                                 f"0.01,0.02 or 0.5:0.95:0.05, got {value!r}", param_hint=name) from None
+
+
+def _expand_range(item: str, name: str) -> list[float]:
+    """``start:stop:step`` -> [start, start + step, ..., stop], in decimal arithmetic so that every value is
+    the float of its decimal (0.5:0.95:0.05 gives 0.55, not 0.5 + 0.05 = 0.55000000000000004)."""
+    from decimal import Decimal, InvalidOperation
+
+    parts = item.split(":")
+    try:
+        start, stop, step = (Decimal(part.strip()) for part in parts)
+        if not all(v.is_finite() for v in (start, stop, step)):
+            raise InvalidOperation
+    except (ValueError, InvalidOperation):
+        raise click.BadParameter(f"range {item!r} is not start:stop:step with three numbers, e.g. 0.5:0.95:0.05",
                                  param_hint=name) from None
+    if step <= 0 or stop < start:
+        raise click.BadParameter(f"range {item!r} needs start <= stop and a step > 0, e.g. 0.5:0.95:0.05",
+                                 param_hint=name)
+    steps = (stop - start) / step
+    if steps != steps.to_integral_value():
+        raise click.BadParameter(f"range {item!r}: {stop} is not reached from {start} in whole steps of {step}; "
+                                 "make stop - start a multiple of step", param_hint=name)
+    return [float(start + i * step) for i in range(int(steps) + 1)]
 
 
 class RegistryChoice(click.Choice):
@@ -108,7 +142,8 @@ FLAG_GROUPS: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
         "seed": ("seed", {"type": int, "help": "Random seed (baselines, demo)."}),
     },
     "boxes": {
-        "thresholds": ("boxes.thresholds", {"help": "Comma-separated τ in [0, 1], e.g. 0.01,0.02,0.06."}),
+        "thresholds": ("boxes.thresholds", {"help": "Comma-separated τ in [0, 1] or ranges start:stop:step, e.g. "
+                                                    "0.01,0.02,0.06 or 0.1:0.5:0.05."}),
         "threshold_mode": ("boxes.threshold_mode", {"type": registry_choice("gradloc.boxes.cut", "THRESHOLD_MODES"),
                                                     "help": "τ semantics: max (heat >= τ·max), minmax, percentile."}),
         "box_mode": ("boxes.box_mode", {"type": registry_choice("gradloc.boxes.cut", "BOX_MODES"),
@@ -124,7 +159,8 @@ FLAG_GROUPS: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
         "out": ("out", {"help": "Folder holding run folders (default results); --out is always a folder."}),
     },
     "score": {
-        "iou": ("score.iou", {"help": "Comma-separated IoU thresholds, e.g. 0.3,0.4,0.5."}),
+        "iou": ("score.iou", {"help": "Comma-separated IoU thresholds or ranges start:stop:step (stop included), "
+                                      "e.g. 0.3,0.4,0.5 or 0.5:0.95:0.05."}),
         "metric": ("score.metric", {"type": registry_choice("gradloc.scoring.voc", "METRICS"),
                                     "help": "voc07 = 11-point AP, voc10 = all-point AP."}),
         "only": ("score.only", {"help": "Score only these classes, e.g. car,cat,bus (mAP, CorLoc, pointing "
@@ -252,8 +288,8 @@ def shard_option(command: Callable) -> Callable:
                              "batch I), then stop; `gradloc merge` uses the filled cache.")(command)
 
 
-SINGLE_IOU_HELP = ("IoU of {what}: one value (the flag is --iou everywhere; `run` and `score` take a "
-                   "comma-separated list).")
+SINGLE_IOU_HELP = ("IoU of {what}: one value (the flag is --iou everywhere; `run`, `score` and `sweep` take a "
+                   "comma-separated list or ranges such as 0.5:0.95:0.05).")
 
 
 def one_iou(value: str) -> float:

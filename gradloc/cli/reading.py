@@ -21,7 +21,7 @@ from gradloc.cli.options import (
 @click.option("--voc-results", "voc_results", type=click.Path(file_okay=False),
               help="With --gt: a folder of devkit files <comp>_det_<split>_<class>.txt (any detector; "
                    "baselines/<name>/ subfolders are scored as baselines).")
-@click.option("--iou", default="0.3,0.4,0.5", show_default=True, help="Comma-separated IoU thresholds.")
+@click.option("--iou", default="0.3,0.4,0.5", show_default=True, help=FLAG_GROUPS["score"]["iou"][1]["help"])
 @click.option("--metric", type=registry_choice("gradloc.scoring.voc", "METRICS"), default="voc07", show_default=True,
               help="voc07 = 11-point AP, voc10 = all-point AP.")
 @click.option("--only", default=None, help=FLAG_GROUPS["score"]["only"][1]["help"])
