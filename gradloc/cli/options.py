@@ -175,8 +175,25 @@ RUN_FLAGS = {flag: spec for group in FLAG_GROUPS.values() for flag, spec in grou
 LIST_FLAGS = {"thresholds": parse_floats, "iou": parse_floats, "only": parse_names}
 
 
-def run_options(*groups: str) -> Callable[[Callable], Callable]:
-    """Add ``--config`` and the flags of ``groups`` (:data:`FLAG_GROUPS`, default all) to a command."""
+UNSET = "none"
+"""A flag given as ``none`` unsets an optional config value (``--checkpoint none``, ``--layer none``,
+``--limit none``): the key becomes null, as if the config did not set it."""
+
+
+class _IntOrUnset(click.ParamType):
+    """An integer flag that also takes :data:`UNSET`."""
+
+    name = "integer"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and value.strip().lower() == UNSET:
+            return UNSET
+        return click.INT.convert(value, param, ctx)
+
+
+def run_options(*groups: str, config: bool = True) -> Callable[[Callable], Callable]:
+    """Add ``--config`` (unless ``config`` is False) and the flags of ``groups`` (:data:`FLAG_GROUPS`, default
+    all) to a command. Integer flags also take ``none`` (:data:`UNSET`)."""
 
     def decorate(command: Callable) -> Callable:
         flags = [item for group in (groups or FLAG_GROUPS) for item in FLAG_GROUPS[group].items()]
@@ -184,24 +201,36 @@ def run_options(*groups: str) -> Callable[[Callable], Callable]:
             name = flag.replace("_", "-")
             names = [f"--{name}/--no-{name}"] if kwargs.get("type") is bool else [f"--{name}"]
             options = {key: value for key, value in kwargs.items() if not (key == "type" and value is bool)}
+            if options.get("type") is int:
+                options["type"] = _IntOrUnset()
             command = click.option(*names, flag, default=None, **options)(command)
+        if not config:
+            return command
         return click.option("--config", "config_path", type=click.Path(dir_okay=False),
-                            help="YAML config (configs/*.yaml); flags override it.")(command)
+                            help="YAML config (configs/*.yaml); flags override it; a flag given as `none` "
+                                 "unsets an optional value (e.g. --checkpoint none).")(command)
 
     return decorate
 
 
 def build_config(config_path: str | None, flags: dict[str, Any]):
-    """The config file with flags applied, validated (names included) before any work starts."""
-    from gradloc.run.config import load_config
+    """The config file with flags applied, validated (names included) before any work starts. A flag given as
+    ``none`` (:data:`UNSET`) sets its config key to null when the key may be null, else is a usage error."""
+    from gradloc.run.config import is_nullable, load_config
     from gradloc.run.setup import check_names
 
     overrides = {}
     for flag, value in flags.items():
         if value is None or flag not in RUN_FLAGS:
             continue
+        key, option = RUN_FLAGS[flag][0], f"--{flag.replace('_', '-')}"
+        if isinstance(value, str) and value.strip().lower() == UNSET:
+            if not is_nullable(key):
+                raise click.BadParameter(f"{key} has no unset value; give one", param_hint=option)
+            overrides[key] = None
+            continue
         parse = LIST_FLAGS.get(flag)
-        overrides[RUN_FLAGS[flag][0]] = parse(value, f"--{flag.replace('_', '-')}") if parse else value
+        overrides[key] = parse(value, option) if parse else value
     config = load_config(config_path, overrides)
     check_names(config)
     return config
@@ -272,7 +301,7 @@ def print_scores(ctx: click.Context, rows, meta, wsol, fmt: str = "table", coco=
 def localization_lines(wsol, digits: int, only: Sequence[str] | None = None) -> str:
     """The mean WSOL rows as text (over the classes ``only`` when given); τ-free metrics (pointing game) name
     no τ."""
-    means = wsol[wsol["class"].isin(["mean", "all"])]
+    means = wsol[wsol["class"] == "mean"]
     width = max((len(str(metric)) for metric in means["metric"]), default=0)
     lines = [f"  {r.metric:<{width}} {'' if r.threshold != r.threshold else f'tau={r.threshold:g}':<10} "
              f"{100 * r.value:6.{digits}f} %  (n={r.n})" for r in means.itertuples()]

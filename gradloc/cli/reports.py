@@ -155,8 +155,9 @@ def sweep(ctx: click.Context, config_path: str | None, select_split: str, eval_s
     """Choose τ (with --folds: also a variant and the centre box size) on one split, report it on another.
 
     A τ chosen on the evaluated split is labelled oracle. With --folds every choice is made on held-out folds
-    of the selection split and the evaluation split is only reported (cv.csv, ablations.csv/md and
-    chosen.yaml beside sweep.csv/md in <out>/<name>/).
+    of the selection split and the evaluation split is only reported. Runs go to <out>/<name>-<split>/ (beside,
+    never inside, the run folder <out>/<name>/ of `gradloc run`), the tables to <out>/<name>-sweep/ (sweep.csv,
+    sweep.md; with --folds also cv.csv, ablations.csv/md and chosen.yaml).
 
     \b
     Examples:
@@ -166,13 +167,14 @@ def sweep(ctx: click.Context, config_path: str | None, select_split: str, eval_s
     """
     from gradloc.run.cv import load_variants
     from gradloc.run.folder import check_writable
-    from gradloc.run.sweep import parse_select_metric, run_sweep
+    from gradloc.run.sweep import parse_select_metric, run_sweep, split_config
 
     if flags.get("split") is not None:
         raise click.UsageError("sweep takes --select-split and --eval-split, not --split")
     parse_select_metric(select_metric)  # fail before any work
     config = build_config(config_path, flags)
-    check_writable(config.run_dir)
+    for split in (select_split, eval_split):
+        check_writable(split_config(config, split).run_dir)
     config = prepare(ctx, config)
     variants = load_variants(variants_path) if variants_path is not None else None
     if variants is not None and folds is None:

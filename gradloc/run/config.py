@@ -247,6 +247,21 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
         raise ConfigError(f"config: {error}") from None
 
 
+def is_nullable(key: str) -> bool:
+    """Whether the dotted config key (``model.checkpoint``) may be null (``None``), i.e. unset.
+
+    Raises:
+        ConfigError: no such key.
+    """
+    annotation: Any = RunConfig
+    for part in key.split("."):
+        hints = typing.get_type_hints(annotation) if dataclasses.is_dataclass(annotation) else {}
+        if part not in hints:
+            raise ConfigError(f"unknown config key {key}")
+        annotation = hints[part]
+    return type(None) in typing.get_args(annotation)
+
+
 def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in override.items():

@@ -89,7 +89,8 @@ def localization_scores(run_dir: str | Path | Run, only: Sequence[str] = ()) -> 
     * for runs that explain the GT classes, ``boxacc@δ, best of the run's τ``: the same idea restricted to
       the run's own τ list and box mode (not comparable with wsolevaluation's numbers).
 
-    Rows: metric, threshold, class, value, n."""
+    Rows: metric, threshold, class (a class name, or ``mean`` for the mean over classes / all pairs of every
+    metric), value, n."""
 
     run = run_dir if isinstance(run_dir, Run) else open_run(run_dir)
     gt, points, known = run.gt, run.points, run.gt_known
@@ -113,12 +114,12 @@ def localization_scores(run_dir: str | Path | Run, only: Sequence[str] = ()) -> 
     if len(known["hits"]):
         frame = max_box_acc_from_hits(known["hits"])
         rows += [{"metric": r["metric"].replace("MaxBoxAcc (all boxes)", "MaxBoxAccV2"),
-                  "threshold": r["best_threshold"], "class": "all", "value": r["max_box_acc"], "n": r["n_pairs"]}
+                  "threshold": r["best_threshold"], "class": "mean", "value": r["max_box_acc"], "n": r["n_pairs"]}
                  for r in frame.to_dict("records")]
     if dets_by_tau and next(iter(dets_by_tau.values())).meta.get("classes_explained") == "gt":
         frame = best_box_acc(dets_by_tau, gt, ious=(0.3, 0.5, 0.7))
         rows += [{"metric": f"boxacc@{r['iou']}, best of the run's tau", "threshold": r["best_threshold"],
-                  "class": "all", "value": r["max_box_acc"], "n": r["n_pairs"]} for r in frame.to_dict("records")]
+                  "class": "mean", "value": r["max_box_acc"], "n": r["n_pairs"]} for r in frame.to_dict("records")]
     return pd.DataFrame(rows)
 
 

@@ -606,3 +606,13 @@ def test_reading_commands_never_import_torch(tiny_run, tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=600)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_printed_tables_and_info_end_with_one_newline(tiny_run):
+    run_dir = str(tiny_run[0] / "results" / "tiny")
+    for args in (["score", run_dir], ["score", run_dir, "-q", "--per-class", "0.2"],
+                 ["score", run_dir, "--layout", "rows"], ["score", run_dir, "--format", "markdown"],
+                 ["info", run_dir], ["compare", run_dir, run_dir]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0 and result.stdout.endswith("\n") and not result.stdout.endswith("\n\n"), args

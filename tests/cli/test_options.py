@@ -3,6 +3,8 @@ the flags each command shows."""
 
 from __future__ import annotations
 
+import re
+
 import click
 import pytest
 from click.testing import CliRunner
@@ -43,3 +45,48 @@ def test_the_range_check_stays_in_core_ranges():
 def test_a_bad_range_is_a_usage_error_on_the_command_line(tmp_path):
     result = CliRunner().invoke(main, ["score", str(tmp_path), "--iou", "0.5:0.95:0.1"])
     assert result.exit_code == 2 and "0.95 is not reached from 0.5 in whole steps of 0.1" in result.output
+
+
+def test_demo_help_does_not_offer_the_config_it_refuses():
+    def options(command):
+        return re.findall(r"^  (--[a-z-]+)", CliRunner().invoke(main, [command, "--help"]).output, re.M)
+
+    assert "--config" not in options("demo") and "--checkpoint" in options("demo")
+    assert "--config" in options("run")
+    result = CliRunner().invoke(main, ["demo", "--config", "x.yaml"])
+    assert result.exit_code == 2 and "use `gradloc run --config FILE`" in result.output
+
+
+def test_none_unsets_optional_config_values(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  checkpoint: head.pt\n  weights: IMAGENET1K_V1\n  input_size: 320\n"
+                      "cams:\n  layer: bn2\ndata:\n  limit: 5\n")
+    given = build_config(str(config), {})
+    assert (given.model.checkpoint, given.cams.layer, given.data.limit) == ("head.pt", "bn2", 5)
+    unset = build_config(str(config), {"checkpoint": "none", "weights": "None", "layer": "none", "limit": "none",
+                                       "input_size": "none"})
+    assert (unset.model.checkpoint, unset.model.weights, unset.cams.layer, unset.data.limit,
+            unset.model.input_size) == (None, None, None, None, None)
+    with pytest.raises(click.BadParameter, match=r"data\.split has no unset value"):
+        build_config(str(config), {"split": "none"})
+
+
+def test_none_reaches_the_config_from_the_command_line(tmp_path, monkeypatch):
+    """`--limit none` passes the integer flag's type; the unset config is what the command runs."""
+    seen = {}
+
+    def record(ctx, config_path, flags, shard=None):
+        seen["config"] = build_config(config_path, flags)
+
+    monkeypatch.setattr("gradloc.cli.stages._run_and_print", record)
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  checkpoint: head.pt\ndata:\n  limit: 5\n")
+    result = CliRunner().invoke(main, ["run", "--config", str(config), "--checkpoint", "none", "--limit", "none",
+                                       "--batch-size", "4"])
+    assert result.exit_code == 0, result.output
+    assert seen["config"].model.checkpoint is None and seen["config"].data.limit is None
+    assert seen["config"].cams.batch_size == 4
+    result = CliRunner().invoke(main, ["run", "--config", str(config), "--batch-size", "none"])
+    assert result.exit_code == 2 and "cams.batch_size has no unset value" in result.output
+    result = CliRunner().invoke(main, ["run", "--batch-size", "x"])
+    assert result.exit_code == 2 and "'x' is not a valid integer" in result.output
