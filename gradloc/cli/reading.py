@@ -144,22 +144,25 @@ def models() -> None:
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Checkpoint to build the model from.")
 @click.option("--input-size", type=click.IntRange(min=8), default=224, show_default=True,
               help="Side of the square probe image the output shapes are measured on.")
-@click.option("--head", type=registry_choice("gradloc.models.build", "HEADS"), default="voc", show_default=True,
-              help="The head of the runs the names are for (imagenet heads wrap the model as backbone.*).")
 @click.option("--all", "show_all", is_flag=True, help="Also list layers a CAM cannot use (pooling, 1x1 outputs).")
-def layers(model_name: str, checkpoint: str | None, input_size: int, head: str, show_all: bool) -> None:
+def layers(model_name: str, checkpoint: str | None, input_size: int, show_all: bool) -> None:
     """List the names `--layer` accepts for MODEL, with each layer's output shape [C, h, w] on a probe image.
 
-    Layers a CAM cannot use (adaptive pooling, 1x1 outputs) are hidden unless --all, which marks them.
+    The names are the same for every head (voc, imagenet, voc+imagenet) and need no checkpoint or weights
+    file (--checkpoint only for a checkpoint that changes the architecture). An exact name always wins over a
+    unique dotted suffix (`--layer layer3.1.bn2`). Layers a CAM cannot use (adaptive pooling, 1x1 outputs) are
+    hidden unless --all, which marks them.
 
     \b
-    Example:
+    Examples:
       gradloc layers resnet50
+      gradloc layers efficientnet_lite0
+      gradloc layers timm:resnet18
     """
     from gradloc.cams.layers import default_layer, layer_table, resolve_layer
     from gradloc.models.build import build_architecture
 
-    model = build_architecture(model_name, checkpoint=checkpoint, head=head)
+    model = build_architecture(model_name, checkpoint=checkpoint)
     default, _ = resolve_layer(model, default_layer(model))
     table = [row for row in layer_table(model, input_size=input_size) if show_all or not row.unusable]
     width = max(len(row.name) for row in table)

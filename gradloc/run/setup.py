@@ -14,9 +14,8 @@ from gradloc.boxes.baselines import BASELINES
 from gradloc.cams.methods import METHODS
 from gradloc.datasets.demo import DEMO_CLASSES, generate_demo
 from gradloc.datasets.voc import VOCDataset
-from gradloc.models.build import load_model, resolve_device
+from gradloc.models.build import check_model, load_model, resolve_device
 from gradloc.models.demo_cnn import train_demo_model
-from gradloc.models.zoo import get_spec
 from gradloc.run.config import RunConfig
 from gradloc.scoring.voc import METRICS
 
@@ -78,7 +77,7 @@ def check_names(config: RunConfig) -> None:
         raise ValueError(f"unknown AP metric {config.score.metric!r} (score.metric); choose one of "
                          f"{', '.join(METRICS)}")
     if not config.demo.enabled:
-        get_spec(config.model.name)
+        check_model(config.model.name)
     resolve_device(config.cams.device)
 
 

@@ -553,17 +553,18 @@ def test_layers_prints_names_layer_accepts_with_shapes():
     from gradloc.cams.methods import compute_cams
     from gradloc.models.build import build_architecture
 
-    result = CliRunner().invoke(main, ["layers", "resnet18", "--head", "imagenet", "--input-size", "64"])
+    result = CliRunner().invoke(main, ["layers", "resnet18", "--input-size", "64"])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0].split()[:2] == ["layer", "(--layer)"] and "output at 64x64" in lines[0]
     rows = {line.split()[0]: line.split()[1:] for line in lines[1:]}
-    assert rows["backbone.layer4"] == ["512x2x2", "default"]
-    assert "backbone.avgpool" not in rows and "avgpool" not in rows
-    model = build_architecture("resnet18", head="imagenet")
-    for name in ("backbone.layer4", "backbone.layer3.1.bn2"):  # printed names run as --layer values
-        maps, _ = compute_cams(model, torch.zeros(1, 3, 64, 64), [0], layer=name)
-        assert maps.shape[-2:] == (2, 2) if name.endswith("layer4") else (4, 4)
+    assert rows["layer4"] == ["512x2x2", "default"]
+    assert "avgpool" not in rows
+    for head in ("voc", "imagenet"):  # printed names run as --layer values whatever the head
+        model = build_architecture("resnet18", head=head)
+        for name in ("layer4", "layer3.1.bn2"):
+            maps, _ = compute_cams(model, torch.zeros(1, 3, 64, 64), [0], layer=name)
+            assert maps.shape[-2:] == ((2, 2) if name == "layer4" else (4, 4))
     result = CliRunner().invoke(main, ["layers", "resnet18", "--input-size", "64", "--all"])
     assert re.search(r"^avgpool +512x1x1 +not for CAMs: adaptive pooling", result.output, re.M)
 
