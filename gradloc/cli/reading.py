@@ -136,7 +136,9 @@ def models() -> None:
     click.echo(tabulate(list_models(), headers="keys", tablefmt="simple"))
     click.echo("\ncam: True = the output is linear(GAP(layer)), so CAM (Zhou et al.) applies; False = gradient "
                "methods only (gradcam, gradcampp, ...).\noffline: the default weights file is on disk; gradloc "
-               f"never downloads (torchvision weights go in {hub_checkpoints()}).")
+               f"never downloads (torchvision weights go in {hub_checkpoints()}).\nYour own model: --model "
+               "timm:NAME or --model package.module:function (a function returning the nn.Module), with --checkpoint "
+               "FILE (its state dict); --model torchvision:NAME is the name NAME above.")
 
 
 @click.command()

@@ -19,7 +19,6 @@ from gradloc.models.build import _attach_voc_imagenet, _Source, build_architectu
 from gradloc.models.checkpoints import CHECKPOINT_FIELDS, load_checkpoint, save_checkpoint
 from gradloc.models.demo_cnn import DemoNet
 from gradloc.models.heads import ImageNetToVOC, VocImageNetHead, attach_imagenet_mapping
-from gradloc.models.imagenet_voc import imagenet_groups
 from gradloc.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from gradloc.models.registry import class_probabilities
 from gradloc.models.zoo import MODELS, get_spec, replace_linear
