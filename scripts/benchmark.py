@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from gradloc.cams.methods import method_label
 from gradloc.core.files import atomic_write_bytes
 from gradloc.reports.draw import save_figure
 from gradloc.reports.show import open_run_cache, show_run
@@ -105,6 +106,12 @@ def shared_pass(config, methods: list[str]) -> dict[str, float]:
     return {"seconds": time.perf_counter() - start, "images": computed}
 
 
+def method_of(config, method: str | None = None) -> str:
+    """The row's method with its engine options (``gradcam (eigen_smooth, aug_smooth)``)."""
+    return method_label(method or config.cams.method, aug_smooth=config.cams.aug_smooth,
+                        eigen_smooth=config.cams.eigen_smooth)
+
+
 def shared_passes(specs: list[dict], config_path: str) -> dict[tuple[str, str, str], str]:
     """(model, head, method) -> the row whose single pass computes those heatmaps (rows with ``also``)."""
     shared = {}
@@ -112,7 +119,7 @@ def shared_passes(specs: list[dict], config_path: str) -> dict[tuple[str, str, s
         if spec.get("also"):
             config = load_config(config_path, spec.get("overrides", {}))
             for method in (config.cams.method, *spec["also"]):
-                shared[(config.model.name, config.model.head, method)] = spec["name"]
+                shared[(config.model.name, config.model.head, method_of(config, method))] = spec["name"]
     return shared
 
 
@@ -134,10 +141,10 @@ def benchmark_row(spec: dict, config_path: str, out: Path, shared: dict[str, str
         manifests = [open_run(d).manifest for d in result.run_dirs.values()]
         timing = {"seconds": sum(m["seconds_per_stage"].get("cams", 0.0) for m in manifests),
                   "images": sum(len(open_run(d).gt.image_ids) for d in result.run_dirs.values())}
-    key = (config.model.name, config.model.head, config.cams.method)
+    key = (config.model.name, config.model.head, method_of(config))
     per_image = (f"shared pass of {shared[key]}" if key in shared and shared[key] != spec["name"]
                  else round(timing["seconds"] / max(timing["images"], 1), 3))
-    protocol = {"model": config.model.name, "head": config.model.head, "method": config.cams.method,
+    protocol = {"model": config.model.name, "head": config.model.head, "method": method_of(config),
                 "layer": val.manifest["config"]["cams"]["layer"] or "default", "box mode": config.boxes.box_mode,
                 "images (val)": len(val.gt.image_ids), "subset": spec.get("subset", "all val")}
     gt_known = {**gt_known_metrics(val), "cls mAP (val)": classification_map_of(val)}

@@ -133,6 +133,14 @@ FLAG_GROUPS: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
                                                                     "not depend on it."}),
         "flip": ("cams.flip", {"type": bool, "help": "Test-time horizontal flip: average each map with the "
                                                       "mirrored-back map of the mirrored image (--flip / --no-flip)."}),
+        "aug_smooth": ("cams.aug_smooth", {"type": bool, "help": "pytorch-grad-cam's aug_smooth: average the maps "
+                                                                  "of the image and its mirror at 0.9, 1, 1.1 times "
+                                                                  "the input (6 passes; --aug-smooth / "
+                                                                  "--no-aug-smooth)."}),
+        "eigen_smooth": ("cams.eigen_smooth", {"type": bool, "help": "pytorch-grad-cam's eigen_smooth (gradient "
+                                                                      "methods): the first principal component of "
+                                                                      "the weighted activations instead of their "
+                                                                      "sum."}),
         "device": ("cams.device", {"help": "torch device, e.g. cpu or cuda."}),
         "workers": ("cams.workers", {"type": int, "help": "Image decoding processes (default: from the CPU count; "
                                                          "0 = in-process). Results do not depend on it."}),

@@ -98,7 +98,10 @@ class TrainSettings:
 class CamConfig:
     """The CAM method, target layer (None = the model's default) and engine settings; ``flip``: average each
     raw map with the mirrored-back map of the mirrored image (test-time flip,
-    :func:`gradloc.cams.methods.compute_cams`);
+    :func:`gradloc.cams.methods.compute_cams`); ``aug_smooth``: pytorch-grad-cam's test-time augmentation (the
+    image and its mirror at 0.9, 1, 1.1 times the input, each map scaled to max 1, averaged; not with ``flip``);
+    ``eigen_smooth``: the gradient methods' maps from the first principal component of the weighted
+    activations (pytorch-grad-cam's option);
     ``workers``: decode processes (None = from the CPU count, 0 = in-process; results do not depend on it);
     ``amp``: autocast (float16) on a CUDA device; ``masked_batch``: Score-CAM's masked inputs per forward pass
     (None = :func:`gradloc.cams.methods.default_masked_batch` of the device; results do not depend on it)."""
@@ -109,6 +112,8 @@ class CamConfig:
     device: str = "cpu"
     store_dtype: str = "float32"
     flip: bool = False
+    aug_smooth: bool = False
+    eigen_smooth: bool = False
     workers: int | None = None
     amp: bool = False
     masked_batch: int | None = None
