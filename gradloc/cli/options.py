@@ -291,14 +291,14 @@ def stage_progress(ctx: click.Context):
 
 def print_scores(ctx: click.Context, rows, meta, wsol, fmt: str = "table", coco=None, **options: Any) -> None:
     """Score rows as one document on stdout (``options``: digits, layout, per_class of ``report.render``);
-    human formats add the WSOL lines unless --quiet, and the COCO-style table (``coco``: rows of
+    human formats add, unless --quiet, the WSOL lines and the COCO-style table (``coco``: rows of
     :func:`gradloc.run.score.coco_scores`) when given."""
     from gradloc.scoring.tables import TABLE_FORMATS, render
 
     click.echo(render(rows, fmt, meta, **options), nl=False)
     if fmt == "table" and wsol is not None and not ctx.obj["quiet"]:
         click.echo("\n" + localization_lines(wsol, options.get("digits", 2), meta.get("only")))
-    if fmt in TABLE_FORMATS and coco is not None:
+    if fmt in TABLE_FORMATS and coco is not None and not ctx.obj["quiet"]:
         from gradloc.scoring.coco import render_coco
 
         classes = f"the classes {', '.join(meta['only'])} (--only)" if meta.get("only") else "classes"

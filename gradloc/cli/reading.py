@@ -65,7 +65,8 @@ def score(ctx: click.Context, run_dir: str | None, gt_path: str | None, voc_resu
         rows, meta, wsol = score_run_folder(run_dir, ious, metric, classes)
         if per_class is not None:
             check_per_class(rows, per_class)  # before anything is written or printed
-        coco = coco_scores(run_dir, classes) if save or fmt in TABLE_FORMATS else None
+        shown = fmt in TABLE_FORMATS and not ctx.obj["quiet"]
+        coco = coco_scores(run_dir, classes) if save or shown else None
         if save:
             files = save_run_scores(run_dir, rows, meta, wsol, coco)
             recorded = record_rescoring(run_dir, ious, metric, files, classes)

@@ -195,6 +195,9 @@ def test_export_of_a_demo_run_scored_by_pycocotools_agrees(cams_config, demo_dat
     result = run(config)
     saved = pd.read_csv(result.run_dir / "coco.csv")
     pd.testing.assert_frame_equal(saved, result.coco, check_dtype=False)
+    printed = CliRunner().invoke(main, ["score", str(result.run_dir), "--iou", "0.5"]).stdout
+    assert "COCO-style AP (mean over classes, in %" in printed and "AP@[.50:.95]" in printed
+    assert "| 0.4   | cam " in printed and printed.endswith("\n")
     out = tmp_path / "coco"
     done = CliRunner().invoke(main, ["export", str(result.run_dir), str(out), "--threshold", "0.4",
                                      "--format", "coco"])
