@@ -144,18 +144,16 @@ def _from_state_dict(spec: ModelSpec, state: dict[str, Tensor], path: Path, head
     module = spec.build(**arch_kwargs)
     if spec.convert_state_dict is not None:
         state = spec.convert_state_dict(state)
-    voc_classes = list(classes) if classes is not None else list(VOC_CLASSES)
+    voc_classes = (list(classes) if classes is not None else list(VOC_CLASSES)) if head == "voc" else None
     weight = state.get(f"{spec.classifier}.weight")
     n_out = int(weight.shape[0]) if weight is not None and weight.ndim == 2 else None
-    wanted = len(voc_classes) if head == "voc" else N_IMAGENET_CLASSES
+    wanted = len(voc_classes) if voc_classes is not None else N_IMAGENET_CLASSES
     if n_out is not None and n_out != wanted:
         hint = ("pass --head imagenet for an ImageNet-1k classifier" if n_out == N_IMAGENET_CLASSES
-                else "pass --head voc with data.classes in the order of its outputs" if head != "voc"
-                else "give data.classes (config) in the order of its outputs")
+                else "give data.classes (config) in the order of its outputs" if head == "voc"
+                else "pass --head voc with data.classes in the order of its outputs")
         raise ValueError(f"{path}: {spec.name}'s classifier {spec.classifier} has {n_out} outputs; head {head} "
                          f"needs {wanted} ({'one per class of the run' if head == 'voc' else 'ImageNet-1k'}); {hint}")
-    if head != "voc":
-        voc_classes = None
     if voc_classes is not None:
         replace_linear(module, spec.classifier, len(voc_classes))
     outputs = "ImageNet-1k classifier" if voc_classes is None else f"{len(voc_classes)}-class voc head"

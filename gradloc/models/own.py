@@ -220,44 +220,42 @@ def build_own(name: str, checkpoint: str | Path | None = None, *, weights: bool 
     return own
 
 
-def count_outputs(module: nn.Module, preprocessing: Preprocessing) -> int:
-    """Number of outputs of ``module`` on one zero image of the preprocessing's input size.
+@dataclass(frozen=True)
+class Outputs:
+    """What a probe forward tells about a model's output: its number of scores, and the classifier, i.e. the
+    last ``nn.Linear`` to run whose output has the model's output shape (None when there is none)."""
+
+    n_outputs: int
+    classifier: str | None
+
+
+def probe_outputs(module: nn.Module, preprocessing: Preprocessing) -> Outputs:
+    """:class:`Outputs` of ``module`` from one forward of a zero image of the preprocessing's input size.
 
     Raises:
         ValueError: the output is not ``[1, N]`` class scores.
     """
+    finished: list[tuple[str, tuple[int, ...]]] = []
+    handles = [layer.register_forward_hook(lambda _m, _i, out, name=name: finished.append((name, tuple(out.shape))))
+               for name, layer in module.named_modules() if isinstance(layer, nn.Linear)]
     first = next(module.parameters(), None)
     size = preprocessing.input_size
-    with torch.no_grad():
-        out = module(torch.zeros(1, 3, size, size, dtype=first.dtype if first is not None else torch.float32))
+    try:
+        with torch.no_grad():
+            out = module(torch.zeros(1, 3, size, size, dtype=first.dtype if first is not None else torch.float32))
+    finally:
+        for handle in handles:
+            handle.remove()
     if not isinstance(out, Tensor) or out.ndim != 2 or out.shape[0] != 1:
         found = f"shape {tuple(out.shape)}" if isinstance(out, Tensor) else type(out).__name__
         raise ValueError(f"{type(module).__name__} returns {found} for one image; gradloc explains classifiers "
                          "returning class scores [B, N]")
-    return int(out.shape[1])
-
-
-def final_linear(module: nn.Module, preprocessing: Preprocessing) -> str | None:
-    """Name of the last ``nn.Linear`` to run whose output has the model's output shape (the classifier), found
-    by a probe forward on a zero image; None when there is none."""
-    outputs: dict[str, tuple[int, tuple[int, ...]]] = {}
-    order = iter(range(1 << 30))
-    handles = [layer.register_forward_hook(
-        lambda _m, _i, out, name=name: outputs.__setitem__(name, (next(order), tuple(out.shape))))
-        for name, layer in module.named_modules() if isinstance(layer, nn.Linear)]
-    size = preprocessing.input_size
-    try:
-        with torch.no_grad():
-            out = module(torch.zeros(1, 3, size, size))
-    finally:
-        for handle in handles:
-            handle.remove()
-    candidates = [(rank, name) for name, (rank, shape) in outputs.items() if shape == tuple(out.shape)]
-    return max(candidates)[1] if candidates else None
+    classifier = next((name for name, shape in reversed(finished) if shape == tuple(out.shape)), None)
+    return Outputs(int(out.shape[1]), classifier)
 
 
 def _own_voc(name: str, own: OwnModel, classes: Sequence[str]) -> nn.Module:
-    n_out = count_outputs(own.module, own.preprocessing)
+    n_out = probe_outputs(own.module, own.preprocessing).n_outputs
     if n_out != len(classes):
         hint = ("; it looks like an ImageNet classifier: pass --head imagenet" if n_out == N_IMAGENET_CLASSES
                 else "; give data.classes (config) in the order of its outputs")
@@ -267,11 +265,12 @@ def _own_voc(name: str, own: OwnModel, classes: Sequence[str]) -> nn.Module:
 
 
 def _own_imagenet(name: str, own: OwnModel, classes: Sequence[str]) -> nn.Module:
-    n_out = count_outputs(own.module, own.preprocessing)
-    if n_out != N_IMAGENET_CLASSES:
-        raise ValueError(f"--model {name} has {n_out} outputs; head imagenet needs the {N_IMAGENET_CLASSES} "
-                         "ImageNet-1k outputs (pass --head voc when there is one output per class)")
-    classifier = own.classifier or final_linear(own.module, own.preprocessing)
+    outputs = probe_outputs(own.module, own.preprocessing)
+    if outputs.n_outputs != N_IMAGENET_CLASSES:
+        raise ValueError(f"--model {name} has {outputs.n_outputs} outputs; head imagenet needs the "
+                         f"{N_IMAGENET_CLASSES} ImageNet-1k outputs (pass --head voc when there is one output per "
+                         "class)")
+    classifier = own.classifier or outputs.classifier
     if classifier is None:
         raise ValueError(f"--model {name}: head imagenet follows the final nn.Linear by the ImageNet -> VOC "
                          "mapping, and no nn.Linear produces the model's output")
