@@ -15,7 +15,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import logging  # noqa: E402
 
-from gradloc.cams.agreement import LIBRARY_METHODS, agreement_rows, resnet_case, tiny_case  # noqa: E402
+from gradloc.cams.agreement import agreement_rows, resnet_case, tiny_case  # noqa: E402
 
 
 def main() -> None:
@@ -25,7 +25,7 @@ def main() -> None:
           "(same model, layer, classes, inputs; `python scripts/agreement.py`):\n")
     print("| method | library | tiny CNN | resnet18 (random), layer4 |")
     print("|---|---|---|---|")
-    for method in LIBRARY_METHODS:
+    for method in dict.fromkeys(r["method"] for r in rows):
         for library in ("pytorch-grad-cam", "torchcam"):
             cells = [r for r in rows if r["method"] == method and r["library"] == library]
             if cells:

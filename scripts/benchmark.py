@@ -37,7 +37,7 @@ from gradloc.reports.show import show_run
 from gradloc.run.config import load_config, with_overrides
 from gradloc.run.cv import Variant, load_variants
 from gradloc.run.folder import open_run
-from gradloc.run.sweep import run_sweep
+from gradloc.run.sweep import run_sweep, sweep_dir
 from gradloc.scoring.voc import evaluate
 
 logger = logging.getLogger("benchmark")
@@ -50,9 +50,9 @@ def ablation(config_path: str, variants_path: str, out: Path, folds: int) -> dic
     config = load_config(config_path, {"name": "ablation", "out": str(out / "runs")})
     variants = load_variants(variants_path)
     result = run_sweep(config, "train", "val", folds=folds, variants=variants)
-    table = pd.read_csv(config.run_dir / "ablations.csv")
+    table = pd.read_csv(sweep_dir(config) / "ablations.csv")
     for name in ("ablations.csv", "ablations.md", "chosen.yaml"):
-        atomic_write_bytes(out / name, (config.run_dir / name).read_bytes())
+        atomic_write_bytes(out / name, (sweep_dir(config) / name).read_bytes())
     chosen = table.loc[table["chosen"], "variant"].iloc[0]
     logger.info("ablation: %s chosen; %s", chosen, ", ".join(str(f) for f in result.files))
     return next(v for v in variants if v.name == chosen).overrides

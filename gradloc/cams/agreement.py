@@ -8,6 +8,12 @@ torchcam's ``compute_cams(..., normalized=False)`` (its ReLU where the method ha
 compared at the input resolution (``max over colours of |gradient|``), against pytorch-grad-cam's
 ``GuidedBackpropReLUModel`` (one image at a time).
 
+First-principal-component maps (EigenCAM, ``eigen_smooth``) have no sign of their own and pytorch-grad-cam
+leaves it to LAPACK; its maps are compared after orienting them by gradloc's convention (:func:`oriented`,
+:mod:`gradloc.cams.eigen`). ``aug_smooth`` is compared pass by pass (the raw maps of each augmented input are
+the library's) and through the library's own post-processing (:func:`aug_smooth_like_library`): gradloc
+averages raw maps where the library averages normalised ones, a documented difference.
+
 Models: a seeded two-conv CNN (``tiny``) and torchvision's resnet18 with seeded random weights at ``layer4``
 (no download).
 
@@ -23,7 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from gradloc.cams.methods import compute_cams
+from gradloc.cams.gradient import GRADIENT_MAPS
+from gradloc.cams.methods import TEST_TIME_AUGMENTATIONS, compute_cams
 
 LIBRARY_METHODS = {  # gradloc method -> (pytorch-grad-cam class name or None, torchcam class name or None)
     "cam": (None, "CAM"),
@@ -32,6 +39,7 @@ LIBRARY_METHODS = {  # gradloc method -> (pytorch-grad-cam class name or None, t
     "xgradcam": ("XGradCAM", "XGradCAM"),
     "layercam": ("LayerCAM", "LayerCAM"),
     "hirescam": ("HiResCAM", None),
+    "eigencam": ("EigenCAM", None),
     "scorecam": ("ScoreCAM", "ScoreCAM"),
     "guided_backprop": ("GuidedBackpropReLUModel", None),
 }
@@ -77,9 +85,21 @@ def _module(model: nn.Module, name: str) -> nn.Module:
     return dict(model.named_modules())[name]
 
 
+def oriented(projection: np.ndarray, plain: np.ndarray) -> np.ndarray:
+    """First-principal-component maps ``[B, h, w]`` oriented by gradloc's sign convention
+    (:mod:`gradloc.cams.eigen`): each map times the sign of its correlation with ``plain`` (the map the projection
+    replaces), or, when that is 0, the sign of its value of largest magnitude."""
+    flat, reference = projection.reshape(len(projection), -1), plain.reshape(len(plain), -1)
+    agreement = (flat * reference).sum(axis=1)
+    peak = flat[np.arange(len(flat)), np.abs(flat).argmax(axis=1)]
+    sign = np.where(agreement != 0, np.sign(agreement), np.sign(peak))
+    return projection * sign[:, None, None]
+
+
 def pytorch_grad_cam_maps(method: str, model: nn.Module, layer: str, images: torch.Tensor,
-                          classes: list[int]) -> np.ndarray:
-    """Raw maps [B, K, h, w] (or [B, K, H, W] for guided backprop) from pytorch-grad-cam."""
+                          classes: list[int], eigen_smooth: bool = False) -> np.ndarray:
+    """Raw maps [B, K, h, w] (or [B, K, H, W] for guided backprop) from pytorch-grad-cam: the ReLU of its
+    ``get_cam_image``; EigenCAM's and ``eigen_smooth``'s projections :func:`oriented` first."""
     import pytorch_grad_cam
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -100,9 +120,54 @@ def pytorch_grad_cam_maps(method: str, model: nn.Module, layer: str, images: tor
             activations = cam.activations_and_grads.activations[0].cpu().numpy()
             grads = (cam.activations_and_grads.gradients[0].cpu().numpy()
                      if cam.activations_and_grads.gradients else None)
-            raw = cam.get_cam_image(images, target_layer, targets, activations, grads, False)
+            raw = cam.get_cam_image(images, target_layer, targets, activations, grads, eigen_smooth)
+            if method == "eigencam" or eigen_smooth:
+                plain = (activations.sum(axis=1) if method == "eigencam"
+                         else cam.get_cam_image(images, target_layer, targets, activations, grads, False))
+                raw = oriented(raw, plain)
             maps.append(np.maximum(raw, 0))
     return np.stack(maps, axis=1)
+
+
+def pytorch_grad_cam_aug_smooth(method: str, model: nn.Module, layer: str, images: torch.Tensor,
+                                classes: list[int]) -> np.ndarray:
+    """pytorch-grad-cam's output with ``aug_smooth=True``: float32 [B, K, H, W] at the input size, each pass
+    rectified, min-max normalised and resized before the six are averaged."""
+    import pytorch_grad_cam
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    maps = []
+    for c in classes:
+        with getattr(pytorch_grad_cam, LIBRARY_METHODS[method][0])(model=model,
+                                                                    target_layers=[_module(model, layer)]) as cam:
+            maps.append(cam(input_tensor=images, targets=[ClassifierOutputTarget(c)] * len(images), aug_smooth=True))
+    return np.stack(maps, axis=1)
+
+
+def library_normalised(raw: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """pytorch-grad-cam's post-processing of raw maps [B, K, h, w] of one layer, to [B, K, H, W] (``size`` =
+    (H, W)): ReLU, min-max normalisation and resize to the input (``scale_cam_image``), then ReLU and min-max
+    again (``aggregate_multi_layers``)."""
+    from pytorch_grad_cam.utils.image import scale_cam_image
+
+    out = [scale_cam_image(np.maximum(scale_cam_image(np.maximum(raw[:, k], 0), (size[1], size[0])), 0))
+           for k in range(raw.shape[1])]
+    return np.stack(out, axis=1)
+
+
+def aug_smooth_like_library(method: str, model: nn.Module, layer: str, images: torch.Tensor,
+                            classes: list[int]) -> np.ndarray:
+    """pytorch-grad-cam's ``aug_smooth`` output rebuilt from gradloc's raw maps of the six passes
+    (:data:`gradloc.cams.methods.TEST_TIME_AUGMENTATIONS`): each pass's maps normalised as the library does
+    (:func:`library_normalised`), mirrored back, averaged. [B, K, H, W]."""
+    size = tuple(images.shape[2:])
+    passes = TEST_TIME_AUGMENTATIONS["aug_smooth"].passes
+    total = 0.0
+    for mirrored, factor in passes:
+        inputs = (images.flip(3) if mirrored else images) * factor
+        normalised = library_normalised(gradloc_maps(method, model, layer, inputs, classes), size)
+        total = total + (normalised[..., ::-1] if mirrored else normalised)
+    return (total / len(passes)).astype(np.float32)
 
 
 def torchcam_maps(method: str, model: nn.Module, layer: str, images: torch.Tensor, classes: list[int]) -> np.ndarray:
@@ -123,8 +188,10 @@ def torchcam_maps(method: str, model: nn.Module, layer: str, images: torch.Tenso
     return np.stack(maps, axis=1)
 
 
-def gradloc_maps(method: str, model: nn.Module, layer: str, images: torch.Tensor, classes: list[int]) -> np.ndarray:
-    maps, _ = compute_cams(model, images, classes, method=method, layer=layer)
+def gradloc_maps(method: str, model: nn.Module, layer: str, images: torch.Tensor, classes: list[int],
+                 **options: bool) -> np.ndarray:
+    """gradloc's raw maps (``options``: ``eigen_smooth``, ``aug_smooth`` of :func:`compute_cams`)."""
+    maps, _ = compute_cams(model, images, classes, method=method, layer=layer, **options)
     return maps.numpy()
 
 
@@ -134,7 +201,11 @@ def relative_difference(ours: np.ndarray, reference: np.ndarray) -> float:
 
 
 def agreement_rows(case_name: str, case: tuple[nn.Module, str, torch.Tensor, list[int]]) -> list[dict[str, object]]:
-    """One row per (method, library) with the measured largest relative difference."""
+    """One row per (method, library) with the measured largest relative difference; then pytorch-grad-cam's
+    ``eigen_smooth`` for each gradient method, and ``aug_smooth`` of Grad-CAM against the library's output:
+    gradloc's per-pass maps through the library's post-processing (``library's averaging``: the semantics
+    reproduced exactly), and gradloc's own stored map resized and min-max normalised as the library does with
+    one map (``gradloc's map``: averaged at the layer's resolution, so not equal on small random networks)."""
     model, layer, images, classes = case
     rows = []
     for method, (grad_cam_name, torchcam_name) in LIBRARY_METHODS.items():
@@ -146,4 +217,24 @@ def agreement_rows(case_name: str, case: tuple[nn.Module, str, torch.Tensor, lis
             reference = function(method, model, layer, images, classes)
             rows.append({"model": case_name, "method": method, "library": library,
                          "difference": relative_difference(ours, reference)})
+    for method in GRADIENT_MAPS:
+        ours = gradloc_maps(method, model, layer, images, classes, eigen_smooth=True)
+        reference = pytorch_grad_cam_maps(method, model, layer, images, classes, eigen_smooth=True)
+        rows.append({"model": case_name, "method": f"{method} + eigen_smooth", "library": "pytorch-grad-cam",
+                     "difference": relative_difference(ours, reference)})
+    return rows + aug_smooth_rows(case_name, case)
+
+
+def aug_smooth_rows(case_name: str, case: tuple[nn.Module, str, torch.Tensor, list[int]]) -> list[dict[str, object]]:
+    """The two ``aug_smooth`` rows of :func:`agreement_rows` (Grad-CAM)."""
+    model, layer, images, classes = case
+    rows = []
+    reference = pytorch_grad_cam_aug_smooth("gradcam", model, layer, images, classes)
+    rebuilt = aug_smooth_like_library("gradcam", model, layer, images, classes)
+    stored = library_normalised(gradloc_maps("gradcam", model, layer, images, classes, aug_smooth=True),
+                                tuple(images.shape[2:]))
+    rescaled = reference / reference.max(axis=(-2, -1), keepdims=True)  # the library's mean is not rescaled
+    for label, ours, theirs in (("library's averaging", rebuilt, reference), ("gradloc's map", stored, rescaled)):
+        rows.append({"model": case_name, "method": f"gradcam + aug_smooth ({label})", "library": "pytorch-grad-cam",
+                     "difference": relative_difference(ours, theirs)})
     return rows

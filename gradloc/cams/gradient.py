@@ -1,4 +1,10 @@
-"""Gradient methods: (activations A [B, C, h, w], gradients G [K, B, C, h, w]) -> maps [B, K, h, w]."""
+"""Gradient methods: (activations A [B, C, h, w], gradients G [K, B, C, h, w]) -> maps [B, K, h, w].
+
+Each method weighs the activations, per channel (``w^c_k A^k``: Grad-CAM, Grad-CAM++, XGrad-CAM) or per cell
+(``W^c_kij A^k_ij``: LayerCAM, HiResCAM), and sums over channels. With ``eigen_smooth`` (pytorch-grad-cam's
+option of that name) the channel sum is replaced by the first principal component of the weighted activations
+(:func:`gradloc.cams.eigen.principal_component_map`, with its sign convention), before the ReLU.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +13,32 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from gradloc.cams.eigen import principal_component_map
 from gradloc.cams.engine import layer_activations_and_gradients
 
 
-def _channel_weighted(weights: Tensor, activation: Tensor) -> Tensor:
-    """``ReLU(sum_c weights[k, b, c] A[b, c])``.
+def _combine(weights: Tensor, activation: Tensor, eigen_smooth: bool = False) -> Tensor:
+    """``ReLU(sum_k weights[k, b, c] A[b, c])`` for channel weights ``[K, B, C]``, ``ReLU(sum_c weights[k, b, c, i,
+    j] A[b, c, i, j])`` for cell weights ``[K, B, C, h, w]``; with ``eigen_smooth`` the ReLU of the first principal
+    component of the weighted activations instead of their channel sum (one image at a time, so the
+    ``[K, C, h, w]`` weighted activations of one image are all that is held).
 
     Args:
-        weights: ``[K, B, C]``. activation: ``[B, C, h, w]``.
+        weights: ``[K, B, C]`` or ``[K, B, C, h, w]``. activation: ``[B, C, h, w]``.
 
     Returns:
         ``[B, K, h, w]``.
     """
-    return torch.einsum("kbc,bchw->bkhw", weights, activation).relu()
+    if eigen_smooth:
+        cells = weights if weights.ndim == 5 else weights[..., None, None]
+        return torch.stack([principal_component_map(cells[:, b] * activation[b]) for b in range(len(activation))]
+                           ).relu()
+    if weights.ndim == 3:
+        return torch.einsum("kbc,bchw->bkhw", weights, activation).relu()
+    return (weights * activation).sum(dim=2).relu().transpose(0, 1)
 
 
-def gradcam_map(activation: Tensor, grads: Tensor) -> Tensor:
+def gradcam_map(activation: Tensor, grads: Tensor, eigen_smooth: bool = False) -> Tensor:
     """Grad-CAM (Selvaraju et al., "Grad-CAM: Visual Explanations from Deep Networks via Gradient-based
     Localization", ICCV 2017).
 
@@ -34,15 +50,16 @@ def gradcam_map(activation: Tensor, grads: Tensor) -> Tensor:
     difference < 1e-6; ``tests/test_agreement.py``, ``scripts/agreement.py``).
 
     Args:
-        activation: ``[B, C, h, w]``. grads: ``[K, B, C, h, w]``.
+        activation: ``[B, C, h, w]``. grads: ``[K, B, C, h, w]``. eigen_smooth: the first principal component of the
+            weighted activations instead of their channel sum (module docstring).
 
     Returns:
         ``[B, K, h, w]``, same dtype.
     """
-    return _channel_weighted(grads.mean(dim=(-2, -1)), activation)
+    return _combine(grads.mean(dim=(-2, -1)), activation, eigen_smooth)
 
 
-def gradcampp_map(activation: Tensor, grads: Tensor) -> Tensor:
+def gradcampp_map(activation: Tensor, grads: Tensor, eigen_smooth: bool = False) -> Tensor:
     """Grad-CAM++ (Chattopadhay et al., "Grad-CAM++: Generalized Gradient-Based Visual Explanations for
     Deep Convolutional Networks", WACV 2018), with the exponential closed form of its Eq. 19.
 
@@ -68,7 +85,8 @@ def gradcampp_map(activation: Tensor, grads: Tensor) -> Tensor:
     is ``sum_ij g_ij^2 ReLU(g_ij)`` (another scale altogether). Both conventions are reproduced in the tests.
 
     Args:
-        activation: ``[B, C, h, w]``. grads: ``[K, B, C, h, w]``.
+        activation: ``[B, C, h, w]``. grads: ``[K, B, C, h, w]``. eigen_smooth: the first principal component of the
+            weighted activations instead of their channel sum (module docstring).
 
     Returns:
         ``[B, K, h, w]``, same dtype.
@@ -77,10 +95,10 @@ def gradcampp_map(activation: Tensor, grads: Tensor) -> Tensor:
     denominator = torch.addcmul(torch.full((), 2.0, dtype=grads.dtype, device=grads.device), totals, grads)
     # ReLU(g) / denominator; x/0 (inf or nan) only where the denominator is 0, which contributes 0
     ratio = grads.clamp(min=0).div_(denominator).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-    return _channel_weighted(ratio.sum(dim=(-2, -1)), activation)
+    return _combine(ratio.sum(dim=(-2, -1)), activation, eigen_smooth)
 
 
-def xgradcam_map(activation: Tensor, grads: Tensor) -> Tensor:
+def xgradcam_map(activation: Tensor, grads: Tensor, eigen_smooth: bool = False) -> Tensor:
     """XGrad-CAM (Fu et al., "Axiom-based Grad-CAM: Towards Accurate Visualization and Explanation of CNNs",
     BMVC 2020).
 
@@ -91,7 +109,8 @@ def xgradcam_map(activation: Tensor, grads: Tensor) -> Tensor:
     pytorch-grad-cam's ``1e-7`` in the denominator does not show at these activations).
 
     Args:
-        activation: ``[B, C, h, w]``. grads: ``[K, B, C, h, w]``.
+        activation: ``[B, C, h, w]``. grads: ``[K, B, C, h, w]``. eigen_smooth: the first principal component of the
+            weighted activations instead of their channel sum (module docstring).
 
     Returns:
         ``[B, K, h, w]``, same dtype.
@@ -99,10 +118,10 @@ def xgradcam_map(activation: Tensor, grads: Tensor) -> Tensor:
     totals = activation.sum(dim=(-2, -1))  # [B, C]
     weighted = torch.einsum("kbchw,bchw->kbc", grads, activation)
     alpha = torch.where(totals != 0, weighted / torch.where(totals != 0, totals, 1.0), 0.0)
-    return _channel_weighted(alpha, activation)
+    return _combine(alpha, activation, eigen_smooth)
 
 
-def layercam_map(activation: Tensor, grads: Tensor) -> Tensor:
+def layercam_map(activation: Tensor, grads: Tensor, eigen_smooth: bool = False) -> Tensor:
     """LayerCAM (Jiang et al., "LayerCAM: Exploring Hierarchical Class Activation Maps for Localization",
     IEEE TIP 2021).
 
@@ -111,15 +130,16 @@ def layercam_map(activation: Tensor, grads: Tensor) -> Tensor:
     Agreement: equal to pytorch-grad-cam's and torchcam's ``LayerCAM`` to float32 rounding (< 1e-6 relative).
 
     Args:
-        activation: ``[B, C, h, w]``. grads: ``[K, B, C, h, w]``.
+        activation: ``[B, C, h, w]``. grads: ``[K, B, C, h, w]``. eigen_smooth: the first principal component of the
+            weighted activations instead of their channel sum (module docstring).
 
     Returns:
         ``[B, K, h, w]``, same dtype.
     """
-    return (grads.relu() * activation).sum(dim=2).relu().transpose(0, 1)
+    return _combine(grads.relu(), activation, eigen_smooth)
 
 
-def hirescam_map(activation: Tensor, grads: Tensor) -> Tensor:
+def hirescam_map(activation: Tensor, grads: Tensor, eigen_smooth: bool = False) -> Tensor:
     """HiResCAM (Draelos & Carin, "Use HiResCAM instead of Grad-CAM for faithful explanations of
     convolutional neural networks", arXiv:2011.08891, 2020).
 
@@ -129,15 +149,16 @@ def hirescam_map(activation: Tensor, grads: Tensor) -> Tensor:
     no HiResCAM.
 
     Args:
-        activation: ``[B, C, h, w]``. grads: ``[K, B, C, h, w]``.
+        activation: ``[B, C, h, w]``. grads: ``[K, B, C, h, w]``. eigen_smooth: the first principal component of the
+            weighted activations instead of their channel sum (module docstring).
 
     Returns:
         ``[B, K, h, w]``, same dtype.
     """
-    return (grads * activation).sum(dim=2).relu().transpose(0, 1)
+    return _combine(grads, activation, eigen_smooth)
 
 
-GradientMap = Callable[[Tensor, Tensor], Tensor]
+GradientMap = Callable[..., Tensor]  # (activation, grads, eigen_smooth=False) -> maps
 
 
 GRADIENT_MAPS: dict[str, GradientMap] = {
@@ -161,6 +182,7 @@ GRADIENT_CITATIONS = {
 
 
 def gradient_method(combine: GradientMap, model: nn.Module, images: Tensor, classes: list[int],
-                     layer: tuple[str, nn.Module], batch_size: int) -> tuple[Tensor, Tensor]:
+                     layer: tuple[str, nn.Module], batch_size: int, eigen_smooth: bool = False
+                     ) -> tuple[Tensor, Tensor]:
     activation, grads, scores = layer_activations_and_gradients(model, images, classes, layer)
-    return combine(activation, grads), scores
+    return combine(activation, grads, eigen_smooth), scores

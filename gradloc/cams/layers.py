@@ -131,8 +131,10 @@ def default_layer(model: nn.Module, *, input_size: int = PROBE_SIZE) -> str:
 def resolve_layer(model: nn.Module, name: str) -> tuple[str, nn.Module]:
     """Find a target layer by exact module name, else by a unique dotted suffix.
 
-    ``"layer4"`` resolves to ``"backbone.layer4"`` when a wrapper nests the torchvision model as
-    ``backbone``.
+    An exact name always wins: ``"bn2"`` is EfficientNet's last BatchNorm even though ``blocks.6.0.bn2`` ends
+    with it too. A suffix helps with wrappers of your own: ``"layer4"`` resolves to ``"backbone.layer4"`` when a
+    module nests a torchvision model as ``backbone`` (gradloc's heads never wrap: a layer's name is the same for
+    every head). The returned full name is the canonical one (heatmap cache keys and protocol lines hold it).
 
     Returns:
         (full module name, module).

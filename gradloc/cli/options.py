@@ -11,13 +11,47 @@ import click
 
 
 def parse_floats(value: str | None, name: str) -> tuple[float, ...] | None:
+    """A comma-separated list of numbers and ranges ``start:stop:step`` (stop included, e.g. ``0.5:0.95:0.05``
+    = 0.5, 0.55, ..., 0.95), as the explicit list of floats. Only the syntax is checked here; which values
+    are valid (IoU in (0, 1), τ in [0, 1], ...) is checked once, by :mod:`gradloc.core.ranges`."""
     if value is None:
         return None
+    values: list[float] = []
+    for item in (part.strip() for part in value.split(",")):
+        if item:
+            values += _expand_range(item, name) if ":" in item else [_number(item, value, name)]
+    return tuple(values)
+
+
+def _number(text: str, value: str, name: str) -> float:
     try:
-        return tuple(float(item) for item in value.split(",") if item.strip())
+        return float(text)
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers such as 0.01,0.02, got {value!r}",
+        raise click.BadParameter(f"expected comma-separated numbers or ranges start:stop:step such as "
+                                 f"0.01,0.02 or 0.5:0.95:0.05, got {value!r}", param_hint=name) from None
+
+
+def _expand_range(item: str, name: str) -> list[float]:
+    """``start:stop:step`` -> [start, start + step, ..., stop], in decimal arithmetic so that every value is
+    the float of its decimal (0.5:0.95:0.05 gives 0.55, not 0.5 + 0.05 = 0.55000000000000004)."""
+    from decimal import Decimal, InvalidOperation
+
+    parts = item.split(":")
+    try:
+        start, stop, step = (Decimal(part.strip()) for part in parts)
+        if not all(v.is_finite() for v in (start, stop, step)):
+            raise InvalidOperation
+    except (ValueError, InvalidOperation):
+        raise click.BadParameter(f"range {item!r} is not start:stop:step with three numbers, e.g. 0.5:0.95:0.05",
                                  param_hint=name) from None
+    if step <= 0 or stop < start:
+        raise click.BadParameter(f"range {item!r} needs start <= stop and a step > 0, e.g. 0.5:0.95:0.05",
+                                 param_hint=name)
+    steps = (stop - start) / step
+    if steps != steps.to_integral_value():
+        raise click.BadParameter(f"range {item!r}: {stop} is not reached from {start} in whole steps of {step}; "
+                                 "make stop - start a multiple of step", param_hint=name)
+    return [float(start + i * step) for i in range(int(steps) + 1)]
 
 
 class RegistryChoice(click.Choice):
@@ -99,6 +133,14 @@ FLAG_GROUPS: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
                                                                     "not depend on it."}),
         "flip": ("cams.flip", {"type": bool, "help": "Test-time horizontal flip: average each map with the "
                                                       "mirrored-back map of the mirrored image (--flip / --no-flip)."}),
+        "aug_smooth": ("cams.aug_smooth", {"type": bool, "help": "pytorch-grad-cam's aug_smooth: average the maps "
+                                                                  "of the image and its mirror at 0.9, 1, 1.1 times "
+                                                                  "the input (6 passes; --aug-smooth / "
+                                                                  "--no-aug-smooth)."}),
+        "eigen_smooth": ("cams.eigen_smooth", {"type": bool, "help": "pytorch-grad-cam's eigen_smooth (gradient "
+                                                                      "methods): the first principal component of "
+                                                                      "the weighted activations instead of their "
+                                                                      "sum."}),
         "device": ("cams.device", {"help": "torch device, e.g. cpu or cuda."}),
         "workers": ("cams.workers", {"type": int, "help": "Image decoding processes (default: from the CPU count; "
                                                          "0 = in-process). Results do not depend on it."}),
@@ -108,7 +150,8 @@ FLAG_GROUPS: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
         "seed": ("seed", {"type": int, "help": "Random seed (baselines, demo)."}),
     },
     "boxes": {
-        "thresholds": ("boxes.thresholds", {"help": "Comma-separated τ in [0, 1], e.g. 0.01,0.02,0.06."}),
+        "thresholds": ("boxes.thresholds", {"help": "Comma-separated τ in [0, 1] or ranges start:stop:step, e.g. "
+                                                    "0.01,0.02,0.06 or 0.1:0.5:0.05."}),
         "threshold_mode": ("boxes.threshold_mode", {"type": registry_choice("gradloc.boxes.cut", "THRESHOLD_MODES"),
                                                     "help": "τ semantics: max (heat >= τ·max), minmax, percentile."}),
         "box_mode": ("boxes.box_mode", {"type": registry_choice("gradloc.boxes.cut", "BOX_MODES"),
@@ -124,7 +167,8 @@ FLAG_GROUPS: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
         "out": ("out", {"help": "Folder holding run folders (default results); --out is always a folder."}),
     },
     "score": {
-        "iou": ("score.iou", {"help": "Comma-separated IoU thresholds, e.g. 0.3,0.4,0.5."}),
+        "iou": ("score.iou", {"help": "Comma-separated IoU thresholds or ranges start:stop:step (stop included), "
+                                      "e.g. 0.3,0.4,0.5 or 0.5:0.95:0.05."}),
         "metric": ("score.metric", {"type": registry_choice("gradloc.scoring.voc", "METRICS"),
                                     "help": "voc07 = 11-point AP, voc10 = all-point AP."}),
         "only": ("score.only", {"help": "Score only these classes, e.g. car,cat,bus (mAP, CorLoc, pointing "
@@ -139,8 +183,25 @@ RUN_FLAGS = {flag: spec for group in FLAG_GROUPS.values() for flag, spec in grou
 LIST_FLAGS = {"thresholds": parse_floats, "iou": parse_floats, "only": parse_names}
 
 
-def run_options(*groups: str) -> Callable[[Callable], Callable]:
-    """Add ``--config`` and the flags of ``groups`` (:data:`FLAG_GROUPS`, default all) to a command."""
+UNSET = "none"
+"""A flag given as ``none`` unsets an optional config value (``--checkpoint none``, ``--layer none``,
+``--limit none``): the key becomes null, as if the config did not set it."""
+
+
+class _IntOrUnset(click.ParamType):
+    """An integer flag that also takes :data:`UNSET`."""
+
+    name = "integer"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and value.strip().lower() == UNSET:
+            return UNSET
+        return click.INT.convert(value, param, ctx)
+
+
+def run_options(*groups: str, config: bool = True) -> Callable[[Callable], Callable]:
+    """Add ``--config`` (unless ``config`` is False) and the flags of ``groups`` (:data:`FLAG_GROUPS`, default
+    all) to a command. Integer flags also take ``none`` (:data:`UNSET`)."""
 
     def decorate(command: Callable) -> Callable:
         flags = [item for group in (groups or FLAG_GROUPS) for item in FLAG_GROUPS[group].items()]
@@ -148,24 +209,36 @@ def run_options(*groups: str) -> Callable[[Callable], Callable]:
             name = flag.replace("_", "-")
             names = [f"--{name}/--no-{name}"] if kwargs.get("type") is bool else [f"--{name}"]
             options = {key: value for key, value in kwargs.items() if not (key == "type" and value is bool)}
+            if options.get("type") is int:
+                options["type"] = _IntOrUnset()
             command = click.option(*names, flag, default=None, **options)(command)
+        if not config:
+            return command
         return click.option("--config", "config_path", type=click.Path(dir_okay=False),
-                            help="YAML config (configs/*.yaml); flags override it.")(command)
+                            help="YAML config (configs/*.yaml); flags override it; a flag given as `none` "
+                                 "unsets an optional value (e.g. --checkpoint none).")(command)
 
     return decorate
 
 
 def build_config(config_path: str | None, flags: dict[str, Any]):
-    """The config file with flags applied, validated (names included) before any work starts."""
-    from gradloc.run.config import load_config
+    """The config file with flags applied, validated (names included) before any work starts. A flag given as
+    ``none`` (:data:`UNSET`) sets its config key to null when the key may be null, else is a usage error."""
+    from gradloc.run.config import is_nullable, load_config
     from gradloc.run.setup import check_names
 
     overrides = {}
     for flag, value in flags.items():
         if value is None or flag not in RUN_FLAGS:
             continue
+        key, option = RUN_FLAGS[flag][0], f"--{flag.replace('_', '-')}"
+        if isinstance(value, str) and value.strip().lower() == UNSET:
+            if not is_nullable(key):
+                raise click.BadParameter(f"{key} has no unset value; give one", param_hint=option)
+            overrides[key] = None
+            continue
         parse = LIST_FLAGS.get(flag)
-        overrides[RUN_FLAGS[flag][0]] = parse(value, f"--{flag.replace('_', '-')}") if parse else value
+        overrides[key] = parse(value, option) if parse else value
     config = load_config(config_path, overrides)
     check_names(config)
     return config
@@ -216,14 +289,21 @@ def stage_progress(ctx: click.Context):
     return lambda description, total: progress_bar(ctx, total, description)
 
 
-def print_scores(ctx: click.Context, rows, meta, wsol, fmt: str = "table", **options: Any) -> None:
+def print_scores(ctx: click.Context, rows, meta, wsol, fmt: str = "table", coco=None, **options: Any) -> None:
     """Score rows as one document on stdout (``options``: digits, layout, per_class of ``report.render``);
-    human formats add the WSOL lines unless --quiet."""
-    from gradloc.scoring.tables import render
+    human formats add, unless --quiet, the WSOL lines and the COCO-style table (``coco``: rows of
+    :func:`gradloc.run.score.coco_scores`) when given."""
+    from gradloc.scoring.tables import TABLE_FORMATS, render
 
     click.echo(render(rows, fmt, meta, **options), nl=False)
     if fmt == "table" and wsol is not None and not ctx.obj["quiet"]:
         click.echo("\n" + localization_lines(wsol, options.get("digits", 2), meta.get("only")))
+    if fmt in TABLE_FORMATS and coco is not None and not ctx.obj["quiet"]:
+        from gradloc.scoring.coco import render_coco
+
+        classes = f"the classes {', '.join(meta['only'])} (--only)" if meta.get("only") else "classes"
+        click.echo(f"\nCOCO-style AP (mean over {classes}, in %; beside the VOC numbers above, not comparable "
+                   "with them):\n" + render_coco(coco, TABLE_FORMATS[fmt], options.get("digits", 2)), nl=False)
 
 
 def localization_lines(wsol, digits: int, only: Sequence[str] | None = None) -> str:
@@ -231,7 +311,7 @@ def localization_lines(wsol, digits: int, only: Sequence[str] | None = None) -> 
     no τ; a mean over all classes with absent ones as 0 (TorchRay's) says so."""
     from gradloc.run.score import MEAN_ALL_CLASSES
 
-    means = wsol[wsol["class"].isin(["mean", "all", MEAN_ALL_CLASSES])]
+    means = wsol[wsol["class"].isin(["mean", MEAN_ALL_CLASSES])]
     labels = [f"{r.metric}{', ' + r._3 if r._3 == MEAN_ALL_CLASSES else ''}" for r in means.itertuples()]
     width = max((len(label) for label in labels), default=0)
     lines = [f"  {label:<{width}} {'' if r.threshold != r.threshold else f'tau={r.threshold:g}':<10} "
@@ -248,8 +328,8 @@ def shard_option(command: Callable) -> Callable:
                              "batch I), then stop; `gradloc merge` uses the filled cache.")(command)
 
 
-SINGLE_IOU_HELP = ("IoU of {what}: one value (the flag is --iou everywhere; `run` and `score` take a "
-                   "comma-separated list).")
+SINGLE_IOU_HELP = ("IoU of {what}: one value (the flag is --iou everywhere; `run`, `score` and `sweep` take a "
+                   "comma-separated list or ranges such as 0.5:0.95:0.05).")
 
 
 def one_iou(value: str) -> float:

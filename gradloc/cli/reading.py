@@ -21,7 +21,7 @@ from gradloc.cli.options import (
 @click.option("--voc-results", "voc_results", type=click.Path(file_okay=False),
               help="With --gt: a folder of devkit files <comp>_det_<split>_<class>.txt (any detector; "
                    "baselines/<name>/ subfolders are scored as baselines).")
-@click.option("--iou", default="0.3,0.4,0.5", show_default=True, help="Comma-separated IoU thresholds.")
+@click.option("--iou", default="0.3,0.4,0.5", show_default=True, help=FLAG_GROUPS["score"]["iou"][1]["help"])
 @click.option("--metric", type=registry_choice("gradloc.scoring.voc", "METRICS"), default="voc07", show_default=True,
               help="voc07 = 11-point AP, voc10 = all-point AP.")
 @click.option("--only", default=None, help=FLAG_GROUPS["score"]["only"][1]["help"])
@@ -63,20 +63,22 @@ def score(ctx: click.Context, run_dir: str | None, gt_path: str | None, voc_resu
     if gt_path is None:
         if run_dir is None or detections or voc_results:
             raise click.UsageError("give a run folder, or --gt GT.pkl with detection pickles or --voc-results DIR")
-        from gradloc.run.score import record_rescoring, save_run_scores, score_run_folder, with_intervals
-        from gradloc.scoring.tables import check_per_class
+        from gradloc.run.score import coco_scores, record_rescoring, save_run_scores, score_run_folder, with_intervals
+        from gradloc.scoring.tables import TABLE_FORMATS, check_per_class
 
         rows, meta, wsol = score_run_folder(run_dir, ious, metric, classes)
         if per_class is not None:
             check_per_class(rows, per_class)  # before anything is written or printed
+        shown = fmt in TABLE_FORMATS and not ctx.obj["quiet"]
+        coco = coco_scores(run_dir, classes) if save or shown else None
         if save:
-            files = save_run_scores(run_dir, rows, meta, wsol)
+            files = save_run_scores(run_dir, rows, meta, wsol, coco)
             recorded = record_rescoring(run_dir, ious, metric, files, classes)
             say(ctx, f"saved {', '.join(f.name for f in files)} in {run_dir}"
                      + ("; manifest.json records the rescoring" if recorded else " (no manifest.json to update)"))
         if ci:
             rows, options["corloc"] = with_intervals(run_dir, rows, classes)
-        print_scores(ctx, rows, meta, wsol, fmt, **options)
+        print_scores(ctx, rows, meta, wsol, fmt, coco, **options)
         return
     if ci:
         raise click.UsageError("--ci resamples the images of a run folder; give a run folder")
@@ -143,7 +145,9 @@ def models() -> None:
     click.echo(tabulate(list_models(), headers="keys", tablefmt="simple"))
     click.echo("\ncam: True = the output is linear(GAP(layer)), so CAM (Zhou et al.) applies; False = gradient "
                "methods only (gradcam, gradcampp, ...).\noffline: the default weights file is on disk; gradloc "
-               f"never downloads (torchvision weights go in {hub_checkpoints()}).")
+               f"never downloads (torchvision weights go in {hub_checkpoints()}).\nYour own model: --model "
+               "timm:NAME or --model package.module:function (a function returning the nn.Module), with --checkpoint "
+               "FILE (its state dict); --model torchvision:NAME is the name NAME above.")
 
 
 @click.command()
@@ -151,22 +155,25 @@ def models() -> None:
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Checkpoint to build the model from.")
 @click.option("--input-size", type=click.IntRange(min=8), default=224, show_default=True,
               help="Side of the square probe image the output shapes are measured on.")
-@click.option("--head", type=registry_choice("gradloc.models.build", "HEADS"), default="voc", show_default=True,
-              help="The head of the runs the names are for (imagenet heads wrap the model as backbone.*).")
 @click.option("--all", "show_all", is_flag=True, help="Also list layers a CAM cannot use (pooling, 1x1 outputs).")
-def layers(model_name: str, checkpoint: str | None, input_size: int, head: str, show_all: bool) -> None:
+def layers(model_name: str, checkpoint: str | None, input_size: int, show_all: bool) -> None:
     """List the names `--layer` accepts for MODEL, with each layer's output shape [C, h, w] on a probe image.
 
-    Layers a CAM cannot use (adaptive pooling, 1x1 outputs) are hidden unless --all, which marks them.
+    The names are the same for every head (voc, imagenet, voc+imagenet) and need no checkpoint or weights
+    file (--checkpoint only for a checkpoint that changes the architecture). An exact name always wins over a
+    unique dotted suffix (`--layer layer3.1.bn2`). Layers a CAM cannot use (adaptive pooling, 1x1 outputs) are
+    hidden unless --all, which marks them.
 
     \b
-    Example:
+    Examples:
       gradloc layers resnet50
+      gradloc layers efficientnet_lite0
+      gradloc layers timm:resnet18
     """
     from gradloc.cams.layers import default_layer, layer_table, resolve_layer
     from gradloc.models.build import build_architecture
 
-    model = build_architecture(model_name, checkpoint=checkpoint, head=head)
+    model = build_architecture(model_name, checkpoint=checkpoint)
     default, _ = resolve_layer(model, default_layer(model))
     table = [row for row in layer_table(model, input_size=input_size) if show_all or not row.unusable]
     width = max(len(row.name) for row in table)

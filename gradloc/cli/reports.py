@@ -155,8 +155,9 @@ def sweep(ctx: click.Context, config_path: str | None, select_split: str, eval_s
     """Choose τ (with --folds: also a variant and the centre box size) on one split, report it on another.
 
     A τ chosen on the evaluated split is labelled oracle. With --folds every choice is made on held-out folds
-    of the selection split and the evaluation split is only reported (cv.csv, ablations.csv/md and
-    chosen.yaml beside sweep.csv/md in <out>/<name>/).
+    of the selection split and the evaluation split is only reported. Runs go to <out>/<name>-<split>/ (beside,
+    never inside, the run folder <out>/<name>/ of `gradloc run`), the tables to <out>/<name>-sweep/ (sweep.csv,
+    sweep.md; with --folds also cv.csv, ablations.csv/md and chosen.yaml).
 
     \b
     Examples:
@@ -166,13 +167,14 @@ def sweep(ctx: click.Context, config_path: str | None, select_split: str, eval_s
     """
     from gradloc.run.cv import load_variants
     from gradloc.run.folder import check_writable
-    from gradloc.run.sweep import parse_select_metric, run_sweep
+    from gradloc.run.sweep import parse_select_metric, run_sweep, split_config
 
     if flags.get("split") is not None:
         raise click.UsageError("sweep takes --select-split and --eval-split, not --split")
     parse_select_metric(select_metric)  # fail before any work
     config = build_config(config_path, flags)
-    check_writable(config.run_dir)
+    for split in (select_split, eval_split):
+        check_writable(split_config(config, split).run_dir)
     config = prepare(ctx, config)
     variants = load_variants(variants_path) if variants_path is not None else None
     if variants is not None and folds is None:
@@ -188,23 +190,30 @@ def sweep(ctx: click.Context, config_path: str | None, select_split: str, eval_s
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--threshold", type=float, required=True, help="τ of the detections to export (a threshold of the run).")
-@click.option("--format", "fmt", type=click.Choice(["voc"]), default="voc", show_default=True,
-              help="voc = the official devkit's per-class files comp4_det_<split>_<class>.txt.")
+@click.option("--format", "fmt", type=registry_choice("gradloc.reports.export", "EXPORT_FORMATS"), default="voc",
+              show_default=True,
+              help="voc = the official devkit's per-class files comp4_det_<split>_<class>.txt; coco = a COCO "
+                   "results JSON and the matching ground-truth JSON (pycocotools reads both).")
 @click.option("--split", default=None, help="Split in the file names (default: the run's split).")
 @click.pass_context
 def export(ctx: click.Context, run_dir: str, out_dir: str, threshold: float, fmt: str, split: str | None) -> None:
-    """Write a run's detections at one τ in the devkit's results format (baselines in OUT_DIR/baselines/).
+    """Write a run's detections at one τ in the devkit's or COCO's results format (baselines in
+    OUT_DIR/baselines/).
 
-    Lines are `image_id score x1 y1 x2 y2`, VOC 1-based boxes, numbers that read back exactly.
+    voc: lines `image_id score x1 y1 x2 y2`, VOC 1-based boxes, numbers that read back exactly. coco:
+    detections_<split>_results.json with boxes [x1 - 1, y1 - 1, x2 - x1 + 1, y2 - y1 + 1] and
+    instances_<split>.json (difficult boxes as iscrowd 1), ids = 1-based positions in the run's image and
+    class lists.
 
     \b
-    Example:
+    Examples:
       gradloc export results/demo --threshold 0.2 --format voc exported/
       gradloc score --gt results/demo/gt.pkl --voc-results exported/
+      gradloc export results/demo --threshold 0.2 --format coco coco/
     """
     from gradloc.reports.export import export_run
 
-    written = export_run(run_dir, threshold, out_dir, split=split)
+    written = export_run(run_dir, threshold, out_dir, split=split, fmt=fmt)
     say(ctx, f"wrote {len(written)} {fmt} results files to {out_dir}")
 
 

@@ -80,7 +80,7 @@ def _run_and_report(ctx: click.Context, config, original, prepare_seconds: float
     result = run_pipeline(config, original, stage=stage_progress(ctx))
     if split is not None:
         update_manifest(result.run_dir, "distributed", split)
-    print_scores(ctx, result.rows, result.meta, result.localization)
+    print_scores(ctx, result.rows, result.meta, result.localization, coco=result.coco)
     if result.dataset.skipped:
         say(ctx, f"skipped {len(result.dataset.skipped)} item(s): "
                  + "; ".join(f"{item['image_id']}: {item['reason']}" for item in result.dataset.skipped))
@@ -109,12 +109,13 @@ def run(ctx: click.Context, config_path: str | None, shard: str | None, **flags:
 
 
 @click.command()
-@run_options()
+@run_options(config=False)
+@click.option("--config", "config_path", hidden=True)  # refused with a pointer to `gradloc run --config`
 @click.pass_context
 def demo(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
     """The offline demo: `gradloc run` with the packaged demo config (a synthetic VOC-layout dataset and a tiny
-    CNN trained on it, generated once under --cache-dir; no download). Flags override the demo config;
-    --config is not taken.
+    CNN trained on it, generated once under --cache-dir; no download). Flags override the demo config; for a
+    config of your own use `gradloc run --config FILE`.
 
     \b
     Examples:

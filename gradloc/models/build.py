@@ -9,15 +9,16 @@ plus a *head*:
   checkpoint written by ``gradloc train`` (:mod:`gradloc.run.train`).
 * ``imagenet`` -- the unchanged ImageNet-1k classifier followed by the fixed ImageNet -> VOC mapping of
   :mod:`gradloc.models.imagenet_voc`: the output for class ``c`` is ``log sum_{i in G_c} softmax(z)_i``
-  (``score_kind = "log_prob"``, probability = exp). The model is wrapped, so its layers are named
-  ``backbone.<torchvision name>``.
+  (``score_kind = "log_prob"``, probability = exp). The final linear is replaced by that module
+  (:func:`~gradloc.models.heads.attach_imagenet_mapping`), so layer names stay the torchvision ones.
 * ``voc+imagenet`` -- both on the same pooled features: a voc head trained with a frozen backbone (modes
   ``linear`` / ``lbfgs``) and the model's own ImageNet classifier with the mapping above, as one
   log-probability ``s_c = log sigmoid(v_c) + log sum_{i in G_c} softmax(z)_i`` (:class:`VocImageNetHead`;
   ``score_kind = "log_prob"``). The final linear is replaced by that module, so layer names stay the
   torchvision ones.
 
-Every returned model is in eval mode and carries two attributes for the CAM engine (:mod:`gradloc.cams`):
+A layer therefore has one name whatever the head (the name ``gradloc layers`` prints and the heatmap cache key
+holds). Every returned model is in eval mode and carries two attributes for the CAM engine (:mod:`gradloc.cams`):
 ``gradloc_layer`` (default target layer: the last spatial feature map before global pooling) and
 ``gradloc_gap_linear`` (``(layer, linear)`` names when the output is exactly ``linear(GAP(layer))``, else
 None).
@@ -57,8 +58,9 @@ from gradloc.models.checkpoints import (
     _read_torch_file,
     _validate_checkpoint,
 )
-from gradloc.models.heads import N_IMAGENET_CLASSES, ImageNetHeadModel, VocImageNetHead
+from gradloc.models.heads import N_IMAGENET_CLASSES, VocImageNetHead, attach_imagenet_mapping
 from gradloc.models.imagenet_voc import imagenet_groups
+from gradloc.models.own import attach_own_head, build_own, check_own_name, is_own_model
 from gradloc.models.preprocessing import Preprocessing
 from gradloc.models.spec import ModelSpec
 from gradloc.models.zoo import build_pretrained, get_spec, load_state, replace_linear
@@ -135,14 +137,24 @@ def _from_gradloc_checkpoint(spec: ModelSpec, data: dict[str, Any], path: Path,
 
 def _from_state_dict(spec: ModelSpec, state: dict[str, Tensor], path: Path, head: str,
                      classes: Sequence[str] | None) -> _Source:
+    """A plain state dict (e.g. of a fine-tuned torchvision model): head ``voc`` when its classifier has one
+    output per class, ``imagenet`` when it has the 1000 ImageNet outputs; anything else is refused."""
     resolved = spec.resolve_weights(None) if spec.resolve_weights else None
     arch_kwargs = resolved.arch_kwargs if resolved else {}
     module = spec.build(**arch_kwargs)
     if spec.convert_state_dict is not None:
         state = spec.convert_state_dict(state)
-    voc_classes = None
-    if head == "voc":
-        voc_classes = list(classes) if classes is not None else list(VOC_CLASSES)
+    voc_classes = (list(classes) if classes is not None else list(VOC_CLASSES)) if head == "voc" else None
+    weight = state.get(f"{spec.classifier}.weight")
+    n_out = int(weight.shape[0]) if weight is not None and weight.ndim == 2 else None
+    wanted = len(voc_classes) if voc_classes is not None else N_IMAGENET_CLASSES
+    if n_out is not None and n_out != wanted:
+        hint = ("pass --head imagenet for an ImageNet-1k classifier" if n_out == N_IMAGENET_CLASSES
+                else "give data.classes (config) in the order of its outputs" if head == "voc"
+                else "pass --head voc with data.classes in the order of its outputs")
+        raise ValueError(f"{path}: {spec.name}'s classifier {spec.classifier} has {n_out} outputs; head {head} "
+                         f"needs {wanted} ({'one per class of the run' if head == 'voc' else 'ImageNet-1k'}); {hint}")
+    if voc_classes is not None:
         replace_linear(module, spec.classifier, len(voc_classes))
     outputs = "ImageNet-1k classifier" if voc_classes is None else f"{len(voc_classes)}-class voc head"
     load_state(module, state, f"{path}: plain state dict does not fit {spec.name} with a {outputs}")
@@ -182,7 +194,7 @@ def _attach_voc(spec: ModelSpec, source: _Source, classes: Sequence[str] | None)
 
 
 def _attach_imagenet(spec: ModelSpec, source: _Source, classes: Sequence[str] | None) -> _Attached:
-    """Wrap the ImageNet classifier with the ImageNet -> VOC mapping."""
+    """Follow the ImageNet classifier by the ImageNet -> VOC mapping, in the classifier's place."""
     if source.classes is not None:
         raise ValueError(f"head 'imagenet' needs the ImageNet-1k classifier of {spec.name}, but the "
                          "checkpoint holds a voc head; use --head voc")
@@ -191,9 +203,8 @@ def _attach_imagenet(spec: ModelSpec, source: _Source, classes: Sequence[str] | 
     if n_out != N_IMAGENET_CLASSES:
         raise ValueError(f"head 'imagenet' needs {N_IMAGENET_CLASSES} ImageNet outputs; "
                          f"{spec.name} has {n_out}")
-    model = ImageNetHeadModel(source.module, imagenet_groups(wanted))
-    model.gradloc_layer = f"backbone.{getattr(source.module, 'gradloc_layer', spec.layer)}"
-    model.gradloc_gap_linear = None  # log-sum-softmax is not linear in the pooled features
+    model = attach_imagenet_mapping(source.module, spec.classifier, wanted)
+    model.gradloc_layer = getattr(model, "gradloc_layer", spec.layer)
     return model, wanted
 
 
@@ -236,6 +247,23 @@ HEADS: dict[str, tuple[Callable[[ModelSpec, _Source, Sequence[str] | None], _Att
 }
 
 
+def _registered_source(spec: ModelSpec, weights: str | None, checkpoint: str | os.PathLike[str] | None, head: str,
+                       classes: Sequence[str] | None) -> _Source:
+    """The network of a registered model before its head: pretrained, from a gradloc checkpoint, or from a plain
+    state dict."""
+    if checkpoint is None:
+        if head == "voc":
+            raise _needs_checkpoint(spec)
+        return _from_pretrained(spec, weights)
+    path = Path(checkpoint)
+    data = _read_torch_file(path)
+    if isinstance(data, Mapping) and "format" in data:
+        return _from_gradloc_checkpoint(spec, _validate_checkpoint(data, path), path, weights)
+    if _is_state_dict(data):
+        return _from_state_dict(spec, dict(data), path, head, classes)
+    raise ValueError(f"{path}: neither a {CHECKPOINT_FORMAT} checkpoint nor a plain state dict (a dict of tensors)")
+
+
 def load_model(
     name: str,
     *,
@@ -246,10 +274,11 @@ def load_model(
     input_size: int | None = None,
     resize_mode: str | None = None,
 ) -> LoadedModel:
-    """Build a registered model with its weights and head, in eval mode.
+    """Build a registered model, or your own (:mod:`gradloc.models.own`), with its weights and head, in eval mode.
 
     Args:
-        name: registry name (:data:`MODELS`, ``gradloc models``).
+        name: registry name (:data:`MODELS`, ``gradloc models``), ``torchvision:NAME`` (the same), ``timm:NAME``
+            or ``package.module:function``.
         weights: ImageNet weights name (torchvision enum member such as ``IMAGENET1K_V1``, or ``DEFAULT``);
             None means the default. Used when no checkpoint is given.
         checkpoint: a ``gradloc.checkpoint/1`` file (voc head) or a plain state dict of the architecture
@@ -269,48 +298,44 @@ def load_model(
         FileNotFoundError: a missing checkpoint, or ImageNet weights not in the hub cache (the message names
             the expected path and how to get the file).
     """
-    spec = get_spec(name)
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
     if classes is not None and (not classes or len(set(classes)) != len(classes)):
         raise ValueError(f"classes {list(classes)} must be a non-empty list of distinct names")
-    if checkpoint is None:
-        if head == "voc":
-            raise _needs_checkpoint(spec)
-        source = _from_pretrained(spec, weights)
+    if is_own_model(name):
+        if weights is not None:
+            raise ValueError(f"--weights names torchvision weights; --model {name} takes its weights from "
+                             "--checkpoint (or from its own source)")
+        own = build_own(name, checkpoint)
+        model, model_classes = attach_own_head(name, own, head, classes)
+        trained, trained_preprocessing = own.preprocessing, False
+        origin = {"arch": name, "family": "own", "arch_kwargs": {}, "weights": own.record.get("weights"),
+                  "weights_file": own.record.get("weights_file"), "checkpoint": own.record.get("checkpoint"),
+                  **({"entry_point": own.record["entry_point"]} if "entry_point" in own.record else {})}
     else:
-        path = Path(checkpoint)
-        data = _read_torch_file(path)
-        if isinstance(data, Mapping) and "format" in data:
-            source = _from_gradloc_checkpoint(spec, _validate_checkpoint(data, path), path, weights)
-        elif _is_state_dict(data):
-            source = _from_state_dict(spec, dict(data), path, head, classes)
-        else:
-            raise ValueError(f"{path}: neither a {CHECKPOINT_FORMAT} checkpoint nor a plain state dict "
-                             "(a dict of tensors)")
-    attach, score_kind = HEADS[head]
-    model, model_classes = attach(spec, source, classes)
+        spec = get_spec(name)
+        source = _registered_source(spec, weights, checkpoint, head, classes)
+        model, model_classes = HEADS[head][0](spec, source, classes)
+        trained, trained_preprocessing = source.preprocessing, source.trained_preprocessing
+        origin = {"arch": spec.name, "family": spec.family, "arch_kwargs": source.arch_kwargs,
+                  "weights": source.weights, "weights_file": source.weights_file, "checkpoint": source.checkpoint}
+    score_kind = HEADS[head][1]
     model.eval()
-    trained = source.preprocessing
     preprocessing = replace(trained, input_size=input_size or trained.input_size,
                             resize_mode=resize_mode or trained.resize_mode)
-    if source.trained_preprocessing and preprocessing != trained:
+    if trained_preprocessing and preprocessing != trained:
         raise ValueError(f"{checkpoint}: head trained at input_size {trained.input_size}, resize_mode "
                          f"{trained.resize_mode}; this run uses input_size {preprocessing.input_size}, "
                          f"resize_mode {preprocessing.resize_mode}; use the checkpoint's settings or train a "
                          "head with the run's (`gradloc train --config CONFIG`)")
+    gap_linear = getattr(model, "gradloc_gap_linear", None)
     description = {
-        "arch": spec.name,
-        "family": spec.family,
-        "arch_kwargs": source.arch_kwargs,
-        "weights": source.weights,
-        "weights_file": source.weights_file,
-        "checkpoint": source.checkpoint,
+        **origin,
         "head": head,
         "classes": model_classes,
         "score_kind": score_kind,
-        "layer": model.gradloc_layer,
-        "gap_linear": list(model.gradloc_gap_linear) if model.gradloc_gap_linear else None,
+        "layer": getattr(model, "gradloc_layer", None),
+        "gap_linear": list(gap_linear) if gap_linear else None,
         **preprocessing.to_dict(),
     }
     return LoadedModel(model, model_classes, preprocessing, score_kind, description)
@@ -319,7 +344,10 @@ def load_model(
 def build_architecture(name: str, *, checkpoint: str | os.PathLike[str] | None = None, head: str = "voc",
                        classes: Sequence[str] | None = None) -> nn.Module:
     """The model's architecture with its gradloc attributes, for listing layers; weights are random unless
-    a checkpoint is given (then it is :func:`load_model`'s model). Never needs a weights file."""
+    a checkpoint is given (then it is :func:`load_model`'s model). Never needs a weights file. Layer names do
+    not depend on the head; own models (:mod:`gradloc.models.own`) come as built, without a head."""
+    if is_own_model(name):
+        return build_own(name, checkpoint, weights=False).module
     if checkpoint is not None:
         return load_model(name, checkpoint=checkpoint, head=head, classes=classes).model
     spec = get_spec(name)
@@ -334,6 +362,19 @@ def build_architecture(name: str, *, checkpoint: str | os.PathLike[str] | None =
     source = _Source(module, source_classes, spec.preprocessing, {}, None)
     model, _ = HEADS[head][0](spec, source, classes)
     return model.eval()
+
+
+def check_model(name: str) -> None:
+    """Fail before any work on a model name that cannot be built: not in the registry (``torchvision:NAME``
+    included), or an own model (:func:`gradloc.models.own.check_own_name`) that cannot be found.
+
+    Raises:
+        ValueError: naming the model and what to do.
+    """
+    if is_own_model(name):
+        check_own_name(name)
+    else:
+        get_spec(name)
 
 
 def resolve_device(name: str) -> torch.device:

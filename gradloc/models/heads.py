@@ -1,4 +1,5 @@
-"""Heads that turn ImageNet classifiers into VOC classifiers (modules only; attaching them: gradloc.models.build)."""
+"""Heads that turn ImageNet classifiers into VOC classifiers, and the one function that puts the ImageNet mapping in a
+network's classifier slot (the voc heads are attached by gradloc.models.build)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from gradloc.models.imagenet_voc import imagenet_groups
 
 N_IMAGENET_CLASSES = 1000
 
@@ -70,14 +73,30 @@ class VocImageNetHead(nn.Module):
         return prior + torch.where(self.use_voc, F.logsigmoid(self.voc(features)), 0.0)
 
 
-class ImageNetHeadModel(nn.Module):
-    """An ImageNet classifier (``backbone``) followed by :class:`ImageNetToVOC`."""
+class ImageNetClassifier(nn.Module):
+    """A network's ImageNet classifier followed by :class:`ImageNetToVOC`, put in the classifier's place
+    (``set_submodule``), so every other module of the network keeps its name whatever the head.
 
-    def __init__(self, backbone: nn.Module, groups: Sequence[Sequence[int]]) -> None:
+    Args:
+        imagenet: the network's final ``nn.Linear(n_features, 1000)``.
+        groups: ImageNet indices of each class (:func:`gradloc.models.imagenet_voc.imagenet_groups`).
+    """
+
+    def __init__(self, imagenet: nn.Module, groups: Sequence[Sequence[int]]) -> None:
         super().__init__()
-        self.backbone = backbone
+        self.imagenet = imagenet
         self.to_voc = ImageNetToVOC(groups)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """float32[B, 3, S, S] -> float32[B, n_classes] log-probabilities."""
-        return self.to_voc(self.backbone(x))
+    def forward(self, features: Tensor) -> Tensor:
+        """float32[B, n_features] -> float32[B, n_classes] log-probabilities."""
+        return self.to_voc(self.imagenet(features))
+
+
+def attach_imagenet_mapping(model: nn.Module, classifier: str, classes: Sequence[str]) -> nn.Module:
+    """Replace the 1000-way ImageNet classifier ``classifier`` (a dotted module name) of ``model`` by
+    :class:`ImageNetClassifier` (it, then the mapping to ``classes``); every other module
+    keeps its name. Returns ``model``, whose ``gradloc_gap_linear`` is then None (log-sum-softmax is not
+    linear in the pooled features)."""
+    model.set_submodule(classifier, ImageNetClassifier(model.get_submodule(classifier), imagenet_groups(classes)))
+    model.gradloc_gap_linear = None
+    return model

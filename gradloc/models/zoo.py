@@ -15,6 +15,7 @@ from torchvision.models import get_model, get_model_weights
 
 from gradloc.models.demo_cnn import DemoNet
 from gradloc.models.lite import build_lite, lite_preprocessing, lite_resolver, lite_state_dict_to_timm
+from gradloc.models.own import TORCHVISION_PREFIX, is_own_model
 from gradloc.models.preprocessing import Preprocessing
 from gradloc.models.registry import (
     DEMO_INPUT_SIZE,
@@ -93,14 +94,17 @@ MODELS: dict[str, ModelSpec] = {**_torchvision_specs(), **_extra_specs()}
 
 
 def get_spec(name: str) -> ModelSpec:
-    """The registry entry of ``name``.
+    """The registry entry of ``name`` (``torchvision:NAME`` is the registry name NAME).
 
     Raises:
         ValueError: unknown name (the message suggests close names) or an unsupported torchvision model.
     """
-    spec = MODELS.get(name)
+    spec = MODELS.get(name.removeprefix(TORCHVISION_PREFIX) if name.startswith(TORCHVISION_PREFIX) else name)
     if spec is not None:
         return spec
+    if is_own_model(name):
+        raise ValueError(f"--model {name} is your own model: `gradloc run`, `cams` and `layers` explain it as "
+                         "given; `gradloc train` trains heads of the models `gradloc models` lists")
     reason = next((why for prefix, why in UNSUPPORTED_FAMILIES.items() if name.startswith(prefix)), None)
     if reason is not None:
         raise ValueError(f"model {name!r} is {reason}; gradloc needs a CNN with a spatial feature map "

@@ -1,33 +1,62 @@
-"""``gradloc export``: a run's detections in the devkit's results format."""
+"""``gradloc export``: a run's detections in another tool's results format (:data:`EXPORT_FORMATS`)."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+from gradloc.core.formats import Detections, GroundTruth
 from gradloc.run.folder import open_run
-from gradloc.scoring.devkit import COMPETITION, write_voc_results
+from gradloc.scoring.coco import write_coco_ground_truth, write_coco_results
+from gradloc.scoring.devkit import write_voc_results
 from gradloc.scoring.tables import match_value
 
 logger = logging.getLogger(__name__)
 
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """A results format: ``write(detections, folder, split) -> files`` for each detection set, and
+    ``ground_truth(gt, folder, split) -> files`` when the format also needs the ground truth (None: the tool
+    reads its own annotations)."""
+
+    write: Callable[[Detections, Path, str], list[Path]]
+    ground_truth: Callable[[GroundTruth, Path, str], list[Path]] | None
+    help: str
+
+
+EXPORT_FORMATS: dict[str, ExportFormat] = {
+    "voc": ExportFormat(write_voc_results, None,
+                        "the official devkit's per-class files comp4_det_<split>_<class>.txt (VOC boxes)"),
+    "coco": ExportFormat(write_coco_results, write_coco_ground_truth,
+                         "COCO results JSON detections_<split>_results.json and the matching ground truth "
+                         "instances_<split>.json (pycocotools reads both; gradloc.scoring.coco)"),
+}
+
+
 def export_run(run_dir: str | Path, threshold: float, out_dir: str | Path, split: str | None = None,
-               competition: str = COMPETITION) -> list[Path]:
-    """Write a run's detections at τ as devkit results files: CAM boxes in ``out_dir``, each baseline in
-    ``out_dir/baselines/<name>/`` (the map baselines of the same τ, the τ-free center/full boxes).
+               fmt: str = "voc") -> list[Path]:
+    """Write a run's detections at τ in a results format: CAM boxes in ``out_dir``, each baseline in
+    ``out_dir/baselines/<name>/`` (the map baselines of the same τ, the τ-free center/full boxes), and the
+    format's ground truth file in ``out_dir`` when it has one.
 
     Args:
         run_dir: a run folder.
         threshold: one of the run's thresholds (matched within 1e-9).
         out_dir: the results folder (created; files of the same names are replaced).
         split: the split in the file names; default: the split the run's detections were made on.
+        fmt: a key of :data:`EXPORT_FORMATS`.
 
     Returns:
         The written files.
 
     Raises:
-        FileNotFoundError: no run folder or detections. ValueError: τ not in the run, unknown split.
+        FileNotFoundError: no run folder or detections. ValueError: τ not in the run, unknown split or format.
     """
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
     run, out_dir = open_run(run_dir), Path(out_dir)
     if not run.thresholds:
         raise FileNotFoundError(f"{run.path}: no CAM detections files; run `gradloc boxes`")
@@ -40,9 +69,11 @@ def export_run(run_dir: str | Path, threshold: float, out_dir: str | Path, split
                              f"{dataset!r}); give --split")
         split = dataset.rsplit(" ", 1)[1]
     sources = {"": dets, **run.baselines_at(tau)}
-    written = []
+    export = EXPORT_FORMATS[fmt]
+    written = export.ground_truth(run.gt, out_dir, split) if export.ground_truth else []
     for name, part in sources.items():
         target = out_dir / "baselines" / name if name else out_dir
-        written += write_voc_results(part, target, split, competition)
-    logger.info("exported %d detection sets of %s at tau = %g to %s", len(sources), run.path, tau, out_dir)
+        written += export.write(part, target, split)
+    logger.info("exported %d detection sets of %s at tau = %g to %s (%s)", len(sources), run.path, tau, out_dir,
+                fmt)
     return written

@@ -70,7 +70,7 @@ def headline(run: Run, threshold: float, iou: float = 0.5, metric: str = "voc07"
                      "share_at_most_zero": difference.share_at_most_zero,
                      "note": f"paired; {name} confidence: {baseline.meta.get('confidence', 'score')}"})
     localization = run.localization
-    free = localization[localization["class"].isin(["mean", "all", MEAN_ALL_CLASSES])
+    free = localization[localization["class"].isin(["mean", MEAN_ALL_CLASSES])
                         & localization["threshold"].isna()]
     for metric_name, name, value, count in free[["metric", "class", "value", "n"]].itertuples(index=False):
         rows.append({"metric": metric_name if name != MEAN_ALL_CLASSES else f"{metric_name}, {name}",

@@ -14,6 +14,7 @@ from gradloc.boxes.cut import cut_heat, peak_points, working_heat
 from gradloc.boxes.explain import explained_classes
 from gradloc.boxes.rows import BoxRows, ThresholdDetections
 from gradloc.cams.cache import HeatmapCache
+from gradloc.cams.methods import method_label
 from gradloc.core.formats import Detections, GroundTruth
 from gradloc.core.geometry import upsample, working_size
 from gradloc.datasets.voc import VOCDataset
@@ -58,7 +59,8 @@ def run_protocol(config: RunConfig, cache: HeatmapCache) -> dict[str, Any]:
     b = config.boxes
     model = cache.key_data["model"]
     return {
-        "method": config.cams.method,
+        "method": method_label(config.cams.method, aug_smooth=config.cams.aug_smooth,
+                               eigen_smooth=config.cams.eigen_smooth),
         "layer": cache.key_data["layer"],
         "model": model.get("arch", config.model.name) if isinstance(model, dict) else str(model),
         "head": config.model.head,

@@ -42,6 +42,8 @@ def cams_cache(config: RunConfig, loaded: Any, dataset: VOCDataset) -> HeatmapCa
         "classes": list(loaded.classes),
         "dataset": {"year": dataset.year, "classes": list(dataset.classes)},
         **({"flip": True} if config.cams.flip else {}),  # absent when off: caches made before the option stay valid
+        **({"aug_smooth": True} if config.cams.aug_smooth else {}),
+        **({"eigen_smooth": True} if config.cams.eigen_smooth else {}),
         **({"amp": "float16"} if config.cams.amp else {}),
         "gradloc": __version__,
     }
@@ -99,6 +101,8 @@ class CamsPlan:
         workers = default_workers() if config.cams.workers is None else config.cams.workers
         masked_batch = config.cams.masked_batch or default_masked_batch(self.device)
         autocast = (torch.autocast(self.device.type, dtype=torch.float16) if config.cams.amp else nullcontext())
+        engine = {"flip": config.cams.flip, "aug_smooth": config.cams.aug_smooth,
+                  "eigen_smooth": config.cams.eigen_smooth}
         for batch in stream_batches(dataset, self.loaded.preprocessing, self.batches, workers,
                                     pin_memory=self.device.type == "cuda"):
             for image_id, error in batch.errors:
@@ -110,10 +114,10 @@ class CamsPlan:
                 with autocast:
                     if len(caches) > 1:
                         maps, scores = compute_gradient_cams(model, inputs, all_classes, list(caches), layer,
-                                                             flip=config.cams.flip)
+                                                             **engine)
                     else:
                         one, scores = compute_cams(model, inputs, all_classes, method=config.cams.method,
-                                                   layer=layer, flip=config.cams.flip, batch_size=masked_batch)
+                                                   layer=layer, batch_size=masked_batch, **engine)
                         maps = {config.cams.method: one}
                 scores_np = scores.detach().float().cpu().numpy()
                 for method, method_cache in caches.items():

@@ -98,7 +98,10 @@ class TrainSettings:
 class CamConfig:
     """The CAM method, target layer (None = the model's default) and engine settings; ``flip``: average each
     raw map with the mirrored-back map of the mirrored image (test-time flip,
-    :func:`gradloc.cams.methods.compute_cams`);
+    :func:`gradloc.cams.methods.compute_cams`); ``aug_smooth``: pytorch-grad-cam's test-time augmentation (the
+    image and its mirror at 0.9, 1, 1.1 times the input, each map scaled to max 1, averaged; not with ``flip``);
+    ``eigen_smooth``: the gradient methods' maps from the first principal component of the weighted
+    activations (pytorch-grad-cam's option);
     ``workers``: decode processes (None = from the CPU count, 0 = in-process; results do not depend on it);
     ``amp``: autocast (float16) on a CUDA device; ``masked_batch``: Score-CAM's masked inputs per forward pass
     (None = :func:`gradloc.cams.methods.default_masked_batch` of the device; results do not depend on it)."""
@@ -109,6 +112,8 @@ class CamConfig:
     device: str = "cpu"
     store_dtype: str = "float32"
     flip: bool = False
+    aug_smooth: bool = False
+    eigen_smooth: bool = False
     workers: int | None = None
     amp: bool = False
     masked_batch: int | None = None
@@ -245,6 +250,21 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
         return cls(**values)
     except ValueError as error:  # a dataclass's own validation (e.g. BoxParams)
         raise ConfigError(f"config: {error}") from None
+
+
+def is_nullable(key: str) -> bool:
+    """Whether the dotted config key (``model.checkpoint``) may be null (``None``), i.e. unset.
+
+    Raises:
+        ConfigError: no such key.
+    """
+    annotation: Any = RunConfig
+    for part in key.split("."):
+        hints = typing.get_type_hints(annotation) if dataclasses.is_dataclass(annotation) else {}
+        if part not in hints:
+            raise ConfigError(f"unknown config key {key}")
+        annotation = hints[part]
+    return type(None) in typing.get_args(annotation)
 
 
 def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 Layout (see the README's *Files*)::
 
-    manifest.json  config.yaml  gt.pkl  points.pkl  scores.csv  scores.json  scores.md  localization.csv
+    manifest.json  config.yaml  gt.pkl  points.pkl  scores.csv  scores.json  scores.md  localization.csv  coco.csv
     detections/thr_<τ>.pkl                  CAM boxes at τ (one file per threshold of the sweep)
     baselines/<name>.pkl                    threshold-free baselines (center, full)
     baselines/<name>/thr_<τ>.pkl            map baselines cut at τ (shuffled, blob)
@@ -57,6 +57,9 @@ CONFIG_FILE = "config.yaml"
 
 
 LOCALIZATION_FILE = "localization.csv"
+
+
+COCO_FILE = "coco.csv"
 
 
 SCORES_CSV = "scores.csv"
@@ -424,12 +427,15 @@ class RunWriter:
 
 
 def write_scores(folder: str | Path, rows: pd.DataFrame, meta: Mapping[str, Any],
-                 localization: pd.DataFrame) -> list[Path]:
-    """``scores.csv/json/md`` and ``localization.csv`` of a run folder (each file atomically); returns them."""
+                 localization: pd.DataFrame, coco: pd.DataFrame | None = None) -> list[Path]:
+    """``scores.csv/json/md``, ``localization.csv`` and, when given, the COCO-style rows ``coco.csv`` of a run
+    folder (each file atomically); returns them."""
 
     written = save_scores(rows, Path(folder), meta)
-    atomic_write_bytes(Path(folder) / LOCALIZATION_FILE, localization.to_csv(index=False).encode())
-    return [*written, Path(folder) / LOCALIZATION_FILE]
+    tables = {LOCALIZATION_FILE: localization, **({COCO_FILE: coco} if coco is not None else {})}
+    for name, table in tables.items():
+        atomic_write_bytes(Path(folder) / name, table.to_csv(index=False).encode())
+    return [*written, *(Path(folder) / name for name in tables)]
 
 
 def update_manifest(folder: str | Path, key: str, value: Any) -> bool:

@@ -17,7 +17,7 @@ from gradloc.run.boxes import run_boxes
 from gradloc.run.cams import plan_cams
 from gradloc.run.config import RunConfig
 from gradloc.run.folder import manifest_record, new_run, write_scores
-from gradloc.run.score import score_run_folder
+from gradloc.run.score import coco_scores, score_run_folder
 from gradloc.run.setup import StageTimes
 
 # ``stage(description, total)`` -> context manager yielding a progress callback (or None); the CLI's tqdm.
@@ -26,8 +26,9 @@ StageProgress = Callable[[str, int], AbstractContextManager[Callable[[int], None
 
 @dataclass
 class RunResult:
-    """What :func:`run` made: the run folder, score rows and protocol, WSOL rows, cache, dataset, times, and
-    the images left out with ``data.on_error: skip`` ({image_id, file, reason})."""
+    """What :func:`run` made: the run folder, score rows and protocol, WSOL rows, cache, dataset, times, the
+    images left out with ``data.on_error: skip`` ({image_id, file, reason}) and the COCO-style AP rows
+    (:func:`gradloc.run.score.coco_scores`)."""
 
     run_dir: Path
     rows: pd.DataFrame
@@ -37,6 +38,7 @@ class RunResult:
     dataset: VOCDataset
     times: StageTimes
     skipped: list[dict[str, str]] = field(default_factory=list)
+    coco: pd.DataFrame | None = None
 
 
 def run(config: RunConfig, original: RunConfig | None = None, stage: StageProgress | None = None) -> RunResult:
@@ -61,9 +63,10 @@ def run(config: RunConfig, original: RunConfig | None = None, stage: StageProgre
         writer.write_config(config.to_dict())
         with times.stage("score"):
             rows, meta, wsol = score_run_folder(writer.run, config.score.iou, config.score.metric, config.score.only)
-            write_scores(writer.run.path, rows, meta, wsol)
+            coco = coco_scores(writer.run, config.score.only)
+            write_scores(writer.run.path, rows, meta, wsol, coco)
         writer.write_manifest(run_manifest(config, original or config, cache, times, dataset.skipped))
-    return RunResult(config.run_dir, rows, meta, wsol, cache, dataset, times, list(dataset.skipped))
+    return RunResult(config.run_dir, rows, meta, wsol, cache, dataset, times, list(dataset.skipped), coco)
 
 
 def run_manifest(config: RunConfig, original: RunConfig, cache: HeatmapCache | None, times: StageTimes,

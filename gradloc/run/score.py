@@ -23,6 +23,7 @@ from gradloc.core.provenance import git_commit
 from gradloc.run.folder import Run, locked, open_run, update_manifest, write_scores
 from gradloc.scoring.bootstrap import N_RESAMPLES, corloc_interval, map_interval
 from gradloc.scoring.classification import classification_map
+from gradloc.scoring.coco import coco_evaluate
 from gradloc.scoring.localization import best_box_acc, corloc, pointing_game
 from gradloc.scoring.tables import is_close
 from gradloc.scoring.voc import score_detections
@@ -106,7 +107,8 @@ def localization_scores(run_dir: str | Path | Run, only: Sequence[str] = ()) -> 
     * ``CLASSIFICATION``: the classifier's image-classification AP per class and its mean (the devkit's
       classification task on the class probabilities behind the confidences; n = positive images).
 
-    Rows: metric, threshold, class, value, n."""
+    Rows: metric, threshold, class (a class name, or ``mean`` for the mean over classes / all pairs of every
+    metric), value, n."""
 
     run = run_dir if isinstance(run_dir, Run) else open_run(run_dir)
     gt, points, known = run.gt, run.points, run.gt_known
@@ -144,13 +146,36 @@ def localization_scores(run_dir: str | Path | Run, only: Sequence[str] = ()) -> 
     if len(known["hits"]):
         frame = max_box_acc_from_hits(known["hits"])
         rows += [{"metric": r["metric"].replace("MaxBoxAcc (all boxes)", "MaxBoxAccV2"),
-                  "threshold": r["best_threshold"], "class": "all", "value": r["max_box_acc"], "n": r["n_pairs"]}
+                  "threshold": r["best_threshold"], "class": "mean", "value": r["max_box_acc"], "n": r["n_pairs"]}
                  for r in frame.to_dict("records")]
     if dets_by_tau and next(iter(dets_by_tau.values())).meta.get("classes_explained") == "gt":
         frame = best_box_acc(dets_by_tau, gt, ious=(0.3, 0.5, 0.7))
         rows += [{"metric": f"boxacc@{r['iou']}, best of the run's tau", "threshold": r["best_threshold"],
-                  "class": "all", "value": r["max_box_acc"], "n": r["n_pairs"]} for r in frame.to_dict("records")]
+                  "class": "mean", "value": r["max_box_acc"], "n": r["n_pairs"]} for r in frame.to_dict("records")]
     return pd.DataFrame(rows)
+
+
+def coco_scores(run_dir: str | Path | Run, only: Sequence[str] = ()) -> pd.DataFrame:
+    """COCO-style AP (:func:`gradloc.scoring.coco.coco_evaluate`: AP@[.50:.95], AP@0.50, AP@0.75, AP by size)
+    of every detections file of a run: the CAM boxes and the map baselines per τ, the τ-free baselines once
+    (``threshold`` NaN). ``only``: just these classes.
+
+    Rows: threshold, source, metric, class (a class or ``mean``), ap, n_gt, n_det.
+    """
+    run = run_dir if isinstance(run_dir, Run) else open_run(run_dir)
+    sources = [("cam", tau, run.detections_at(tau)) for tau in run.thresholds]
+    sources += [(name, tau, run.map_baseline_at(name, tau)) for name, taus in run.map_baselines().items()
+                for tau in taus]
+    sources += [(name, float("nan"), dets) for name, dets in run.baselines.items()]
+    frames = []
+    for source, tau, dets in sources:
+        try:
+            frame = coco_evaluate(dets, run.gt, only)
+        except ValueError as error:
+            raise ValueError(f"{run.path} ({source}, tau {tau:g}): {error}") from None
+        frames.append(frame.assign(threshold=tau, source=source))
+    columns = ["threshold", "source", "metric", "class", "ap", "n_gt", "n_det"]
+    return pd.concat(frames, ignore_index=True)[columns]
 
 
 def _keep_pairs(record: dict[str, Any], classes: Sequence[str], only: Sequence[str]) -> dict[str, Any]:
@@ -174,12 +199,12 @@ def score_run_folder(run_dir: str | Path | Run, ious: Sequence[float], metric: s
     return rows, _with_only(run.detections_at(run.thresholds[0]).meta, only), localization_scores(run, only)
 
 
-def save_run_scores(run_dir: str | Path, rows: pd.DataFrame, meta: dict[str, Any], wsol: pd.DataFrame
-                    ) -> list[Path]:
-    """Write scores.csv/json/md and localization.csv into a finished run folder (holding its lock); returns
-    the written files."""
+def save_run_scores(run_dir: str | Path, rows: pd.DataFrame, meta: dict[str, Any], wsol: pd.DataFrame,
+                    coco: pd.DataFrame | None = None) -> list[Path]:
+    """Write scores.csv/json/md, localization.csv (and coco.csv) into a finished run folder (holding its lock);
+    returns the written files."""
     with locked(run_dir):
-        return write_scores(run_dir, rows, meta, wsol)
+        return write_scores(run_dir, rows, meta, wsol, coco)
 
 
 def record_rescoring(run_dir: str | Path, ious: Sequence[float], metric: str, files: Sequence[Path],

@@ -11,12 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gradloc.boxes.baselines import BASELINES
-from gradloc.cams.methods import METHODS
+from gradloc.cams.methods import METHODS, check_eigen_smooth, test_time_augmentation
 from gradloc.datasets.demo import DEMO_CLASSES, generate_demo
 from gradloc.datasets.voc import VOCDataset
-from gradloc.models.build import load_model, resolve_device
+from gradloc.models.build import check_model, load_model, resolve_device
 from gradloc.models.demo_cnn import train_demo_model
-from gradloc.models.zoo import get_spec
 from gradloc.run.config import RunConfig
 from gradloc.scoring.voc import METRICS
 
@@ -71,6 +70,8 @@ def check_names(config: RunConfig) -> None:
     if method.input_resolution:
         raise ValueError(f"CAM method {config.cams.method!r} makes pixel-level pictures, not heatmaps for "
                          "boxes; use it with `gradloc show --guided`")
+    check_eigen_smooth(config.cams.method, config.cams.eigen_smooth)
+    test_time_augmentation(config.cams.flip, config.cams.aug_smooth)
     for name in config.boxes.baselines:
         if name not in BASELINES:
             raise ValueError(f"unknown baseline {name!r} (boxes.baselines); choose from {', '.join(BASELINES)}")
@@ -78,7 +79,7 @@ def check_names(config: RunConfig) -> None:
         raise ValueError(f"unknown AP metric {config.score.metric!r} (score.metric); choose one of "
                          f"{', '.join(METRICS)}")
     if not config.demo.enabled:
-        get_spec(config.model.name)
+        check_model(config.model.name)
     resolve_device(config.cams.device)
 
 

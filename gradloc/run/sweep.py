@@ -3,7 +3,8 @@
 Reporting the best τ of a sweep on the split it is evaluated on is an *oracle* choice: it uses the
 evaluation labels to pick a hyper-parameter (Choe et al., "Evaluating Weakly Supervised Object Localization
 Methods Right", CVPR 2020, Sec. 4). ``gradloc sweep`` runs the pipeline on a selection split and on an
-evaluation split (``<out>/<name>/<split>/``, ordinary run folders), picks τ on the selection split by a
+evaluation split (``<out>/<name>-<split>/``, ordinary run folders beside each other, never inside a run
+folder; the tables go to ``<out>/<name>-sweep/``), picks τ on the selection split by a
 selection metric, and reports the evaluation split's scores at that τ next to the oracle τ of the evaluation
 split. Every row says where its τ was chosen; a τ chosen on the evaluated split is labelled ``oracle``.
 
@@ -145,9 +146,15 @@ class SweepResult:
 
 def split_config(config: Any, split: str) -> Any:
     """The run config of one split of a sweep: same settings, ``data.split = split``, run folder
-    ``<out>/<name>/<split>/``."""
-    return dataclasses.replace(config, out=str(config.run_dir), name=split,
+    ``<out>/<name>-<split>/``: a sibling of the run folder ``<out>/<name>/`` of ``gradloc run --name <name>``,
+    so neither replaces the other (a run folder is swapped in whole)."""
+    return dataclasses.replace(config, name=f"{config.name}-{split}",
                                data=dataclasses.replace(config.data, split=split))
+
+
+def sweep_dir(config: Any) -> Path:
+    """The folder of the sweep's table (``sweep.csv``, ``sweep.md``): ``<out>/<name>-sweep/``."""
+    return Path(config.out) / f"{config.name}-sweep"
 
 
 def run_split(config: Any, stage: StageProgress | None = None) -> tuple[Path, pd.DataFrame]:
@@ -188,7 +195,8 @@ def run_sweep(config: Any, select_split: str, eval_split: str, select_metric: st
         variants: alternatives cross-validated alike (needs ``folds``); the best held-out score wins.
 
     Returns:
-        The :class:`SweepResult`; files go to ``<out>/<name>/`` (runs in ``<out>/<name>-<split>/``).
+        The :class:`SweepResult`; the tables go to ``<out>/<name>-sweep/`` (:func:`sweep_dir`), the runs to
+        ``<out>/<name>-<split>/`` (:func:`split_config`; with several variants ``<out>/<name>-<variant>-<split>/``).
 
     Raises:
         ValueError: bad selection metric, IoU not scored or variants without folds (checked before any work),
@@ -202,7 +210,7 @@ def run_sweep(config: Any, select_split: str, eval_split: str, select_metric: st
         raise ValueError("variants are chosen on held-out folds of the selection split: give --folds K")
     if folds is not None and select_split == eval_split:
         raise ValueError(f"--folds chooses on {select_split} and reports {eval_split}: give two different splits")
-    out_dir = config.run_dir
+    out_dir = sweep_dir(config)
     files = [out_dir / "sweep.csv", out_dir / "sweep.md"]
     if folds is None:
         run_dirs, rows = {}, {}

@@ -37,6 +37,10 @@ DIGITS = 2  # decimals of printed percentages (``--digits``)
 LAYOUTS = ("blocks", "rows")
 
 
+# box mode (gradloc.boxes.cut.BOX_MODES) -> what the protocol line says
+BOX_MODE_WORDS = {"largest": "the largest component", "all": "all components", "union": "the union of all components"}
+
+
 MATCH_TOLERANCE = 1e-9  # thresholds and IoUs are the same when they differ by at most this
 
 
@@ -176,7 +180,7 @@ def protocol_line(rows: pd.DataFrame, meta: Mapping[str, Any] | None = None, ora
         parts.append(
             f"CAM: {meta.get('method')} at layer {meta.get('layer')} of {meta.get('model')} "
             f"({meta.get('head')} head, input {meta.get('input_size')} {meta.get('resize_mode')}) on "
-            f"{meta.get('dataset')}; boxes: {meta.get('box_mode')} component "
+            f"{meta.get('dataset')}; boxes: {BOX_MODE_WORDS.get(meta.get('box_mode'), meta.get('box_mode'))} "
             f"(connectivity {meta.get('connectivity')}, working grid <= {meta.get('max_side') or 'full'} px); "
             f"classes explained: {meta.get('classes_explained')}; confidence: {meta.get('confidence')}"
         )

@@ -501,7 +501,7 @@ def test_only_restricts_the_localization_rows(tiny_run):
 
     run = open_run(tiny_run[0] / "results" / "tiny")
     every, some = localization_scores(run), localization_scores(run, ["square", "disc"])
-    means = ["mean", "all", MEAN_ALL_CLASSES]
+    means = ["mean", MEAN_ALL_CLASSES]
     per_class = ~every["class"].isin(means)
     assert set(every[per_class]["class"]) > {"square", "disc"}
     assert set(some[~some["class"].isin(means)]["class"]) <= {"square", "disc"}
@@ -516,7 +516,7 @@ def test_only_restricts_the_localization_rows(tiny_run):
         assert frame[frame["class"] == "mean"]["value"].item() == pytest.approx(classes.mean()), tau
     # pairs: n of the pointing game / MaxBoxAccV2 count only the kept classes' (image, class) pairs
     pairs = {label: int(label_rows["n"].iloc[0]) for label, label_rows in
-             some[some["class"].isin(["mean", "all"])].groupby("metric")}
+             some[some["class"].isin(["mean"])].groupby("metric")}
     gt = run.gt
     n_pairs = len({(i, c) for i, c in zip(gt.image_index, gt.labels, strict=True)
                    if gt.classes[c] in ("square", "disc")})
@@ -556,17 +556,18 @@ def test_layers_prints_names_layer_accepts_with_shapes():
     from gradloc.cams.methods import compute_cams
     from gradloc.models.build import build_architecture
 
-    result = CliRunner().invoke(main, ["layers", "resnet18", "--head", "imagenet", "--input-size", "64"])
+    result = CliRunner().invoke(main, ["layers", "resnet18", "--input-size", "64"])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0].split()[:2] == ["layer", "(--layer)"] and "output at 64x64" in lines[0]
     rows = {line.split()[0]: line.split()[1:] for line in lines[1:]}
-    assert rows["backbone.layer4"] == ["512x2x2", "default"]
-    assert "backbone.avgpool" not in rows and "avgpool" not in rows
-    model = build_architecture("resnet18", head="imagenet")
-    for name in ("backbone.layer4", "backbone.layer3.1.bn2"):  # printed names run as --layer values
-        maps, _ = compute_cams(model, torch.zeros(1, 3, 64, 64), [0], layer=name)
-        assert maps.shape[-2:] == (2, 2) if name.endswith("layer4") else (4, 4)
+    assert rows["layer4"] == ["512x2x2", "default"]
+    assert "avgpool" not in rows
+    for head in ("voc", "imagenet"):  # printed names run as --layer values whatever the head
+        model = build_architecture("resnet18", head=head)
+        for name in ("layer4", "layer3.1.bn2"):
+            maps, _ = compute_cams(model, torch.zeros(1, 3, 64, 64), [0], layer=name)
+            assert maps.shape[-2:] == ((2, 2) if name == "layer4" else (4, 4))
     result = CliRunner().invoke(main, ["layers", "resnet18", "--input-size", "64", "--all"])
     assert re.search(r"^avgpool +512x1x1 +not for CAMs: adaptive pooling", result.output, re.M)
 
@@ -662,3 +663,13 @@ def test_score_ci_adds_bca_intervals_of_the_means(tiny_run):
     assert "| any   | center" in table and "bootstrap over images (1,000 resamples, seed 0" in table
     pickles = [str(run_dir / "gt.pkl"), str(run_dir / "detections" / "thr_0.200.pkl")]
     assert CliRunner().invoke(main, ["score", "--gt", *pickles, "--ci"]).exit_code == 2
+
+
+@pytest.mark.slow
+def test_printed_tables_and_info_end_with_one_newline(tiny_run):
+    run_dir = str(tiny_run[0] / "results" / "tiny")
+    for args in (["score", run_dir], ["score", run_dir, "-q", "--per-class", "0.2"],
+                 ["score", run_dir, "--layout", "rows"], ["score", run_dir, "--format", "markdown"],
+                 ["info", run_dir], ["compare", run_dir, run_dir]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0 and result.stdout.endswith("\n") and not result.stdout.endswith("\n\n"), args

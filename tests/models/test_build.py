@@ -18,8 +18,7 @@ from gradloc.datasets.voc import VOC_CLASSES
 from gradloc.models.build import _attach_voc_imagenet, _Source, build_architecture, load_model
 from gradloc.models.checkpoints import CHECKPOINT_FIELDS, load_checkpoint, save_checkpoint
 from gradloc.models.demo_cnn import DemoNet
-from gradloc.models.heads import ImageNetHeadModel, ImageNetToVOC, VocImageNetHead
-from gradloc.models.imagenet_voc import imagenet_groups
+from gradloc.models.heads import ImageNetToVOC, VocImageNetHead, attach_imagenet_mapping
 from gradloc.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from gradloc.models.registry import class_probabilities
 from gradloc.models.zoo import MODELS, get_spec, replace_linear
@@ -53,14 +52,18 @@ def test_imagenet_to_voc_rejects_empty_or_out_of_range_groups() -> None:
         ImageNetToVOC([[4]], n_inputs=4)
 
 
-def test_imagenet_head_model_on_tiny_fake_backbone_matches_manual_computation() -> None:
+def test_imagenet_mapping_on_tiny_fake_backbone_matches_manual_computation() -> None:
     torch.manual_seed(0)
     backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                              nn.Linear(4, 1000))
-    model = ImageNetHeadModel(backbone, imagenet_groups(["cat", "sofa", "bus"])).eval()
     x = _inputs(16)
     with torch.no_grad():
-        probabilities = torch.softmax(backbone(x).double(), dim=1)
+        logits = backbone(x)
+    names = [name for name, _ in backbone.named_modules()]
+    model = attach_imagenet_mapping(backbone, "4", ["cat", "sofa", "bus"]).eval()
+    assert [name for name, _ in model.named_modules()][:5] == names[:5]  # the layers keep their names
+    with torch.no_grad():
+        probabilities = torch.softmax(logits.double(), dim=1)
         manual = torch.stack([probabilities[:, 281:286].sum(1), probabilities[:, 831],
                               probabilities[:, [654, 779, 874]].sum(1)], dim=1).log()
         torch.testing.assert_close(model(x).double(), manual, rtol=1e-5, atol=1e-5)
@@ -198,7 +201,7 @@ def test_hub_cache_weights_load_without_network(_no_hub_cache: Path) -> None:
     loaded = load_model("resnet18", head="imagenet", classes=["cat", "dog"], input_size=96)
     assert loaded.score_kind == "log_prob" and loaded.classes == ["cat", "dog"]
     assert loaded.preprocessing == Preprocessing(96, "letterbox", IMAGENET_MEAN, IMAGENET_STD)
-    assert loaded.model.gradloc_layer == "backbone.layer4" and loaded.model.gradloc_gap_linear is None
+    assert loaded.model.gradloc_layer == "layer4" and loaded.model.gradloc_gap_linear is None
     description = loaded.description
     assert description["weights"] == "IMAGENET1K_V1"
     assert description["weights_file"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
@@ -325,8 +328,11 @@ def test_plain_state_dict_checkpoints_load(tmp_path: Path) -> None:
     x = _inputs(64)
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(x), model(x), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="plain state dict does not fit resnet18 with a 3-class voc head"):
+    with pytest.raises(ValueError, match=r"classifier fc has 20 outputs; head voc needs 3 \(one per class"):
         load_model("resnet18", checkpoint=tmp_path / "voc_state.pt", classes=["cat", "dog", "car"])
+    with pytest.raises(ValueError, match=r"has 20 outputs; head imagenet needs 1000 \(ImageNet-1k\); pass --head "
+                                         r"voc"):
+        load_model("torchvision:resnet18", checkpoint=tmp_path / "voc_state.pt", head="imagenet")
     torch.save({"weights": [1, 2]}, tmp_path / "odd.pt")
     with pytest.raises(ValueError, match=r"neither a gradloc\.checkpoint/1 checkpoint nor a plain state"):
         load_model("resnet18", checkpoint=tmp_path / "odd.pt")

@@ -13,7 +13,7 @@ import pytest
 from gradloc.run import cv
 from gradloc.run.config import ConfigError, load_config
 from gradloc.run.setup import prepare_demo
-from gradloc.run.sweep import run_sweep
+from gradloc.run.sweep import run_sweep, sweep_dir
 from tests.conftest import CONFIGS, VOC_ROOT
 
 
@@ -106,9 +106,9 @@ def test_sweep_with_folds_chooses_before_it_reports(tmp_path: Path, monkeypatch)
     assert [step[0] for step in order] == ["cv", "run", "cv", "run"] and {s for k, s in order if k == "run"} == {"test"}
     table = result.table
     assert set(table["chosen_on"]) == {"val (3 held-out folds)", "test"}
-    ablations = (config.run_dir / "ablations.csv").read_text()
+    ablations = (sweep_dir(config) / "ablations.csv").read_text()
     assert "largest" in ablations and "union" in ablations
-    chosen = load_config(config.run_dir / "chosen.yaml")
+    chosen = load_config(sweep_dir(config) / "chosen.yaml")
     assert chosen.boxes.selected_threshold in (0.2, 0.6) and 0 < chosen.boxes.center_size <= 1
 
 

@@ -213,6 +213,7 @@ def test_gt_known_run_reports_maxboxacc_and_localization_rows(demo_run, tmp_path
     assert (v2["n"] == len(pairs)).all() and v2["value"].iloc[:3].is_monotonic_decreasing
     assert v2["value"].iloc[3] == pytest.approx(v2["value"].iloc[:3].mean())
     assert all(np.isclose(t, np.arange(0, 1, 0.01)).any() for t in v2["threshold"].dropna())
+    assert set(v2["class"]) == set(box_acc["class"]) == {"mean"}  # every metric names its mean row "mean"
     torchray = rows[rows["metric"] == POINTING_GT].set_index("class")
     counted = {(int(i), int(c)) for i, c, d in zip(gt.image_index, gt.labels, gt.difficult, strict=True) if not d}
     per_class = torchray.drop(["mean", MEAN_ALL_CLASSES])

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from gradloc.cli import main
 from gradloc.run.config import load_config
-from gradloc.run.sweep import parse_select_metric, render_sweep, split_config, sweep_table
+from gradloc.run.sweep import parse_select_metric, render_sweep, split_config, sweep_dir, sweep_table
 from gradloc.scoring.tables import select_threshold
 from tests.conftest import CONFIGS
 
@@ -95,11 +95,13 @@ def test_tau_missing_on_the_evaluated_split():
         sweep_table(TRAIN, VAL[VAL["threshold"] != 0.2], "ap@0.5", "train", "val")
 
 
-def test_split_config_puts_runs_under_the_sweep_folder():
+def test_split_config_puts_runs_beside_the_run_folder_of_the_same_name():
     config = load_config(None, {"out": "res", "name": "lite0"})
     other = split_config(config, "train")
-    assert other.data.split == "train" and other.run_dir == Path("res") / "lite0" / "train"
+    assert other.data.split == "train" and other.run_dir == Path("res") / "lite0-train"
     assert other.model == config.model and other.boxes == config.boxes
+    assert sweep_dir(config) == Path("res") / "lite0-sweep"
+    assert config.run_dir not in (other.run_dir, *other.run_dir.parents, sweep_dir(config))
 
 
 # --- the command --------------------------------------------------------------------------------------------
@@ -121,11 +123,13 @@ def test_command_with_a_stub_pipeline(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["-q", "sweep", "--out", str(tmp_path), "--name", "s", "--iou",
                                        "0.3,0.5", "--select-split", "train", "--eval-split", "val"])
     assert result.exit_code == 0, result.output
-    assert calls == [("train", tmp_path / "s" / "train"), ("val", tmp_path / "s" / "val")]
+    assert calls == [("train", tmp_path / "s-train"), ("val", tmp_path / "s-val")]
     assert "| tau chosen on train" in result.output and "| oracle: tau chosen on val" in result.output
-    saved = pd.read_csv(tmp_path / "s" / "sweep.csv")
+    assert result.output.endswith("\n")
+    saved = pd.read_csv(tmp_path / "s-sweep" / "sweep.csv")
     assert set(saved.loc[saved["choice"] == "selected", "threshold"]) == {0.2}
-    assert "oracle" in (tmp_path / "s" / "sweep.md").read_text()
+    assert "oracle" in (tmp_path / "s-sweep" / "sweep.md").read_text()
+    assert not (tmp_path / "s").exists()  # a run folder `gradloc run --name s` would be left alone
 
 
 @pytest.mark.parametrize(("args", "code", "message"), [
@@ -158,13 +162,13 @@ def test_sweep_on_a_tiny_demo(tmp_path):
                                        "--thresholds", "0.1,0.3", "--iou", "0.3,0.5", "--select-split", "val",
                                        "--eval-split", "test", "--select-metric", "recall@0.3"])
     assert result.exit_code == 0, result.output
-    out = tmp_path / "results" / "demo"
+    out = tmp_path / "results"
     for split in ("val", "test"):
-        assert (out / split / "scores.csv").is_file() and (out / split / "manifest.json").is_file()
-    table = pd.read_csv(out / "sweep.csv")
+        assert (out / f"demo-{split}" / "scores.csv").is_file() and (out / f"demo-{split}" / "manifest.json").is_file()
+    table = pd.read_csv(out / "demo-sweep" / "sweep.csv")
     assert set(table["choice"]) == {"selected", "oracle"}
     assert set(table.loc[table["choice"] == "selected", "chosen_on"]) == {"val"}
-    scores = pd.read_csv(out / "test" / "scores.csv")
+    scores = pd.read_csv(out / "demo-test" / "scores.csv")
     cam = table[(table["source"] == "cam") & (table["iou"] == 0.5)]
     selected = cam[cam["choice"] == "selected"].iloc[0]
     row = scores[(scores["class"] == "mAP") & (scores["source"] == "cam") & (scores["iou"] == 0.5)

@@ -86,6 +86,14 @@ def test_protocol_line_names_metric_iou_and_oracle():
     assert "oracle" in text
 
 
+@pytest.mark.parametrize(("box_mode", "words"), [("largest", "boxes: the largest component ("),
+                                                ("all", "boxes: all components ("),
+                                                ("union", "boxes: the union of all components (")])
+def test_protocol_line_names_the_box_mode_in_words(box_mode, words):
+    text = render(_rows(), "table", {"method": "gradcam", "box_mode": box_mode})
+    assert words in text and "component component" not in text and text.endswith("\n")
+
+
 def test_json_rows_have_the_documented_keys_and_null_for_nan():
     rows = json.loads(render(_rows(), "json"))
     assert set(rows[0]) >= {"threshold", "threshold_mode", "iou", "metric", "class", "ap", "recall", "n_gt",
