@@ -290,15 +290,15 @@ def stage_progress(ctx: click.Context):
 
 
 def print_scores(ctx: click.Context, rows, meta, wsol, fmt: str = "table", coco=None, **options: Any) -> None:
-    """Score rows as one document on stdout (``options``: digits, layout, per_class of ``report.render``);
-    human formats add, unless --quiet, the WSOL lines and the COCO-style table (``coco``: rows of
-    :func:`gradloc.run.score.coco_scores`) when given."""
+    """Score rows as one document on stdout (``options``: digits, layout, per_class, corloc, headline of
+    :func:`gradloc.scoring.tables.render`); human formats add the WSOL lines and the COCO-style table
+    (``coco``: rows of :func:`gradloc.run.score.coco_scores`) when given. --quiet does not change stdout."""
     from gradloc.scoring.tables import TABLE_FORMATS, render
 
     click.echo(render(rows, fmt, meta, **options), nl=False)
-    if fmt == "table" and wsol is not None and not ctx.obj["quiet"]:
+    if fmt in TABLE_FORMATS and wsol is not None:
         click.echo("\n" + localization_lines(wsol, options.get("digits", 2), meta.get("only")))
-    if fmt in TABLE_FORMATS and coco is not None and not ctx.obj["quiet"]:
+    if fmt in TABLE_FORMATS and coco is not None:
         from gradloc.scoring.coco import render_coco
 
         classes = f"the classes {', '.join(meta['only'])} (--only)" if meta.get("only") else "classes"

@@ -63,21 +63,30 @@ def score(ctx: click.Context, run_dir: str | None, gt_path: str | None, voc_resu
     if gt_path is None:
         if run_dir is None or detections or voc_results:
             raise click.UsageError("give a run folder, or --gt GT.pkl with detection pickles or --voc-results DIR")
-        from gradloc.run.score import coco_scores, record_rescoring, save_run_scores, score_run_folder, with_intervals
+        from gradloc.run.folder import open_run
+        from gradloc.run.score import (
+            coco_scores,
+            headline_rows,
+            record_rescoring,
+            save_run_scores,
+            score_run_folder,
+            with_intervals,
+        )
         from gradloc.scoring.tables import TABLE_FORMATS, check_per_class
 
-        rows, meta, wsol = score_run_folder(run_dir, ious, metric, classes)
+        run = open_run(run_dir)
+        rows, meta, wsol = score_run_folder(run, ious, metric, classes)
         if per_class is not None:
             check_per_class(rows, per_class)  # before anything is written or printed
-        shown = fmt in TABLE_FORMATS and not ctx.obj["quiet"]
-        coco = coco_scores(run_dir, classes) if save or shown else None
+        coco = coco_scores(run, classes) if save or fmt in TABLE_FORMATS else None
         if save:
-            files = save_run_scores(run_dir, rows, meta, wsol, coco)
+            files = save_run_scores(run_dir, rows, meta, wsol, coco, headline_rows(run, rows, wsol, meta, classes))
             recorded = record_rescoring(run_dir, ious, metric, files, classes)
             say(ctx, f"saved {', '.join(f.name for f in files)} in {run_dir}"
                      + ("; manifest.json records the rescoring" if recorded else " (no manifest.json to update)"))
         if ci:
-            rows, options["corloc"] = with_intervals(run_dir, rows, classes)
+            rows, options["corloc"] = with_intervals(run, rows, classes)
+        options["headline"] = headline_rows(run, rows, wsol, meta, classes, options.get("corloc"))
         print_scores(ctx, rows, meta, wsol, fmt, coco, **options)
         return
     if ci:
@@ -111,19 +120,25 @@ def _score_with_gt(gt_path: str, voc_results: str | None, files: tuple[str, ...]
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 def info(run_dir: str) -> None:
     """What a run folder holds: the settings it actually used, data, cache, times, skipped items and the
-    headline scores (`gradloc score RUN` for every number, `ls RUN` for the files).
+    headline: the scores at the selected τ, τ-free ones and the oracle τ, labelled (`gradloc score RUN` for
+    every number, `ls RUN` for the files).
 
     \b
     Example:
       gradloc info results/demo
     """
-    from gradloc.reports.info import describe_run
+    from gradloc.reports.info import describe_run, run_headline
     from gradloc.run.folder import open_run
+    from gradloc.scoring.tables import headline_text
 
-    lines = describe_run(open_run(run_dir))
+    run = open_run(run_dir)
+    lines = describe_run(run)
     width = max(len(label) for label, _ in lines)
     for label, text in lines:
         click.echo(f"{label + ':':<{width + 1}} {text}")
+    found = run_headline(run)
+    if found is not None:
+        click.echo("\n" + headline_text(*found), nl=False)
 
 
 @click.command()

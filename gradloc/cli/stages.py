@@ -80,7 +80,7 @@ def _run_and_report(ctx: click.Context, config, original, prepare_seconds: float
     result = run_pipeline(config, original, stage=stage_progress(ctx))
     if split is not None:
         update_manifest(result.run_dir, "distributed", split)
-    print_scores(ctx, result.rows, result.meta, result.localization, coco=result.coco)
+    print_scores(ctx, result.rows, result.meta, result.localization, coco=result.coco, headline=result.headline)
     if result.dataset.skipped:
         say(ctx, f"skipped {len(result.dataset.skipped)} item(s): "
                  + "; ".join(f"{item['image_id']}: {item['reason']}" for item in result.dataset.skipped))

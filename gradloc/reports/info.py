@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
+
 from gradloc.run.folder import Run
-from gradloc.scoring.tables import METRIC_NAMES, is_close, select_threshold
+from gradloc.run.score import headline_rows
+from gradloc.scoring.tables import is_close, selected_tau
 
 
 def describe_run(run: Run) -> list[tuple[str, str]]:
     """A readable summary of a run folder as (label, text) pairs: the values the run actually used (the
     protocol stored with its detections: layer, input size and resize mode after the checkpoint's defaults),
-    its data, cache, times, skipped items, and the headline scores (best CAM mAP per IoU, an oracle choice of τ
-    on the run's own split, and the baselines at that τ)."""
+    its data, cache, times and skipped items (the scores: :func:`run_headline`)."""
 
     manifest = run.manifest_or_none() or {}
     config = manifest.get("config", {})
@@ -45,16 +47,25 @@ def describe_run(run: Run) -> list[tuple[str, str]]:
             ("made by", f"gradloc {manifest.get('versions', {}).get('gradloc')}, git "
                         f"{manifest.get('git_commit') or 'unknown'}, config hash {manifest.get('config_hash')}"),
         ]
-    if run.scores_path.is_file():
-        rows = run.scores
-        metric = METRIC_NAMES.get(str(rows["metric"].iloc[0]), str(rows["metric"].iloc[0]))
-        for iou in sorted(set(rows["iou"])):
-            tau, best = select_threshold(rows, "ap", iou)
-            at = rows[(rows["class"] == "mAP") & is_close(rows["iou"], iou) & is_close(rows["threshold"], tau)]
-            baselines = ", ".join(f"{r.source} {100 * r.ap:.2f}" for r in at.itertuples() if r.source != "cam")
-            lines.append((f"mAP IoU {iou:g}", f"{100 * best:.2f} % at tau {tau:g} (best of the sweep on this "
-                                              f"split: oracle)" + (f"; baselines {baselines}" if baselines else "")))
-        lines.append(("metric", f"{metric}, match when IoU > the IoU shown (devkit rule)"))
-    else:
+    if not run.scores_path.is_file():
         lines.append(("scores", f"none saved; `gradloc score {run.path} --save`"))
     return lines
+
+
+def run_headline(run: Run) -> tuple[pd.DataFrame, dict] | None:
+    """The headline rows of a run's saved scores (:func:`gradloc.run.score.headline_rows`) and the protocol
+    they are printed under, with the baselines' mAP at the same τ and IoU added; None without saved scores."""
+    if not run.scores_path.is_file() or not run.thresholds:
+        return None
+    rows, meta = run.scores, run.detections_at(run.thresholds[0]).meta
+    headline = headline_rows(run, rows, run.localization, meta)
+    iou = float(headline["metric"].iloc[-1].split("@")[1])  # the oracle row's IoU
+    tau = selected_tau(meta)
+    oracle = tau is None
+    tau = float(headline["threshold"].iloc[-1]) if oracle else tau
+    at = rows[(rows["class"] == "mAP") & is_close(rows["iou"], iou) & is_close(rows["threshold"], tau)
+              & (rows["source"] != "cam")]
+    extra = pd.DataFrame([{"metric": f"mAP@{iou:g}, {b.source} baseline", "threshold": tau, "value": b.ap,
+                           "note": "the CAM's classes and confidences, other boxes"
+                                   + ("; at the oracle tau" if oracle else "")} for b in at.itertuples()])
+    return pd.concat([headline, extra], ignore_index=True), meta

@@ -127,11 +127,13 @@ class BoxConfig(BoxParams):
     (:mod:`gradloc.boxes.baselines`) and ``center_size``, the fraction of the image's width and height the
     ``center`` baseline box covers (0.5: the middle half; choose it on another split, like τ).
     ``selected_threshold``: the τ of the sweep recommended for this config, chosen on another split than the
-    one reported (e.g. `train` for `val`); ``gradloc show`` and ``gradloc export`` default to it; None = no
-    recommendation."""
+    one reported (e.g. `train` for `val`); ``run``, ``score`` and ``info`` lead with its scores, ``show`` and
+    ``export`` default to it; None = no recommendation. ``selected_on``: where it was chosen, a split name
+    first (e.g. ``train (5-fold CV)``); a τ chosen on the split a run evaluates is labelled an oracle."""
 
     thresholds: tuple[float, ...] = (0.01, 0.02, 0.06, 0.15, 0.2)
     selected_threshold: float | None = None
+    selected_on: str | None = None
     explain: str = "predicted"
     score_cut: float = 0.5
     baselines: tuple[str, ...] = ("center", "full", "shuffled", "blob")
@@ -344,6 +346,9 @@ def validate(config: RunConfig) -> None:
     if selected is not None and not any(abs(selected - tau) <= 1e-9 for tau in config.boxes.thresholds):
         raise ConfigError(f"config key 'boxes.selected_threshold': {selected} is not one of boxes.thresholds "
                           f"({', '.join(f'{t:g}' for t in config.boxes.thresholds)})")
+    if config.boxes.selected_on is not None and selected is None:
+        raise ConfigError("config key 'boxes.selected_on' is set without boxes.selected_threshold; set both or "
+                          "neither")
     _checked(check_ious, config.score.iou, "score.iou")
     if config.boxes.explain not in EXPLAIN:
         raise ConfigError(f"config key 'boxes.explain': {config.boxes.explain!r} is not one of "

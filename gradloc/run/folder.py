@@ -427,11 +427,13 @@ class RunWriter:
 
 
 def write_scores(folder: str | Path, rows: pd.DataFrame, meta: Mapping[str, Any],
-                 localization: pd.DataFrame, coco: pd.DataFrame | None = None) -> list[Path]:
-    """``scores.csv/json/md``, ``localization.csv`` and, when given, the COCO-style rows ``coco.csv`` of a run
-    folder (each file atomically); returns them."""
+                 localization: pd.DataFrame, coco: pd.DataFrame | None = None,
+                 headline: pd.DataFrame | None = None) -> list[Path]:
+    """``scores.csv/json/md`` (with the ``headline`` rows of ``gradloc.run.score.headline_rows``),
+    ``localization.csv`` and, when given, the COCO-style rows ``coco.csv`` of a run folder (each file
+    atomically); returns them."""
 
-    written = save_scores(rows, Path(folder), meta)
+    written = save_scores(rows, Path(folder), meta, headline)
     tables = {LOCALIZATION_FILE: localization, **({COCO_FILE: coco} if coco is not None else {})}
     for name, table in tables.items():
         atomic_write_bytes(Path(folder) / name, table.to_csv(index=False).encode())

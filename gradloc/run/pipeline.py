@@ -17,7 +17,7 @@ from gradloc.run.boxes import run_boxes
 from gradloc.run.cams import plan_cams
 from gradloc.run.config import RunConfig
 from gradloc.run.folder import manifest_record, new_run, write_scores
-from gradloc.run.score import coco_scores, score_run_folder
+from gradloc.run.score import coco_scores, headline_rows, score_run_folder
 from gradloc.run.setup import StageTimes
 
 # ``stage(description, total)`` -> context manager yielding a progress callback (or None); the CLI's tqdm.
@@ -28,7 +28,7 @@ StageProgress = Callable[[str, int], AbstractContextManager[Callable[[int], None
 class RunResult:
     """What :func:`run` made: the run folder, score rows and protocol, WSOL rows, cache, dataset, times, the
     images left out with ``data.on_error: skip`` ({image_id, file, reason}) and the COCO-style AP rows
-    (:func:`gradloc.run.score.coco_scores`)."""
+    (:func:`gradloc.run.score.coco_scores`) and the headline rows (:func:`gradloc.run.score.headline_rows`)."""
 
     run_dir: Path
     rows: pd.DataFrame
@@ -39,6 +39,7 @@ class RunResult:
     times: StageTimes
     skipped: list[dict[str, str]] = field(default_factory=list)
     coco: pd.DataFrame | None = None
+    headline: pd.DataFrame | None = None
 
 
 def run(config: RunConfig, original: RunConfig | None = None, stage: StageProgress | None = None) -> RunResult:
@@ -64,9 +65,11 @@ def run(config: RunConfig, original: RunConfig | None = None, stage: StageProgre
         with times.stage("score"):
             rows, meta, wsol = score_run_folder(writer.run, config.score.iou, config.score.metric, config.score.only)
             coco = coco_scores(writer.run, config.score.only)
-            write_scores(writer.run.path, rows, meta, wsol, coco)
+            headline = headline_rows(writer.run, rows, wsol, meta, config.score.only)
+            write_scores(writer.run.path, rows, meta, wsol, coco, headline)
         writer.write_manifest(run_manifest(config, original or config, cache, times, dataset.skipped))
-    return RunResult(config.run_dir, rows, meta, wsol, cache, dataset, times, list(dataset.skipped), coco)
+    return RunResult(config.run_dir, rows, meta, wsol, cache, dataset, times, list(dataset.skipped), coco,
+                     headline)
 
 
 def run_manifest(config: RunConfig, original: RunConfig, cache: HeatmapCache | None, times: StageTimes,

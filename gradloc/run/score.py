@@ -25,8 +25,8 @@ from gradloc.scoring.bootstrap import N_RESAMPLES, corloc_interval, map_interval
 from gradloc.scoring.classification import classification_map
 from gradloc.scoring.coco import coco_evaluate
 from gradloc.scoring.localization import best_box_acc, corloc, pointing_game
-from gradloc.scoring.tables import is_close
-from gradloc.scoring.voc import score_detections
+from gradloc.scoring.tables import METRIC_NAMES, is_close, select_threshold
+from gradloc.scoring.voc import evaluate, score_detections
 from gradloc.scoring.wsol import max_box_acc_from_hits
 
 
@@ -192,19 +192,89 @@ def score_run_folder(run_dir: str | Path | Run, ious: Sequence[float], metric: s
     """Score a run folder without writing anything (``only``: just these classes, WSOL rows too).
 
     Returns:
-        (score rows, the protocol of its CAM detections (with ``only``), WSOL rows).
+        (score rows, the protocol of its CAM detections (with ``only``; ``selected_threshold``,
+        ``selected_on`` and ``split`` say which τ the run leads with), WSOL rows).
     """
     run = run_dir if isinstance(run_dir, Run) else open_run(run_dir)
     rows = score_run(run, ious, metric, only)
     return rows, _with_only(run.detections_at(run.thresholds[0]).meta, only), localization_scores(run, only)
 
 
+HEADLINE_COLUMNS = ["metric", "threshold", "value", "low", "high", "note"]
+ORACLE = "oracle"
+"""The ``note`` that starts a headline row whose τ was chosen on the evaluated split (never a result)."""
+
+
+def headline_rows(run_dir: str | Path | Run, rows: pd.DataFrame, localization: pd.DataFrame,
+                  meta: dict[str, Any], only: Sequence[str] = (), corloc_ci: pd.DataFrame | None = None
+                  ) -> pd.DataFrame:
+    """The numbers a run leads with (rows of :data:`HEADLINE_COLUMNS`, fractions), each naming how it was
+    obtained.
+
+    At the run's selected τ (``meta["selected_threshold"]``: the config's ``boxes.selected_threshold``): the
+    CAM mAP at every IoU of ``rows`` (their AP variant; with the ``ci_*`` columns of :func:`with_intervals`,
+    their intervals), the all-point mAP (``AP10``, VOC2010+) of the same boxes at those IoUs, the mean recall
+    and CorLoc@0.5 (``corloc_ci``: its intervals per τ). τ-free: the classification mAP, TorchRay's pointing
+    game and MaxBoxAccV2. Last, the best CAM mAP of the sweep on this split at IoU 0.5 (or the highest IoU
+    scored below it, else the lowest), its note starting with :data:`ORACLE`. Without a selected τ, only the
+    τ-free rows and the oracle row.
+    """
+    run = run_dir if isinstance(run_dir, Run) else open_run(run_dir)
+    cam = rows[(rows["class"] == "mAP") & (rows["source"] == "cam")]
+    ious = sorted(cam["iou"].unique())
+    metric = str(rows["metric"].iloc[0])
+    out = []
+    tau = meta.get("selected_threshold")
+    if tau is not None:
+        at = cam[is_close(cam["threshold"], tau)].set_index("iou")
+        for iou in ious:
+            out.append({"metric": f"mAP@{iou:g}", "threshold": tau, "value": at.at[iou, "ap"],
+                        "low": at.at[iou, "ci_low"] if "ci_low" in at else np.nan,
+                        "high": at.at[iou, "ci_high"] if "ci_high" in at else np.nan,
+                        "note": f"{METRIC_NAMES.get(metric, metric)}, mean over classes"})
+        if metric != "voc10":
+            dets, gt = run.detections_at(tau), run.gt
+            if only:
+                dets, gt = keep_classes(dets, only), keep_classes(gt, only)
+            all_point = evaluate(dets, gt, ious, "voc10")
+            all_point = all_point[all_point["class"] == "mAP"].set_index("iou")
+            out += [{"metric": f"AP10 mAP@{iou:g}", "threshold": tau, "value": all_point.at[iou, "ap"],
+                     "note": f"{METRIC_NAMES['voc10']} of the same boxes"} for iou in ious]
+        out += [{"metric": f"recall@{iou:g}", "threshold": tau, "value": at.at[iou, "recall"],
+                 "note": "mean over classes"} for iou in ious]
+        corloc_rows = localization[(localization["metric"] == "corloc@0.5") & (localization["class"] == "mean")
+                                   & is_close(localization["threshold"], tau)]
+        if len(corloc_rows):
+            found = (corloc_ci[is_close(corloc_ci["threshold"], tau)] if corloc_ci is not None
+                     else pd.DataFrame())
+            out.append({"metric": "CorLoc@0.5", "threshold": tau, "value": corloc_rows["value"].iloc[0],
+                        "low": found["ci_low"].iloc[0] if len(found) else np.nan,
+                        "high": found["ci_high"].iloc[0] if len(found) else np.nan,
+                        "note": "top box per class and image, IoU >= 0.5, mean over classes"})
+    for name, label, note in ((CLASSIFICATION, "classification mAP", "VOC07 11-point AP of the class "
+                               "probabilities against image labels; tau-free"),
+                              (POINTING_GT, "pointing game", "TorchRay protocol: every GT class, map peak within "
+                               "15 px, mean over classes with GT; tau-free"),
+                              ("MaxBoxAccV2", "MaxBoxAccV2", "wsolevaluation, GT-known, its own tau grid chosen "
+                               "on this split; tau-free")):
+        found = localization[(localization["metric"] == name) & (localization["class"] == "mean")]
+        if len(found):
+            out.append({"metric": label, "threshold": np.nan, "value": float(found["value"].iloc[0]), "note": note})
+    below = [iou for iou in ious if iou <= 0.5 + 1e-9]
+    iou = below[-1] if below else ious[0]
+    oracle_tau, oracle_value = select_threshold(rows, "ap", iou)
+    out.append({"metric": f"mAP@{iou:g}", "threshold": oracle_tau, "value": oracle_value,
+                "note": f"{ORACLE}: the best tau of the sweep on {meta.get('split') or 'this split'}, the split "
+                        "scored here; not a result"})
+    return pd.DataFrame(out).reindex(columns=HEADLINE_COLUMNS)
+
+
 def save_run_scores(run_dir: str | Path, rows: pd.DataFrame, meta: dict[str, Any], wsol: pd.DataFrame,
-                    coco: pd.DataFrame | None = None) -> list[Path]:
+                    coco: pd.DataFrame | None = None, headline: pd.DataFrame | None = None) -> list[Path]:
     """Write scores.csv/json/md, localization.csv (and coco.csv) into a finished run folder (holding its lock);
     returns the written files."""
     with locked(run_dir):
-        return write_scores(run_dir, rows, meta, wsol, coco)
+        return write_scores(run_dir, rows, meta, wsol, coco, headline)
 
 
 def record_rescoring(run_dir: str | Path, ious: Sequence[float], metric: str, files: Sequence[Path],

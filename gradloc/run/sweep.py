@@ -28,6 +28,7 @@ from tabulate import tabulate
 from gradloc.core.files import atomic_write_bytes
 from gradloc.core.ranges import IOU_RANGE
 from gradloc.run.cv import Variant, best_center_size, cross_validate, refit_config
+from gradloc.run.folder import open_run
 from gradloc.run.pipeline import StageProgress, run
 from gradloc.scoring.tables import DIGITS, METRIC_NAMES, is_close, select_threshold
 
@@ -56,7 +57,7 @@ def parse_select_metric(text: str) -> tuple[str, float]:
 
 
 def sweep_table(select_rows: pd.DataFrame, eval_rows: pd.DataFrame, select_metric: str, select_split: str,
-                eval_split: str) -> pd.DataFrame:
+                eval_split: str, eval_localization: pd.DataFrame | None = None) -> pd.DataFrame:
     """The evaluation split's scores at the τ chosen on the selection split, and at its oracle τ.
 
     Args:
@@ -64,12 +65,14 @@ def sweep_table(select_rows: pd.DataFrame, eval_rows: pd.DataFrame, select_metri
             when the splits are equal).
         select_metric: e.g. ``ap@0.5`` (see :func:`parse_select_metric`).
         select_split, eval_split: split names, for the labels.
+        eval_localization: the evaluation run's ``localization.csv`` rows, for the CAM's CorLoc@0.5 at τ.
 
     Returns:
         Flat rows ``choice`` (``selected`` / ``oracle``), ``label``, ``oracle`` (bool: τ chosen on the
         evaluated split), ``chosen_on``, ``evaluated_on``, ``select_metric``, ``select_value`` (on
-        ``chosen_on``), ``threshold``, ``source``, ``iou``, ``ap``, ``recall``: every source (CAM and
-        baselines) and IoU of the evaluation rows at that τ. When the splits are equal there is one
+        ``chosen_on``), ``threshold``, ``source``, ``iou``, ``ap``, ``recall``, ``corloc`` (CAM rows: CorLoc@0.5
+        at that τ, the mean over classes; NaN for baselines or without ``eval_localization``): every source
+        (CAM and baselines) and IoU of the evaluation rows at that τ. When the splits are equal there is one
         choice, labelled oracle.
     """
     name, iou = parse_select_metric(select_metric)
@@ -81,8 +84,14 @@ def sweep_table(select_rows: pd.DataFrame, eval_rows: pd.DataFrame, select_metri
     tau, value = select_threshold(eval_rows, column, iou)
     choices.append(("oracle", f"oracle: tau chosen on {eval_split} (the evaluated split)", True, eval_split,
                     tau, value))
+    corloc = pd.Series(dtype=float)
+    if eval_localization is not None:
+        means = eval_localization[(eval_localization["metric"] == "corloc@0.5")
+                                  & (eval_localization["class"] == "mean")]
+        corloc = means.set_index("threshold")["value"]
     out = []
     for choice, label, oracle, chosen_on, tau, value in choices:
+        found = corloc[is_close(corloc.index, tau)] if len(corloc) else corloc
         part = eval_rows[(eval_rows["class"] == "mAP") & is_close(eval_rows["threshold"], tau)]
         if part.empty:
             raise ValueError(f"threshold {tau:g} chosen on {chosen_on} was not scored on {eval_split}; "
@@ -90,7 +99,8 @@ def sweep_table(select_rows: pd.DataFrame, eval_rows: pd.DataFrame, select_metri
         for r in part.sort_values(["source", "iou"], key=_source_order, kind="stable").itertuples():
             out.append({"choice": choice, "label": label, "oracle": oracle, "chosen_on": chosen_on,
                         "evaluated_on": eval_split, "select_metric": select_metric, "select_value": value,
-                        "threshold": tau, "source": r.source, "iou": r.iou, "ap": r.ap, "recall": r.recall})
+                        "threshold": tau, "source": r.source, "iou": r.iou, "ap": r.ap, "recall": r.recall,
+                        "corloc": float(found.iloc[0]) if r.source == "cam" and len(found) else float("nan")})
     return pd.DataFrame(out)
 
 
@@ -119,18 +129,22 @@ def render_sweep(table: pd.DataFrame, metric: str | None = None, tablefmt: str =
         ap = (100 * by_iou["ap"].reindex(ious)).tolist()
         recall = (100 * by_iou["recall"].reindex(ious)).tolist()
         value = 100 * float(first["select_value"])
-        lines.append([label, float(first["threshold"]), value, source, *ap, *recall])
+        corloc = 100 * float(first["corloc"]) if "corloc" in part else float("nan")
+        lines.append([label, float(first["threshold"]), value, source, *ap, *recall,
+                      None if corloc != corloc else corloc])
     first = table.iloc[0]
     headers = ["tau chosen", "tau", f"{first['select_metric']} on chosen split", "boxes",
-               *[f"ap@{v:g}" for v in ious], *[f"recall@{v:g}" for v in ious]]
-    formats = ("", "g", f".{digits}f", "", *[f".{digits}f"] * (2 * len(ious)))
-    text = tabulate(lines, headers=headers, tablefmt=tablefmt, floatfmt=formats, numalign="right")
+               *[f"ap@{v:g}" for v in ious], *[f"recall@{v:g}" for v in ious], "CorLoc@0.5"]
+    formats = ("", "g", f".{digits}f", "", *[f".{digits}f"] * (2 * len(ious) + 1))
+    text = tabulate(lines, headers=headers, tablefmt=tablefmt, floatfmt=formats, numalign="right",
+                    missingval="-")
     name = METRIC_NAMES.get(metric or "", metric or "AP")
     protocol = (f"Scores on {first['evaluated_on']} ({name}, mAP over classes with non-difficult GT, match "
                 f"when IoU > the column, values in %); tau picked by the best CAM {first['select_metric']} "
                 "(mean over classes) on the split named in the first column, ties -> smallest tau; rows "
                 "labelled oracle picked tau on the evaluated split itself; baselines are shown at the same "
-                "tau (center and full do not depend on it).")
+                "tau (center and full do not depend on it); CorLoc@0.5: per class, the share of its images whose top-"
+                "scoring CAM box of it has IoU >= 0.5 with a GT box of it, mean over classes, CAM rows only.")
     return f"{text}\n{protocol}\n"
 
 
@@ -216,12 +230,14 @@ def run_sweep(config: Any, select_split: str, eval_split: str, select_metric: st
         run_dirs, rows = {}, {}
         for split in dict.fromkeys((select_split, eval_split)):
             run_dirs[split], rows[split] = run_split(split_config(config, split), stage)
-        table = sweep_table(rows[select_split], rows[eval_split], select_metric, select_split, eval_split)
+        table = sweep_table(rows[select_split], rows[eval_split], select_metric, select_split, eval_split,
+                            open_run(run_dirs[eval_split]).localization)
     else:
         selection = select_by_cv(config, select_split, eval_split, SELECT_METRICS[name], iou, folds, seed,
                                  variants or [Variant(config.name)], stage)
         table = sweep_table(selection.cv_rows, selection.eval_rows, select_metric,
-                            f"{select_split} ({folds} held-out folds)", eval_split)
+                            f"{select_split} ({folds} held-out folds)", eval_split,
+                            open_run(selection.run_dir).localization)
         run_dirs = {eval_split: selection.run_dir}
         files += selection.write(out_dir, digits)
     atomic_write_bytes(files[0], table.to_csv(index=False).encode())
@@ -275,9 +291,10 @@ def select_by_cv(config: Any, select_split: str, eval_split: str, column: str, i
         tau, cv_value = select_threshold(cv.rows, column, iou)
         size, center_cv = best_center_size(cv.center, iou)
         chosen = refit_config(variant_config, select_split, None)
+        boxes = dataclasses.replace(chosen.boxes, selected_threshold=tau, center_size=size,
+                                    selected_on=f"{select_split} ({folds}-fold CV)")
         chosen = dataclasses.replace(chosen, name=f"{config.name}-{variant.name}" if len(variants) > 1 else
-                                     config.name, boxes=dataclasses.replace(chosen.boxes, selected_threshold=tau,
-                                                                            center_size=size))
+                                     config.name, boxes=boxes)
         run_dir, eval_rows = run_split(split_config(chosen, eval_split), stage)
         at = eval_rows[(eval_rows["class"] == "mAP") & is_close(eval_rows["iou"], iou)]
         cam = at[at["source"] == "cam"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,9 @@ METRIC_NAMES = {"voc07": "VOC07 11-point AP", "voc10": "all-point AP (VOC2010+)"
 FORMATS = ("table", "markdown", "csv", "json")
 TABLE_FORMATS = {"table": "orgtbl", "markdown": "github"}  # human formats -> tabulate's table format
 
+
+JSON_FORMAT = "gradloc.scores/1"
+"""``format`` of the JSON document of scores (``--format json``, ``scores.json``)."""
 
 JSON_KEYS = ["threshold", "threshold_mode", "iou", "metric", "class", "ap", "recall", "n_gt", "n_det",
              "source", "box_mode", "ci_low", "ci_high", "ci_method"]
@@ -105,26 +108,43 @@ def _block(frame: pd.DataFrame, tablefmt: str, digits: int) -> str:
                     floatfmt=f".{digits}f", numalign="left", missingval="-")
 
 
-def _threshold_label(tau: float, mode: str) -> str:
+def _threshold_label(tau: float, mode: str, selected: float | None = None) -> str:
     if math.isnan(tau):
         return "threshold = none (detections without a threshold)"
-    return f"threshold = {tau:g}" + ("" if mode in ("max", "none") else f" ({mode})")
+    mark = "  <- the selected tau" if selected is not None and abs(tau - selected) <= MATCH_TOLERANCE else ""
+    return f"threshold = {tau:g}" + ("" if mode in ("max", "none") else f" ({mode})") + mark
 
 
-def threshold_tables(rows: pd.DataFrame, tablefmt: str = "orgtbl", digits: int = DIGITS) -> str:
-    """The owner's layout: for each threshold a ``threshold = τ`` line and an ap / recall x IoU table
-    (percentages with ``digits`` decimals)."""
+def selected_tau(meta: Mapping[str, Any] | None) -> float | None:
+    """The τ a run leads with (its config's ``boxes.selected_threshold``, stored in the protocol), or None."""
+    value = (meta or {}).get("selected_threshold")
+    return None if value is None else float(value)
+
+
+def chosen_on_scored_split(meta: Mapping[str, Any]) -> bool:
+    """Whether the selected τ was chosen on the split the run scores (``selected_on`` starts with its name):
+    then it is an oracle choice."""
+    chosen_on = str(meta.get("selected_on") or "")
+    return bool(meta.get("split")) and chosen_on.split(" ")[0] == meta.get("split")
+
+
+def threshold_tables(rows: pd.DataFrame, tablefmt: str = "orgtbl", digits: int = DIGITS,
+                     selected: float | None = None) -> str:
+    """The owner's layout: for each threshold a ``threshold = τ`` line (``selected`` marked) and an ap / recall
+    x IoU table (percentages with ``digits`` decimals)."""
     blocks = []
     for tau, frame in rows.groupby("threshold", sort=True, dropna=False):
-        blocks.append(_threshold_label(float(tau), str(frame["threshold_mode"].iloc[0])))
+        blocks.append(_threshold_label(float(tau), str(frame["threshold_mode"].iloc[0]), selected))
         blocks.append(_block(frame, tablefmt, digits))
         blocks.append("")
     return "\n".join(blocks).rstrip() + "\n"
 
 
-def threshold_rows(rows: pd.DataFrame, tablefmt: str = "orgtbl", digits: int = DIGITS) -> str:
+def threshold_rows(rows: pd.DataFrame, tablefmt: str = "orgtbl", digits: int = DIGITS,
+                   selected: float | None = None) -> str:
     """The compact layout for long sweeps: one row per τ, columns ``ap@<IoU>`` and ``recall@<IoU>`` (mAP
-    and mean recall in %) per source (CAM first, baselines after, named in parentheses)."""
+    and mean recall in %) per source (CAM first, baselines after, named in parentheses); the ``selected`` τ
+    is starred."""
     means = rows[rows["class"] == "mAP"]
     wide = means.pivot_table(index="threshold", columns=["source", "iou"], values=["ap", "recall"],
                              sort=False, dropna=False) * 100
@@ -133,10 +153,16 @@ def threshold_rows(rows: pd.DataFrame, tablefmt: str = "orgtbl", digits: int = D
     columns = [(metric, source, iou) for source in sources for metric in ("ap", "recall") for iou in ious]
     wide = wide.reindex(columns=pd.MultiIndex.from_tuples(columns)).sort_index()
     headers = ["tau", *[f"{metric}@{iou:g}{_suffix(source)}" for metric, source, iou in columns]]
-    lines = [["none" if math.isnan(tau) else f"{tau:g}", *_blank_nan(values)] for tau, values in
-             zip(wide.index, wide.to_numpy().tolist(), strict=True)]
-    return tabulate(lines, headers=headers, tablefmt=tablefmt, floatfmt=f".{digits}f", numalign="right",
-                    missingval="-", disable_numparse=[0]) + "\n"
+    def label(tau: float) -> str:
+        if math.isnan(tau):
+            return "none"
+        return f"{tau:g}" + (" *" if selected is not None and abs(tau - selected) <= MATCH_TOLERANCE else "")
+
+    lines = [[label(tau), *_blank_nan(values)] for tau, values in zip(wide.index, wide.to_numpy().tolist(),
+                                                                          strict=True)]
+    return (tabulate(lines, headers=headers, tablefmt=tablefmt, floatfmt=f".{digits}f", numalign="right",
+                     missingval="-", disable_numparse=[0]) + "\n"
+            + ("* the selected tau\n" if selected is not None else ""))
 
 
 def _blank_nan(values: list[float]) -> list[float | None]:
@@ -191,9 +217,44 @@ def protocol_line(rows: pd.DataFrame, meta: Mapping[str, Any] | None = None, ora
         "the same class's map of another image, blob = a Gaussian of the map's own spread at a random position "
         "(both cut like the CAMs, same confidence rule)"
     )
-    if oracle:
+    selected = selected_tau(meta)
+    if selected is not None:
+        parts.append(f"the selected tau is {selected:g} ({_chosen_words(meta or {})}); the other taus are shown "
+                     "for reference: picking the best of them on this split is an oracle choice")
+    elif oracle:
         parts.append("every tau of the sweep is shown; picking the best of them on this split is an oracle choice")
     return ";\n".join(parts) + "."
+
+
+def _chosen_words(meta: Mapping[str, Any]) -> str:
+    """Where the selected τ was chosen, in words."""
+    chosen_on = meta.get("selected_on")
+    if chosen_on is None:
+        return "config boxes.selected_threshold; where it was chosen is not recorded (boxes.selected_on)"
+    if chosen_on_scored_split(meta):
+        return f"chosen on {chosen_on}, the split scored here: an oracle choice, not a held-out result"
+    return f"chosen on {chosen_on}, scored on {meta.get('split') or 'this split'}"
+
+
+def headline_text(headline: pd.DataFrame, meta: Mapping[str, Any] | None, digits: int = DIGITS) -> str:
+    """The headline block printed first (rows of ``gradloc.run.score.headline_rows``): the numbers at the
+    selected τ, the τ-free ones, and the oracle τ, each with its note."""
+    meta = meta or {}
+    selected = selected_tau(meta)
+    if selected is None:
+        title = ("Headline: no selected tau (set boxes.selected_threshold, chosen on another split, e.g. with "
+                 "`gradloc sweep`); tau-free numbers and the oracle only, in %:")
+    else:
+        title = f"Headline at the selected tau = {selected:g} ({_chosen_words(meta)}), in %:"
+    labels = [f"{r.metric}" + ("" if r.threshold != r.threshold else f" (tau {r.threshold:g})")
+              for r in headline.itertuples()]
+    values = [f"{100 * r.value:.{digits}f}" + (f" [{100 * r.low:.{digits}f}, {100 * r.high:.{digits}f}]"
+                                               if r.low == r.low and r.high == r.high else "")
+              for r in headline.itertuples()]
+    width, value_width = max(map(len, labels)), max(map(len, values))
+    lines = [title] + [f"  {label:<{width}}  {value:>{value_width}}  {r.note}"
+                       for label, value, r in zip(labels, values, headline.itertuples(), strict=True)]
+    return "\n".join(lines) + "\n"
 
 
 def check_per_class(rows: pd.DataFrame, threshold: float) -> float:
@@ -237,7 +298,8 @@ def interval_table(rows: pd.DataFrame, corloc: pd.DataFrame | None = None, table
 
 
 def render(rows: pd.DataFrame, fmt: str, meta: Mapping[str, Any] | None = None, *, digits: int = DIGITS,
-           layout: str = "blocks", per_class: float | None = None, corloc: pd.DataFrame | None = None) -> str:
+           layout: str = "blocks", per_class: float | None = None, corloc: pd.DataFrame | None = None,
+           headline: pd.DataFrame | None = None) -> str:
     """Score rows as one document in ``table`` / ``markdown`` (human) or ``csv`` / ``json`` (machine).
 
     Args:
@@ -250,6 +312,11 @@ def render(rows: pd.DataFrame, fmt: str, meta: Mapping[str, Any] | None = None, 
             keep only the rows of that threshold (every class and the mAP row, every source and IoU).
         corloc: CorLoc@0.5 intervals per τ (``gradloc.run.score.with_intervals``); tables add the intervals
             of the mean rows when ``rows`` has ``ci_low`` / ``ci_high`` columns.
+        headline: the run's headline rows (``gradloc.run.score.headline_rows``): tables start with them, JSON
+            carries them under ``headline``.
+
+    JSON is one object: ``format`` (:data:`JSON_FORMAT`), ``protocol`` (the protocol line), ``selected_threshold``,
+    ``selected_on``, ``split``, ``headline`` (rows, or null) and ``rows`` (the score rows, NaN as null).
 
     Raises:
         ValueError: unknown format or layout, negative digits, ``per_class`` not a threshold of ``rows``.
@@ -261,12 +328,20 @@ def render(rows: pd.DataFrame, fmt: str, meta: Mapping[str, Any] | None = None, 
     if digits < 0:
         raise ValueError(f"digits {digits} is negative; give 0 or more decimals")
     tau = None if per_class is None else check_per_class(rows, per_class)
+    oracle = rows["threshold"].nunique() > 1
     if fmt in ("csv", "json"):
         part = rows if tau is None else rows[is_close(rows["threshold"], tau)]
-        return part.to_csv(index=False) if fmt == "csv" else json.dumps(to_json_rows(part), indent=1) + "\n"
+        if fmt == "csv":
+            return part.to_csv(index=False)
+        document = {"format": JSON_FORMAT, "protocol": protocol_line(rows, meta, oracle),
+                    **{key: (meta or {}).get(key) for key in ("selected_threshold", "selected_on", "split")},
+                    "headline": None if headline is None else to_json_rows(headline, list(headline.columns)),
+                    "rows": to_json_rows(part)}
+        return json.dumps(document, indent=1) + "\n"
     tablefmt = TABLE_FORMATS.get(fmt, "github")
-    tables = (threshold_tables if layout == "blocks" else threshold_rows)(rows, tablefmt, digits)
-    text = tables + "\n" + protocol_line(rows, meta, oracle=rows["threshold"].nunique() > 1) + "\n"
+    tables = (threshold_tables if layout == "blocks" else threshold_rows)(rows, tablefmt, digits, selected_tau(meta))
+    text = "" if headline is None else headline_text(headline, meta, digits) + "\n"
+    text += tables + "\n" + protocol_line(rows, meta, oracle) + "\n"
     if "ci_low" in rows.columns:
         text += "\n" + interval_table(rows, corloc, tablefmt, digits) + "\n"
     if tau is not None:
@@ -276,20 +351,22 @@ def render(rows: pd.DataFrame, fmt: str, meta: Mapping[str, Any] | None = None, 
     return text
 
 
-def to_json_rows(rows: pd.DataFrame) -> list[dict[str, Any]]:
-    """Flat JSON rows; NaN (classes without GT) becomes null."""
-    records = rows[[c for c in JSON_KEYS if c in rows.columns]].to_dict("records")
+def to_json_rows(rows: pd.DataFrame, keys: Sequence[str] = JSON_KEYS) -> list[dict[str, Any]]:
+    """Flat JSON rows of the columns ``keys``; NaN (classes without GT) becomes null."""
+    records = rows[[c for c in keys if c in rows.columns]].to_dict("records")
     return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in records]
 
 
-def save_scores(rows: pd.DataFrame, out_dir: str | Path, meta: Mapping[str, Any] | None = None) -> list[Path]:
-    """Write scores.csv, scores.json, scores.md (tables + per-class tables + protocol) atomically."""
+def save_scores(rows: pd.DataFrame, out_dir: str | Path, meta: Mapping[str, Any] | None = None,
+                headline: pd.DataFrame | None = None) -> list[Path]:
+    """Write scores.csv, scores.json (with the headline), scores.md (headline + tables + per-class tables +
+    protocol) atomically."""
     out_dir = Path(out_dir)
     written = []
     for name, fmt in (("scores.csv", "csv"), ("scores.json", "json")):
-        atomic_write_bytes(out_dir / name, render(rows, fmt, meta).encode())
+        atomic_write_bytes(out_dir / name, render(rows, fmt, meta, headline=headline).encode())
         written.append(out_dir / name)
-    markdown = [render(rows, "markdown", meta)]
+    markdown = [render(rows, "markdown", meta, headline=headline)]
     for tau in sorted(rows["threshold"].unique()):
         for iou in sorted(rows["iou"].unique()):
             markdown.append(f"\n### Per class, threshold = {tau:g}, IoU = {iou:g} (AP and recall in %)\n")
