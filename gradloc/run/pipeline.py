@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +15,8 @@ from gradloc.core.provenance import config_hash
 from gradloc.datasets.voc import VOCDataset
 from gradloc.run.boxes import run_boxes
 from gradloc.run.cams import plan_cams
-from gradloc.run.config import RunConfig
-from gradloc.run.folder import manifest_record, new_run, write_scores
+from gradloc.run.config import RunConfig, check_places
+from gradloc.run.folder import manifest_record, new_run
 from gradloc.run.score import score_run_folder
 from gradloc.run.setup import StageTimes
 
@@ -39,9 +39,11 @@ class RunResult:
     skipped: list[dict[str, str]] = field(default_factory=list)
 
 
-def run(config: RunConfig, original: RunConfig | None = None, stage: StageProgress | None = None) -> RunResult:
+def run(config: RunConfig, original: RunConfig | None = None, stage: StageProgress | None = None,
+        record: Mapping[str, Any] | None = None) -> RunResult:
     """The whole pipeline for a prepared config (see :func:`prepare_demo`): cams -> boxes -> scores, plus
-    config.yaml and manifest.json (``original`` = the config as given, recorded beside the resolved one).
+    config.yaml and manifest.json (``original`` = the config as given, recorded beside the resolved one;
+    ``record``: more manifest entries, e.g. ``distributed``).
 
     The run is staged and swapped in whole (:func:`gradloc.new_run`): on any error or interruption the
     run folder keeps the previous results; finished heatmaps stay in the cache for the rerun."""
@@ -51,6 +53,7 @@ def run(config: RunConfig, original: RunConfig | None = None, stage: StageProgre
 
     stage = stage or quiet
     times = StageTimes()
+    check_places(config)
     with new_run(config.run_dir) as writer:
         plan = plan_cams(config)
         with times.stage("cams"), stage(plan.description, plan.n_images) as update:
@@ -61,8 +64,9 @@ def run(config: RunConfig, original: RunConfig | None = None, stage: StageProgre
         writer.write_config(config.to_dict())
         with times.stage("score"):
             rows, meta, wsol = score_run_folder(writer.run, config.score.iou, config.score.metric, config.score.only)
-            write_scores(writer.run.path, rows, meta, wsol)
-        writer.write_manifest(run_manifest(config, original or config, cache, times, dataset.skipped))
+            writer.write_scores(rows, meta, wsol)
+        writer.write_manifest({**run_manifest(config, original or config, cache, times, dataset.skipped),
+                               **(record or {})})
     return RunResult(config.run_dir, rows, meta, wsol, cache, dataset, times, list(dataset.skipped))
 
 
