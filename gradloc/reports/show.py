@@ -39,9 +39,10 @@ from matplotlib.figure import Figure
 
 from gradloc.boxes.cut import THRESHOLD_MODES
 from gradloc.boxes.explain import explained_classes
-from gradloc.cams.cache import HeatmapCache
+from gradloc.cams.cache import HeatmapCache, describe, same_content
 from gradloc.core.formats import Detections, GroundTruth, load_detections
 from gradloc.core.geometry import preprocess_image, upsample, working_size
+from gradloc.core.names import check_name
 from gradloc.datasets.voc import VOCDataset
 from gradloc.models.registry import class_probabilities
 from gradloc.reports.draw import (
@@ -163,17 +164,41 @@ def pick_images(dets: Detections, gt: GroundTruth, source: str, n: int, seed: in
 
 
 def open_run_cache(run: Any):  # (gradloc.run.folder.Run) -> gradloc.cams.cache.HeatmapCache
-    """The heatmap cache a run was made from (its manifest's ``cache_dir``)."""
+    """The heatmap cache a run was made from (its manifest's ``cache_dir``), serving the maps of the image
+    contents the run recorded in ``images.json`` (:meth:`HeatmapCache.serve`): another dataset's maps under the
+    same ids, written later into the same cache, are never returned."""
 
     root = run.manifest.get("cache_dir")
     if not root:
         raise ValueError(f"{run.path / MANIFEST_FILE}: no 'cache_dir'; the run kept no heatmap cache "
                          "(use --detections PKL --voc-root PATH for boxes only)")
     try:
-        return HeatmapCache.open(root)
+        cache = HeatmapCache.open(root)
     except FileNotFoundError as error:
         raise FileNotFoundError(f"{error}; it is the heatmap cache of run {run.path} (or use --detections PKL "
                                 "--voc-root PATH for boxes only)") from None
+    cache.serve(run.images or {})
+    return cache
+
+
+def read_run_image(run: Any, dataset: VOCDataset, cache: HeatmapCache, image_id: str) -> tuple[Any, Any]:
+    """An image of a run and its cached maps, both proven to be of the image content the run used: the bytes
+    read must have the fingerprint the run recorded (runs made before ``images.json``: the maps must be of the
+    bytes read).
+
+    Returns:
+        (the RGB image, its :class:`gradloc.cams.cache.CamEntry`).
+
+    Raises:
+        ValueError: the image file changed since the run. FileNotFoundError, CacheError: no such maps.
+    """
+    image, source = dataset.read_image(image_id)
+    recorded = (run.images or {}).get(image_id, source)
+    if not same_content(recorded, source):
+        raise ValueError(f"{dataset.image_path(image_id)}: the image changed since run {run.path} was made "
+                         f"({describe(source)}, the run used {describe(recorded)}); rerun `gradloc run` to "
+                         "draw it")
+    return image, cache.get(image_id, recorded)
 
 
 def _display_heat(raw: np.ndarray, geometry: Any, max_side: int | None) -> np.ndarray:
@@ -244,8 +269,7 @@ def run_samples(run_dir: str | Path, threshold: float, n: int = 10, seed: int = 
     samples, entries = [], []
     for index in chosen:
         image_id = gt.image_ids[index]
-        image = dataset.load_image(image_id)
-        entry = cache.get(image_id)
+        image, entry = read_run_image(run, dataset, cache, image_id)
         probs = class_probabilities(entry.scores, cache.key_data["score_kind"])
         explained = np.union1d(explained_classes(config.boxes.explain, probs, gt.labels[gt.image_index == index],
                                                   config.boxes.score_cut),
@@ -309,10 +333,11 @@ def write_overlays(run_dir: str | Path, threshold: float, out_dir: str | Path, n
             caption = (f"{item.image_id}, {panel.title}; heat / max(heat) blended at {HEAT_ALPHA:g}, white "
                        f"contour = threshold; {drawn.protocol}")
             fig = render_overlay(item, panel, drawn.classes, caption)
-            written.append(save_figure(fig, out_dir / f"{item.image_id}_{drawn.classes[panel.label]}.png"))
+            name = check_name(f"{item.image_id}_{drawn.classes[panel.label]}.png", "overlay file name")
+            written.append(save_figure(fig, out_dir / name))
         if not item.panels:
             fig = render_grid([item], drawn.classes, f"{item.image_id}: no class explained; {drawn.protocol}")
-            written.append(save_figure(fig, out_dir / f"{item.image_id}.png"))
+            written.append(save_figure(fig, out_dir / check_name(f"{item.image_id}.png", "overlay file name")))
     logger.info("wrote %d overlays into %s", len(written), out_dir)
     return written
 

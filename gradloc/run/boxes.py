@@ -18,7 +18,7 @@ from gradloc.core.geometry import upsample, working_size
 from gradloc.datasets.voc import VOCDataset
 from gradloc.models.registry import class_probabilities
 from gradloc.run.cams import cams_cache
-from gradloc.run.config import RunConfig, open_dataset
+from gradloc.run.config import RunConfig, check_places, open_dataset
 from gradloc.run.folder import RunWriter, new_run
 from gradloc.run.setup import Progress, check_names, load_classifier, require_images
 from gradloc.scoring.wsol import GRID, IOUS_V2, box_hits
@@ -102,11 +102,14 @@ def open_cached(config: RunConfig) -> tuple[HeatmapCache, VOCDataset]:
 
 def run_boxes(config: RunConfig, cache: HeatmapCache, dataset: VOCDataset, progress: Progress = None,
               writer: RunWriter | None = None) -> Path:
-    """Cut boxes from the cached maps at every threshold; write gt.pkl, detections, baselines, points.
+    """Cut boxes from the cached maps at every threshold; write gt.pkl, images.json (the content fingerprint of
+    every image whose maps were read: ``cache`` serves only those, see :mod:`gradloc.cams.cache`), detections,
+    baselines, points.
 
     With ``writer`` (a run being staged by :func:`gradloc.new_run`) the files go to its staging folder;
     without, they replace ``config.run_dir`` as a whole (with ``config.yaml``). Returns ``config.run_dir``."""
     if writer is None:
+        check_places(config)
         with new_run(config.run_dir) as staged:
             run_boxes(config, cache, dataset, progress, staged)
             staged.write_config(config.to_dict())
@@ -154,6 +157,7 @@ def run_boxes(config: RunConfig, cache: HeatmapCache, dataset: VOCDataset, progr
                           meta={**protocol, "source": source}, **common, **rows._asdict())
 
     writer.write_gt(gt)
+    writer.write_images(cache.sources(dataset.image_ids))
     for tau, rows, noise_rows in zip(thresholds, cam_rows.per_threshold(), random_rows.per_threshold(),
                                      strict=True):
         writer.write_detections(detections(rows, tau, params.threshold_mode, params.box_mode, "cam"))

@@ -16,7 +16,7 @@ from gradloc.cli import main
 from gradloc.core.files import save_pickle
 from gradloc.core.formats import Detections, GroundTruth, load_detections
 from gradloc.core.geometry import plan
-from gradloc.datasets.voc import VOCDataset
+from gradloc.datasets.voc import VOCDataset, file_fingerprint
 from gradloc.reports.draw import DPI, PANEL_INCHES, best_gt_iou, image_extent, voc_box_to_rect
 from gradloc.reports.show import sample_images, show_run
 from gradloc.run.config import load_config
@@ -68,7 +68,7 @@ def write_run(root, voc, dataset, dets_of, name="tiny"):
         for k in range(len(classes)):  # a blob per class, at a place depending on the class
             maps[k, 1 + k % 4 : 4 + k % 4, 1 + (k * 3) % 5 : 4 + (k * 3) % 5] = 1.0 + k
         scores = np.where(np.arange(len(classes)) % 2 == 0, 2.0, -1.0).astype(np.float32)
-        cache.put(image_id, maps, scores, geometry, "float32")
+        cache.put(image_id, maps, scores, geometry, "float32", file_fingerprint(dataset.image_path(image_id)))
     run_dir = root / "results" / name
     save_pickle(gt, run_dir / "gt.pkl")
     save_pickle(dets_of(gt), run_dir / "detections" / "thr_0.200.pkl")
