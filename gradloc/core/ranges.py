@@ -45,6 +45,9 @@ IOU_RANGE = ValidRange(0.0, 1.0, low_open=True, high_open=True)
 THRESHOLD_RANGE = ValidRange(0.0, 1.0)  # τ: a fraction with a named meaning (boxes.threshold_mode)
 SCORE_CUT_RANGE = ValidRange(0.0, 1.0)  # a class probability
 
+MAX_INPUT_SIZE = 2048
+"""Largest network input side (pixels). VOC images are at most 500 px; past 2048 a batch needs gigabytes."""
+
 THRESHOLD_DECIMALS = 3
 """Per-threshold files are named by τ with this many decimals (``thr_0.020.pkl``), so a run's τ have at most
 this many and no two of them round to the same name."""
@@ -67,7 +70,7 @@ def _distinct(values: Sequence[float], names: Sequence[str], what: str) -> None:
     seen: dict[str, int] = {}
     for i, name in enumerate(names):
         if name in seen:
-            raise ValueError(f"{what}: {values[seen[name]]:g} and {values[i]:g} are the same threshold "
+            raise ValueError(f"{what}: {values[seen[name]]:.12g} and {values[i]:.12g} are the same threshold "
                              f"({name}); give each once")
         seen[name] = i
 
