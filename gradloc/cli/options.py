@@ -10,6 +10,16 @@ from typing import Any
 import click
 
 
+def import_torch() -> None:
+    """Import torch with Ctrl-C held back (:func:`gradloc.core.interrupts.deferred`): its import runs Python
+    callbacks from C++ (pybind11), where a KeyboardInterrupt aborts the process (SIGABRT) instead of exiting
+    130. Commands that compute call it first."""
+    from gradloc.core.interrupts import deferred
+
+    with deferred():
+        import torch  # noqa: F401
+
+
 def parse_floats(value: str | None, name: str) -> tuple[float, ...] | None:
     if value is None:
         return None
@@ -155,20 +165,62 @@ def run_options(*groups: str) -> Callable[[Callable], Callable]:
     return decorate
 
 
-def build_config(config_path: str | None, flags: dict[str, Any]):
-    """The config file with flags applied, validated (names included) before any work starts."""
-    from gradloc.run.config import load_config
-    from gradloc.run.setup import check_names
-
-    overrides = {}
+def build_config(config_path: str | None, flags: dict[str, Any], writes_run: bool = True):
+    """The config file with the run flags (:data:`RUN_FLAGS`) applied, validated before any work starts (see
+    :func:`checked_config`)."""
+    overrides, given = {}, {}
     for flag, value in flags.items():
         if value is None or flag not in RUN_FLAGS:
             continue
         parse = LIST_FLAGS.get(flag)
-        overrides[RUN_FLAGS[flag][0]] = parse(value, f"--{flag.replace('_', '-')}") if parse else value
-    config = load_config(config_path, overrides)
+        key = RUN_FLAGS[flag][0]
+        overrides[key] = parse(value, f"--{flag.replace('_', '-')}") if parse else value
+        given[key] = f"--{flag.replace('_', '-')}"
+    return checked_config(config_path, overrides, given, writes_run)
+
+
+def checked_config(config_path: str | None, overrides: dict[str, Any], given: dict[str, str],
+                   writes_run: bool = True):
+    """A config file with ``overrides`` (dotted key -> value) applied, validated before any work starts:
+    types, ranges, names, registries and places (:func:`gradloc.run.config.check_places`; ``writes_run``: the
+    command writes a run folder). An error in a value a flag set names the flag first (``given``: dotted key
+    -> flag, e.g. ``--seed: config key 'seed': ...``)."""
+    from gradloc.run.config import ConfigError, check_places, load_config
+    from gradloc.run.setup import check_names
+
+    try:
+        config = load_config(config_path, overrides)
+        check_places(config, writes_run)
+    except ConfigError as error:
+        key = (error.key or "").split("[")[0]
+        if key in given:
+            raise ConfigError(f"{given[key]}: {error}", error.key) from None
+        raise
     check_names(config)
     return config
+
+
+class ThresholdType(click.ParamType):
+    """A τ flag (``--threshold``, ``--per-class``): a number in [0, 1] with at most the file-name precision
+    (:func:`gradloc.core.ranges.threshold_label`), ``-0`` read as 0. Not a number is a usage error (exit 2,
+    as for any number flag); a number out of range is an input error (one line, exit 1) naming the flag, like
+    every value checked against :mod:`gradloc.core.ranges`."""
+
+    name = "tau"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        from gradloc.core.ranges import threshold_label
+
+        flag = f"--{param.name.replace('_', '-')}" if param is not None and param.name else "threshold"
+        try:
+            tau = float(value)
+        except ValueError:
+            self.fail(f"expected a number in [0, 1] such as 0.2, got {str(value)[:40]!r}", param, ctx)
+        threshold_label(tau, flag)
+        return tau + 0.0
+
+
+THRESHOLD = ThresholdType()
 
 
 @contextmanager
@@ -249,9 +301,17 @@ SINGLE_IOU_HELP = ("IoU of {what}: one value (the flag is --iou everywhere; `run
                    "comma-separated list).")
 
 
+def parse_ious(value: str) -> tuple[float, ...]:
+    """``--iou`` of a command that scores: comma-separated IoU thresholds, each in (0, 1), none twice, checked
+    before any file is read (:func:`gradloc.core.ranges.check_ious`)."""
+    from gradloc.core.ranges import check_ious
+
+    return check_ious(parse_floats(value, "--iou"), "--iou")
+
+
 def one_iou(value: str) -> float:
     """``--iou`` of a command that shows one IoU: the same syntax as the list, exactly one value."""
-    ious = parse_floats(value, "--iou")
+    ious = parse_ious(value)
     if len(ious) != 1:
         raise click.BadParameter(f"this command shows one IoU, got {value!r}; give one value such as 0.5",
                                  param_hint="--iou")

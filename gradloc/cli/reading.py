@@ -6,13 +6,16 @@ import click
 
 from gradloc.cli.options import (
     FLAG_GROUPS,
+    THRESHOLD,
     digits_option,
-    parse_floats,
+    import_torch,
+    parse_ious,
     parse_names,
     print_scores,
     registry_choice,
     say,
 )
+from gradloc.core.ranges import MAX_INPUT_SIZE
 
 
 @click.command()
@@ -27,7 +30,7 @@ from gradloc.cli.options import (
 @click.option("--only", default=None, help=FLAG_GROUPS["score"]["only"][1]["help"])
 @click.option("--format", "fmt", type=registry_choice("gradloc.scoring.tables", "FORMATS"), default="table",
               show_default=True, help="csv/json: stdout holds exactly one document of flat score rows.")
-@click.option("--per-class", "per_class", type=float, default=None, metavar="TAU",
+@click.option("--per-class", "per_class", type=THRESHOLD, default=None, metavar="TAU",
               help="Tables: add per-class AP/recall (%) at this τ, one table per IoU. csv/json: keep only "
                    "the rows (every class, mAP, every source) of this τ.")
 @click.option("--layout", type=registry_choice("gradloc.scoring.tables", "LAYOUTS"), default="blocks",
@@ -54,20 +57,19 @@ def score(ctx: click.Context, run_dir: str | None, gt_path: str | None, voc_resu
       gradloc score --gt gt.pkl detections/thr_0.020.pkl detections/thr_0.060.pkl --format csv
       gradloc score --gt results/demo/gt.pkl --voc-results exported/
     """
-    ious, classes = parse_floats(iou, "--iou"), parse_names(only, "--only") or ()
+    ious, classes = parse_ious(iou), parse_names(only, "--only") or ()
     options = {"digits": digits, "layout": layout, "per_class": per_class}
     if gt_path is None:
         if run_dir is None or detections or voc_results:
             raise click.UsageError("give a run folder, or --gt GT.pkl with detection pickles or --voc-results DIR")
-        from gradloc.run.score import record_rescoring, save_run_scores, score_run_folder
+        from gradloc.run.score import save_run_scores, score_run_folder
         from gradloc.scoring.tables import check_per_class
 
         rows, meta, wsol = score_run_folder(run_dir, ious, metric, classes)
         if per_class is not None:
             check_per_class(rows, per_class)  # before anything is written or printed
         if save:
-            files = save_run_scores(run_dir, rows, meta, wsol)
-            recorded = record_rescoring(run_dir, ious, metric, files, classes)
+            files, recorded = save_run_scores(run_dir, rows, meta, wsol, ious, metric, classes)
             say(ctx, f"saved {', '.join(f.name for f in files)} in {run_dir}"
                      + ("; manifest.json records the rescoring" if recorded else " (no manifest.json to update)"))
         print_scores(ctx, rows, meta, wsol, fmt, **options)
@@ -141,7 +143,7 @@ def models() -> None:
 @click.command()
 @click.argument("model_name")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Checkpoint to build the model from.")
-@click.option("--input-size", type=click.IntRange(min=8), default=224, show_default=True,
+@click.option("--input-size", type=click.IntRange(min=8, max=MAX_INPUT_SIZE), default=224, show_default=True,
               help="Side of the square probe image the output shapes are measured on.")
 @click.option("--head", type=registry_choice("gradloc.models.build", "HEADS"), default="voc", show_default=True,
               help="The head of the runs the names are for (imagenet heads wrap the model as backbone.*).")
@@ -155,6 +157,7 @@ def layers(model_name: str, checkpoint: str | None, input_size: int, head: str, 
     Example:
       gradloc layers resnet50
     """
+    import_torch()
     from gradloc.cams.layers import default_layer, layer_table, resolve_layer
     from gradloc.models.build import build_architecture
 

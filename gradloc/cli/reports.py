@@ -9,8 +9,10 @@ import click
 
 from gradloc.cli.options import (
     SINGLE_IOU_HELP,
+    THRESHOLD,
     build_config,
     digits_option,
+    import_torch,
     one_iou,
     prepare,
     registry_choice,
@@ -22,9 +24,11 @@ from gradloc.cli.options import (
 
 @click.command()
 @click.argument("run_dir", required=False, type=click.Path(file_okay=False))
-@click.option("--threshold", type=float, help="τ of the detections to draw (a threshold of the run).")
-@click.option("--n", "n", type=int, default=10, show_default=True, help="Number of images to show.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random sample.")
+@click.option("--threshold", type=THRESHOLD, help="τ of the detections to draw (a threshold of the run).")
+@click.option("--n", "n", type=click.IntRange(1, 10_000), default=10, show_default=True,
+              help="Number of images to show.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
+              help="Seed of the random sample.")
 @click.option("--sample", type=registry_choice("gradloc.reports.show", "SAMPLE_MODES"), default="detected",
               show_default=True,
               help="Draw among images with detections at τ (detected), or with GT boxes whatever was detected "
@@ -85,7 +89,7 @@ def show(ctx: click.Context, run_dir: str | None, threshold: float | None, n: in
 
 @click.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--threshold", type=float, default=None,
+@click.option("--threshold", type=THRESHOLD, default=None,
               help="τ of the PR curves (default: best mAP at --iou on this run, an oracle choice).")
 @click.option("--iou", default="0.5", show_default=True, help=SINGLE_IOU_HELP.format(what="the PR curves"))
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
@@ -107,9 +111,10 @@ def plot(run_dir: str, threshold: float | None, iou: str, out_dir: str | None) -
 @click.argument("run_a", type=click.Path(file_okay=False))
 @click.argument("run_b", type=click.Path(file_okay=False))
 @click.option("--iou", default="0.5", show_default=True, help=SINGLE_IOU_HELP.format(what="the per-class table"))
-@click.option("--threshold", type=float, default=None,
+@click.option("--threshold", type=THRESHOLD, default=None,
               help="τ of the per-class table (default: best mAP of RUN_A, an oracle choice).")
-@click.option("--top", type=int, default=5, show_default=True, help="How many largest disagreements to list.")
+@click.option("--top", type=click.IntRange(0, 10_000), default=5, show_default=True,
+              help="How many largest disagreements to list.")
 @click.option("--format", "fmt", type=registry_choice("gradloc.scoring.tables", "TABLE_FORMATS"), default="table",
               show_default=True)
 @click.option("--force", is_flag=True, help="Compare runs on different ground truth (classes, images, split) too.")
@@ -153,14 +158,16 @@ def sweep(ctx: click.Context, config_path: str | None, select_split: str, eval_s
     Example:
       gradloc sweep --config configs/voc07_efficientnet_lite0.yaml --select-split train --eval-split val
     """
+    import_torch()
     from gradloc.run.folder import check_writable
-    from gradloc.run.sweep import parse_select_metric, run_sweep
+    from gradloc.run.sweep import parse_select_metric, run_sweep, split_config
 
     if flags.get("split") is not None:
         raise click.UsageError("sweep takes --select-split and --eval-split, not --split")
     parse_select_metric(select_metric)  # fail before any work
     config = build_config(config_path, flags)
-    check_writable(config.run_dir)
+    for split in (select_split, eval_split):
+        check_writable(split_config(config, split).run_dir)
     config = prepare(ctx, config)
     result = run_sweep(config, select_split, eval_split, select_metric, stage=stage_progress(ctx), digits=digits)
     click.echo(result.text, nl=False)
@@ -171,7 +178,8 @@ def sweep(ctx: click.Context, config_path: str | None, select_split: str, eval_s
 @click.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--threshold", type=float, required=True, help="τ of the detections to export (a threshold of the run).")
+@click.option("--threshold", type=THRESHOLD, required=True,
+              help="τ of the detections to export (a threshold of the run).")
 @click.option("--format", "fmt", type=click.Choice(["voc"]), default="voc", show_default=True,
               help="voc = the official devkit's per-class files comp4_det_<split>_<class>.txt.")
 @click.option("--split", default=None, help="Split in the file names (default: the run's split).")

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
+from gradloc.core.files import atomic_write_bytes
 from gradloc.core.formats import Detections, GroundTruth
 from gradloc.scoring.voc import iou_matrix
 
@@ -356,15 +356,10 @@ def render_overlay(sample: Sample, panel: HeatPanel, classes: Sequence[str], cap
 
 def save_figure(fig: Figure, path: str | Path) -> Path:
     """Save a figure as PNG at its own size (no tight bounding box, so the pixel size is predictable),
-    atomically: written to a temporary file in the same folder, then renamed over ``path``."""
+    atomically (:func:`gradloc.core.files.atomic_write_bytes`: the file gets the umask's mode, like any file
+    the user creates)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            fig.savefig(stream, dpi=DPI, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=DPI, format="png")
+    atomic_write_bytes(path, buffer.getvalue())
     return path
