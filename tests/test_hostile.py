@@ -138,6 +138,15 @@ def test_item1_outputs_inside_each_other_are_refused_before_any_work(flags, mess
     assert not (tmp_path / "results").exists() and not (tmp_path / "cache").exists()
 
 
+def test_item1_an_output_file_replaces_only_a_file_it_could_have_written(run_copy, demo_copy):
+    """The same promise for single files: ``show --png`` onto an annotation is refused, the XML is intact."""
+    annotation = demo_copy / "VOCdemo" / "Annotations" / "000025.xml"
+    before = annotation.read_bytes()
+    result = _cli("show", str(run_copy), "--threshold", "0.2", "--png", str(annotation))
+    _one_error_line(result, str(annotation), "not a PNG image")
+    assert annotation.read_bytes() == before
+
+
 # --- item 2: staging names are reserved -------------------------------------------------------------------
 
 

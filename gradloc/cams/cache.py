@@ -70,6 +70,10 @@ TMP_MAX_AGE = 3600.0
 _TMP_NAME = re.compile(r"^\..+\.(\d+)\.[^.]+\.tmp$")
 
 
+OPEN_KEYS = ("score_kind", "layer")
+"""What a reader of a finished run's cache (:meth:`HeatmapCache.open`) takes from its key.json."""
+
+
 _DIGEST = re.compile(r"^[0-9a-f]{32}$")  # blake2b, 16 bytes (gradloc.datasets.voc.fingerprint)
 
 
@@ -158,6 +162,10 @@ class HeatmapCache:
             raise ValueError(f"{key_path}: not valid JSON ({str(error)[:200]})") from None
         if not isinstance(key_data, dict):
             raise ValueError(f"{key_path}: expected a mapping, found {excerpt(key_data)}")
+        bad = next((key for key in OPEN_KEYS if not isinstance(key_data.get(key), str)), None)
+        if bad is not None:
+            raise ValueError(f"{key_path}: not a heatmap cache key (its {bad!r} is {excerpt(key_data.get(bad))}, "
+                             "expected a string); rerun `gradloc cams` with the run's config")
         cache = cls(root.parent.parent, key_data)
         if cache.root.resolve() != root.resolve():
             raise ValueError(f"{key_path}: its key hashes to {cache.key}, not to the folder name {root.name}; "
@@ -275,7 +283,7 @@ class HeatmapCache:
         """What is wrong with a loaded record for ``image_id`` computed from the content ``source``, or None."""
         if not isinstance(record, dict) or record.get("format") != CAM_FORMAT:
             found = record.get("format") if isinstance(record, dict) else type(record).__name__
-            return f"not a {CAM_FORMAT} heatmap cache file (found {found!r})"
+            return f"not a {CAM_FORMAT} heatmap cache file (found {excerpt(found)})"
         absent = [key for key in _RECORD_KEYS if key not in record]
         if absent:
             return f"lacks {', '.join(absent)}"

@@ -83,7 +83,7 @@ class GradlocGroup(click.Group):
                 _interrupted(folders.SWAPPED[swapped:])
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.echo(f"error: {error}", err=True)
+            click.echo(f"error: {one_line(str(error))}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
             _interrupted(folders.SWAPPED[swapped:])
@@ -92,6 +92,17 @@ class GradlocGroup(click.Group):
                 raise
             click.echo("error: out of memory; lower --batch-size (or --input-size, --limit) and rerun", err=True)
             sys.exit(1)
+
+
+MAX_ERROR_CHARS = 1000
+"""Longest error line printed: messages quote values through gradloc.core.names.excerpt, and this bounds what
+any other message (a library's, an OS error's) can print."""
+
+
+def one_line(message: str) -> str:
+    """``message`` as one line of at most :data:`MAX_ERROR_CHARS` characters (line breaks become spaces)."""
+    text = " ".join(message.splitlines())
+    return text if len(text) <= MAX_ERROR_CHARS else f"{text[:MAX_ERROR_CHARS]}... ({len(text):,} characters)"
 
 
 def _interrupted(written: list[Any]) -> None:

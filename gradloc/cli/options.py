@@ -26,7 +26,7 @@ def parse_floats(value: str | None, name: str) -> tuple[float, ...] | None:
     try:
         return tuple(float(item) for item in value.split(",") if item.strip())
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers such as 0.01,0.02, got {value!r}",
+        raise click.BadParameter(f"expected comma-separated numbers such as 0.01,0.02, got {value[:60]!r}",
                                  param_hint=name) from None
 
 
@@ -67,7 +67,7 @@ def parse_names(value: str | None, name: str) -> tuple[str, ...] | None:
         return None
     names = tuple(item.strip() for item in value.split(",") if item.strip())
     if not names:
-        raise click.BadParameter(f"expected comma-separated class names such as car,cat,bus, got {value!r}",
+        raise click.BadParameter(f"expected comma-separated class names such as car,cat,bus, got {value[:60]!r}",
                                  param_hint=name)
     return names
 
@@ -313,7 +313,7 @@ def one_iou(value: str) -> float:
     """``--iou`` of a command that shows one IoU: the same syntax as the list, exactly one value."""
     ious = parse_ious(value)
     if len(ious) != 1:
-        raise click.BadParameter(f"this command shows one IoU, got {value!r}; give one value such as 0.5",
+        raise click.BadParameter(f"this command shows one IoU, got {value[:60]!r}; give one value such as 0.5",
                                  param_hint="--iou")
     return ious[0]
 

@@ -240,6 +240,28 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         raise
 
 
+def write_own_file(path: str | os.PathLike[str], data: bytes, what: str) -> None:
+    """Write an output file the user named (``--png``, ``--checkpoint-out``) atomically, replacing only a file
+    of the same format: ``data``'s first bytes are the format's signature (PNG, a torch zip), and an existing
+    file that does not start with them (an annotation, a paper, a folder, a link) is left untouched.
+
+    Raises:
+        FileExistsError: naming the file. OSError: as :func:`atomic_write_bytes`.
+    """
+    path = Path(path)
+    signature = data[:4]
+    if path.is_symlink() or path.is_dir() or (path.exists() and _first_bytes(path, len(signature)) != signature):
+        kind = "a symbolic link" if path.is_symlink() else "a folder" if path.is_dir() else "not " + what
+        raise FileExistsError(f"{path}: exists and is {kind}; gradloc overwrites only a file it could have "
+                              f"written ({what}): choose another file name, or move it away")
+    atomic_write_bytes(path, data)
+
+
+def _first_bytes(path: Path, count: int) -> bytes:
+    with path.open("rb") as handle:
+        return handle.read(count)
+
+
 def save_pickle(obj: Any, path: str | os.PathLike[str]) -> None:
     """Pickle plain data atomically (protocol 4, no timestamps: same data, same bytes). An object with a
     ``to_dict()`` method (``GroundTruth``, ``Detections``) is saved as that dict."""

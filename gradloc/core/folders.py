@@ -263,19 +263,33 @@ def _write_marker(folder: Path, kind: str) -> None:
 
 
 def _link_tree(source: Path, destination: Path, skip: str) -> None:
-    """Hard-link every file of ``source`` into ``destination`` (copy where links are refused)."""
-    for path in sorted(source.rglob("*")):
-        relative = path.relative_to(source)
-        if relative.as_posix() == skip:
-            continue
-        copy = destination / relative
-        if path.is_dir() and not path.is_symlink():
-            copy.mkdir(exist_ok=True)
-            continue
-        try:
-            os.link(path, copy, follow_symlinks=False)
-        except OSError:
-            shutil.copy2(path, copy, follow_symlinks=False)
+    """Hard-link every file of ``source`` into ``destination`` (copy where links are refused); symbolic links
+    are copied as links, never followed."""
+    for root, dirs, files in os.walk(source):  # followlinks=False: a link to / is one entry, not a walk
+        here = Path(root)
+        for name in dirs:
+            if (here / name).is_symlink():
+                shutil.copy2(here / name, destination / (here / name).relative_to(source), follow_symlinks=False)
+            else:
+                (destination / (here / name).relative_to(source)).mkdir(exist_ok=True)
+        for name in files:
+            path = here / name
+            relative = path.relative_to(source)
+            if relative.as_posix() == skip:
+                continue
+            try:
+                os.link(path, destination / relative, follow_symlinks=False)
+            except OSError:
+                shutil.copy2(path, destination / relative, follow_symlinks=False)
+
+
+def owner_of(path: Path) -> Path | None:
+    """The nearest folder holding ``path`` (itself included) that gradloc owns, of any kind (it has a
+    ``.gradloc-*`` marker), or None: what would delete ``path`` when it is replaced."""
+    for folder in (path, *path.parents):
+        if folder.is_dir() and any(marker.is_file() for marker in folder.glob(".gradloc-*")):
+            return folder
+    return None
 
 
 def _adopt(folder: Path, kind: str) -> None:

@@ -180,8 +180,7 @@ class Detections:
         (:func:`read_array`); errors start with ``source`` (the file)."""
         _check_format(data, DETECTIONS_FORMAT, source)
         meta = data.get("meta", {})
-        if not isinstance(meta, Mapping):
-            raise ValueError(f"{source}: field 'meta' is a {type(meta).__name__}, expected a dict")
+        _check_meta(meta, source)
         return _named(source, lambda: cls(
             threshold=THRESHOLD_RANGE.check(_read_number(data, "threshold", source), "field 'threshold'"),
             threshold_mode=_read_text(data, "threshold_mode", source),
@@ -210,7 +209,7 @@ def _check_format(data: Mapping[str, Any], expected: str, source: str) -> None:
         raise ValueError(f"{source}: expected a dict in format {expected!r}, found {type(data).__name__}")
     found = data.get("format")
     if found != expected:
-        raise ValueError(f"{source}: format is {found!r}, expected {expected!r} (see README 'File formats')")
+        raise ValueError(f"{source}: format is {excerpt(found)}, expected {expected!r} (see README 'File formats')")
     required = {
         GT_FORMAT: ("classes", "image_ids", "image_sizes", "image_index", "labels", "boxes", "difficult"),
         DETECTIONS_FORMAT: (
@@ -312,10 +311,41 @@ def read_names(data: Mapping[str, Any], name: str, source: str) -> list[str]:
     bad = next((item for item in value if not isinstance(item, str)), None)
     if bad is not None:
         raise ValueError(f"{where} holds {excerpt(bad)}, a {type(bad).__name__}; expected strings")
+    bad = next((item for item in value if len(item) > MAX_TEXT_CHARS or any(c < " " for c in item)), None)
+    if bad is not None:
+        raise ValueError(f"{where} holds {excerpt(bad)}: names are single lines of at most {MAX_TEXT_CHARS} "
+                         "characters")
     if len(set(value)) != len(value):
         twice = next(item for i, item in enumerate(value) if item in value[:i])
         raise ValueError(f"{where} lists {excerpt(twice)} twice")
     return list(value)
+
+
+MAX_TEXT_CHARS = 4096
+"""Longest name (class, image id) or protocol string a file may hold: every one of them is printed."""
+
+
+def _check_meta(meta: Any, source: str) -> None:
+    """``meta`` is a dict with string keys whose strings (at any depth) are at most :data:`MAX_TEXT_CHARS` long.
+
+    Raises:
+        ValueError: naming the file.
+    """
+    if not isinstance(meta, Mapping):
+        raise ValueError(f"{source}: field 'meta' is a {type(meta).__name__}, expected a dict")
+    stack: list[Any] = [meta]
+    while stack:  # the restricted loader bounds the size of what it built
+        item = stack.pop()
+        if isinstance(item, Mapping):
+            if not all(isinstance(key, str) for key in item):
+                raise ValueError(f"{source}: field 'meta' has a key that is not a string")
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+        elif isinstance(item, str) and len(item) > MAX_TEXT_CHARS:
+            raise ValueError(f"{source}: field 'meta' holds a string of {len(item):,} characters "
+                             f"({excerpt(item)}); at most {MAX_TEXT_CHARS} are printed")
 
 
 def _read_number(data: Mapping[str, Any], name: str, source: str) -> float:
@@ -351,7 +381,7 @@ def class_relabel(classes: Sequence[str], names: Sequence[str]) -> np.ndarray:
     index = {name: i for i, name in enumerate(classes)}
     unknown = [name for name in names if name not in index]
     if unknown:
-        raise ValueError(f"class {unknown[0]!r} is not one of {', '.join(classes)}")
+        raise ValueError(f"class {excerpt(unknown[0])} is not one of {', '.join(classes)}")
     relabel = np.full(len(classes), -1, dtype=np.int64)
     relabel[[index[name] for name in names]] = np.arange(len(names))
     return relabel

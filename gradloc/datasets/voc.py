@@ -119,9 +119,9 @@ def _number(path: Path, where: str, value: str | None) -> float:
     try:
         number = float(value)
     except ValueError:
-        raise DatasetError(f"{path}: {where} is {value!r}, not a number") from None
+        raise DatasetError(f"{path}: {where} is {excerpt(value)}, not a number") from None
     if not math.isfinite(number):
-        raise DatasetError(f"{path}: {where} is {value!r}, not a finite number")
+        raise DatasetError(f"{path}: {where} is {excerpt(value)}, not a finite number")
     return number
 
 
@@ -133,7 +133,7 @@ def _size(path: Path, size: ET.Element, tag: str, default: int | None = None) ->
         raise DatasetError(f"{path}: <size>/<{tag}> is missing")
     number = _number(path, f"<size>/<{tag}>", value)
     if number != int(number) or number < 1:
-        raise DatasetError(f"{path}: <size>/<{tag}> is {value!r}, expected a positive whole number of pixels")
+        raise DatasetError(f"{path}: <size>/<{tag}> is {excerpt(value)}, expected a positive whole number of pixels")
     return int(number)
 
 
@@ -143,7 +143,7 @@ def _flag(path: Path, obj: ET.Element, tag: str, index: int) -> bool:
         return False
     number = _number(path, f"object {index} <{tag}>", value)
     if number not in (0.0, 1.0):
-        raise DatasetError(f"{path}: object {index} <{tag}> is {value!r}, expected 0 or 1")
+        raise DatasetError(f"{path}: object {index} <{tag}> is {excerpt(value)}, expected 0 or 1")
     return bool(number)
 
 
@@ -153,7 +153,7 @@ def _parse_object(path: Path, obj: ET.Element, index: int, classes: Sequence[str
     if name is None:
         raise DatasetError(f"{path}: object {index} has no <name>")
     if name not in classes:
-        raise DatasetError(f"{path}: object {index} has unknown class {name!r}; known classes: "
+        raise DatasetError(f"{path}: object {index} has unknown class {excerpt(name)}; known classes: "
                            f"{', '.join(classes)}")
     bndbox = obj.find("bndbox")
     if bndbox is None:
@@ -361,7 +361,7 @@ class VOCDataset:
                 raise DatasetError(f"{path}: line {number}: image id {excerpt(fields[0])} {problem}; fix the "
                                    "image set file")
             if fields[0] in seen:
-                raise DatasetError(f"{path}: line {number} repeats image id {fields[0]!r}")
+                raise DatasetError(f"{path}: line {number} repeats image id {excerpt(fields[0])}")
             seen.add(fields[0])
             ids.append(fields[0])
         return ids

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
-from gradloc.core.files import atomic_write_bytes
+from gradloc.core.files import write_own_file
 from gradloc.core.formats import Detections, GroundTruth
 from gradloc.scoring.voc import iou_matrix
 
@@ -356,10 +356,14 @@ def render_overlay(sample: Sample, panel: HeatPanel, classes: Sequence[str], cap
 
 def save_figure(fig: Figure, path: str | Path) -> Path:
     """Save a figure as PNG at its own size (no tight bounding box, so the pixel size is predictable),
-    atomically (:func:`gradloc.core.files.atomic_write_bytes`: the file gets the umask's mode, like any file
-    the user creates)."""
+    atomically, replacing only a PNG (:func:`gradloc.core.files.write_own_file`: the file gets the umask's mode,
+    like any file the user creates).
+
+    Raises:
+        FileExistsError: ``path`` exists and is not a PNG.
+    """
     path = Path(path)
     buffer = io.BytesIO()
     fig.savefig(buffer, dpi=DPI, format="png")
-    atomic_write_bytes(path, buffer.getvalue())
+    write_own_file(path, buffer.getvalue(), "a PNG image")
     return path

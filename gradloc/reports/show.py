@@ -42,7 +42,7 @@ from gradloc.boxes.explain import explained_classes
 from gradloc.cams.cache import HeatmapCache, describe, same_content
 from gradloc.core.formats import Detections, GroundTruth, load_detections
 from gradloc.core.geometry import preprocess_image, upsample, working_size
-from gradloc.core.names import check_name
+from gradloc.core.names import check_name, excerpt
 from gradloc.datasets.voc import VOCDataset
 from gradloc.models.registry import class_probabilities
 from gradloc.reports.draw import (
@@ -107,7 +107,7 @@ def sample_images(dets: Detections, gt: GroundTruth, n: int, seed: int, sample: 
     if n < 1:
         raise ValueError(f"--n {n}: the number of images to show must be at least 1")
     if sample not in SAMPLE_MODES:
-        raise ValueError(f"--sample {sample!r}: choose from {', '.join(SAMPLE_MODES)}")
+        raise ValueError(f"--sample {excerpt(sample)}: choose from {', '.join(SAMPLE_MODES)}")
     select, what = SAMPLE_MODES[sample]
     candidates = np.asarray(select(dets, gt, label), dtype=np.int64)
     if candidates.size == 0:
@@ -131,7 +131,7 @@ def select_ids(gt: GroundTruth, ids: Sequence[str], source: str) -> np.ndarray:
     for image_id in wanted:
         if image_id not in position:
             some = ", ".join(gt.image_ids[:3])
-            raise ValueError(f"--ids: image {image_id!r} is not among the {len(gt.image_ids)} images of "
+            raise ValueError(f"--ids: image {excerpt(image_id)} is not among the {len(gt.image_ids)} images of "
                              f"{source} (e.g. {some})")
     return np.array([position[image_id] for image_id in dict.fromkeys(wanted)], dtype=np.int64)
 
@@ -139,7 +139,7 @@ def select_ids(gt: GroundTruth, ids: Sequence[str], source: str) -> np.ndarray:
 def class_index(classes: Sequence[str], name: str, source: str) -> int:
     """Index of ``--class`` ``name`` among ``classes``; ValueError naming ``source`` and the choices."""
     if name not in classes:
-        raise ValueError(f"--class {name!r} is not a class of {source}; choose from {', '.join(classes)}")
+        raise ValueError(f"--class {excerpt(name)} is not a class of {source}; choose from {', '.join(classes)}")
     return list(classes).index(name)
 
 

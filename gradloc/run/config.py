@@ -27,6 +27,7 @@ import yaml
 from gradloc.boxes.cut import BoxParams
 from gradloc.boxes.explain import EXPLAIN
 from gradloc.core.files import to_plain
+from gradloc.core.folders import owner_of
 from gradloc.core.geometry import RESIZE_MODES
 from gradloc.core.names import check_name, excerpt
 from gradloc.core.ranges import MAX_INPUT_SIZE, SCORE_CUT_RANGE, ValidRange, check_ious, check_thresholds
@@ -417,8 +418,9 @@ def check_places(config: RunConfig, writes_run: bool = True) -> None:
     """Refuse outputs placed where one would be written into, or deleted with, another: the run folder
     (``<out>/<name>``, when ``writes_run``) or the heatmap cache (``cache_dir``) inside the dataset, the
     dataset inside the run folder, the cache inside the run folder (a rerun replaces the whole folder) or the
-    run folder inside the cache. Paths are compared after resolving symbolic links. A demo config's dataset is
-    checked once it is prepared (it lives in the cache).
+    run folder inside the cache; and the cache, the dataset or the run folder inside any other folder gradloc
+    owns (a run or an export folder, :func:`gradloc.core.folders.owner_of`). Paths are compared after
+    resolving symbolic links. A demo config's dataset is checked once it is prepared (it lives in the cache).
 
     Raises:
         ConfigError: naming the two places and the flag to change.
@@ -437,3 +439,12 @@ def check_places(config: RunConfig, writes_run: bool = True) -> None:
     for inner, outer, what, where, key in rules:
         if inner is not None and outer is not None and inner.is_relative_to(outer):
             raise ConfigError(f"{what} {inner} is {where} {outer}; put them side by side", key)
+    held = [(cache, "the heatmap cache (--cache-dir)", "cache_dir"),
+            (dataset, "the dataset (--voc-root)", "data.voc_root")]
+    if writes_run:
+        held.append((run_dir.parent, "the run folder (--out/--name)", "out"))
+    for inner, what, key in held:
+        owner = owner_of(inner) if inner is not None else None
+        if owner is not None:
+            raise ConfigError(f"{what} would be inside {owner}, a folder gradloc made and replaces whole (it holds "
+                              "a .gradloc-* marker); put it elsewhere", key)

@@ -24,6 +24,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from gradloc.core.files import atomic_write_bytes
+from gradloc.core.names import excerpt
 from gradloc.core.ranges import IOU_RANGE
 from gradloc.run.pipeline import StageProgress, run
 from gradloc.scoring.tables import DIGITS, METRIC_NAMES, is_close, select_threshold
@@ -47,7 +48,7 @@ def parse_select_metric(text: str) -> tuple[str, float]:
     except ValueError:
         iou = float("nan")
     if not at or name not in SELECT_METRICS or iou not in IOU_RANGE:
-        raise ValueError(f"selection metric {text!r} is not <name>@<iou> with a name of "
+        raise ValueError(f"selection metric {excerpt(text)} is not <name>@<iou> with a name of "
                          f"{', '.join(SELECT_METRICS)} and an IoU in {IOU_RANGE}, e.g. ap@0.5")
     return name, iou
 

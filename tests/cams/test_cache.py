@@ -325,3 +325,12 @@ def test_shortside_cache_holds_one_map_size_per_input_canvas(tmp_path):
     cache.put("wide2", np.ones((2, 3, 3), np.float32), scores, wide, "float32", _source())
     with pytest.raises(CacheError, match=r"wide2\.\w+\.pkl: maps are 3x3, this cache's are 10x14 for a 320x448 input"):
         cache.get("wide2")
+
+
+@pytest.mark.parametrize("key", ['[1]', '{"score_kind": "logit"}', '{"score_kind": 3, "layer": "x"}'])
+def test_a_finished_runs_cache_key_is_checked(key, tmp_path):
+    root = tmp_path / "cams" / "k"
+    root.mkdir(parents=True)
+    (root / "key.json").write_text(key)
+    with pytest.raises(ValueError, match=r"key\.json: (expected a mapping|not a heatmap cache key)"):
+        HeatmapCache.open(root)

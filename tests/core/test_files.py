@@ -218,3 +218,19 @@ def test_save_pickle_same_data_same_bytes(tmp_path):
     save_pickle({"a": np.arange(3)}, tmp_path / "two.pkl")
     assert (tmp_path / "one.pkl").read_bytes() == (tmp_path / "two.pkl").read_bytes()
     assert pickle.loads((tmp_path / "one.pkl").read_bytes())["a"].tolist() == [0, 1, 2]
+
+
+def test_write_own_file_replaces_only_a_file_of_its_format(tmp_path):
+    from gradloc.core.files import write_own_file
+
+    png = b"\x89PNG\r\n\x1a\n" + b"pixels"
+    target = tmp_path / "a.png"
+    write_own_file(target, png, "a PNG image")
+    write_own_file(target, png + b"more", "a PNG image")  # an earlier PNG is replaced
+    assert target.read_bytes() == png + b"more"
+    for name, make in (("notes.xml", lambda p: p.write_text("<annotation/>")), ("d", lambda p: p.mkdir()),
+                       ("link.png", lambda p: p.symlink_to(target))):
+        make(tmp_path / name)
+        with pytest.raises(FileExistsError, match=rf"{name}: exists and is .*gradloc overwrites only"):
+            write_own_file(tmp_path / name, png, "a PNG image")
+    assert (tmp_path / "notes.xml").read_text() == "<annotation/>" and target.read_bytes() == png + b"more"

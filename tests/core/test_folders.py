@@ -166,3 +166,22 @@ def test_remove_owned_deletes_the_marker_last_and_refuses_foreign(tmp_path):
     with pytest.raises(ForeignFolderError):
         remove_owned(tmp_path / "u", KIND)
     assert (tmp_path / "u" / "mine.txt").read_text() == "keep"
+
+
+def test_an_update_copies_links_as_links_and_never_walks_them(tmp_path):
+    target = tmp_path / "t"
+    _write(target, {"a.txt": "1"})
+    (target / "root").symlink_to("/")  # a crafted folder: following it would link the whole file system
+    (target / "loop").symlink_to(target)
+    _write(target, {"b.txt": "2"}, update=True)
+    assert os.readlink(target / "root") == "/" and (target / "loop").is_symlink()
+    assert sorted(p.name for p in target.iterdir()) == sorted([marker_name(KIND), "a.txt", "b.txt", "loop", "root"])
+
+
+def test_owner_of_finds_the_nearest_owned_folder(tmp_path):
+    from gradloc.core.folders import owner_of
+
+    _write(tmp_path / "t", {"a.txt": "1"})
+    assert owner_of(tmp_path / "t" / "sub" / "cache") == tmp_path / "t"
+    assert owner_of(tmp_path / "t") == tmp_path / "t"
+    assert owner_of(tmp_path / "elsewhere") is None

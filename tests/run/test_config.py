@@ -217,3 +217,18 @@ def test_a_demo_configs_data_lives_in_its_cache(tmp_path):
     prepared = dataclasses.replace(demo, data=dataclasses.replace(
         demo.data, voc_root=str(tmp_path / "cache" / "demo" / "data" / "VOCdevkit"), year="demo"))
     check_places(prepared)
+
+
+def test_nothing_may_live_inside_a_folder_gradloc_replaces(tmp_path, devkit):
+    from gradloc.core.folders import marker_name
+    from gradloc.run.config import check_places
+
+    other_run = tmp_path / "results" / "other"
+    other_run.mkdir(parents=True)
+    (other_run / marker_name("run")).write_text("{}")
+    base = {"data.voc_root": str(devkit), "out": str(tmp_path / "results"), "cache_dir": str(tmp_path / "cache")}
+    for changes, message in (({"cache_dir": str(other_run / "cache")}, "the heatmap cache (--cache-dir) would be"),
+                             ({"out": str(other_run)}, "the run folder (--out/--name) would be")):
+        with pytest.raises(ConfigError, match=re.escape(message) + rf" inside {other_run}, a folder gradloc made"):
+            check_places(load_config(None, {**base, **changes}))
+    check_places(load_config(None, base))
