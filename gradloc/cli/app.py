@@ -18,7 +18,7 @@ import click
 
 from gradloc import __version__
 from gradloc.core import folders
-from gradloc.core.interrupts import raise_if_interrupted, received, watching
+from gradloc.core.interrupts import install, raise_if_interrupted, received, watching
 
 logger = logging.getLogger("gradloc")
 
@@ -58,15 +58,29 @@ class GradlocGroup(click.Group):
         super().add_command(cmd, name)
 
     def main(self, args: Any = None, *more: Any, **kwargs: Any) -> Any:
-        """As click's; run as the program (no ``args``: the console script, ``python -m gradloc``), a Ctrl-C
-        that comes once the command has ended, while Python shuts down, exits 130 at once."""
+        """As click's. Run as the program (no ``args``: the console script, ``python -m gradloc``), gradloc also
+        ends the process itself once the command has unwound, with the command's status: Python's shutdown
+        (which resets signal handlers, and exits by SIGINT when a KeyboardInterrupt once crossed C code) can
+        then neither change the status nor print a traceback, and a Ctrl-C from then on exits 130 at once."""
         global _PROGRAM
         _PROGRAM = args is None and threading.current_thread() is threading.main_thread()
-        try:
+        if not _PROGRAM:
             return super().main(args, *more, **kwargs)
-        finally:
-            if _PROGRAM:
-                signal.signal(signal.SIGINT, _exit_130)
+        install()  # count SIGINTs from the start (gradloc.core.interrupts)
+        code = 1
+        try:
+            try:
+                super().main(args, *more, **kwargs)
+                code = 0
+            except SystemExit as end:
+                code = end.code if isinstance(end.code, int) else 0 if end.code is None else 1
+            signal.signal(signal.SIGINT, _exit_130)
+        except KeyboardInterrupt:  # a Ctrl-C as the command ended
+            signal.signal(signal.SIGINT, _exit_130)
+            click.echo(FINISHED, err=True)
+            code = 130
+        _flush()
+        os._exit(code)
 
     def invoke(self, ctx: click.Context) -> Any:
         start, swapped = received(), len(folders.SWAPPED)
@@ -74,6 +88,8 @@ class GradlocGroup(click.Group):
             with watching():
                 result = super().invoke(ctx)
                 raise_if_interrupted(start)  # a Ctrl-C whose exception was swallowed on the way
+            if _PROGRAM:  # done: from here a Ctrl-C exits 130 at once (click would turn it into "Aborted!")
+                signal.signal(signal.SIGINT, _exit_130)
             return result
         except BrokenPipeError:
             _quiet_broken_pipe()
@@ -108,7 +124,7 @@ def one_line(message: str) -> str:
 def _interrupted(written: list[Any]) -> None:
     """Say what was written and how to resume, and exit 130; a second Ctrl-C exits at once."""
     if _PROGRAM:
-        signal.signal(signal.SIGINT, _exit_130)
+        signal.signal(signal.SIGINT, _exit_at_once)
     done = (f"{', '.join(str(path) for path in written)} had been written in whole before it; other folders keep "
             "their previous files" if written else "the run folder keeps its previous results")
     click.echo(f"interrupted: {done} and finished heatmaps stay cached; rerun the same command to resume",
@@ -116,12 +132,27 @@ def _interrupted(written: list[Any]) -> None:
     sys.exit(130)
 
 
+FINISHED = "interrupted: the command had already finished (what it wrote is complete); exit status 130"
+
+
 def _exit_130(signum: int, frame: Any) -> None:
-    """SIGINT while gradloc is already ending: flush what was printed and exit 130 without unwinding."""
+    """SIGINT while gradloc is already ending: say so, flush what was printed and exit 130 without unwinding."""
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.write(FINISHED + "\n")
+    _flush()
+    os._exit(130)
+
+
+def _exit_at_once(signum: int, frame: Any) -> None:
+    """A second Ctrl-C while an interrupted command unwinds: exit 130 now (the first one was reported)."""
+    _flush()
+    os._exit(130)
+
+
+def _flush() -> None:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):
             stream.flush()
-    os._exit(130)
 
 
 def _quiet_broken_pipe() -> None:

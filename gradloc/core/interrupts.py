@@ -15,10 +15,12 @@ torn (starting worker processes, a swap, deleting a staging folder) and raises i
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
+from typing import Any
 
 _received = 0  # SIGINTs seen by the handler since the process started
 _deferring = 0  # depth of deferred() sections
@@ -41,6 +43,23 @@ def raise_if_interrupted(since: int = 0) -> None:
     even if its exception was swallowed on the way."""
     if _received > since:
         raise KeyboardInterrupt
+
+
+def install() -> None:
+    """Count SIGINTs for the rest of the process (a program's entry point; a library caller uses
+    :func:`watching`), over Python's default handler only, in the main thread only. A KeyboardInterrupt that
+    Python cannot raise (it came inside a ``__del__`` or a callback) is then not printed as "Exception
+    ignored": it was counted and is raised again at the next :func:`raise_if_interrupted`."""
+    if threading.current_thread() is threading.main_thread() \
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_sigint)
+        previous_hook = sys.unraisablehook
+
+        def hook(unraisable: Any) -> None:
+            if not issubclass(unraisable.exc_type, KeyboardInterrupt):
+                previous_hook(unraisable)
+
+        sys.unraisablehook = hook
 
 
 @contextmanager

@@ -4,6 +4,9 @@ import json
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -606,3 +609,59 @@ def test_reading_commands_never_import_torch(tiny_run, tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=600)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+# --- the program's exit: Ctrl-C at any moment is exit 130 with one line (issue 18 item 4) ----------------------
+
+PROGRAM = """
+import os, runpy, signal, sys, time
+when = sys.argv[1]
+sys.argv = ["gradloc", *sys.argv[2:]]
+import gradloc.cli.app as app
+import gradloc.run.boxes as boxes
+if when == "after":  # the command has returned; Python is about to shut down
+    invoke = app.GradlocGroup.invoke
+    def late(self, ctx):
+        result = invoke(self, ctx)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+        return result
+    app.GradlocGroup.invoke = late
+else:  # inside a __del__, where Python swallows the KeyboardInterrupt, while the boxes stage runs
+    class Swallows:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    cut = boxes.image_boxes
+    def swallowing(*args, **kwargs):
+        Swallows()
+        return cut(*args, **kwargs)
+    boxes.image_boxes = swallowing
+runpy.run_module("gradloc", run_name="__main__")
+"""
+
+
+def _program(when: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", PROGRAM, when, *args], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300, check=False,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def test_ctrl_c_after_the_command_finished_exits_130_with_one_line(tiny_run):
+    root, _ = tiny_run
+    done = _program("after", "info", str(root / "results" / "tiny"))
+    assert done.returncode == 130, done.stderr
+    assert done.stderr == "interrupted: the command had already finished (what it wrote is complete); exit status 130\n"
+    assert "mAP IoU 0.5" in done.stdout
+
+
+def test_a_swallowed_ctrl_c_exits_130_with_one_line_and_no_traceback(tiny_run, tmp_path):
+    root, _ = tiny_run
+    run_dir = root / "results" / "tiny"
+    config = json.loads((run_dir / "manifest.json").read_text())["config"]
+    config["out"] = str(tmp_path)
+    (tmp_path / "c.yaml").write_text(json.dumps(config))
+    done = _program("inside", "run", "--config", str(tmp_path / "c.yaml"), "-q")
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.startswith("interrupted: the run folder keeps") and done.stderr.count("\n") == 1, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
