@@ -138,12 +138,15 @@ def test_item1_outputs_inside_each_other_are_refused_before_any_work(flags, mess
     assert not (tmp_path / "results").exists() and not (tmp_path / "cache").exists()
 
 
-def test_item1_an_output_file_replaces_only_a_file_it_could_have_written(run_copy, demo_copy):
-    """The same promise for single files: ``show --png`` onto an annotation is refused, the XML is intact."""
+def test_item1_an_output_file_replaces_only_a_file_it_could_have_written(run_copy, demo_copy, made):
+    """The same promise for single files: ``show --png`` or ``train --checkpoint-out`` onto an annotation is
+    refused (train before any work), the XML is intact."""
     annotation = demo_copy / "VOCdemo" / "Annotations" / "000025.xml"
     before = annotation.read_bytes()
     result = _cli("show", str(run_copy), "--threshold", "0.2", "--png", str(annotation))
     _one_error_line(result, str(annotation), "not a PNG image")
+    result = _cli("train", "--config", str(made / "config.yaml"), "--checkpoint-out", str(annotation))
+    _one_error_line(result, str(annotation), "not a torch checkpoint")
     assert annotation.read_bytes() == before
 
 
@@ -281,6 +284,13 @@ def _children(pid: int) -> list[int]:
         return []
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # the process ended meanwhile
+        return b""
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc to see the worker processes")
 @pytest.mark.parametrize("delay", [0.0, 0.02, 0.1])
@@ -300,8 +310,7 @@ def test_item4_ctrl_c_while_dataloader_workers_start_exits_130_and_replaces_noth
     own = Path(f"/proc/{process.pid}/cmdline").read_bytes()
     deadline = time.time() + 120
     while process.poll() is None and time.time() < deadline:  # a worker: a fork with the parent's command line
-        if any(Path(f"/proc/{child}/cmdline").exists() and Path(f"/proc/{child}/cmdline").read_bytes() == own
-               for child in _children(process.pid)):
+        if any(_cmdline(child) == own for child in _children(process.pid)):
             break
         time.sleep(0.001)
     time.sleep(delay)

@@ -238,6 +238,9 @@ def boxes(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
     say(ctx, f"detections: {run_dir / 'detections'}")
 
 
+TORCH_ZIP = b"PK\x03\x04"  # the first bytes of a torch.save file (a zip archive)
+
+
 # train flag -> the config key it sets (checked like every run setting: types, ranges, the flag named)
 TRAIN_FLAGS = {"voc_root": "data.voc_root", "year": "data.year", "split": "train.split",
                "val_split": "train.val_split", "model_name": "model.name", "weights": "model.weights",
@@ -285,7 +288,10 @@ def train(ctx: click.Context, config_path: str | None, out: str, **options: Any)
       gradloc train --model efficientnet_lite0 --split train --checkpoint-out checkpoints/lite0_voc.pt
     """
     import_torch()
+    from gradloc.core.files import check_own_file
     from gradloc.run.train import TrainConfig, train_head
+
+    check_own_file(out, TORCH_ZIP, "a torch checkpoint")  # before any work: never over a file of yours
 
     overrides = {TRAIN_FLAGS[k]: v for k, v in options.items() if v is not None}
     if str(overrides.get("train.val_split", "")).lower() == "none":

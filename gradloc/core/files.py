@@ -240,20 +240,29 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         raise
 
 
-def write_own_file(path: str | os.PathLike[str], data: bytes, what: str) -> None:
-    """Write an output file the user named (``--png``, ``--checkpoint-out``) atomically, replacing only a file
-    of the same format: ``data``'s first bytes are the format's signature (PNG, a torch zip), and an existing
-    file that does not start with them (an annotation, a paper, a folder, a link) is left untouched.
+def check_own_file(path: str | os.PathLike[str], signature: bytes, what: str) -> None:
+    """Before writing an output file the user named (``--png``, ``--checkpoint-out``): refuse to replace anything
+    but a file of the same format, i.e. starting with ``signature`` (an annotation, a paper, a folder and a
+    link are left untouched).
 
     Raises:
-        FileExistsError: naming the file. OSError: as :func:`atomic_write_bytes`.
+        FileExistsError: naming the file.
     """
     path = Path(path)
-    signature = data[:4]
     if path.is_symlink() or path.is_dir() or (path.exists() and _first_bytes(path, len(signature)) != signature):
         kind = "a symbolic link" if path.is_symlink() else "a folder" if path.is_dir() else "not " + what
         raise FileExistsError(f"{path}: exists and is {kind}; gradloc overwrites only a file it could have "
                               f"written ({what}): choose another file name, or move it away")
+
+
+def write_own_file(path: str | os.PathLike[str], data: bytes, what: str) -> None:
+    """Write an output file the user named atomically, replacing only a file of the same format: the first
+    bytes of ``data`` are its signature (:func:`check_own_file`).
+
+    Raises:
+        FileExistsError: naming the file. OSError: as :func:`atomic_write_bytes`.
+    """
+    check_own_file(path, data[:4], what)
     atomic_write_bytes(path, data)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradloc.core.files import write_own_file
+from gradloc.core.files import atomic_write_bytes
 from gradloc.core.provenance import file_sha256
 
 CHECKPOINT_FORMAT = "gradloc.checkpoint/1"
@@ -40,8 +40,7 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, meta: Mappin
         meta: every field of :data:`CHECKPOINT_FIELDS` (see the module docstring).
 
     Raises:
-        ValueError: a field is missing or the head is not ``voc``. FileExistsError: ``path`` exists and is not a
-            torch file (it is never overwritten).
+        ValueError: a field is missing or the head is not ``voc``.
     """
     missing = [key for key in CHECKPOINT_FIELDS if key not in meta]
     if missing:
@@ -52,7 +51,7 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, meta: Mappin
     data = {"format": CHECKPOINT_FORMAT, **{key: meta[key] for key in CHECKPOINT_FIELDS}, "state_dict": state}
     buffer = io.BytesIO()
     torch.save(data, buffer)
-    write_own_file(path, buffer.getvalue(), "a torch checkpoint")
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _read_torch_file(path: Path) -> Any:
