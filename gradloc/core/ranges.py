@@ -45,6 +45,9 @@ IOU_RANGE = ValidRange(0.0, 1.0, low_open=True, high_open=True)
 THRESHOLD_RANGE = ValidRange(0.0, 1.0)  # τ: a fraction with a named meaning (boxes.threshold_mode)
 SCORE_CUT_RANGE = ValidRange(0.0, 1.0)  # a class probability
 
+MAX_IOUS = 100
+"""Most IoU thresholds scored at once (each is a column of every table)."""
+
 MAX_INPUT_SIZE = 2048
 """Largest network input side (pixels). VOC images are at most 500 px; past 2048 a batch needs gigabytes."""
 
@@ -90,13 +93,16 @@ def check_thresholds(values: Sequence[float], what: str = "thresholds") -> tuple
 
 
 def check_ious(values: Sequence[float], what: str = "IoU thresholds") -> tuple[float, ...]:
-    """IoU thresholds: at least one, each in (0, 1) (:data:`IOU_RANGE`), no duplicates.
+    """IoU thresholds: at least one and at most :data:`MAX_IOUS`, each in (0, 1) (:data:`IOU_RANGE`), no
+    duplicates.
 
     Raises:
         ValueError: naming ``what`` and the offending value.
     """
     if not len(values):
         raise ValueError(f"{what}: give at least one IoU threshold, e.g. 0.5")
+    if len(values) > MAX_IOUS:
+        raise ValueError(f"{what}: {len(values):,} IoU thresholds; give at most {MAX_IOUS}")
     checked = tuple(IOU_RANGE.check(iou, f"{what}[{i}]") for i, iou in enumerate(values))
     _distinct(checked, [repr(iou) for iou in checked], what)
     return checked
