@@ -104,16 +104,17 @@ def lock_path(target: Path) -> Path:
     return _sibling(target, "lock")
 
 
-def remove_owned(path: Path, kind: str, legacy: Legacy = None) -> None:
-    """Delete an owned or empty folder (nothing when absent); its marker goes last, so a deletion cut short
-    leaves a folder that is still recognised as owned. A SIGINT meanwhile is raised when it is done.
+def remove_owned(path: Path, kind: str) -> None:
+    """Delete a folder holding the marker of ``kind``, or an empty one (nothing when absent); the marker goes
+    last, so a deletion cut short leaves a folder that is still recognised as owned. A SIGINT meanwhile is
+    raised when it is done.
 
     Raises:
         ForeignFolderError: ``path`` is not owned (nothing is deleted).
     """
     if not (path.exists() or path.is_symlink()):
         return
-    _check_disposable(path, kind, legacy, "the folder to delete")
+    _check_disposable(path, kind, None, "the folder to delete")
     marker = path / marker_name(kind)
     with deferred():
         for child in path.iterdir():
