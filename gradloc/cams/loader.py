@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from gradloc.core.geometry import Geometry
+from gradloc.core.interrupts import deferred
 from gradloc.datasets.voc import DatasetError, VOCDataset
 from gradloc.models.preprocessing import Preprocessing
 
@@ -126,4 +127,12 @@ def stream_batches(dataset: VOCDataset, pre: Preprocessing, batches: Sequence[li
     loader = DataLoader(_BatchReader(dataset, pre, batches), batch_size=None, shuffle=False,
                         num_workers=workers, collate_fn=_identity, pin_memory=pin_memory,
                         prefetch_factor=2 if workers else None, persistent_workers=False)
-    yield from loader
+    # Workers start and stop inside fork hooks and __del__, where a KeyboardInterrupt would be swallowed:
+    # a Ctrl-C there is held back and raised right after (gradloc.core.interrupts).
+    with deferred():
+        reader = iter(loader)
+    try:
+        yield from reader
+    finally:
+        with deferred():
+            del reader

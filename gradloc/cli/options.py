@@ -10,6 +10,16 @@ from typing import Any
 import click
 
 
+def import_torch() -> None:
+    """Import torch with Ctrl-C held back (:func:`gradloc.core.interrupts.deferred`): its import runs Python
+    callbacks from C++ (pybind11), where a KeyboardInterrupt aborts the process (SIGABRT) instead of exiting
+    130. Commands that compute call it first."""
+    from gradloc.core.interrupts import deferred
+
+    with deferred():
+        import torch  # noqa: F401
+
+
 def parse_floats(value: str | None, name: str) -> tuple[float, ...] | None:
     """A comma-separated list of numbers and ranges ``start:stop:step`` (stop included, e.g. ``0.5:0.95:0.05``
     = 0.5, 0.55, ..., 0.95), as the explicit list of floats. Only the syntax is checked here; which values
@@ -28,7 +38,7 @@ def _number(text: str, value: str, name: str) -> float:
         return float(text)
     except ValueError:
         raise click.BadParameter(f"expected comma-separated numbers or ranges start:stop:step such as "
-                                 f"0.01,0.02 or 0.5:0.95:0.05, got {value!r}", param_hint=name) from None
+                                 f"0.01,0.02 or 0.5:0.95:0.05, got {value[:60]!r}", param_hint=name) from None
 
 
 def _expand_range(item: str, name: str) -> list[float]:
@@ -42,7 +52,8 @@ def _expand_range(item: str, name: str) -> list[float]:
         if not all(v.is_finite() for v in (start, stop, step)):
             raise InvalidOperation
     except (ValueError, InvalidOperation):
-        raise click.BadParameter(f"range {item!r} is not start:stop:step with three numbers, e.g. 0.5:0.95:0.05",
+        raise click.BadParameter(f"range {item[:60]!r} is not start:stop:step with three numbers, e.g. "
+                                 "0.5:0.95:0.05",
                                  param_hint=name) from None
     if step <= 0 or stop < start:
         raise click.BadParameter(f"range {item!r} needs start <= stop and a step > 0, e.g. 0.5:0.95:0.05",
@@ -91,7 +102,7 @@ def parse_names(value: str | None, name: str) -> tuple[str, ...] | None:
         return None
     names = tuple(item.strip() for item in value.split(",") if item.strip())
     if not names:
-        raise click.BadParameter(f"expected comma-separated class names such as car,cat,bus, got {value!r}",
+        raise click.BadParameter(f"expected comma-separated class names such as car,cat,bus, got {value[:60]!r}",
                                  param_hint=name)
     return names
 
@@ -221,17 +232,18 @@ def run_options(*groups: str, config: bool = True) -> Callable[[Callable], Calla
     return decorate
 
 
-def build_config(config_path: str | None, flags: dict[str, Any]):
-    """The config file with flags applied, validated (names included) before any work starts. A flag given as
-    ``none`` (:data:`UNSET`) sets its config key to null when the key may be null, else is a usage error."""
-    from gradloc.run.config import is_nullable, load_config
-    from gradloc.run.setup import check_names
+def build_config(config_path: str | None, flags: dict[str, Any], writes_run: bool = True):
+    """The config file with the run flags (:data:`RUN_FLAGS`) applied, validated before any work starts (see
+    :func:`checked_config`). A flag given as ``none`` (:data:`UNSET`) sets its config key to null when the key
+    may be null, else is a usage error."""
+    from gradloc.run.config import is_nullable
 
-    overrides = {}
+    overrides, given = {}, {}
     for flag, value in flags.items():
         if value is None or flag not in RUN_FLAGS:
             continue
         key, option = RUN_FLAGS[flag][0], f"--{flag.replace('_', '-')}"
+        given[key] = option
         if isinstance(value, str) and value.strip().lower() == UNSET:
             if not is_nullable(key):
                 raise click.BadParameter(f"{key} has no unset value; give one", param_hint=option)
@@ -239,9 +251,67 @@ def build_config(config_path: str | None, flags: dict[str, Any]):
             continue
         parse = LIST_FLAGS.get(flag)
         overrides[key] = parse(value, option) if parse else value
-    config = load_config(config_path, overrides)
+    if "boxes.thresholds" in overrides:
+        _drop_unswept_selection(config_path, overrides)
+    return checked_config(config_path, overrides, given, writes_run)
+
+
+def _drop_unswept_selection(config_path: str | None, overrides: dict[str, Any]) -> None:
+    """``--thresholds`` without the config's selected τ: the run has no selected τ (said once, on stderr)."""
+    from gradloc.run.config import load_config
+
+    if config_path is None or "boxes.selected_threshold" in overrides:
+        return
+    selected = load_config(config_path).boxes.selected_threshold
+    if selected is not None and not any(abs(selected - tau) <= 1e-9 for tau in overrides["boxes.thresholds"]):
+        click.echo(f"warning: --thresholds leaves out the config's selected tau {selected:g} "
+                   "(boxes.selected_threshold): this run has no selected tau; its tables show every tau, the best "
+                   "of them being an oracle choice", err=True)
+        overrides["boxes.selected_threshold"] = None
+
+
+def checked_config(config_path: str | None, overrides: dict[str, Any], given: dict[str, str],
+                   writes_run: bool = True):
+    """A config file with ``overrides`` (dotted key -> value) applied, validated before any work starts:
+    types, ranges, names, registries and places (:func:`gradloc.run.config.check_places`; ``writes_run``: the
+    command writes a run folder). An error in a value a flag set names the flag first (``given``: dotted key
+    -> flag, e.g. ``--seed: config key 'seed': ...``)."""
+    from gradloc.run.config import ConfigError, check_places, load_config
+    from gradloc.run.setup import check_names
+
+    try:
+        config = load_config(config_path, overrides)
+        check_places(config, writes_run)
+    except ConfigError as error:
+        key = (error.key or "").split("[")[0]
+        if key in given:
+            raise ConfigError(f"{given[key]}: {error}", error.key) from None
+        raise
     check_names(config)
     return config
+
+
+class ThresholdType(click.ParamType):
+    """A τ flag (``--threshold``, ``--per-class``): a number in [0, 1] with at most the file-name precision
+    (:func:`gradloc.core.ranges.threshold_label`), ``-0`` read as 0. Not a number is a usage error (exit 2,
+    as for any number flag); a number out of range is an input error (one line, exit 1) naming the flag, like
+    every value checked against :mod:`gradloc.core.ranges`."""
+
+    name = "tau"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        from gradloc.core.ranges import threshold_label
+
+        flag = f"--{param.name.replace('_', '-')}" if param is not None and param.name else "threshold"
+        try:
+            tau = float(value)
+        except ValueError:
+            self.fail(f"expected a number in [0, 1] such as 0.2, got {str(value)[:40]!r}", param, ctx)
+        threshold_label(tau, flag)
+        return tau + 0.0
+
+
+THRESHOLD = ThresholdType()
 
 
 @contextmanager
@@ -332,11 +402,19 @@ SINGLE_IOU_HELP = ("IoU of {what}: one value (the flag is --iou everywhere; `run
                    "comma-separated list or ranges such as 0.5:0.95:0.05).")
 
 
+def parse_ious(value: str) -> tuple[float, ...]:
+    """``--iou`` of a command that scores: comma-separated IoU thresholds, each in (0, 1), none twice, checked
+    before any file is read (:func:`gradloc.core.ranges.check_ious`)."""
+    from gradloc.core.ranges import check_ious
+
+    return check_ious(parse_floats(value, "--iou"), "--iou")
+
+
 def one_iou(value: str) -> float:
     """``--iou`` of a command that shows one IoU: the same syntax as the list, exactly one value."""
-    ious = parse_floats(value, "--iou")
+    ious = parse_ious(value)
     if len(ious) != 1:
-        raise click.BadParameter(f"this command shows one IoU, got {value!r}; give one value such as 0.5",
+        raise click.BadParameter(f"this command shows one IoU, got {value[:60]!r}; give one value such as 0.5",
                                  param_hint="--iou")
     return ious[0]
 

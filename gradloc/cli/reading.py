@@ -6,13 +6,16 @@ import click
 
 from gradloc.cli.options import (
     FLAG_GROUPS,
+    THRESHOLD,
     digits_option,
-    parse_floats,
+    import_torch,
+    parse_ious,
     parse_names,
     print_scores,
     registry_choice,
     say,
 )
+from gradloc.core.ranges import MAX_INPUT_SIZE
 
 
 @click.command()
@@ -27,7 +30,7 @@ from gradloc.cli.options import (
 @click.option("--only", default=None, help=FLAG_GROUPS["score"]["only"][1]["help"])
 @click.option("--format", "fmt", type=registry_choice("gradloc.scoring.tables", "FORMATS"), default="table",
               show_default=True, help="csv/json: stdout holds exactly one document of flat score rows.")
-@click.option("--per-class", "per_class", type=float, default=None, metavar="TAU",
+@click.option("--per-class", "per_class", type=THRESHOLD, default=None, metavar="TAU",
               help="Tables: add per-class AP/recall (%) at this τ, one table per IoU. csv/json: keep only "
                    "the rows (every class, mAP, every source) of this τ.")
 @click.option("--layout", type=registry_choice("gradloc.scoring.tables", "LAYOUTS"), default="blocks",
@@ -58,20 +61,13 @@ def score(ctx: click.Context, run_dir: str | None, gt_path: str | None, voc_resu
       gradloc score --gt gt.pkl detections/thr_0.020.pkl detections/thr_0.060.pkl --format csv
       gradloc score --gt results/demo/gt.pkl --voc-results exported/
     """
-    ious, classes = parse_floats(iou, "--iou"), parse_names(only, "--only") or ()
+    ious, classes = parse_ious(iou), parse_names(only, "--only") or ()
     options = {"digits": digits, "layout": layout, "per_class": per_class}
     if gt_path is None:
         if run_dir is None or detections or voc_results:
             raise click.UsageError("give a run folder, or --gt GT.pkl with detection pickles or --voc-results DIR")
         from gradloc.run.folder import open_run
-        from gradloc.run.score import (
-            coco_scores,
-            headline_rows,
-            record_rescoring,
-            save_run_scores,
-            score_run_folder,
-            with_intervals,
-        )
+        from gradloc.run.score import coco_scores, headline_rows, save_run_scores, score_run_folder, with_intervals
         from gradloc.scoring.tables import TABLE_FORMATS, check_per_class
 
         run = open_run(run_dir)
@@ -80,8 +76,8 @@ def score(ctx: click.Context, run_dir: str | None, gt_path: str | None, voc_resu
             check_per_class(rows, per_class)  # before anything is written or printed
         coco = coco_scores(run, classes) if save or fmt in TABLE_FORMATS else None
         if save:
-            files = save_run_scores(run_dir, rows, meta, wsol, coco, headline_rows(run, rows, wsol, meta, classes))
-            recorded = record_rescoring(run_dir, ious, metric, files, classes)
+            files, recorded = save_run_scores(run_dir, rows, meta, wsol, ious, metric, classes, coco,
+                                              headline_rows(run, rows, wsol, meta, classes))
             say(ctx, f"saved {', '.join(f.name for f in files)} in {run_dir}"
                      + ("; manifest.json records the rescoring" if recorded else " (no manifest.json to update)"))
         if ci:
@@ -132,11 +128,10 @@ def info(run_dir: str) -> None:
     from gradloc.scoring.tables import headline_text
 
     run = open_run(run_dir)
-    lines = describe_run(run)
+    lines, found = describe_run(run), run_headline(run)  # every file read before anything is printed
     width = max(len(label) for label, _ in lines)
     for label, text in lines:
         click.echo(f"{label + ':':<{width + 1}} {text}")
-    found = run_headline(run)
     if found is not None:
         click.echo("\n" + headline_text(*found), nl=False)
 
@@ -168,7 +163,7 @@ def models() -> None:
 @click.command()
 @click.argument("model_name")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help="Checkpoint to build the model from.")
-@click.option("--input-size", type=click.IntRange(min=8), default=224, show_default=True,
+@click.option("--input-size", type=click.IntRange(min=8, max=MAX_INPUT_SIZE), default=224, show_default=True,
               help="Side of the square probe image the output shapes are measured on.")
 @click.option("--all", "show_all", is_flag=True, help="Also list layers a CAM cannot use (pooling, 1x1 outputs).")
 def layers(model_name: str, checkpoint: str | None, input_size: int, show_all: bool) -> None:
@@ -185,6 +180,7 @@ def layers(model_name: str, checkpoint: str | None, input_size: int, show_all: b
       gradloc layers efficientnet_lite0
       gradloc layers timm:resnet18
     """
+    import_torch()
     from gradloc.cams.layers import default_layer, layer_table, resolve_layer
     from gradloc.models.build import build_architecture
 

@@ -9,8 +9,10 @@ import click
 
 from gradloc.cli.options import (
     SINGLE_IOU_HELP,
+    THRESHOLD,
     build_config,
     digits_option,
+    import_torch,
     one_iou,
     prepare,
     registry_choice,
@@ -22,9 +24,22 @@ from gradloc.cli.options import (
 
 @click.command()
 @click.argument("run_dir", required=False, type=click.Path(file_okay=False))
-@click.option("--threshold", type=float, help="τ of the detections to draw (a threshold of the run).")
-@click.option("--n", "n", type=int, default=10, show_default=True, help="Number of images to show.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random sample.")
+@click.option("--threshold", type=THRESHOLD,
+              help="τ of the detections to draw (a threshold of the run) [default: the run's selected τ, "
+                   "boxes.selected_threshold of its config].")
+@click.option("--n", "n", type=click.IntRange(1, 10_000), default=10, show_default=True,
+              help="Number of images to show.")
+@click.option("--min-score", type=click.FloatRange(0.0, 1.0), default=0.1, show_default=True,
+              help="Draw the predicted boxes of a class absent from the image's GT when its best box has at least "
+                   "this confidence (boxes of GT classes are always drawn).")
+@click.option("--top", type=click.IntRange(0, 20), default=3, show_default=True,
+              help="At most this many classes absent from the image's GT get their boxes drawn (most confident "
+                   "first).")
+@click.option("--panels", type=click.IntRange(0, 20), default=4, show_default=True,
+              help="At most this many heatmap panels per image: the drawn classes, GT classes first, each group "
+                   "by class probability.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
+              help="Seed of the random sample.")
 @click.option("--sample", type=registry_choice("gradloc.reports.show", "SAMPLE_MODES"), default="detected",
               show_default=True,
               help="Draw among images with detections at τ (detected), or with GT boxes whatever was detected "
@@ -43,36 +58,37 @@ from gradloc.cli.options import (
 @click.option("--year", default="2007", show_default=True, help="With --detections: VOC year.")
 @click.option("--split", default="val", show_default=True, help="With --detections: the image set.")
 @click.pass_context
-def show(ctx: click.Context, run_dir: str | None, threshold: float | None, n: int, seed: int, sample: str,
-         ids: str | None, focus: str | None, out: str | None, per_image: str | None,
-         guided: bool,
-         detections_path: str | None, voc_root: str | None, year: str, split: str) -> None:
+def show(ctx: click.Context, run_dir: str | None, threshold: float | None, n: int, min_score: float, top: int,
+         panels: int, seed: int, sample: str, ids: str | None, focus: str | None, out: str | None,
+         per_image: str | None, guided: bool, detections_path: str | None, voc_root: str | None, year: str,
+         split: str) -> None:
     """Draw images with heatmaps, GT boxes and predicted boxes as a PNG grid (or one PNG per image).
 
-    By default a seeded random sample of --n images among those with detections at --threshold.
+    By default a seeded random sample of --n images among those with drawn detections at the run's selected τ.
+    Drawn in each image: every GT box, the predicted boxes of its GT classes, and those of at most --top other
+    classes with confidence >= --min-score; a heatmap panel per drawn class (GT first), at most --panels.
 
     \b
     Examples:
-      gradloc show results/demo --threshold 0.2 --n 8 --png samples.png
-      gradloc show results/demo --threshold 0.2 --ids 000005,000012 --class car
-      gradloc show results/demo --threshold 0.2 --n 20 --per-image overlays/
+      gradloc show results/demo --threshold 0.6 --n 8 --png samples.png
+      gradloc show results/demo --threshold 0.6 --ids 000321,000322 --class disc
+      gradloc show results/demo --threshold 0.6 --n 20 --per-image overlays/
+      gradloc show results/voc07 --n 6 --top 1 --png voc07.png
       gradloc show --detections thr_0.200.pkl --voc-root ../shared/voc/VOCdevkit --year 2007 --split val
     """
     from gradloc.reports.draw import save_figure
-    from gradloc.reports.show import show_detections, show_run, write_overlays
+    from gradloc.reports.show import Display, show_detections, show_run, write_overlays
 
     if (run_dir is None) == (detections_path is None):
         raise click.UsageError("give a run folder, or --detections PKL with --voc-root (not both)")
     pick = {"n": n, "seed": seed, "sample": sample, "ids": ids.split(",") if ids is not None else None,
-            "focus": focus}
+            "focus": focus, "display": Display(min_score, top, panels)}
     if detections_path is not None:
         if voc_root is None or guided or threshold is not None or per_image is not None:
             raise click.UsageError("--detections needs --voc-root, draws boxes only (no --guided, no "
                                    "--per-image) and takes τ from the pickle (no --threshold)")
         fig = show_detections(detections_path, voc_root, year=year, split=split, **pick)
     else:
-        if threshold is None:
-            raise click.UsageError("--threshold is required with a run folder (e.g. --threshold 0.2)")
         if per_image is not None:
             if guided:
                 raise click.UsageError("--per-image writes heatmap overlays only (no --guided)")
@@ -85,7 +101,7 @@ def show(ctx: click.Context, run_dir: str | None, threshold: float | None, n: in
 
 @click.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--threshold", type=float, default=None,
+@click.option("--threshold", type=THRESHOLD, default=None,
               help="τ of the PR curves (default: best mAP at --iou on this run, an oracle choice).")
 @click.option("--iou", default="0.5", show_default=True, help=SINGLE_IOU_HELP.format(what="the PR curves"))
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
@@ -107,9 +123,10 @@ def plot(run_dir: str, threshold: float | None, iou: str, out_dir: str | None) -
 @click.argument("run_a", type=click.Path(file_okay=False))
 @click.argument("run_b", type=click.Path(file_okay=False))
 @click.option("--iou", default="0.5", show_default=True, help=SINGLE_IOU_HELP.format(what="the per-class table"))
-@click.option("--threshold", type=float, default=None,
+@click.option("--threshold", type=THRESHOLD, default=None,
               help="τ of the per-class table (default: best mAP of RUN_A, an oracle choice).")
-@click.option("--top", type=int, default=5, show_default=True, help="How many largest disagreements to list.")
+@click.option("--top", type=click.IntRange(0, 10_000), default=5, show_default=True,
+              help="How many largest disagreements to list.")
 @click.option("--format", "fmt", type=registry_choice("gradloc.scoring.tables", "TABLE_FORMATS"), default="table",
               show_default=True)
 @click.option("--force", is_flag=True, help="Compare runs on different ground truth (classes, images, split) too.")
@@ -165,6 +182,7 @@ def sweep(ctx: click.Context, config_path: str | None, select_split: str, eval_s
       gradloc sweep --config configs/voc07.yaml --select-split train --eval-split val --folds 5 \\
           --variants scripts/ablations.yaml
     """
+    import_torch()
     from gradloc.run.cv import load_variants
     from gradloc.run.folder import check_writable
     from gradloc.run.sweep import parse_select_metric, run_sweep, split_config
@@ -189,7 +207,8 @@ def sweep(ctx: click.Context, config_path: str | None, select_split: str, eval_s
 @click.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--threshold", type=float, required=True, help="τ of the detections to export (a threshold of the run).")
+@click.option("--threshold", type=THRESHOLD, required=True,
+              help="τ of the detections to export (a threshold of the run).")
 @click.option("--format", "fmt", type=registry_choice("gradloc.reports.export", "EXPORT_FORMATS"), default="voc",
               show_default=True,
               help="voc = the official devkit's per-class files comp4_det_<split>_<class>.txt; coco = a COCO "

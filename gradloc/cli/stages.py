@@ -13,6 +13,8 @@ import yaml
 from gradloc.cli.app import logger
 from gradloc.cli.options import (
     build_config,
+    checked_config,
+    import_torch,
     prepare,
     print_scores,
     progress_bar,
@@ -74,12 +76,10 @@ def _run_and_report(ctx: click.Context, config, original, prepare_seconds: float
                     split: dict[str, Any] | None = None) -> None:
     """The whole pipeline on a prepared config, its tables and summary (``split``: recorded in manifest.json
     under ``distributed``)."""
-    from gradloc.run.folder import update_manifest
     from gradloc.run.pipeline import run as run_pipeline
 
-    result = run_pipeline(config, original, stage=stage_progress(ctx))
-    if split is not None:
-        update_manifest(result.run_dir, "distributed", split)
+    result = run_pipeline(config, original, stage=stage_progress(ctx),
+                          record=None if split is None else {"distributed": split})
     print_scores(ctx, result.rows, result.meta, result.localization, coco=result.coco, headline=result.headline)
     if result.dataset.skipped:
         say(ctx, f"skipped {len(result.dataset.skipped)} item(s): "
@@ -131,6 +131,7 @@ def demo(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
 
 def _run_and_print(ctx: click.Context, config_path: str | None, flags: dict[str, Any],
                    shard: str | None = None) -> None:
+    import_torch()
     from gradloc.run.distributed import finish, rank_zero_first
     from gradloc.run.folder import check_writable
 
@@ -168,6 +169,7 @@ def merge(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
       gradloc cams --config configs/voc07_efficientnet_lite0.yaml --shard 1/2   # job 1
       gradloc merge --config configs/voc07_efficientnet_lite0.yaml
     """
+    import_torch()
     from gradloc.run.distributed import check_filled
     from gradloc.run.folder import check_writable
 
@@ -192,10 +194,11 @@ def cams(ctx: click.Context, config_path: str | None, shard: str | None, **flags
       gradloc cams --config configs/voc07_resnet50.yaml --shard 3/8      # one job of an array of 8
       torchrun --nproc-per-node 4 -m gradloc cams --config configs/voc07_resnet50.yaml
     """
+    import_torch()
     from gradloc.run.cams import plan_cams
     from gradloc.run.distributed import finish, rank_zero_first
 
-    original = build_config(config_path, flags)
+    original = build_config(config_path, flags, writes_run=False)
     world = _join_world(ctx, shard, original)
     try:
         with rank_zero_first(world):
@@ -223,6 +226,7 @@ def boxes(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
     Example:
       gradloc boxes --config configs/demo.yaml --thresholds 0.1,0.2,0.3 --box-mode all
     """
+    import_torch()
     from gradloc.run.boxes import open_cached, run_boxes
     from gradloc.run.folder import check_writable
 
@@ -233,6 +237,17 @@ def boxes(ctx: click.Context, config_path: str | None, **flags: Any) -> None:
     with progress_bar(ctx, len(dataset), f"boxes ({len(config.boxes.thresholds)} thresholds)") as update:
         run_dir = run_boxes(config, cache, dataset, progress=update)
     say(ctx, f"detections: {run_dir / 'detections'}")
+
+
+TORCH_ZIP = b"PK\x03\x04"  # the first bytes of a torch.save file (a zip archive)
+
+
+# train flag -> the config key it sets (checked like every run setting: types, ranges, the flag named)
+TRAIN_FLAGS = {"voc_root": "data.voc_root", "year": "data.year", "split": "train.split",
+               "val_split": "train.val_split", "model_name": "model.name", "weights": "model.weights",
+               "mode": "train.mode", "epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "train.lr",
+               "l2": "train.l2", "input_size": "model.input_size", "resize_mode": "model.resize_mode",
+               "limit": "train.limit", "seed": "train.seed", "device": "cams.device"}
 
 
 @click.command()
@@ -273,13 +288,18 @@ def train(ctx: click.Context, config_path: str | None, out: str, **options: Any)
       gradloc train --config configs/voc07.yaml --split trainval --checkpoint-out HEAD.pt
       gradloc train --model efficientnet_lite0 --split train --checkpoint-out checkpoints/lite0_voc.pt
     """
-    from gradloc.run.config import load_config
+    import_torch()
+    from gradloc.core.files import check_own_file
     from gradloc.run.train import TrainConfig, train_head
 
-    overrides = {("model" if k == "model_name" else k): v for k, v in options.items() if v is not None}
-    if str(overrides.get("val_split", "")).lower() == "none":
-        overrides["val_split"] = None
-    cfg = TrainConfig.from_run(load_config(config_path), Path(out), **overrides)
+    check_own_file(out, TORCH_ZIP, "a torch checkpoint")  # before any work: never over a file of yours
+
+    overrides = {TRAIN_FLAGS[k]: v for k, v in options.items() if v is not None}
+    if str(overrides.get("train.val_split", "")).lower() == "none":
+        overrides["train.val_split"] = None
+    given = {TRAIN_FLAGS[k]: f"--{k.removesuffix('_name').replace('_', '-')}" for k, v in options.items()
+             if v is not None}
+    cfg = TrainConfig.from_run(checked_config(config_path, overrides, given, writes_run=False), Path(out))
     with tqdm_bar(ctx, desc="train", unit="step") as bar:
 
         def progress(done: int, total: int, loss: float) -> None:

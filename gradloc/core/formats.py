@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 
 from gradloc.core.files import safe_load_pickle
+from gradloc.core.names import excerpt
+from gradloc.core.ranges import THRESHOLD_RANGE
 
 DETECTIONS_FORMAT = "gradloc.detections/1"
 
@@ -74,6 +76,8 @@ class GroundTruth:
             raise ValueError(
                 f"ground truth: image_sizes has shape {sizes.shape}, expected ({len(self.image_ids)}, 2)"
             )
+        if sizes.size and sizes.min() < 1:
+            raise ValueError("ground truth: field 'image_sizes' holds a width or height below 1 pixel")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -89,15 +93,17 @@ class GroundTruth:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "ground truth") -> GroundTruth:
+        """Ground truth from a loaded ``gradloc.gt/1`` dict, every field checked for type and values
+        (:func:`read_array`); errors start with ``source`` (the file)."""
         _check_format(data, GT_FORMAT, source)
         return _named(source, lambda: cls(
-            classes=list(data["classes"]),
-            image_ids=list(data["image_ids"]),
-            image_sizes=np.asarray(data["image_sizes"], dtype=np.int64).reshape(-1, 2),
-            image_index=np.asarray(data["image_index"], dtype=np.int64),
-            labels=np.asarray(data["labels"], dtype=np.int64),
-            boxes=np.asarray(data["boxes"], dtype=np.float64).reshape(-1, 4),
-            difficult=np.asarray(data["difficult"], dtype=bool),
+            classes=read_names(data, "classes", source),
+            image_ids=read_names(data, "image_ids", source),
+            image_sizes=read_array(data, "image_sizes", "size", source, columns=2),
+            image_index=read_array(data, "image_index", "index", source),
+            labels=read_array(data, "labels", "index", source),
+            boxes=read_array(data, "boxes", "box", source, columns=4),
+            difficult=read_array(data, "difficult", "flag", source),
         ))
 
     def image_labels(self) -> np.ndarray:
@@ -170,18 +176,22 @@ class Detections:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "detections") -> Detections:
+        """Detections from a loaded ``gradloc.detections/1`` dict, every field checked for type and values
+        (:func:`read_array`); errors start with ``source`` (the file)."""
         _check_format(data, DETECTIONS_FORMAT, source)
+        meta = data.get("meta", {})
+        _check_meta(meta, source)
         return _named(source, lambda: cls(
-            threshold=float(data["threshold"]),
-            threshold_mode=str(data["threshold_mode"]),
-            box_mode=str(data["box_mode"]),
-            classes=list(data["classes"]),
-            image_ids=list(data["image_ids"]),
-            image_index=np.asarray(data["image_index"], dtype=np.int64),
-            labels=np.asarray(data["labels"], dtype=np.int64),
-            scores=np.asarray(data["scores"], dtype=np.float64),
-            boxes=np.asarray(data["boxes"], dtype=np.float64).reshape(-1, 4),
-            meta=dict(data.get("meta", {})),
+            threshold=THRESHOLD_RANGE.check(_read_number(data, "threshold", source), "field 'threshold'"),
+            threshold_mode=_read_text(data, "threshold_mode", source),
+            box_mode=_read_text(data, "box_mode", source),
+            classes=read_names(data, "classes", source),
+            image_ids=read_names(data, "image_ids", source),
+            image_index=read_array(data, "image_index", "index", source),
+            labels=read_array(data, "labels", "index", source),
+            scores=read_array(data, "scores", "number", source),
+            boxes=read_array(data, "boxes", "box", source, columns=4),
+            meta=dict(meta),
         ))
 
 
@@ -199,7 +209,7 @@ def _check_format(data: Mapping[str, Any], expected: str, source: str) -> None:
         raise ValueError(f"{source}: expected a dict in format {expected!r}, found {type(data).__name__}")
     found = data.get("format")
     if found != expected:
-        raise ValueError(f"{source}: format is {found!r}, expected {expected!r} (see README 'File formats')")
+        raise ValueError(f"{source}: format is {excerpt(found)}, expected {expected!r} (see README 'File formats')")
     required = {
         GT_FORMAT: ("classes", "image_ids", "image_sizes", "image_index", "labels", "boxes", "difficult"),
         DETECTIONS_FORMAT: (
@@ -213,7 +223,7 @@ def _check_format(data: Mapping[str, Any], expected: str, source: str) -> None:
 
 
 def _check_rows(what: str, arrays: dict[str, tuple[np.ndarray, type]], n_classes: int, n_images: int) -> None:
-    """Check that per-box arrays have one row each, the right dtype, and indices in range."""
+    """Check that per-box arrays have one row each, the right dtype, indices in range and ordered boxes."""
     lengths = {name: np.asarray(a).shape[0] if np.ndim(a) else -1 for name, (a, _) in arrays.items()}
     if len(set(lengths.values())) != 1:
         raise ValueError(f"{what}: per-box arrays differ in length: {lengths}")
@@ -225,10 +235,131 @@ def _check_rows(what: str, arrays: dict[str, tuple[np.ndarray, type]], n_classes
         raise ValueError(f"{what}: field 'boxes' has shape {boxes.shape}, expected (N, 4)")
     if not np.all(np.isfinite(boxes)):
         raise ValueError(f"{what}: field 'boxes' holds non-finite values")
+    inverted = np.flatnonzero((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1]))
+    if inverted.size:
+        raise ValueError(f"{what}: field 'boxes' row {inverted[0]} is {boxes[inverted[0]].tolist()}, with x2 < x1 or "
+                         f"y2 < y1 ({inverted.size} such rows); boxes are [x1, y1, x2, y2] with x1 <= x2, y1 <= y2")
     for name, limit in (("labels", n_classes), ("image_index", n_images)):
         values = arrays[name][0]
         if values.size and (values.min() < 0 or values.max() >= limit):
             raise ValueError(f"{what}: field {name!r} holds values outside [0, {limit})")
+
+
+# What a field of a file may hold, by kind: the dtype kinds accepted, the dtype returned, and the check of
+# the values (None: any). Integers may come as integral floats; flags as bool or 0/1; never as strings.
+_KINDS: dict[str, tuple[str, type, str]] = {
+    "index": ("iuf", np.int64, "whole numbers"),
+    "size": ("iuf", np.int64, "whole numbers"),
+    "flag": ("biuf", np.bool_, "bool or 0/1 values"),
+    "number": ("iuf", np.float64, "numbers"),
+    "box": ("iuf", np.float64, "numbers"),
+}
+
+
+def read_array(data: Mapping[str, Any], name: str, kind: str, source: str, columns: int | None = None) -> np.ndarray:
+    """Field ``name`` of a loaded file as a checked array: 1-D, or ``[N, columns]`` when ``columns`` is given.
+
+    Kinds (:data:`_KINDS`): ``index`` and ``size`` (int64; integral floats accepted, other floats refused, not
+    truncated), ``flag`` (bool; bool or 0/1 numbers, never strings), ``number`` and ``box`` (float64).
+
+    Raises:
+        ValueError: ``"<source>: field '<name>' ..."`` naming what was found (dtype, shape, first bad value).
+    """
+    accepted, dtype, meaning = _KINDS[kind]
+    value = data[name]
+    where = f"{source}: field {name!r}"
+    if not isinstance(value, np.ndarray | list | tuple):
+        raise ValueError(f"{where} is a {type(value).__name__} ({excerpt(value)}), expected an array of {meaning}")
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{where} is not a regular array ({error})") from None
+    if array.dtype.kind not in accepted:
+        first = excerpt(array.reshape(-1)[0].item()) if array.size else "nothing"
+        raise ValueError(f"{where} holds {array.dtype} values (first {first}), expected {meaning}")
+    shape = (-1,) if columns is None else (-1, columns)
+    if array.size == 0:
+        array = array.reshape(0, *shape[1:])
+    if array.ndim != len(shape) or (columns is not None and array.shape[1] != columns):
+        expected = "(N,)" if columns is None else f"(N, {columns})"
+        raise ValueError(f"{where} has shape {array.shape}, expected {expected}")
+    if array.dtype.kind == "f" and kind in ("index", "size", "flag"):
+        bad = ~np.isfinite(array) | (array != np.round(array))
+        if bad.any():
+            raise ValueError(f"{where} holds {array[bad][0].item()!r}, expected {meaning}")
+    if kind == "flag" and array.dtype.kind != "b":
+        bad = (array != 0) & (array != 1)
+        if bad.any():
+            raise ValueError(f"{where} holds {array[bad][0].item()!r}, expected {meaning}")
+    if array.dtype.kind == "u" and array.size and array.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"{where} holds {array.max()}, too large for an index")
+    return array.astype(dtype)
+
+
+def read_names(data: Mapping[str, Any], name: str, source: str) -> list[str]:
+    """Field ``name`` of a loaded file as a list of distinct strings (class names, image ids).
+
+    Raises:
+        ValueError: not a list of strings, or a name given twice; the message starts with ``source``.
+    """
+    value = data[name]
+    where = f"{source}: field {name!r}"
+    if isinstance(value, np.ndarray) and value.dtype.kind == "U":
+        value = value.tolist()
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"{where} is a {type(value).__name__} ({excerpt(value)}), expected a list of strings")
+    bad = next((item for item in value if not isinstance(item, str)), None)
+    if bad is not None:
+        raise ValueError(f"{where} holds {excerpt(bad)}, a {type(bad).__name__}; expected strings")
+    bad = next((item for item in value if len(item) > MAX_TEXT_CHARS or any(c < " " for c in item)), None)
+    if bad is not None:
+        raise ValueError(f"{where} holds {excerpt(bad)}: names are single lines of at most {MAX_TEXT_CHARS} "
+                         "characters")
+    if len(set(value)) != len(value):
+        twice = next(item for i, item in enumerate(value) if item in value[:i])
+        raise ValueError(f"{where} lists {excerpt(twice)} twice")
+    return list(value)
+
+
+MAX_TEXT_CHARS = 4096
+"""Longest name (class, image id) or protocol string a file may hold: every one of them is printed."""
+
+
+def _check_meta(meta: Any, source: str) -> None:
+    """``meta`` is a dict with string keys whose strings (at any depth) are at most :data:`MAX_TEXT_CHARS` long.
+
+    Raises:
+        ValueError: naming the file.
+    """
+    if not isinstance(meta, Mapping):
+        raise ValueError(f"{source}: field 'meta' is a {type(meta).__name__}, expected a dict")
+    stack: list[Any] = [meta]
+    while stack:  # the restricted loader bounds the size of what it built
+        item = stack.pop()
+        if isinstance(item, Mapping):
+            if not all(isinstance(key, str) for key in item):
+                raise ValueError(f"{source}: field 'meta' has a key that is not a string")
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+        elif isinstance(item, str) and len(item) > MAX_TEXT_CHARS:
+            raise ValueError(f"{source}: field 'meta' holds a string of {len(item):,} characters "
+                             f"({excerpt(item)}); at most {MAX_TEXT_CHARS} are printed")
+
+
+def _read_number(data: Mapping[str, Any], name: str, source: str) -> float:
+    value = data[name]
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | float | np.integer | np.floating):
+        raise ValueError(f"{source}: field {name!r} is {excerpt(value)}, expected a number")
+    return float(value)
+
+
+def _read_text(data: Mapping[str, Any], name: str, source: str) -> str:
+    value = data[name]
+    if not isinstance(value, str):
+        raise ValueError(f"{source}: field {name!r} is {excerpt(value)}, expected a string")
+    return value
 
 
 def load_ground_truth(path: str | os.PathLike[str]) -> GroundTruth:
@@ -250,7 +381,7 @@ def class_relabel(classes: Sequence[str], names: Sequence[str]) -> np.ndarray:
     index = {name: i for i, name in enumerate(classes)}
     unknown = [name for name in names if name not in index]
     if unknown:
-        raise ValueError(f"class {unknown[0]!r} is not one of {', '.join(classes)}")
+        raise ValueError(f"class {excerpt(unknown[0])} is not one of {', '.join(classes)}")
     relabel = np.full(len(classes), -1, dtype=np.int64)
     relabel[[index[name] for name in names]] = np.arange(len(names))
     return relabel

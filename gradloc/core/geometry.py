@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from gradloc.core.names import excerpt
+
 RESIZE_MODES = ("letterbox", "stretch", "shortside")
 
 
@@ -59,7 +61,16 @@ class Geometry:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Geometry:
-        return cls(**{key: int(data[key]) for key in cls.__dataclass_fields__})
+        """A geometry from its dict (a cache file): every field a whole number (never a truncated float).
+
+        Raises:
+            KeyError: a missing field. ValueError: a field that is not an int.
+        """
+        values = {key: data[key] for key in cls.__dataclass_fields__}
+        for key, value in values.items():
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"geometry field {key!r} is {excerpt(value)}, expected a whole number")
+        return cls(**values)
 
 
 def _round_up(value: int, multiple: int) -> int:

@@ -46,6 +46,12 @@ THRESHOLD_RANGE = ValidRange(0.0, 1.0)  # τ: a fraction with a named meaning (b
 SCORE_CUT_RANGE = ValidRange(0.0, 1.0)  # a class probability
 CENTER_SIZE_RANGE = ValidRange(0.0, 1.0, low_open=True)  # the center baseline's share of width and height
 
+MAX_IOUS = 100
+"""Most IoU thresholds scored at once (each is a column of every table)."""
+
+MAX_INPUT_SIZE = 2048
+"""Largest network input side (pixels). VOC images are at most 500 px; past 2048 a batch needs gigabytes."""
+
 THRESHOLD_DECIMALS = 3
 """Per-threshold files are named by τ with this many decimals (``thr_0.020.pkl``), so a run's τ have at most
 this many and no two of them round to the same name."""
@@ -68,7 +74,7 @@ def _distinct(values: Sequence[float], names: Sequence[str], what: str) -> None:
     seen: dict[str, int] = {}
     for i, name in enumerate(names):
         if name in seen:
-            raise ValueError(f"{what}: {values[seen[name]]:g} and {values[i]:g} are the same threshold "
+            raise ValueError(f"{what}: {values[seen[name]]:.12g} and {values[i]:.12g} are the same threshold "
                              f"({name}); give each once")
         seen[name] = i
 
@@ -88,13 +94,16 @@ def check_thresholds(values: Sequence[float], what: str = "thresholds") -> tuple
 
 
 def check_ious(values: Sequence[float], what: str = "IoU thresholds") -> tuple[float, ...]:
-    """IoU thresholds: at least one, each in (0, 1) (:data:`IOU_RANGE`), no duplicates.
+    """IoU thresholds: at least one and at most :data:`MAX_IOUS`, each in (0, 1) (:data:`IOU_RANGE`), no
+    duplicates.
 
     Raises:
         ValueError: naming ``what`` and the offending value.
     """
     if not len(values):
         raise ValueError(f"{what}: give at least one IoU threshold, e.g. 0.5")
+    if len(values) > MAX_IOUS:
+        raise ValueError(f"{what}: {len(values):,} IoU thresholds; give at most {MAX_IOUS}")
     checked = tuple(IOU_RANGE.check(iou, f"{what}[{i}]") for i, iou in enumerate(values))
     _distinct(checked, [repr(iou) for iou in checked], what)
     return checked

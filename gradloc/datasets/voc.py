@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from gradloc.core.formats import GroundTruth
+from gradloc.core.names import check_name, excerpt, name_problem
 
 logger = logging.getLogger(__name__)
 
@@ -119,9 +120,9 @@ def _number(path: Path, where: str, value: str | None) -> float:
     try:
         number = float(value)
     except ValueError:
-        raise DatasetError(f"{path}: {where} is {value!r}, not a number") from None
+        raise DatasetError(f"{path}: {where} is {excerpt(value)}, not a number") from None
     if not math.isfinite(number):
-        raise DatasetError(f"{path}: {where} is {value!r}, not a finite number")
+        raise DatasetError(f"{path}: {where} is {excerpt(value)}, not a finite number")
     return number
 
 
@@ -133,7 +134,7 @@ def _size(path: Path, size: ET.Element, tag: str, default: int | None = None) ->
         raise DatasetError(f"{path}: <size>/<{tag}> is missing")
     number = _number(path, f"<size>/<{tag}>", value)
     if number != int(number) or number < 1:
-        raise DatasetError(f"{path}: <size>/<{tag}> is {value!r}, expected a positive whole number of pixels")
+        raise DatasetError(f"{path}: <size>/<{tag}> is {excerpt(value)}, expected a positive whole number of pixels")
     return int(number)
 
 
@@ -143,7 +144,7 @@ def _flag(path: Path, obj: ET.Element, tag: str, index: int) -> bool:
         return False
     number = _number(path, f"object {index} <{tag}>", value)
     if number not in (0.0, 1.0):
-        raise DatasetError(f"{path}: object {index} <{tag}> is {value!r}, expected 0 or 1")
+        raise DatasetError(f"{path}: object {index} <{tag}> is {excerpt(value)}, expected 0 or 1")
     return bool(number)
 
 
@@ -153,7 +154,7 @@ def _parse_object(path: Path, obj: ET.Element, index: int, classes: Sequence[str
     if name is None:
         raise DatasetError(f"{path}: object {index} has no <name>")
     if name not in classes:
-        raise DatasetError(f"{path}: object {index} has unknown class {name!r}; known classes: "
+        raise DatasetError(f"{path}: object {index} has unknown class {excerpt(name)}; known classes: "
                            f"{', '.join(classes)}")
     bndbox = obj.find("bndbox")
     if bndbox is None:
@@ -215,15 +216,20 @@ def parse_annotation(path: Path, classes: Sequence[str] = VOC_CLASSES) -> Annota
 
 
 def _read_lines(path: Path) -> list[str]:
+    """The lines of a text file, a UTF-8 byte-order mark (written by some Windows editors) dropped."""
     try:
-        return path.read_text(encoding="utf-8").splitlines()
+        return path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as error:
         raise DatasetError(f"{path}: not a text file of image ids ({error})") from None
 
 
-def _resolve_year_folder(root: Path, year: str) -> Path:
-    """The ``VOC<year>`` folder, given the VOCdevkit folder, the ``VOC<year>`` folder or their parent."""
-    name = f"VOC{year}"
+def year_folder(root: Path, year: str) -> Path:
+    """The ``VOC<year>`` folder, given the VOCdevkit folder, the ``VOC<year>`` folder or their parent.
+
+    Raises:
+        MissingFileError: naming what was looked for.
+    """
+    name = check_name(f"VOC{year}", "year folder")
     for candidate in (root / name, root, root / "VOCdevkit" / name):
         if candidate.name == name and candidate.is_dir():
             return candidate
@@ -310,7 +316,7 @@ class VOCDataset:
         self.classes = list(classes)
         self.on_error = on_error
         self.check_sizes = check_sizes
-        self.base = _resolve_year_folder(Path(root).expanduser(), self.year)
+        self.base = year_folder(Path(root).expanduser(), self.year)
         self.root = self.base.parent
         self.skipped: list[dict[str, str]] = []
         self._annotations: dict[str, Annotation] = {}
@@ -341,7 +347,7 @@ class VOCDataset:
         return sorted(p.stem for p in self.main_dir.glob("*.txt") if not p.stem.startswith(prefixes))
 
     def _read_split(self) -> list[str]:
-        path = self.main_dir / f"{self.split}.txt"
+        path = self.main_dir / f"{check_name(self.split, 'split')}.txt"
         if not path.is_file():
             splits = ", ".join(self.available_splits()) or "none"
             raise MissingFileError(f"{path}: split file not found; splits in {self.main_dir}: {splits}")
@@ -351,8 +357,12 @@ class VOCDataset:
             fields = line.split()
             if not fields:
                 continue
+            problem = name_problem(fields[0])
+            if problem is not None:
+                raise DatasetError(f"{path}: line {number}: image id {excerpt(fields[0])} {problem}; fix the "
+                                   "image set file")
             if fields[0] in seen:
-                raise DatasetError(f"{path}: line {number} repeats image id {fields[0]!r}")
+                raise DatasetError(f"{path}: line {number} repeats image id {excerpt(fields[0])}")
             seen.add(fields[0])
             ids.append(fields[0])
         return ids
@@ -376,13 +386,18 @@ class VOCDataset:
         """The parsed ``Annotations/<image_id>.xml`` (cached)."""
         cached = self._annotations.get(image_id)
         if cached is None:
-            cached = parse_annotation(self.base / "Annotations" / f"{image_id}.xml", self.classes)
+            cached = parse_annotation(self.base / "Annotations" / f"{check_name(image_id, 'image id')}.xml",
+                                      self.classes)
             self._annotations[image_id] = cached
         return cached
 
     def image_path(self, image_id: str) -> Path:
-        """``JPEGImages/<image_id>.jpg``."""
-        return self.base / "JPEGImages" / f"{image_id}.jpg"
+        """``JPEGImages/<image_id>.jpg``.
+
+        Raises:
+            ValueError: an id that cannot be a file name (:func:`gradloc.core.names.check_name`).
+        """
+        return self.base / "JPEGImages" / f"{check_name(image_id, 'image id')}.jpg"
 
     def load_image(self, image_id: str) -> Image.Image:
         """The image as RGB (see :meth:`read_image`)."""

@@ -166,7 +166,7 @@ _Attached = tuple[nn.Module, list[str]]  # (model with its head, score columns)
 
 def _needs_checkpoint(spec: ModelSpec) -> ValueError:
     return ValueError(f"head 'voc' of {spec.name} needs a trained checkpoint: run `gradloc train --model "
-                      f"{spec.name} --out CHECKPOINT` and pass --checkpoint CHECKPOINT "
+                      f"{spec.name} --checkpoint-out CHECKPOINT`, then `gradloc run --checkpoint CHECKPOINT` "
                       "(or use --head imagenet)")
 
 

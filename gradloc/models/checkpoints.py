@@ -56,8 +56,8 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, meta: Mappin
 
 def _read_torch_file(path: Path) -> Any:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found; train one with `gradloc train --out {path}` "
-                                "or pass an existing file")
+        raise FileNotFoundError(f"{path}: checkpoint not found; train one with `gradloc train --checkpoint-out "
+                                f"{path}` or pass an existing file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except _LOAD_ERRORS as error:

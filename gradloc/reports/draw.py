@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
+from gradloc.core.files import write_own_file
 from gradloc.core.formats import Detections, GroundTruth
 from gradloc.scoring.voc import iou_matrix
 
@@ -138,6 +138,7 @@ class Sample:
     det_scores: np.ndarray
     det_iou: np.ndarray
     panels: list[HeatPanel] = field(default_factory=list)
+    hidden: int = 0  # predicted boxes of the image left out by the display rule (gradloc.reports.show.Display)
 
 
 def make_sample(image_id: str, image: np.ndarray, index: int, dets: Detections, gt: GroundTruth,
@@ -316,7 +317,8 @@ def render_grid(samples: Sequence[Sample], classes: Sequence[str], title: str,
                 height, width = sample.image.shape[:2]
                 ax.imshow(sample.image, extent=image_extent(width, height), interpolation="nearest")
                 tags.append((ax, _draw_boxes(ax, sample, classes)))
-                ax.set_title(sample.image_id, fontsize=8)
+                ax.set_title(sample.image_id + (f" (+{sample.hidden} boxes not drawn)" if sample.hidden else ""),
+                             fontsize=8)
             else:
                 tags.append((ax, _draw_heat(fig, ax, sample, panel, classes)))
                 ax.set_title(panel.title, fontsize=8)
@@ -356,15 +358,14 @@ def render_overlay(sample: Sample, panel: HeatPanel, classes: Sequence[str], cap
 
 def save_figure(fig: Figure, path: str | Path) -> Path:
     """Save a figure as PNG at its own size (no tight bounding box, so the pixel size is predictable),
-    atomically: written to a temporary file in the same folder, then renamed over ``path``."""
+    atomically, replacing only a PNG (:func:`gradloc.core.files.write_own_file`: the file gets the umask's mode,
+    like any file the user creates).
+
+    Raises:
+        FileExistsError: ``path`` exists and is not a PNG.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            fig.savefig(stream, dpi=DPI, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=DPI, format="png")
+    write_own_file(path, buffer.getvalue(), "a PNG image")
     return path

@@ -42,7 +42,7 @@ def describe_run(run: Run) -> list[tuple[str, str]]:
             ("heatmap cache", f"{manifest.get('cache_dir')}"
                               + ("" if Path(str(manifest.get("cache_dir"))).is_dir() else " (not found)")),
             ("seconds per stage", ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()) or "-"),
-            ("skipped", f"{len(skipped)}" + "".join(f"\n  {i['image_id']}: {i['reason']}" for i in skipped[:10])
+            ("skipped", f"{len(skipped)}" + "".join(f"\n  {i.get('image_id')}: {i.get('reason')}" for i in skipped[:10])
                         + ("\n  ..." if len(skipped) > 10 else "")),
             ("made by", f"gradloc {manifest.get('versions', {}).get('gradloc')}, git "
                         f"{manifest.get('git_commit') or 'unknown'}, config hash {manifest.get('config_hash')}"),

@@ -20,7 +20,7 @@ from gradloc.core.geometry import upsample, working_size
 from gradloc.datasets.voc import VOCDataset
 from gradloc.models.registry import class_probabilities
 from gradloc.run.cams import cams_cache
-from gradloc.run.config import RunConfig, open_dataset
+from gradloc.run.config import RunConfig, check_places, open_dataset
 from gradloc.run.folder import RunWriter, new_run
 from gradloc.run.setup import Progress, check_names, load_classifier, require_images
 from gradloc.scoring.wsol import GRID, IOUS_V2, box_hits
@@ -115,6 +115,7 @@ class BoxesOutput:
         box_baselines: threshold-free baselines by name (center, full).
         map_baselines: map baselines by name, one detections per τ.
         points, gt_known, image_scores: the ``points.pkl``, ``gt_known.pkl`` and ``image_scores.pkl`` records.
+        images: the content fingerprint of every image whose maps were read (``images.json``).
     """
 
     gt: GroundTruth
@@ -124,9 +125,11 @@ class BoxesOutput:
     points: dict[str, Any]
     gt_known: dict[str, Any]
     image_scores: dict[str, Any]
+    images: dict[str, dict[str, Any]]
 
     def write(self, writer: RunWriter) -> None:
         writer.write_gt(self.gt)
+        writer.write_images(self.images)
         for dets in self.cam:
             writer.write_detections(dets)
         for name, per_tau in self.map_baselines.items():
@@ -141,13 +144,16 @@ class BoxesOutput:
 
 def run_boxes(config: RunConfig, cache: HeatmapCache, dataset: VOCDataset, progress: Progress = None,
               writer: RunWriter | None = None) -> Path:
-    """Cut boxes from the cached maps at every threshold (:func:`cut_boxes`); write gt.pkl, detections,
+    """Cut boxes from the cached maps at every threshold (:func:`cut_boxes`); write gt.pkl, images.json (the
+    content fingerprint of every image whose maps were read: ``cache`` serves only those, see
+    :mod:`gradloc.cams.cache`), detections,
     baselines, points.
 
     With ``writer`` (a run being staged by :func:`gradloc.run.folder.new_run`) the files go to its staging
     folder; without, they replace ``config.run_dir`` as a whole (with ``config.yaml``). Returns
     ``config.run_dir``."""
     if writer is None:
+        check_places(config)
         with new_run(config.run_dir) as staged:
             run_boxes(config, cache, dataset, progress, staged)
             staged.write_config(config.to_dict())
@@ -223,4 +229,5 @@ def cut_boxes(config: RunConfig, cache: HeatmapCache, dataset: VOCDataset, progr
                 "meta": protocol},
         gt_known={**common, **gt_known.record(), "meta": protocol},
         image_scores={**common, "probabilities": probabilities, "score_kind": score_kind, "meta": protocol},
+        images=cache.sources(dataset.image_ids),
     )

@@ -18,7 +18,7 @@ from gradloc.cams.loader import default_workers, plan_batches, shard_batches, st
 from gradloc.cams.methods import compute_cams, compute_gradient_cams, default_masked_batch
 from gradloc.datasets.voc import VOCDataset
 from gradloc.models.build import resolve_device
-from gradloc.run.config import RunConfig, open_dataset
+from gradloc.run.config import RunConfig, check_places, open_dataset
 from gradloc.run.setup import Progress, check_names, load_classifier, require_images, with_method
 
 logger = logging.getLogger(__name__)
@@ -150,6 +150,7 @@ def plan_cams(config: RunConfig, *, dataset: VOCDataset | None = None, loaded: A
     """
 
     check_names(config)
+    check_places(config, writes_run=False)
     device = resolve_device(config.cams.device)
     if config.cams.amp and device.type != "cuda":
         raise ValueError(f"--amp (cams.amp) autocasts on a CUDA device, not on {device}; pass --device cuda on "

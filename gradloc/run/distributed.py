@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -145,8 +146,8 @@ def check_filled(config: RunConfig) -> None:
     dataset, loaded = open_dataset(config), load_classifier(config)
     cache = cams_cache(config, loaded, dataset)
     plan = plan_batches(dataset, loaded.preprocessing, config.cams.batch_size)
-    records = [json.loads(path.read_text()) for path in sorted((cache.root / SHARDS_DIR).glob("*/*.json"))]
-    skipped = {item["image_id"] for record in records for item in record.get("skipped", [])}
+    records = [_read_record(path) for path in sorted((cache.root / SHARDS_DIR).glob("*/*.json"))]
+    skipped = {item["image_id"] for record in records for item in record["skipped"]}
     missing = [i for i in cache.todo(dataset, config.data.on_error) if i not in skipped]
     if not missing:
         return
@@ -164,6 +165,25 @@ def check_filled(config: RunConfig) -> None:
     raise FileNotFoundError(f"{cache.root}: {len(missing)} of {len(dataset)} images have no valid cached maps: "
                             f"{parts}; run `gradloc cams --shard <i>/{count}` with the same config for those "
                             "shards (or `gradloc run` to compute them here)")
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    """A shard record (``{"of": n, "skipped": [{"image_id", ...}], ...}``), checked.
+
+    Raises:
+        ValueError: naming the file, when it is not such a record.
+    """
+    try:
+        record = json.loads(path.read_text())
+    except (ValueError, RecursionError) as error:
+        raise ValueError(f"{path}: not valid JSON ({str(error)[:200]}); delete it and rerun that shard") from None
+    if not (isinstance(record, dict) and isinstance(record.get("of"), int) and record["of"] >= 1
+            and isinstance(record.get("skipped", []), list)
+            and all(isinstance(item, dict) and isinstance(item.get("image_id"), str)
+                    for item in record.get("skipped", []))):
+        raise ValueError(f"{path}: not a shard record ({{of, computed, skipped: [{{image_id, ...}}]}}); delete it "
+                         "and rerun that shard")
+    return {**record, "skipped": record.get("skipped", [])}
 
 
 def _some(ids: list[str], n: int = 5) -> str:

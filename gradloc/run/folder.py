@@ -2,21 +2,26 @@
 
 Layout (see the README's *Files*)::
 
-    manifest.json  config.yaml  gt.pkl  points.pkl  scores.csv  scores.json  scores.md  localization.csv  coco.csv
+    .gradloc-run   manifest.json  config.yaml  images.json  gt.pkl  points.pkl  gt_known.pkl  image_scores.pkl
+    scores.csv  scores.json  scores.md  localization.csv  coco.csv
     detections/thr_<τ>.pkl                  CAM boxes at τ (one file per threshold of the sweep)
     baselines/<name>.pkl                    threshold-free baselines (center, full)
     baselines/<name>/thr_<τ>.pkl            map baselines cut at τ (shuffled, blob)
 
 Every reader goes through :func:`open_run` (a :class:`Run`); every writer through :func:`new_run` (a
-:class:`RunWriter`). Reliability:
+:class:`RunWriter`) or :func:`update_run`. The folder is owned through :mod:`gradloc.core.folders`:
 
-* **One run per folder.** A run is written into the hidden sibling ``<out>/.<name>.new`` and swapped in only
-  when complete: ``.new`` is renamed ``.<name>.ready`` (complete), the old folder ``.<name>.old``, ``.ready``
-  becomes ``<name>``, ``.old`` is deleted. A failed or interrupted run leaves the previous results intact; a
-  crash inside the swap is repaired by the next :func:`open_run` or :func:`new_run` (``.ready`` rolls forward,
-  a lone ``.old`` rolls back, leftover ``.old`` / ``.new`` are deleted).
+* **One run per folder, and only gradloc's.** A run is staged in ``<out>/.<name>.new`` (its marker
+  ``.gradloc-run`` first) and swapped in whole when complete; it replaces only a folder holding that marker
+  (or a run made before markers: a gradloc ``manifest.json``, see :func:`is_legacy_run`) or an empty one.
+  A failed or interrupted run leaves the previous results intact; a crash inside the swap is repaired by the
+  next :func:`open_run` or :func:`new_run`.
+* **Whole updates.** ``gradloc score --save`` stages its four files and the manifest together
+  (:func:`update_run`), so a full disk leaves the old set, never a mix.
 * **A lock per folder.** ``<out>/.<name>.lock`` holds the writer's pid and host; a second writer refuses with
   one line. The lock of a dead process on this host is taken over with a warning.
+* **Checked reads.** Every file is checked when read: pickles through :mod:`gradloc.core.formats`, the
+  manifest against :data:`MANIFEST_TYPES`, the score tables for their columns and rows.
 """
 
 from __future__ import annotations
@@ -24,19 +29,20 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import socket
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 
-from gradloc.core.files import atomic_write_bytes, pid_alive, safe_load_pickle, save_pickle, temporary_name, to_plain
-from gradloc.core.formats import Detections, GroundTruth, load_detections, load_ground_truth
+from gradloc.core import folders
+from gradloc.core.files import atomic_write_bytes, safe_load_pickle, save_pickle, to_plain
+from gradloc.core.formats import Detections, GroundTruth, load_detections, load_ground_truth, read_array, read_names
+from gradloc.core.names import check_name, excerpt
 from gradloc.core.provenance import git_commit, package_versions
 from gradloc.core.ranges import threshold_label
 from gradloc.scoring.tables import save_scores
@@ -87,8 +93,13 @@ GT_KNOWN_FORMAT = "gradloc.gt_known/1"
 SCORE_COLUMNS = ("threshold", "threshold_mode", "iou", "metric", "class", "ap", "recall", "n_gt", "source")
 
 
-class RunLockedError(OSError):
-    """Another live process is writing the same run folder (an OSError, like EBUSY: the CLI prints one line)."""
+IMAGES_FILE = "images.json"
+
+
+IMAGES_FORMAT = "gradloc.images/1"
+
+
+RUN_KIND = "run"  # the marker .gradloc-run (gradloc.core.folders)
 
 
 def threshold_filename(threshold: float) -> str:
@@ -196,6 +207,114 @@ def resolve_paths(manifest: Mapping[str, Any], run_dir: str | Path) -> dict[str,
     return manifest
 
 
+LOCALIZATION_COLUMNS = ("metric", "threshold", "class", "value", "n")
+
+
+def _read_table(path: Path, columns: Sequence[str], numeric: Sequence[str], run_dir: Path) -> pd.DataFrame:
+    """A score table of a run folder, checked: the documented columns, at least one row, numbers where numbers
+    belong.
+
+    Raises:
+        FileNotFoundError: no file. ValueError: naming the file and what is wrong.
+    """
+    again = f"rescore with `gradloc score {run_dir} --save`"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; score the run first with `gradloc score {run_dir} --save`")
+    try:
+        rows = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f"{path}: unreadable CSV ({str(error)[:200]}); {again}") from None
+    missing = [column for column in columns if column not in rows.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; {again}")
+    if rows.empty:
+        raise ValueError(f"{path}: has a header but no rows; {again}")
+    for column in numeric:
+        if not pd.api.types.is_numeric_dtype(rows[column]) or pd.api.types.is_bool_dtype(rows[column]):
+            bad = next((v for v in rows[column] if not isinstance(v, int | float) or isinstance(v, bool)), None)
+            raise ValueError(f"{path}: column {column!r} holds {excerpt(bad)}, not a number; {again}")
+    return rows
+
+
+def read_pairs(path: Path, expected: str, extra: Mapping[str, str]) -> dict[str, Any]:
+    """A ``points.pkl`` / ``gt_known.pkl`` record: per (image, class) pair ``image_index`` and ``labels``
+    (indices into ``image_ids`` and ``classes``) and ``points`` float64[P, 2], plus the ``extra`` fields
+    (name -> :func:`gradloc.core.formats.read_array` kind), every array checked.
+
+    Raises:
+        ValueError: not that format, or a field of the wrong type, shape or range (naming the file).
+    """
+    data = safe_load_pickle(path)
+    if not isinstance(data, dict) or data.get("format") != expected:
+        raise ValueError(f"{path}: not a {expected} file")
+    source = str(path)
+    missing = [key for key in ("classes", "image_ids", "image_index", "labels", "points", *extra) if key not in data]
+    if missing:
+        raise ValueError(f"{path}: missing field(s) {', '.join(missing)} of format {expected!r}")
+    record = {**data, "classes": read_names(data, "classes", source),
+              "image_ids": read_names(data, "image_ids", source),
+              "image_index": read_array(data, "image_index", "index", source),
+              "labels": read_array(data, "labels", "index", source),
+              "points": read_array(data, "points", "number", source, columns=2),
+              **{key: read_array(data, key, kind, source) for key, kind in extra.items()}}
+    n = len(record["labels"])
+    for key, limit in (("image_index", len(record["image_ids"])), ("labels", len(record["classes"]))):
+        values = record[key]
+        if len(values) != n or (n and (values.min() < 0 or values.max() >= limit)):
+            raise ValueError(f"{path}: field {key!r} has {len(values)} values in [{values.min() if n else 0}, "
+                             f"{values.max() if n else 0}], expected {n} in [0, {limit})")
+    if len(record["points"]) != n or not np.isfinite(record["points"]).all():
+        raise ValueError(f"{path}: field 'points' must hold {n} finite (x, y) rows")
+    return record
+
+
+# The manifest's fields and the types a reader may rely on (dotted keys; absent keys are allowed).
+MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
+    "config": (dict,), "config_as_given": (dict,), "config_hash": (str,), "cache_key": (str, type(None)),
+    "cache_dir": (str, type(None)), "versions": (dict,), "git_commit": (str, type(None)),
+    "seconds_per_stage": (dict,), "skipped": (list,), "paths": (dict,), "rescored_scores": (dict,),
+    "distributed": (dict,),
+    **{f"config.{section}": (dict,) for section in ("data", "demo", "model", "train", "cams", "boxes", "score")},
+    **{f"config.{key}": (str, type(None)) for key in ("cache_dir", "data.voc_root", "model.checkpoint")},
+}
+
+
+# Fields that hold several items, and the type of each item.
+MANIFEST_ITEMS: dict[str, tuple[type, ...]] = {"seconds_per_stage": (int, float), "skipped": (dict,),
+                                               "paths": (dict,), "versions": (str, type(None))}
+
+
+_ABSENT = object()
+
+
+def check_manifest(manifest: Any, path: Path) -> None:
+    """Check a loaded ``manifest.json`` against :data:`MANIFEST_TYPES` and :data:`MANIFEST_ITEMS`.
+
+    Raises:
+        ValueError: naming the file, the field, what it holds and what it should.
+    """
+    again = "rerun `gradloc run` to rewrite it"
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}: holds a {type(manifest).__name__}, expected a mapping; {again}")
+    if not isinstance(manifest.get("config"), dict):
+        raise ValueError(f"{path}: has no 'config' mapping; {again}")
+    for dotted, types in MANIFEST_TYPES.items():
+        value: Any = manifest
+        for part in dotted.split("."):
+            value = value.get(part, _ABSENT) if isinstance(value, dict) else _ABSENT
+        if value is not _ABSENT and not isinstance(value, types):
+            expected = " or ".join("null" if t is type(None) else {"dict": "a mapping"}.get(t.__name__, t.__name__)
+                                   for t in types)
+            raise ValueError(f"{path}: field {dotted!r} is {excerpt(value)}, expected {expected}; {again}")
+    for key, types in MANIFEST_ITEMS.items():
+        items = manifest.get(key)
+        values = items.values() if isinstance(items, dict) else items or ()
+        bad = next((item for item in values if not isinstance(item, types) or isinstance(item, bool)), _ABSENT)
+        if bad is not _ABSENT:
+            raise ValueError(f"{path}: field {key!r} holds {excerpt(bad)}; {again}")
+
+
+
 class Run:
     """A run folder, read lazily. Use :func:`open_run` (which also repairs an interrupted swap)."""
 
@@ -223,7 +342,7 @@ class Run:
 
     @cached_property
     def stored_manifest(self) -> dict[str, Any]:
-        """The checked ``manifest.json`` as stored (what :func:`update_manifest` rewrites).
+        """The checked ``manifest.json`` as stored (what :meth:`RunWriter.set_manifest` rewrites).
 
         Raises:
             FileNotFoundError: no manifest. ValueError: not JSON or no ``config`` mapping.
@@ -233,11 +352,33 @@ class Run:
             raise FileNotFoundError(f"{path}: not found; is {self.path} a folder made by `gradloc run`?{self.hint}")
         try:
             manifest = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{path}: not valid JSON ({error})") from None
-        if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), dict):
-            raise ValueError(f"{path}: has no 'config' mapping; rerun `gradloc run` to rewrite it")
+        except (ValueError, RecursionError) as error:
+            raise ValueError(f"{path}: not valid JSON ({str(error)[:200]})") from None
+        check_manifest(manifest, path)
         return manifest
+
+    @cached_property
+    def images(self) -> dict[str, dict[str, Any]] | None:
+        """``images.json``: the fingerprint ``{"size", "blake2b"}`` of each image the run used, by id; None for
+        runs made before the file existed.
+
+        Raises:
+            ValueError: a damaged file (named).
+        """
+        path = self.path / IMAGES_FILE
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+        except (ValueError, RecursionError) as error:
+            raise ValueError(f"{path}: not valid JSON ({str(error)[:200]})") from None
+        images = data.get("images") if isinstance(data, dict) and data.get("format") == IMAGES_FORMAT else None
+        if not isinstance(images, dict) or not all(
+                isinstance(item, dict) and isinstance(item.get("size"), int) and isinstance(item.get("blake2b"), str)
+                for item in images.values()):
+            raise ValueError(f"{path}: not a {IMAGES_FORMAT} file ({{image_id: {{size, blake2b}}}}); rerun "
+                             "`gradloc run` to rewrite it")
+        return images
 
     @cached_property
     def gt(self) -> GroundTruth:
@@ -294,12 +435,8 @@ class Run:
 
     @property
     def points(self) -> dict[str, Any]:
-        """``points.pkl`` (``gradloc.points/1``)."""
-        path = self.path / POINTS_FILE
-        data = safe_load_pickle(path)
-        if not isinstance(data, dict) or data.get("format") != POINTS_FORMAT:
-            raise ValueError(f"{path}: not a {POINTS_FORMAT} file")
-        return data
+        """``points.pkl`` (``gradloc.points/1``), its arrays checked (:func:`read_pairs`)."""
+        return read_pairs(self.path / POINTS_FILE, POINTS_FORMAT, {"scores": "number"})
 
     @property
     def image_scores(self) -> dict[str, Any]:
@@ -314,21 +451,25 @@ class Run:
     @property
     def gt_known(self) -> dict[str, Any]:
         """``gt_known.pkl`` (``gradloc.gt_known/1``): per (image, GT class) pair the map's peak and the
-        wsolevaluation box hits (see :func:`gradloc.run.boxes.run_boxes`)."""
-        path = self.path / GT_KNOWN_FILE
-        data = safe_load_pickle(path)
-        if not isinstance(data, dict) or data.get("format") != GT_KNOWN_FORMAT:
-            raise ValueError(f"{path}: not a {GT_KNOWN_FORMAT} file")
-        return data
+        wsolevaluation box hits (see :func:`gradloc.run.boxes.run_boxes`), its arrays checked."""
+        record = read_pairs(self.path / GT_KNOWN_FILE, GT_KNOWN_FORMAT, {"grid": "number", "ious": "number"})
+        hits = record["hits"]
+        expected = (len(record["labels"]), len(record["grid"]), len(record["ious"]))
+        if not isinstance(hits, np.ndarray) or hits.dtype != np.bool_ or hits.shape != expected:
+            found = f"{hits.dtype}{list(hits.shape)}" if isinstance(hits, np.ndarray) else type(hits).__name__
+            raise ValueError(f"{self.path / GT_KNOWN_FILE}: field 'hits' is {found}, expected bool{list(expected)}")
+        return record
 
     @property
     def localization(self) -> pd.DataFrame:
         """``localization.csv``: the WSOL rows (metric, threshold, class, value, n) of
-        :func:`gradloc.run.score.localization_scores`."""
-        path = self.path / LOCALIZATION_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: not found; score the run first with `gradloc score {self.path} --save`")
-        return pd.read_csv(path)
+        :func:`gradloc.run.score.localization_scores`.
+
+        Raises:
+            FileNotFoundError: no file. ValueError: unreadable, or without the documented columns and rows.
+        """
+        return _read_table(self.path / LOCALIZATION_FILE, LOCALIZATION_COLUMNS, ("threshold", "value", "n"),
+                           self.path)
 
     @property
     def scores_path(self) -> Path:
@@ -339,24 +480,24 @@ class Run:
         """The flat score rows (``scores.csv``, see :mod:`gradloc.scoring.tables`).
 
         Raises:
-            FileNotFoundError: no scores.csv. ValueError: unreadable or without the documented columns.
+            FileNotFoundError: no scores.csv. ValueError: unreadable, or without the documented columns and rows.
         """
-        path = self.scores_path
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: not found; score the run first with `gradloc score {self.path} --save`")
-        try:
-            rows = pd.read_csv(path, keep_default_na=False, na_values=[""])
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-            raise ValueError(f"{path}: unreadable CSV ({error})") from None
-        missing = [column for column in SCORE_COLUMNS if column not in rows.columns]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; "
-                             f"rescore with `gradloc score {self.path} --save`")
-        return rows
+        return _read_table(self.scores_path, SCORE_COLUMNS, ("threshold", "iou", "ap", "recall", "n_gt"), self.path)
 
     def files(self) -> list[Path]:
         """Every file of the folder, relative to it, sorted."""
         return sorted(p.relative_to(self.path) for p in self.path.rglob("*") if p.is_file())
+
+
+def is_legacy_run(path: Path) -> bool:
+    """A run folder made before run folders carried the ``.gradloc-run`` marker: its ``manifest.json`` is a
+    gradloc manifest (a dict with a ``config`` mapping and a ``config_hash``)."""
+    try:
+        manifest = json.loads((path / MANIFEST_FILE).read_text())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(manifest, dict) and isinstance(manifest.get("config"), dict) \
+        and isinstance(manifest.get("config_hash"), str)
 
 
 def open_run(path: str | Path, hint: str = "") -> Run:
@@ -368,19 +509,11 @@ def open_run(path: str | Path, hint: str = "") -> Run:
         FileNotFoundError: no such folder.
     """
     path = Path(path)
-    if not _lock_path(path).exists():
-        _repair(path)
+    if not folders.lock_path(path).exists():
+        folders.repair(path, RUN_KIND, is_legacy_run)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: run folder not found; give a folder made by `gradloc run`")
     return Run(path, hint)
-
-
-def _sibling(target: Path, suffix: str) -> Path:
-    return target.with_name(f".{target.name}.{suffix}")
-
-
-def _lock_path(target: Path) -> Path:
-    return _sibling(target, "lock")
 
 
 class RunWriter:
@@ -398,6 +531,14 @@ class RunWriter:
     def write_gt(self, gt: GroundTruth) -> None:
         save_pickle(gt, self.path / GT_FILE)
 
+    def write_images(self, sources: Mapping[str, Mapping[str, Any]]) -> None:
+        """``images.json``: the content fingerprint (size, blake2b) of every image the run used, by id, which
+        every later read of the run's heatmaps and images is checked against."""
+        images = {image_id: {"size": int(source["size"]), "blake2b": str(source["blake2b"])}
+                  for image_id, source in sources.items()}
+        atomic_write_bytes(self.path / IMAGES_FILE, json.dumps({"format": IMAGES_FORMAT, "images": images},
+                                                               indent=1).encode())
+
     def write_detections(self, dets: Detections) -> None:
         """CAM boxes at ``dets.threshold``."""
         save_pickle(dets, self.path / DETECTIONS_DIR / threshold_filename(dets.threshold))
@@ -408,7 +549,7 @@ class RunWriter:
 
     def write_baseline(self, name: str, dets: Detections) -> None:
         """A threshold-free baseline (``center``, ``full``)."""
-        save_pickle(dets, self.path / BASELINES_DIR / f"{name}.pkl")
+        save_pickle(dets, self.path / BASELINES_DIR / f"{check_name(name, 'baseline name')}.pkl")
 
     def write_points(self, record: Mapping[str, Any]) -> None:
         save_pickle({"format": POINTS_FORMAT, **record}, self.path / POINTS_FILE)
@@ -425,185 +566,63 @@ class RunWriter:
     def write_manifest(self, manifest: Mapping[str, Any]) -> None:
         atomic_write_bytes(self.path / MANIFEST_FILE, json.dumps(manifest, indent=2, default=str).encode())
 
+    def write_scores(self, rows: pd.DataFrame, meta: Mapping[str, Any], localization: pd.DataFrame,
+                     coco: pd.DataFrame | None = None, headline: pd.DataFrame | None = None) -> list[Path]:
+        """``scores.csv/json/md`` (with the ``headline`` rows of ``gradloc.run.score.headline_rows``),
+        ``localization.csv`` and, when given, the COCO-style rows ``coco.csv``; returns them (paths inside the
+        staged folder)."""
+        written = save_scores(rows, self.path, meta, headline)
+        tables = {LOCALIZATION_FILE: localization, **({COCO_FILE: coco} if coco is not None else {})}
+        for name, table in tables.items():
+            atomic_write_bytes(self.path / name, table.to_csv(index=False).encode())
+        return [*written, *(self.path / name for name in tables)]
 
-def write_scores(folder: str | Path, rows: pd.DataFrame, meta: Mapping[str, Any],
-                 localization: pd.DataFrame, coco: pd.DataFrame | None = None,
-                 headline: pd.DataFrame | None = None) -> list[Path]:
-    """``scores.csv/json/md`` (with the ``headline`` rows of ``gradloc.run.score.headline_rows``),
-    ``localization.csv`` and, when given, the COCO-style rows ``coco.csv`` of a run folder (each file
-    atomically); returns them."""
-
-    written = save_scores(rows, Path(folder), meta, headline)
-    tables = {LOCALIZATION_FILE: localization, **({COCO_FILE: coco} if coco is not None else {})}
-    for name, table in tables.items():
-        atomic_write_bytes(Path(folder) / name, table.to_csv(index=False).encode())
-    return [*written, *(Path(folder) / name for name in tables)]
-
-
-def update_manifest(folder: str | Path, key: str, value: Any) -> bool:
-    """Set ``key`` of a finished run's ``manifest.json`` (atomically, holding the run's lock).
-
-    Returns:
-        False when the folder has no manifest, True when it was updated.
-    """
-    run = open_run(folder)
-    with locked(run.path):
-        if not (run.path / MANIFEST_FILE).is_file():
+    def set_manifest(self, key: str, value: Any) -> bool:
+        """Set ``key`` of the staged ``manifest.json``; False when the run has none (made by ``gradloc boxes``)."""
+        if not (self.path / MANIFEST_FILE).is_file():
             return False
-        manifest = run.stored_manifest
+        manifest = self.run.stored_manifest
         manifest[key] = value
-        atomic_write_bytes(run.path / MANIFEST_FILE, json.dumps(manifest, indent=2, default=str).encode())
-    return True
-
-
-def _read_lock(path: Path) -> dict[str, Any] | None:
-    try:
-        holder = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return holder if isinstance(holder, dict) else None
-
-
-def _is_stale(holder: dict[str, Any] | None) -> bool:
-    """A lock of a dead process on this host (the only case a lock can be judged stale)."""
-    if holder is None or holder.get("host") != socket.gethostname():
-        return False
-    pid = holder.get("pid")
-    return isinstance(pid, int) and pid != os.getpid() and not pid_alive(pid)
-
-
-def _unwritable(folder: Path, error: OSError) -> OSError:
-    return OSError(f"{folder}: output folder is not writable ({error.strerror or error}); choose another --out")
-
-
-def _acquire(target: Path) -> Path:
-    """Create the lock file atomically (write aside, hard-link into place); take over a stale one.
-
-    Raises:
-        RunLockedError: held by a live process (or by one this host cannot check).
-        OSError: the output folder cannot be made or written.
-    """
-    lock = _lock_path(target)
-    try:
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temporary_name(lock)
-        atomic_write_bytes(tmp, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
-    except OSError as error:
-        raise _unwritable(lock.parent, error) from None
-    try:
-        for _ in range(2):
-            try:
-                os.link(tmp, lock)
-                return lock
-            except FileExistsError:
-                holder = _read_lock(lock)
-                if not _is_stale(holder):
-                    who = (f"pid {holder.get('pid')} on host {holder.get('host')}" if holder
-                           else "an unreadable lock")
-                    raise RunLockedError(f"{target}: another gradloc run is writing this folder ({who}, lock file "
-                                         f"{lock}); wait for it to finish, or delete the lock file if that "
-                                         "process is gone") from None
-                logger.warning("%s: taking over the lock of pid %s on %s, which is no longer running", lock,
-                               holder.get("pid"), holder.get("host"))
-                lock.unlink(missing_ok=True)
-        raise RunLockedError(f"{target}: another gradloc run took the lock file {lock} first; try again")
-    except RunLockedError:
-        raise
-    except OSError as error:
-        raise _unwritable(lock.parent, error) from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _release(lock: Path) -> None:
-    holder = _read_lock(lock)
-    if holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
-        lock.unlink(missing_ok=True)
-
-
-def _rmtree(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def _repair(target: Path) -> None:
-    """Finish or undo a swap interrupted by a crash (caller holds the lock, or no one does)."""
-    ready, old, new = _sibling(target, "ready"), _sibling(target, "old"), _sibling(target, "new")
-    if ready.is_dir():
-        if target.exists():
-            if old.exists():
-                _rmtree(old)
-            os.rename(target, old)
-        os.rename(ready, target)
-        logger.warning("%s: completed the swap of a run interrupted after it had finished", target)
-    if old.exists():
-        if target.exists():
-            _rmtree(old)
-        else:
-            os.rename(old, target)
-            logger.warning("%s: restored the previous results after an interrupted swap", target)
-    if new.exists():
-        _rmtree(new)
-
-
-def _swap(staging: Path, target: Path) -> None:
-    ready, old = _sibling(target, "ready"), _sibling(target, "old")
-    os.rename(staging, ready)  # from here the new run is complete: a crash rolls forward
-    if target.exists():
-        os.rename(target, old)
-    os.rename(ready, target)
-    if old.exists():
-        _rmtree(old)
+        self.write_manifest(manifest)
+        return True
 
 
 def check_writable(target: str | Path) -> None:
-    """Fail before any work when a run cannot be written to ``target``: its parent cannot be made or written,
-    or another live process holds its lock.
+    """Fail before any work when a run cannot be written to ``target``: an unusable name, a parent that cannot
+    be made or written, another live writer, or a folder there (or at a staging name) gradloc did not make.
 
     Raises:
-        OSError: naming the folder. RunLockedError: naming the holder and the lock file.
+        ValueError: the name. OSError: naming the folder. LockedError: naming the holder and the lock file.
+        ForeignFolderError: naming the folder that is in the way.
     """
-    target = Path(target)
-    lock = _acquire(target)
-    _release(lock)
-
-
-@contextmanager
-def locked(target: str | Path) -> Iterator[Path]:
-    """Hold the lock of run folder ``target`` (repairing an interrupted swap first); yields ``target``.
-
-    Raises:
-        RunLockedError: another live process is writing ``target``. OSError: unwritable output folder.
-    """
-    target = Path(target)
-    lock = _acquire(target)
-    try:
-        _repair(target)
-        yield target
-    finally:
-        _release(lock)
+    folders.check_writable(Path(target), RUN_KIND, is_legacy_run, what="run name")
 
 
 @contextmanager
 def new_run(target: str | Path) -> Iterator[RunWriter]:
-    """Write a run into ``target`` atomically: lock it, repair an interrupted swap, stage the files in
-    ``<out>/.<name>.new``, and swap them in when the block ends without an error. On an error (or Ctrl-C) the
-    staging folder is deleted and ``target`` keeps the previous run; the lock is always released.
+    """Write a run into ``target`` as a whole (:func:`gradloc.core.folders.staged`): lock it, stage the files in
+    ``<out>/.<name>.new``, and swap them in when the block ends without an error or a SIGINT. On an error (or
+    Ctrl-C) the staging folder is deleted and ``target`` keeps the previous run; the lock is always released.
 
     Raises:
-        RunLockedError: another live process is writing ``target``. OSError: unwritable output folder.
+        LockedError: another live process is writing ``target``. OSError: unwritable output folder.
+        ForeignFolderError: ``target`` exists and is not a run folder gradloc made.
     """
-    with locked(target) as target:
-        staging = _sibling(target, "new")
-        try:
-            staging.mkdir()
-        except OSError as error:
-            raise _unwritable(target.parent, error) from None
-        try:
-            yield RunWriter(target, staging)
-            _swap(staging, target)
-        except BaseException:
-            _rmtree(staging)
-            raise
+    target = Path(target)
+    with folders.staged(target, RUN_KIND, is_legacy_run, what="run name") as staging:
+        yield RunWriter(target, staging)
+
+
+@contextmanager
+def update_run(target: str | Path) -> Iterator[RunWriter]:
+    """Update files of a finished run as a whole: the run's files are hard-linked into a staging folder, the
+    block replaces some of them (through the writer), and the folder is swapped in when the block ends without
+    an error or a SIGINT; otherwise the run is left exactly as it was.
+
+    Raises:
+        FileNotFoundError: no run folder at ``target``. LockedError, OSError, ForeignFolderError: as
+            :func:`new_run`.
+    """
+    target = Path(target)
+    with folders.staged(target, RUN_KIND, is_legacy_run, update=True, what="run name") as staging:
+        yield RunWriter(target, staging)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +15,8 @@ from gradloc.core.provenance import config_hash
 from gradloc.datasets.voc import VOCDataset
 from gradloc.run.boxes import run_boxes
 from gradloc.run.cams import plan_cams
-from gradloc.run.config import RunConfig
-from gradloc.run.folder import manifest_record, new_run, write_scores
+from gradloc.run.config import RunConfig, check_places
+from gradloc.run.folder import manifest_record, new_run
 from gradloc.run.score import coco_scores, headline_rows, score_run_folder
 from gradloc.run.setup import StageTimes
 
@@ -42,9 +42,11 @@ class RunResult:
     headline: pd.DataFrame | None = None
 
 
-def run(config: RunConfig, original: RunConfig | None = None, stage: StageProgress | None = None) -> RunResult:
+def run(config: RunConfig, original: RunConfig | None = None, stage: StageProgress | None = None,
+        record: Mapping[str, Any] | None = None) -> RunResult:
     """The whole pipeline for a prepared config (see :func:`prepare_demo`): cams -> boxes -> scores, plus
-    config.yaml and manifest.json (``original`` = the config as given, recorded beside the resolved one).
+    config.yaml and manifest.json (``original`` = the config as given, recorded beside the resolved one;
+    ``record``: more manifest entries, e.g. ``distributed``).
 
     The run is staged and swapped in whole (:func:`gradloc.new_run`): on any error or interruption the
     run folder keeps the previous results; finished heatmaps stay in the cache for the rerun."""
@@ -54,6 +56,7 @@ def run(config: RunConfig, original: RunConfig | None = None, stage: StageProgre
 
     stage = stage or quiet
     times = StageTimes()
+    check_places(config)
     with new_run(config.run_dir) as writer:
         plan = plan_cams(config)
         with times.stage("cams"), stage(plan.description, plan.n_images) as update:
@@ -66,8 +69,9 @@ def run(config: RunConfig, original: RunConfig | None = None, stage: StageProgre
             rows, meta, wsol = score_run_folder(writer.run, config.score.iou, config.score.metric, config.score.only)
             coco = coco_scores(writer.run, config.score.only)
             headline = headline_rows(writer.run, rows, wsol, meta, config.score.only)
-            write_scores(writer.run.path, rows, meta, wsol, coco, headline)
-        writer.write_manifest(run_manifest(config, original or config, cache, times, dataset.skipped))
+            writer.write_scores(rows, meta, wsol, coco, headline)
+        writer.write_manifest({**run_manifest(config, original or config, cache, times, dataset.skipped),
+                               **(record or {})})
     return RunResult(config.run_dir, rows, meta, wsol, cache, dataset, times, list(dataset.skipped), coco,
                      headline)
 

@@ -20,7 +20,7 @@ from gradloc.core.formats import (
     load_ground_truth,
 )
 from gradloc.core.provenance import git_commit
-from gradloc.run.folder import Run, locked, open_run, update_manifest, write_scores
+from gradloc.run.folder import Run, open_run, update_run
 from gradloc.scoring.bootstrap import N_RESAMPLES, corloc_interval, map_interval
 from gradloc.scoring.classification import classification_map
 from gradloc.scoring.coco import coco_evaluate
@@ -270,28 +270,29 @@ def headline_rows(run_dir: str | Path | Run, rows: pd.DataFrame, localization: p
 
 
 def save_run_scores(run_dir: str | Path, rows: pd.DataFrame, meta: dict[str, Any], wsol: pd.DataFrame,
-                    coco: pd.DataFrame | None = None, headline: pd.DataFrame | None = None) -> list[Path]:
-    """Write scores.csv/json/md, localization.csv (and coco.csv) into a finished run folder (holding its lock);
-    returns the written files."""
-    with locked(run_dir):
-        return write_scores(run_dir, rows, meta, wsol, coco, headline)
-
-
-def record_rescoring(run_dir: str | Path, ious: Sequence[float], metric: str, files: Sequence[Path],
-                     only: Sequence[str] = ()) -> bool:
-    """After ``gradloc score RUN --save``: record in ``manifest.json``, under ``rescored_scores``, the score
-    settings the saved files now hold (``config.score`` keeps what the run was made with).
+                    ious: Sequence[float], metric: str, only: Sequence[str] = (), coco: pd.DataFrame | None = None,
+                    headline: pd.DataFrame | None = None) -> tuple[list[Path], bool]:
+    """``gradloc score RUN --save``: write scores.csv/json/md (with ``headline``), localization.csv and, when
+    given, coco.csv into a finished run folder and record in its ``manifest.json``, under ``rescored_scores``,
+    the score settings the files now hold (``config.score`` keeps what the run was made with), as one update
+    (:func:`gradloc.run.folder.update_run`): a full disk or Ctrl-C leaves the previous files and manifest,
+    never a mix.
 
     Returns:
-        False when the folder has no manifest (made by ``gradloc boxes``), True when it was updated.
+        (the written files in the run folder, whether manifest.json was updated: False for a folder made by
+        ``gradloc boxes``, which has none).
     """
     run_dir = Path(run_dir)
-    return update_manifest(run_dir, "rescored_scores", {
-        "score": {"iou": [float(v) for v in ious], "metric": metric, **({"only": list(only)} if only else {})},
-        "files": sorted(str(Path(f).relative_to(run_dir)) for f in files),
-        "gradloc": __version__,
-        "git_commit": git_commit(),
-    })
+    with update_run(run_dir) as writer:
+        staged = writer.write_scores(rows, meta, wsol, coco, headline)
+        files = [run_dir / path.relative_to(writer.path) for path in staged]
+        recorded = writer.set_manifest("rescored_scores", {
+            "score": {"iou": [float(v) for v in ious], "metric": metric, **({"only": list(only)} if only else {})},
+            "files": sorted(str(path.relative_to(writer.path)) for path in staged),
+            "gradloc": __version__,
+            "git_commit": git_commit(),
+        })
+    return files, recorded
 
 
 def with_intervals(run_dir: str | Path | Run, rows: pd.DataFrame, only: Sequence[str] = (), *,

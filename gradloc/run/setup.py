@@ -12,6 +12,7 @@ from pathlib import Path
 
 from gradloc.boxes.baselines import BASELINES
 from gradloc.cams.methods import METHODS, check_eigen_smooth, test_time_augmentation
+from gradloc.core.names import excerpt
 from gradloc.datasets.demo import DEMO_CLASSES, generate_demo
 from gradloc.datasets.voc import VOCDataset
 from gradloc.models.build import check_model, load_model, resolve_device
@@ -65,7 +66,7 @@ def check_names(config: RunConfig) -> None:
 
     method = METHODS.get(config.cams.method)
     if method is None:
-        raise ValueError(f"unknown CAM method {config.cams.method!r} (cams.method); choose one of "
+        raise ValueError(f"unknown CAM method {excerpt(config.cams.method)} (cams.method); choose one of "
                          f"{', '.join(METHODS)}")
     if method.input_resolution:
         raise ValueError(f"CAM method {config.cams.method!r} makes pixel-level pictures, not heatmaps for "
@@ -74,9 +75,10 @@ def check_names(config: RunConfig) -> None:
     test_time_augmentation(config.cams.flip, config.cams.aug_smooth)
     for name in config.boxes.baselines:
         if name not in BASELINES:
-            raise ValueError(f"unknown baseline {name!r} (boxes.baselines); choose from {', '.join(BASELINES)}")
+            raise ValueError(f"unknown baseline {excerpt(name)} (boxes.baselines); choose from "
+                             f"{', '.join(BASELINES)}")
     if config.score.metric not in METRICS:
-        raise ValueError(f"unknown AP metric {config.score.metric!r} (score.metric); choose one of "
+        raise ValueError(f"unknown AP metric {excerpt(config.score.metric)} (score.metric); choose one of "
                          f"{', '.join(METRICS)}")
     if not config.demo.enabled:
         check_model(config.model.name)

@@ -26,9 +26,9 @@ import yaml
 from tabulate import tabulate
 
 from gradloc.core.files import atomic_write_bytes
+from gradloc.core.names import excerpt
 from gradloc.core.ranges import IOU_RANGE
 from gradloc.run.cv import Variant, best_center_size, cross_validate, refit_config
-from gradloc.run.folder import open_run
 from gradloc.run.pipeline import StageProgress, run
 from gradloc.scoring.tables import DIGITS, METRIC_NAMES, is_close, select_threshold
 
@@ -51,7 +51,7 @@ def parse_select_metric(text: str) -> tuple[str, float]:
     except ValueError:
         iou = float("nan")
     if not at or name not in SELECT_METRICS or iou not in IOU_RANGE:
-        raise ValueError(f"selection metric {text!r} is not <name>@<iou> with a name of "
+        raise ValueError(f"selection metric {excerpt(text)} is not <name>@<iou> with a name of "
                          f"{', '.join(SELECT_METRICS)} and an IoU in {IOU_RANGE}, e.g. ap@0.5")
     return name, iou
 
@@ -171,7 +171,7 @@ def sweep_dir(config: Any) -> Path:
     return Path(config.out) / f"{config.name}-sweep"
 
 
-def run_split(config: Any, stage: StageProgress | None = None) -> tuple[Path, pd.DataFrame]:
+def run_split(config: Any, stage: StageProgress | None = None) -> tuple[Path, pd.DataFrame, pd.DataFrame]:
     """CAMs, boxes and scores of one config (an ordinary run folder with manifest.json and scores files).
 
     Args:
@@ -180,11 +180,11 @@ def run_split(config: Any, stage: StageProgress | None = None) -> tuple[Path, pd
         stage: optional progress factory ``(description, total) -> context manager yielding update(n)``.
 
     Returns:
-        ``(run_dir, score rows)``.
+        ``(run_dir, score rows, localization rows)``.
     """
 
     result = run(config, stage=stage)
-    return result.run_dir, result.rows
+    return result.run_dir, result.rows, result.localization
 
 
 def run_sweep(config: Any, select_split: str, eval_split: str, select_metric: str = "ap@0.5",
@@ -227,17 +227,16 @@ def run_sweep(config: Any, select_split: str, eval_split: str, select_metric: st
     out_dir = sweep_dir(config)
     files = [out_dir / "sweep.csv", out_dir / "sweep.md"]
     if folds is None:
-        run_dirs, rows = {}, {}
+        run_dirs, rows, localization = {}, {}, {}
         for split in dict.fromkeys((select_split, eval_split)):
-            run_dirs[split], rows[split] = run_split(split_config(config, split), stage)
+            run_dirs[split], rows[split], localization[split] = run_split(split_config(config, split), stage)
         table = sweep_table(rows[select_split], rows[eval_split], select_metric, select_split, eval_split,
-                            open_run(run_dirs[eval_split]).localization)
+                            localization[eval_split])
     else:
         selection = select_by_cv(config, select_split, eval_split, SELECT_METRICS[name], iou, folds, seed,
                                  variants or [Variant(config.name)], stage)
         table = sweep_table(selection.cv_rows, selection.eval_rows, select_metric,
-                            f"{select_split} ({folds} held-out folds)", eval_split,
-                            open_run(selection.run_dir).localization)
+                            f"{select_split} ({folds} held-out folds)", eval_split, selection.eval_localization)
         run_dirs = {eval_split: selection.run_dir}
         files += selection.write(out_dir, digits)
     atomic_write_bytes(files[0], table.to_csv(index=False).encode())
@@ -256,6 +255,7 @@ class Selection:
         ablations: one row per variant: its held-out (CV) choice of τ and centre size, the CV scores, and the
             evaluation split's scores at that choice (and at its own oracle τ, labelled).
         cv_rows, eval_rows: the score rows of the chosen variant (held-out folds; evaluation split).
+        eval_localization: the chosen variant's localization rows on the evaluation split.
         all_cv_rows: every variant's held-out rows (column ``variant``).
         chosen: the chosen variant's evaluation config (refitted head, selected τ, centre size).
         run_dir: its evaluation run folder.
@@ -264,6 +264,7 @@ class Selection:
     ablations: pd.DataFrame
     cv_rows: pd.DataFrame
     eval_rows: pd.DataFrame
+    eval_localization: pd.DataFrame
     all_cv_rows: pd.DataFrame
     chosen: Any
     run_dir: Path
@@ -295,7 +296,7 @@ def select_by_cv(config: Any, select_split: str, eval_split: str, column: str, i
                                     selected_on=f"{select_split} ({folds}-fold CV)")
         chosen = dataclasses.replace(chosen, name=f"{config.name}-{variant.name}" if len(variants) > 1 else
                                      config.name, boxes=boxes)
-        run_dir, eval_rows = run_split(split_config(chosen, eval_split), stage)
+        run_dir, eval_rows, eval_localization = run_split(split_config(chosen, eval_split), stage)
         at = eval_rows[(eval_rows["class"] == "mAP") & is_close(eval_rows["iou"], iou)]
         cam = at[at["source"] == "cam"]
         oracle_tau, oracle = select_threshold(eval_rows, column, iou)
@@ -305,14 +306,14 @@ def select_by_cv(config: Any, select_split: str, eval_split: str, column: str, i
                      "eval_center": float(at.loc[at["source"] == "center", column].iloc[0]),
                      "eval_oracle_tau": oracle_tau, "eval_at_oracle_tau": oracle, "select_split": select_split,
                      "folds": folds, "seed": seed, "eval_split": eval_split})
-        results.append((cv, eval_rows, chosen, run_dir))
+        results.append((cv, eval_rows, eval_localization, chosen, run_dir))
     table = pd.DataFrame(rows)
     best = int(table["cv"].to_numpy().argmax())
     table.insert(1, "chosen", [i == best for i in range(len(table))])
-    cv, eval_rows, chosen, run_dir = results[best]
+    cv, eval_rows, eval_localization, chosen, run_dir = results[best]
     all_cv = pd.concat([r[0].rows.assign(variant=v.name) for r, v in zip(results, variants, strict=True)],
                        ignore_index=True)
-    return Selection(table, cv.rows, eval_rows, all_cv, chosen, run_dir)
+    return Selection(table, cv.rows, eval_rows, eval_localization, all_cv, chosen, run_dir)
 
 
 def render_ablations(table: pd.DataFrame, tablefmt: str = "orgtbl", digits: int = DIGITS) -> str:

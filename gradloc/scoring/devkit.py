@@ -28,6 +28,7 @@ import pandas as pd
 
 from gradloc.core.files import atomic_write_bytes
 from gradloc.core.formats import Detections, GroundTruth
+from gradloc.core.names import check_name
 from gradloc.scoring.voc import score_detections
 
 logger = logging.getLogger(__name__)
@@ -43,8 +44,15 @@ VOC_RESULTS_SOURCE = "cam"  # source name of the detections at the top of a resu
 
 
 def results_filename(split: str, class_name: str, competition: str = COMPETITION) -> str:
-    """The devkit's file name of one class, e.g. ``comp4_det_val_cat.txt``."""
-    return f"{competition}_det_{split}_{class_name}.txt"
+    """The devkit's file name of one class, e.g. ``comp4_det_val_cat.txt``.
+
+    Raises:
+        ValueError: a part that cannot be in a file name (a path separator, a leading dot, invisible
+            characters, too long: :func:`gradloc.core.names.check_name`), e.g. a class named ``x/../../y``.
+    """
+    for what, part in (("competition", competition), ("split", split), ("class name", class_name)):
+        check_name(part, what)
+    return check_name(f"{competition}_det_{split}_{class_name}.txt", "results file name")
 
 
 def format_lines(dets: Detections, label: int) -> str:

@@ -246,8 +246,8 @@ def headline_text(headline: pd.DataFrame, meta: Mapping[str, Any] | None, digits
                  "`gradloc sweep`); tau-free numbers and the oracle only, in %:")
     else:
         title = f"Headline at the selected tau = {selected:g} ({_chosen_words(meta)}), in %:"
-    labels = [f"{r.metric}" + ("" if r.threshold != r.threshold else f" (tau {r.threshold:g})")
-              for r in headline.itertuples()]
+    labels = [f"{r.metric}" + ("" if r.threshold != r.threshold or r.threshold == selected else
+                               f" (tau {r.threshold:g})") for r in headline.itertuples()]
     values = [f"{100 * r.value:.{digits}f}" + (f" [{100 * r.low:.{digits}f}, {100 * r.high:.{digits}f}]"
                                                if r.low == r.low and r.high == r.high else "")
               for r in headline.itertuples()]

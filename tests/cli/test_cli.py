@@ -5,6 +5,9 @@ import json
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +76,7 @@ def test_score_run_folder_and_pickles_as_json(tiny_run):
                                        str(run_dir / "detections" / "thr_0.200.pkl"), "--format", "json",
                                        "--metric", "voc10"])
     assert result.exit_code == 0, result.output
-    rows = json.loads(result.stdout)
+    rows = json.loads(result.stdout)["rows"]
     assert {r["iou"] for r in rows} == {0.3, 0.4, 0.5}
     assert {r["metric"] for r in rows} == {"voc10"}
     assert any(r["class"] == "mAP" for r in rows)
@@ -93,9 +96,11 @@ def test_info_describes_the_run(tiny_run):
     assert re.search(r"^classes explained: predicted \(p >= 0\.5\)$", out, re.M)
     assert re.search(r"^seconds per stage: cams [\d.]+, boxes [\d.]+, score [\d.]+$", out, re.M)
     rows = json.loads(CliRunner().invoke(main, ["score", str(root / "results" / "tiny"), "--format", "json",
-                                                "--iou", "0.5"]).stdout)
+                                                "--iou", "0.5"]).stdout)["rows"]
     best = max(r["ap"] for r in rows if r["class"] == "mAP" and r["source"] == "cam")
-    assert re.search(rf"^mAP IoU 0\.5: +{100 * best:.2f} % at tau 0\.\d .*oracle", out, re.M)
+    assert "Headline: no selected tau" in out  # --thresholds 0.1,0.2 left out the config's selected tau
+    assert re.search(rf"^  mAP@0\.5 \(tau 0\.\d\) +{100 * best:.2f}  oracle: the best tau of the sweep on test",
+                     out, re.M)
 
 
 def test_missing_config_is_one_line_exit_1(tmp_path):
@@ -239,7 +244,7 @@ def test_score_json_and_csv_with_per_class_are_one_document(tiny_run):
     run_dir = str(root / "results" / "tiny")
     result = CliRunner().invoke(main, ["score", run_dir, "--format", "json", "--per-class", "0.2"])
     assert result.exit_code == 0, result.output
-    rows = json.loads(result.stdout)  # one document: no tables appended
+    rows = json.loads(result.stdout)["rows"]  # one document: no tables appended
     assert {r["threshold"] for r in rows} == {0.2}
     assert {"mAP", "disc"} <= {r["class"] for r in rows} and {"cam", "center"} <= {r["source"] for r in rows}
     result = CliRunner().invoke(main, ["score", run_dir, "--format", "csv", "--per-class", "0.2"])
@@ -270,7 +275,7 @@ def test_score_writes_nothing_unless_save(tiny_run):
         assert manifest["rescored_scores"]["score"] == {"iou": [0.5], "metric": "voc10"}
         assert "scores.csv" in manifest["rescored_scores"]["files"]
         assert manifest["config"]["score"]["iou"] == [0.3, 0.5]  # what the run was made with stays
-        assert {r["iou"] for r in json.loads((run_dir / "scores.json").read_text())} == {0.5}
+        assert {r["iou"] for r in json.loads((run_dir / "scores.json").read_text())["rows"]} == {0.5}
     finally:  # restore the shared run for the other tests
         for name, data in before.items():
             (run_dir / name).write_bytes(data)
@@ -285,7 +290,7 @@ def test_score_layout_rows_and_digits(tiny_run):
     lines = [line for line in result.stdout.splitlines() if line.startswith("|") and "---" not in line]
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
     assert header[:3] == ["tau", "ap@0.5", "recall@0.5"] and "ap@0.5 (center)" in header
-    assert [line.split("|")[1].strip() for line in lines[1:]] == ["0.1", "0.2"]
+    assert [line.split("|")[1].strip() for line in lines[1:3]] == ["0.1", "0.2"]
     assert re.fullmatch(r"\d+\.\d{3}", lines[1].split("|")[2].strip())
 
 
@@ -299,11 +304,12 @@ def test_export_then_score_voc_results_reproduces_the_run(tiny_run, tmp_path):
     assert (tmp_path / "voc" / "comp4_det_test_disc.txt").is_file()
     assert (tmp_path / "voc" / "baselines" / "center" / "comp4_det_test_disc.txt").is_file()
     args = ["--iou", "0.3,0.5", "--format", "json"]
-    run_rows = json.loads(CliRunner().invoke(main, ["score", str(run_dir), *args, "--per-class", "0.2"]).stdout)
+    run_rows = json.loads(CliRunner().invoke(main, ["score", str(run_dir), *args, "--per-class", "0.2"]).stdout
+                          )["rows"]
     result = CliRunner().invoke(main, ["score", "--gt", str(run_dir / "gt.pkl"), "--voc-results",
                                        str(tmp_path / "voc"), *args])
     assert result.exit_code == 0, result.output
-    voc_rows = json.loads(result.stdout)
+    voc_rows = json.loads(result.stdout)["rows"]
 
     def numbers(rows):
         return {(r["source"], r["class"], r["iou"]): (r["ap"], r["recall"], r["n_gt"], r["n_det"]) for r in rows}
@@ -475,11 +481,12 @@ def test_explain_is_a_config_key_and_a_flag(tmp_path):
 def test_only_scores_a_subset_of_classes(tiny_run):
     root, _ = tiny_run
     run_dir = str(root / "results" / "tiny")
-    every = json.loads(CliRunner().invoke(main, ["score", run_dir, "--iou", "0.5", "--format", "json"]).stdout)
+    every = json.loads(CliRunner().invoke(main, ["score", run_dir, "--iou", "0.5", "--format", "json"]).stdout
+                       )["rows"]
     result = CliRunner().invoke(main, ["score", run_dir, "--iou", "0.5", "--format", "json", "--only",
                                        "disc,square"])
     assert result.exit_code == 0, result.output
-    rows = json.loads(result.stdout)
+    rows = json.loads(result.stdout)["rows"]
     assert {r["class"] for r in rows} == {"disc", "square", "mAP"}
     cam = [r for r in rows if r["source"] == "cam" and r["threshold"] == 0.2]
     full = {r["class"]: r["ap"] for r in every if r["source"] == "cam" and r["threshold"] == 0.2}
@@ -649,7 +656,7 @@ def test_score_ci_adds_bca_intervals_of_the_means(tiny_run):
     run_dir = root / "results" / "tiny"
     result = CliRunner().invoke(main, ["score", str(run_dir), "--iou", "0.5", "--ci", "--format", "json"])
     assert result.exit_code == 0, result.output
-    rows = json.loads(result.output)
+    rows = json.loads(result.output)["rows"]
     cam = next(r for r in rows if r["class"] == "mAP" and r["source"] == "cam" and r["threshold"] == 0.2)
     expected = map_interval(load_detections(run_dir / "detections" / "thr_0.200.pkl"),
                             load_ground_truth(run_dir / "gt.pkl"), 0.5)
@@ -673,3 +680,111 @@ def test_printed_tables_and_info_end_with_one_newline(tiny_run):
                  ["info", run_dir], ["compare", run_dir, run_dir]):
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 0 and result.stdout.endswith("\n") and not result.stdout.endswith("\n\n"), args
+# --- the program's exit: Ctrl-C at any moment is exit 130 with one line (issue 18 item 4) ----------------------
+
+PROGRAM = """
+import os, runpy, signal, sys, time
+when = sys.argv[1]
+sys.argv = ["gradloc", *sys.argv[2:]]
+import gradloc.cli.app as app
+import gradloc.run.boxes as boxes
+if when == "after":  # the command has returned; Python is about to shut down
+    invoke = app.GradlocGroup.invoke
+    def late(self, ctx):
+        result = invoke(self, ctx)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+        return result
+    app.GradlocGroup.invoke = late
+else:  # inside a __del__, where Python swallows the KeyboardInterrupt, while the boxes stage runs
+    class Swallows:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    cut = boxes.cut_heat
+    def swallowing(*args, **kwargs):
+        Swallows()
+        return cut(*args, **kwargs)
+    boxes.cut_heat = swallowing
+runpy.run_module("gradloc", run_name="__main__")
+"""
+
+
+def _program(when: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", PROGRAM, when, *args], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300, check=False,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def test_ctrl_c_after_the_command_finished_exits_130_with_one_line(tiny_run):
+    root, _ = tiny_run
+    done = _program("after", "info", str(root / "results" / "tiny"))
+    assert done.returncode == 130, done.stderr
+    assert done.stderr == "interrupted: the command had already finished (what it wrote is complete); exit status 130\n"
+    assert "Headline" in done.stdout and "oracle" in done.stdout
+
+
+def test_a_swallowed_ctrl_c_exits_130_with_one_line_and_no_traceback(tiny_run, tmp_path):
+    root, _ = tiny_run
+    run_dir = root / "results" / "tiny"
+    config = json.loads((run_dir / "manifest.json").read_text())["config"]
+    config["out"] = str(tmp_path)
+    (tmp_path / "c.yaml").write_text(json.dumps(config))
+    done = _program("inside", "run", "--config", str(tmp_path / "c.yaml"), "-q")
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.startswith("interrupted: the run folder keeps") and done.stderr.count("\n") == 1, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
+
+
+def _with_selected_tau(run_dir: Path, copy: Path, tau: float, chosen_on: str) -> Path:
+    """A copy of a run whose detections record a selected τ (as a config with boxes.selected_threshold makes)."""
+    from gradloc.core.files import save_pickle
+    from gradloc.core.formats import load_detections
+
+    shutil.copytree(run_dir, copy)
+    for path in (copy / "detections").glob("thr_*.pkl"):
+        dets = load_detections(path)
+        save_pickle(dataclasses.replace(dets, meta={**dets.meta, "selected_threshold": tau,
+                                                    "selected_on": chosen_on}), path)
+    return copy
+
+
+@pytest.mark.slow
+def test_score_and_info_lead_with_the_selected_tau_and_json_carries_the_headline(tiny_run, tmp_path):
+    from gradloc.core.formats import load_detections, load_ground_truth
+    from gradloc.scoring.voc import evaluate
+
+    root, result = tiny_run
+    # the config's selected tau (0.5) is not among --thresholds 0.1,0.2: the run has none, and says so
+    assert "--thresholds leaves out the config's selected tau 0.5" in result.output
+    plain = CliRunner().invoke(main, ["score", str(root / "results" / "tiny"), "--iou", "0.5"]).stdout
+    assert plain.startswith("Headline: no selected tau") and "oracle: the best tau of the sweep on test" in plain
+    run_dir = _with_selected_tau(root / "results" / "tiny", tmp_path / "selected", 0.2, "val")
+    text = CliRunner().invoke(main, ["score", str(run_dir), "--iou", "0.3,0.5"]).stdout
+    assert text.startswith("Headline at the selected tau = 0.2 (chosen on val, scored on test), in %:\n")
+    assert "threshold = 0.2  <- the selected tau" in text
+    document = json.loads(CliRunner().invoke(main, ["score", str(run_dir), "--iou", "0.5", "--format",
+                                                    "json"]).stdout)
+    assert (document["selected_threshold"], document["selected_on"], document["split"]) == (0.2, "val", "test")
+    head = {(row["metric"], row["threshold"]): row for row in document["headline"]}
+    dets, gt = load_detections(run_dir / "detections" / "thr_0.200.pkl"), load_ground_truth(run_dir / "gt.pkl")
+    for metric, key in (("voc07", "mAP@0.5"), ("voc10", "AP10 mAP@0.5")):
+        frame = evaluate(dets, gt, [0.5], metric)
+        assert head[(key, 0.2)]["value"] == pytest.approx(frame.loc[frame["class"] == "mAP", "ap"].item())
+    assert 0 <= head[("classification mAP", None)]["value"] <= 1
+    assert any(row["note"].startswith("oracle") for row in document["headline"])
+    info = CliRunner().invoke(main, ["info", str(run_dir)]).stdout
+    assert "Headline at the selected tau = 0.2 (chosen on val, scored on test)" in info
+    oracle = _with_selected_tau(root / "results" / "tiny", tmp_path / "oracle", 0.2, "test")
+    text = CliRunner().invoke(main, ["score", str(oracle)]).stdout
+    assert "chosen on test, the split scored here: an oracle choice, not a held-out result" in text.splitlines()[0]
+
+
+@pytest.mark.slow
+def test_quiet_keeps_all_of_stdout(tiny_run):
+    run_dir = str(tiny_run[0] / "results" / "tiny")
+    for args in (["score", run_dir], ["score", run_dir, "--format", "markdown"], ["info", run_dir]):
+        loud, quiet = (CliRunner().invoke(main, [*args, *extra]) for extra in ([], ["-q"]))
+        assert loud.exit_code == quiet.exit_code == 0 and quiet.stdout == loud.stdout, args
+    text = CliRunner().invoke(main, ["score", run_dir, "-q"]).stdout
+    assert "Localization (mean over classes" in text and "COCO-style AP" in text and "Headline" in text

@@ -100,6 +100,64 @@ def test_safe_loader_file_errors(tmp_path):
         safe_load_pickle(tmp_path / "cut.pkl")
 
 
+def _bomb(depth: int) -> list:
+    leaf: list = [0.0, 0.0, 0.0, 0.0]
+    for _ in range(depth):
+        leaf = [leaf, leaf]
+    return leaf
+
+
+def _cycle() -> list:
+    cycle: list = []
+    cycle.append(cycle)
+    return cycle
+
+
+class _Reduces:
+    """Pickles as ``function(*args)``: what a hostile pickle can ask the loader to call."""
+
+    def __init__(self, function, *args) -> None:
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return self.function, self.args
+
+
+@pytest.mark.parametrize(("obj", "message"), [
+    (_bomb(28), "pickle bomb"),  # 2**28 lists of 4 floats once np.asarray expands the shared references
+    ({"boxes": _bomb(40), "x": 1}, "pickle bomb"),
+    (_cycle(), "pickle bomb"),
+    (_Reduces(bytearray, 10**10), "refusing bytearray of anything but bytes"),  # would allocate 10 GB
+    (_Reduces(np.ndarray, (10**6,)), "refusing to load numpy.ndarray"),
+    (_Reduces(np.dtype, "O"), "refusing to load numpy dtype"),
+    (_Reduces(np.dtype, [("a", "f8"), ("b", "O")]), "refusing to load numpy dtype"),
+], ids=["nested shared lists", "nested in a dict", "cycle", "bytearray(size)", "ndarray(shape)",
+        "object dtype", "structured dtype"])
+def test_safe_loader_bounds_what_it_builds(tmp_path, obj, message):
+    path = tmp_path / "bomb.pkl"
+    path.write_bytes(pickle.dumps(obj, protocol=4))
+    assert path.stat().st_size < 4000
+    with pytest.raises(ValueError, match=rf"bomb\.pkl: not a plain-data pickle \(.*{message}"):
+        safe_load_pickle(path)
+
+
+def test_safe_loader_refuses_numpy_reconstruct_of_a_huge_stub(tmp_path):
+    from numpy._core.multiarray import _reconstruct
+
+    path = tmp_path / "stub.pkl"
+    path.write_bytes(pickle.dumps(_Reduces(_reconstruct, np.ndarray, (10**12,), b"b"), protocol=4))
+    with pytest.raises(ValueError, match=r"refusing numpy\._reconstruct"):
+        safe_load_pickle(path)
+
+
+def test_a_shared_string_is_fine(tmp_path):
+    """Legitimate sharing (one class name string referenced by many rows) stays within the budget."""
+    name = "diningtable"
+    path = tmp_path / "ok.pkl"
+    path.write_bytes(pickle.dumps({"rows": [name] * 10_000, "arrays": [np.zeros(3)] * 100}, protocol=4))
+    assert len(safe_load_pickle(path)["rows"]) == 10_000
+
+
 # --- atomic writes ------------------------------------------------------------------------------------------
 
 
@@ -160,3 +218,19 @@ def test_save_pickle_same_data_same_bytes(tmp_path):
     save_pickle({"a": np.arange(3)}, tmp_path / "two.pkl")
     assert (tmp_path / "one.pkl").read_bytes() == (tmp_path / "two.pkl").read_bytes()
     assert pickle.loads((tmp_path / "one.pkl").read_bytes())["a"].tolist() == [0, 1, 2]
+
+
+def test_write_own_file_replaces_only_a_file_of_its_format(tmp_path):
+    from gradloc.core.files import write_own_file
+
+    png = b"\x89PNG\r\n\x1a\n" + b"pixels"
+    target = tmp_path / "a.png"
+    write_own_file(target, png, "a PNG image")
+    write_own_file(target, png + b"more", "a PNG image")  # an earlier PNG is replaced
+    assert target.read_bytes() == png + b"more"
+    for name, make in (("notes.xml", lambda p: p.write_text("<annotation/>")), ("d", lambda p: p.mkdir()),
+                       ("link.png", lambda p: p.symlink_to(target))):
+        make(tmp_path / name)
+        with pytest.raises(FileExistsError, match=rf"{name}: exists and is .*gradloc overwrites only"):
+            write_own_file(tmp_path / name, png, "a PNG image")
+    assert (tmp_path / "notes.xml").read_text() == "<annotation/>" and target.read_bytes() == png + b"more"

@@ -177,3 +177,64 @@ def test_image_labels_follow_the_devkit_convention():
                      boxes=np.tile([1.0, 1.0, 5.0, 5.0], (4, 1)), difficult=np.array([False, True, True, False]))
     # a: cat present, dog difficult only; b: one difficult and one normal dog -> present; car nowhere
     assert gt.image_labels().tolist() == [[1, 0, -1], [-1, 1, -1]]
+
+
+# --- read_array: every array of a file is checked for dtype and values (issue 18 item 6) ---------------------
+
+
+@pytest.mark.parametrize(("value", "kind", "expected"), [
+    (np.array([0, 3], dtype=np.int32), "index", np.array([0, 3])),
+    ([0.0, 3.0], "index", np.array([0, 3])),
+    (np.array([True, False]), "flag", np.array([True, False])),
+    (np.array([0, 1], dtype=np.uint8), "flag", np.array([False, True])),
+    ([0.0, 1.0], "flag", np.array([False, True])),
+    ([], "index", np.zeros(0)),
+    (np.array([1, 2], dtype=np.int16), "number", np.array([1.0, 2.0])),
+])
+def test_read_array_accepts_exact_values(value, kind, expected):
+    from gradloc.core.formats import read_array
+
+    array = read_array({"x": value}, "x", kind, "f.pkl")
+    np.testing.assert_array_equal(array, expected)
+    assert array.dtype == {"index": np.int64, "flag": np.bool_, "number": np.float64}[kind]
+
+
+@pytest.mark.parametrize(("value", "kind", "message"), [
+    (np.array(["0", "1"]), "flag", r"holds <U1 values \(first '0'\), expected bool or 0/1 values"),
+    ([0, 2], "flag", "holds 2, expected bool or 0/1 values"),
+    ([0.5], "flag", "holds 0.5"),
+    ([0.0, 1.5], "index", "holds 1.5, expected whole numbers"),
+    ([float("nan")], "index", "holds nan"),
+    (np.array([True]), "index", "holds bool values"),
+    ([[0, 1]], "index", r"has shape \(1, 2\), expected \(N,\)"),
+    ([[1, 2, 3]], "box", r"has shape \(1, 3\), expected \(N, 4\)"),
+    ("01", "flag", "is a str"),
+    ({"a": 1}, "number", "is a dict"),
+    ([1, [2]], "number", "not a regular array"),
+    (np.array([2**63 + 5], dtype=np.uint64), "index", "too large"),
+], ids=["str flags", "flag 2", "flag 0.5", "fractional index", "nan index", "bool index", "2-D index",
+        "3 columns", "a string", "a dict", "ragged", "uint64 overflow"])
+def test_read_array_refuses_and_names_the_field(value, kind, message):
+    from gradloc.core.formats import read_array
+
+    columns = 4 if kind == "box" else None
+    with pytest.raises(ValueError, match=rf"^f\.pkl: field 'x' .*{message}"):
+        read_array({"x": value}, "x", kind, "f.pkl", columns=columns)
+
+
+def test_names_are_distinct_strings(tmp_path):
+    for classes, message in ((["cat", "cat"], "lists 'cat' twice"), (["cat", 3], "holds 3, a int"),
+                             ("cat", "is a str")):
+        path = tmp_path / "gt.pkl"
+        path.write_bytes(pickle.dumps({"format": GT_FORMAT, **gt_fields(classes=classes)}))
+        with pytest.raises(ValueError, match=rf"gt\.pkl: field 'classes' {message}"):
+            load_ground_truth(path)
+
+
+def test_an_inverted_gt_box_is_blamed_on_the_gt_file(tmp_path):
+    boxes = np.array([[10.0, 1, 1, 10], [5, 5, 353, 500], [20, 30, 40, 50]])
+    path = tmp_path / "gt.pkl"
+    path.write_bytes(pickle.dumps({"format": GT_FORMAT, **gt_fields(boxes=boxes)}))
+    with pytest.raises(ValueError, match=r"gt\.pkl: ground truth: field 'boxes' row 0 is \[10\.0, 1\.0, 1\.0, 10\.0\], "
+                                         r"with x2 < x1"):
+        load_ground_truth(path)

@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gradloc.datasets.voc import VOC_CLASSES, DatasetError, MissingFileError, VOCDataset, parse_annotation
+from gradloc.datasets.voc import (
+    VOC_CLASSES,
+    DatasetError,
+    MissingFileError,
+    VOCDataset,
+    file_fingerprint,
+    parse_annotation,
+)
 
 # --- helpers ------------------------------------------------------------------------------------------------
 
@@ -467,7 +474,8 @@ def test_skip_mode_skips_unreadable_images_and_lists_them(demo_copy, cams_config
         assert item["file"] == str(images / f"{image_id}.jpg")
         assert BAD_IMAGES[kind][1] in item["reason"]
     assert len(dataset) == 8 and not set(damaged) & set(dataset.image_ids)
-    assert cache.missing(dataset.image_ids) == [] and dataset.ground_truth().image_ids == dataset.image_ids
+    assert all(cache.has(i, file_fingerprint(dataset.image_path(i))) for i in dataset.image_ids)
+    assert dataset.ground_truth().image_ids == dataset.image_ids
 
 
 def test_image_smaller_than_the_network_input(demo_copy, cams_config):

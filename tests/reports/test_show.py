@@ -1,5 +1,6 @@
 """gradloc.reports.show and `gradloc show`: box-drawing coordinates, sampling, IoU labels, PNG grids, error paths."""
 
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -16,9 +17,9 @@ from gradloc.cli import main
 from gradloc.core.files import save_pickle
 from gradloc.core.formats import Detections, GroundTruth, load_detections
 from gradloc.core.geometry import plan
-from gradloc.datasets.voc import VOCDataset
-from gradloc.reports.draw import DPI, PANEL_INCHES, best_gt_iou, image_extent, voc_box_to_rect
-from gradloc.reports.show import sample_images, show_run
+from gradloc.datasets.voc import VOCDataset, file_fingerprint
+from gradloc.reports.draw import DPI, PANEL_INCHES, Sample, best_gt_iou, image_extent, voc_box_to_rect
+from gradloc.reports.show import Display, sample_images, show_run
 from gradloc.run.config import load_config
 from tests.conftest import VOC_ROOT
 
@@ -68,7 +69,7 @@ def write_run(root, voc, dataset, dets_of, name="tiny"):
         for k in range(len(classes)):  # a blob per class, at a place depending on the class
             maps[k, 1 + k % 4 : 4 + k % 4, 1 + (k * 3) % 5 : 4 + (k * 3) % 5] = 1.0 + k
         scores = np.where(np.arange(len(classes)) % 2 == 0, 2.0, -1.0).astype(np.float32)
-        cache.put(image_id, maps, scores, geometry, "float32")
+        cache.put(image_id, maps, scores, geometry, "float32", file_fingerprint(dataset.image_path(image_id)))
     run_dir = root / "results" / name
     save_pickle(gt, run_dir / "gt.pkl")
     save_pickle(dets_of(gt), run_dir / "detections" / "thr_0.200.pkl")
@@ -450,7 +451,6 @@ def test_missing_cache_is_one_line_exit_1(tiny_run, tmp_path):
 @pytest.mark.parametrize("args", [
     [],  # neither a run folder nor --detections
     ["RUN", "--detections", "x.pkl", "--voc-root", "v"],  # both
-    ["RUN"],  # no --threshold
     ["--detections", "x.pkl"],  # no --voc-root
     ["--detections", "x.pkl", "--voc-root", "v", "--threshold", "0.2"],  # tau comes from the pickle
     ["RUN", "--threshold", "abc"],  # not a number
@@ -458,3 +458,51 @@ def test_missing_cache_is_one_line_exit_1(tiny_run, tmp_path):
 def test_usage_errors_exit_2(args):
     result = CliRunner().invoke(main, ["show", *args])
     assert result.exit_code == 2, result.output
+
+
+# --- the display rule ---------------------------------------------------------------------------------------
+
+
+def _crowded_sample():
+    """GT: cat (0) and dog (1); predictions of the 20-class case: one box per class, most of them wrong."""
+    labels = np.array([0, 1, 2, 3, 4, 2, 5], np.int64)
+    scores = np.array([0.01, 0.5, 0.9, 0.2, 0.05, 0.3, 0.1])
+    boxes = np.tile(np.array([[1.0, 1.0, 10.0, 10.0]]), (len(labels), 1))
+    return Sample(image_id="x", image=np.zeros((12, 12, 3), np.uint8), gt_boxes=boxes[:2].copy(),
+                  gt_labels=np.array([0, 1], np.int64), gt_difficult=np.zeros(2, bool), det_boxes=boxes,
+                  det_labels=labels, det_scores=scores, det_iou=np.full(len(labels), np.nan))
+
+
+def test_display_draws_gt_classes_whatever_their_confidence_and_the_top_confident_others():
+    sample = _crowded_sample()
+    # others by their best box: 2 (0.9), 3 (0.2), 5 (0.1 = the cut: drawn), 4 (0.05 < cut)
+    np.testing.assert_array_equal(Display(min_score=0.1, top=3).classes(sample), [0, 1, 2, 3, 5])
+    np.testing.assert_array_equal(Display(min_score=0.1, top=1).classes(sample), [0, 1, 2])
+    np.testing.assert_array_equal(Display(min_score=0.95, top=3).classes(sample), [0, 1])
+    drawn = Display(min_score=0.1, top=1).apply(sample)
+    np.testing.assert_array_equal(drawn.det_labels, [0, 1, 2, 2])  # both boxes of class 2
+    assert drawn.hidden == 3 and drawn.gt_labels.tolist() == [0, 1]
+    # panels: GT classes first, each group by probability, at most `panels`
+    probabilities = np.array([0.1, 0.8, 0.95, 0.5, 0.0, 0.2])
+    np.testing.assert_array_equal(Display(0.1, 3, panels=4).panel_classes(sample, probabilities), [1, 0, 2, 3])
+    np.testing.assert_array_equal(Display(0.1, 3, panels=1).panel_classes(sample, probabilities), [1])
+    with pytest.raises(ValueError, match="--min-score"):
+        Display(min_score=1.5)
+
+
+def test_show_draws_the_run_selected_tau_by_default(tiny_run, tmp_path):
+    import shutil
+
+    _, run_dir = tiny_run
+    with pytest.raises(ValueError, match=r"no selected tau .*give --threshold, one of 0\.2"):
+        show_run(run_dir, n=2)
+    selected = tmp_path / "selected"
+    shutil.copytree(run_dir, selected)
+    dets = load_detections(selected / "detections" / "thr_0.200.pkl")
+    save_pickle(dataclasses.replace(dets, meta={**dets.meta, "selected_threshold": 0.2, "selected_on": "train"}),
+                selected / "detections" / "thr_0.200.pkl")
+    fig = show_run(selected, n=2)
+    title = " ".join(fig._suptitle.get_text().split())
+    assert "boxes at tau = 0.2 (the run's selected tau;" in title and "drawn: GT boxes" in title
+    result = CliRunner().invoke(main, ["show", str(selected), "--n", "2", "--png", str(tmp_path / "s.png")])
+    assert result.exit_code == 0, result.output

@@ -73,7 +73,8 @@ def test_fold_heads_are_fitted_on_the_other_folds_and_the_refit_on_all(tmp_path:
 def test_cross_validation_scores_every_selection_image_once(tmp_path: Path) -> None:
     config = prepare_demo(load_config(CONFIGS / "demo.yaml", {
         "cache_dir": str(tmp_path / "cache"), "out": str(tmp_path / "out"), "boxes.thresholds": [0.2, 0.6],
-        "demo.n_train": 60, "demo.n_val": 24, "demo.n_test": 20, "demo.train_seconds": 30.0}))
+        "boxes.selected_threshold": None, "demo.n_train": 60, "demo.n_val": 24, "demo.n_test": 20,
+        "demo.train_seconds": 30.0}))
     result = cv.cross_validate(config, "val", k=3, seed=0)
     assert len(result.image_ids) == len(set(result.image_ids)) == 24 and set(result.folds) == {0, 1, 2}
     from gradloc.run.config import open_dataset
@@ -94,7 +95,8 @@ def test_sweep_with_folds_chooses_before_it_reports(tmp_path: Path, monkeypatch)
 
     config = prepare_demo(load_config(CONFIGS / "demo.yaml", {
         "cache_dir": str(tmp_path / "cache"), "out": str(tmp_path / "out"), "boxes.thresholds": [0.2, 0.6],
-        "demo.n_train": 60, "demo.n_val": 24, "demo.n_test": 20, "demo.train_seconds": 30.0}))
+        "boxes.selected_threshold": None, "demo.n_train": 60, "demo.n_val": 24, "demo.n_test": 20,
+        "demo.train_seconds": 30.0}))
     order = []
     real_cv, real_run = sweep_module.cross_validate, sweep_module.run_split
     monkeypatch.setattr(sweep_module, "cross_validate", lambda c, *a, **k: (order.append(("cv", c.boxes.box_mode)),

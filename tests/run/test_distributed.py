@@ -68,6 +68,17 @@ def test_merge_before_any_shard_says_so(config_file, tmp_path):
     assert "12 of 12 images" in output and "no shard has run for this config" in output
 
 
+@pytest.mark.parametrize("record", ["[1, 2]", '{"of": "two"}', '{"of": 2, "skipped": [3]}', "{"])
+def test_a_damaged_shard_record_is_one_line(record, config_file, tmp_path):
+    code, output = cli("cams", "--config", config_file, "--cache-dir", tmp_path / "c", "--shard", "0/2", "-q")
+    assert code == 0, output
+    [path] = list((tmp_path / "c").rglob("shards/2/0.json"))
+    path.write_text(record)
+    code, output = cli("merge", "--config", config_file, "--cache-dir", tmp_path / "c")
+    assert code == 1 and output.strip().splitlines()[-1].startswith(f"error: {path}: "), output
+    assert "delete it and rerun that shard" in output
+
+
 def test_bad_shard_flag_is_one_line(config_file):
     code, output = cli("cams", "--config", config_file, "--shard", "2/2")
     assert code == 1

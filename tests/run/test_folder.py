@@ -7,6 +7,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -21,9 +22,10 @@ from click.testing import CliRunner
 
 from gradloc.cli import main
 from gradloc.core import files as io_module
+from gradloc.core.folders import LockedError, marker_name
 from gradloc.core.formats import Detections, GroundTruth
 from gradloc.run import folder as runs
-from gradloc.run.folder import Run, RunLockedError, new_run, open_run
+from gradloc.run.folder import Run, new_run, open_run
 from tests.conftest import ROOT
 
 
@@ -77,15 +79,15 @@ def test_failed_run_keeps_previous_results(tmp_path):
 
 
 def test_full_disk_during_a_write_keeps_previous_results(tmp_path, monkeypatch):
-    """ENOSPC (simulated in the fsync of the second file of the run; the lock file is the first write) keeps
-    the previous run; the error names the file."""
+    """ENOSPC (simulated in the fsync of the third file of the run; the lock file and the run's marker are
+    the first writes) keeps the previous run; the error names the file."""
     target = tmp_path / "k"
     _write(target, [0.1])
     calls = []
 
     def full_disk(fd):
         calls.append(fd)
-        if len(calls) == 4:
+        if len(calls) == 5:
             raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(io_module.os, "fsync", full_disk)
@@ -112,7 +114,9 @@ def test_threshold_listing_and_missing_threshold(tmp_path):
 
 
 def _folder(path: Path, tau: float) -> None:
+    """A run folder left by a crash: its marker and one detections file."""
     (path / "detections").mkdir(parents=True)
+    (path / marker_name("run")).write_text("{}")
     (path / "detections" / runs.threshold_filename(tau)).write_bytes(b"x")
 
 
@@ -177,7 +181,7 @@ def test_second_concurrent_run_refuses(tmp_path, live_pid):
     target = tmp_path / "k"
     _write(target, [0.1])
     _lock(tmp_path, live_pid)
-    with pytest.raises(RunLockedError, match=rf"another gradloc run is writing this folder \(pid {live_pid} on "
+    with pytest.raises(LockedError, match=rf"another gradloc run is writing this folder \(pid {live_pid} on "
                                              rf"host {socket.gethostname()}, lock file .*\.k\.lock\)"):
         _write(target, [0.2])
     assert open_run(target).thresholds == [0.1]
@@ -186,7 +190,7 @@ def test_second_concurrent_run_refuses(tmp_path, live_pid):
 
 def test_lock_of_another_host_is_not_taken_over(tmp_path, dead_pid):
     _lock(tmp_path, dead_pid, host="some-other-host")
-    with pytest.raises(RunLockedError, match="some-other-host"):
+    with pytest.raises(LockedError, match="some-other-host"):
         _write(tmp_path / "k", [0.2])
 
 
@@ -502,3 +506,100 @@ def test_manifest_paths_resolve_beside_the_run_else_absolute(tmp_path):
     assert resolved["config"]["cache_dir"] == str(tmp_path / "b" / "cache")
     assert resolved["config"]["data"]["voc_root"] == "/nowhere/VOCdevkit"
     assert Run(run).stored_manifest["config"]["cache_dir"] == str(tmp_path / "a" / "cache")
+
+
+# --- owned run folders and checked reads (issue 18) ------------------------------------------------------------
+
+
+def test_a_run_folder_carries_its_marker_and_a_legacy_run_is_adopted(tmp_path):
+    target = tmp_path / "k"
+    _write(target, [0.1])
+    assert (target / ".gradloc-run").is_file()
+    legacy = tmp_path / "old"
+    (legacy / "detections").mkdir(parents=True)
+    (legacy / "manifest.json").write_text(json.dumps({"config": {}, "config_hash": "abc"}))
+    assert runs.is_legacy_run(legacy)
+    _write(legacy, [0.2])  # a run made before markers is replaced like any run
+    assert open_run(legacy).thresholds == [0.2] and _siblings(legacy) == ["k"]
+
+
+def test_a_folder_with_a_foreign_manifest_is_not_a_run(tmp_path):
+    web = tmp_path / "site"
+    web.mkdir()
+    (web / "manifest.json").write_text(json.dumps({"name": "my web app", "icons": []}))
+    with pytest.raises(FileExistsError, match="gradloc did not make"):
+        _write(web, [0.1])
+    assert json.loads((web / "manifest.json").read_text())["name"] == "my web app"
+
+
+def test_update_run_replaces_some_files_and_keeps_the_others(tmp_path):
+    target = tmp_path / "k"
+    with new_run(target) as writer:
+        writer.write_gt(_gt())
+        writer.write_detections(_dets(0.1))
+        writer.write_manifest({"config": {}, "config_hash": "h"})
+    gt_before = (target / "gt.pkl").read_bytes()
+    with runs.update_run(target) as writer:
+        assert writer.set_manifest("rescored_scores", {"score": {"iou": [0.5]}})
+    assert (target / "gt.pkl").read_bytes() == gt_before
+    assert open_run(target).stored_manifest["rescored_scores"] == {"score": {"iou": [0.5]}}
+    with pytest.raises(FileNotFoundError, match="no run folder to update"), runs.update_run(tmp_path / "none"):
+        pass
+
+
+@pytest.mark.parametrize(("manifest", "message"), [
+    ([1, 2], "holds a list, expected a mapping"),
+    ({"config": []}, "has no 'config' mapping"),
+    ({"config": {}, "paths": [1]}, "field 'paths' is [1], expected a mapping"),
+    ({"config": {"model": "resnet"}}, "field 'config.model' is 'resnet', expected a mapping"),
+    ({"config": {"data": {"voc_root": 5}}}, "field 'config.data.voc_root' is 5, expected str or null"),
+    ({"config": {}, "seconds_per_stage": {"cams": "slow"}}, "field 'seconds_per_stage' holds 'slow'"),
+    ({"config": {}, "skipped": ["000005"]}, "field 'skipped' holds '000005'"),
+    ({"config": {}, "cache_dir": {"a": 1}}, "field 'cache_dir' is {'a': 1}, expected str or null"),
+])
+def test_a_manifest_is_checked_against_its_schema(manifest, message, tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _ = Run(tmp_path).manifest
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("threshold,threshold_mode,iou,metric,class,ap,recall,n_gt,source\n", "has a header but no rows"),
+    ("threshold,threshold_mode,iou,metric,class,ap,recall,n_gt,source\nhigh,max,0.5,voc07,mAP,0.1,0.2,3,cam\n",
+     "column 'threshold' holds 'high', not a number"),
+    ("a,b\n1,2\n", "missing column(s) threshold"),
+])
+def test_a_score_table_is_checked(text, message, tmp_path):
+    (tmp_path / "scores.csv").write_text(text)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _ = Run(tmp_path).scores
+
+
+def test_points_and_gt_known_records_are_checked(tmp_path):
+    target = tmp_path / "k"
+    common = {"classes": ["cat"], "image_ids": ["a"], "image_index": np.array([0]), "labels": np.array([0])}
+    with new_run(target) as writer:
+        writer.write_points({**common, "scores": np.array([0.5]), "points": np.array([[1.0, 2.0]])})
+        writer.write_gt_known({**common, "points": np.array([[1.0, 2.0]]), "hits": np.zeros((1, 100, 3), bool),
+                               "grid": np.linspace(0, 0.99, 100), "ious": np.array([0.3, 0.5, 0.7])})
+    run = open_run(target)
+    assert run.points["labels"].tolist() == [0] and run.gt_known["hits"].shape == (1, 100, 3)
+    io_module.save_pickle({"format": runs.POINTS_FORMAT, **common, "labels": np.array([3]),
+                           "scores": np.array([0.5]), "points": np.array([[1.0, 2.0]])}, target / "points.pkl")
+    with pytest.raises(ValueError, match=r"points\.pkl: field 'labels' has 1 values in \[3, 3\], expected 1 in"):
+        _ = open_run(target).points
+    io_module.save_pickle({"format": runs.GT_KNOWN_FORMAT, **common, "points": np.array([[1.0, 2.0]]),
+                           "hits": np.zeros((1, 100, 3)), "grid": np.zeros(100), "ious": np.zeros(3)},
+                          target / "gt_known.pkl")
+    with pytest.raises(ValueError, match=r"gt_known\.pkl: field 'hits' is float64\[1, 100, 3\], expected bool"):
+        _ = open_run(target).gt_known
+
+
+def test_images_json_is_written_and_checked(tmp_path):
+    target = tmp_path / "k"
+    with new_run(target) as writer:
+        writer.write_images({"a": {"size": 3, "blake2b": "0" * 32, "mtime_ns": 5}})
+    assert open_run(target).images == {"a": {"size": 3, "blake2b": "0" * 32}}
+    (target / "images.json").write_text(json.dumps({"format": "gradloc.images/1", "images": {"a": [1]}}))
+    with pytest.raises(ValueError, match=r"images\.json: not a gradloc\.images/1 file"):
+        _ = open_run(target).images

@@ -24,7 +24,8 @@ def demo_run(tmp_path_factory):
     config = load_config(CONFIGS / "demo.yaml", {
         "out": str(root / "results"), "cache_dir": str(root / "cache"), "name": "mini",
         "demo.n_train": 120, "demo.n_val": 24, "demo.n_test": 36, "demo.train_seconds": 120.0,
-        "boxes.thresholds": (0.2, 0.4, 0.6),
+        "boxes.thresholds": (0.2, 0.4, 0.6), "boxes.selected_threshold": 0.4,
+        "boxes.selected_on": "val (a test fixture's pick)",
     })
     config = prepare_demo(config)
     cache, dataset = plan_cams(config).run()
@@ -107,6 +108,37 @@ def test_gradcam_boxes_beat_the_center_box(demo_run):
     mean = rows[(rows["class"] == "mAP") & (rows["iou"] == 0.5) & (rows["threshold"] == 0.6)]
     by_source = mean.set_index("source")["ap"]
     assert by_source["cam"] > by_source["center"] + 0.05, by_source.to_dict()
+
+
+@pytest.mark.slow
+def test_headline_rows_are_the_scores_at_the_selected_tau(demo_run):
+    """Every headline number recomputed independently: the devkit's mAP and all-point AP of the selected τ's
+    boxes, CorLoc, the classification mAP of image_scores.pkl, and the oracle as the best τ on this split."""
+    from gradloc.run.folder import open_run
+    from gradloc.run.score import headline_rows, localization_scores
+    from gradloc.scoring.classification import classification_map
+    from gradloc.scoring.localization import corloc
+    from gradloc.scoring.voc import evaluate
+
+    *_, run_dir, rows = demo_run
+    run = open_run(run_dir)
+    dets, gt = run.detections_at(0.4), run.gt
+    assert (dets.meta["selected_threshold"], dets.meta["split"]) == (0.4, "test")
+    head = headline_rows(run, rows, localization_scores(run), dets.meta).set_index("metric")
+    for metric, expected in (("voc07", "mAP@0.5"), ("voc10", "AP10 mAP@0.5")):
+        frame = evaluate(dets, gt, [0.5], metric)
+        value = head.loc[[expected], "value"].iloc[0]  # mAP@0.5 also names the oracle row, which comes last
+        assert value == pytest.approx(frame.loc[frame["class"] == "mAP", "ap"].item())
+    frame = corloc(dets, gt, 0.5)
+    assert head.loc["CorLoc@0.5", "value"] == pytest.approx(frame.loc[frame["class"] == "mean", "corloc"].item())
+    probabilities = run.image_scores["probabilities"]
+    assert head.loc["classification mAP", "value"] == pytest.approx(classification_map(probabilities,
+                                                                                       gt.image_labels())[0])
+    oracle = head.loc["mAP@0.5"].iloc[-1]
+    cam = rows[(rows["class"] == "mAP") & (rows["source"] == "cam") & (rows["iou"] == 0.5)]
+    assert oracle["value"] == cam["ap"].max() and oracle["note"].startswith("oracle")
+    assert oracle["threshold"] == cam.loc[cam["ap"].idxmax(), "threshold"]
+    assert head.loc["mAP@0.5"].iloc[0]["threshold"] == 0.4
 
 
 @pytest.mark.slow

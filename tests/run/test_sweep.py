@@ -85,7 +85,7 @@ def test_render_labels_where_tau_was_chosen():
     selected = next(line for line in lines if line.startswith("| tau chosen on train") and "| cam " in line)
     # tau 0.4 chosen by recall on train (90 %), then val's ap@0.3, ap@0.5, recall@0.3, recall@0.5 at 0.4
     cells = [cell.strip() for cell in selected.split("|")[2:-1]]
-    assert cells == ["0.4", "90.00", "cam", "5.00", "1.00", "10.00", "10.00"]
+    assert cells == ["0.4", "90.00", "cam", "5.00", "1.00", "10.00", "10.00", "-"]  # no CorLoc without a run
     assert any(line.startswith("| oracle: tau chosen on val") for line in lines)
     assert "VOC07 11-point AP" in text and "recall@0.5 on chosen split" in text
 
@@ -117,7 +117,7 @@ def test_command_with_a_stub_pipeline(tmp_path, monkeypatch):
 
     def fake_run_split(config, stage=None):
         calls.append((config.data.split, config.run_dir))
-        return config.run_dir, {"train": TRAIN, "val": VAL}[config.data.split]
+        return config.run_dir, {"train": TRAIN, "val": VAL}[config.data.split], None
 
     monkeypatch.setattr("gradloc.run.sweep.run_split", fake_run_split)
     result = CliRunner().invoke(main, ["-q", "sweep", "--out", str(tmp_path), "--name", "s", "--iou",
@@ -174,21 +174,27 @@ def test_sweep_on_a_tiny_demo(tmp_path):
     row = scores[(scores["class"] == "mAP") & (scores["source"] == "cam") & (scores["iou"] == 0.5)
                  & (scores["threshold"] == selected["threshold"])].iloc[0]
     assert selected["ap"] == row["ap"]  # the table reports the evaluated split's own score file
+    corloc = pd.read_csv(out / "demo-test" / "localization.csv")
+    corloc = corloc[(corloc["metric"] == "corloc@0.5") & (corloc["class"] == "mean")].set_index("threshold")
+    assert selected["corloc"] == corloc.loc[selected["threshold"], "value"]  # CorLoc of the same run, CAM only
+    assert table.loc[table["source"] != "cam", "corloc"].isna().all()
+    assert "CorLoc@0.5" in result.stdout
 
 
 def test_render_digits():
     text = render_sweep(sweep_table(TRAIN, VAL, "recall@0.5", "train", "val"), "voc07", digits=0)
     selected = next(line for line in text.splitlines() if line.startswith("| tau chosen on train") and "| cam " in line)
-    assert [cell.strip() for cell in selected.split("|")[2:-1]] == ["0.4", "90", "cam", "5", "1", "10", "10"]
+    assert [cell.strip() for cell in selected.split("|")[2:-1]] == ["0.4", "90", "cam", "5", "1", "10", "10", "-"]
 
 
 def test_command_digits(tmp_path, monkeypatch):
     monkeypatch.setattr("gradloc.run.sweep.run_split",
-                        lambda config, stage=None: (config.run_dir, {"train": TRAIN, "val": VAL}[config.data.split]))
+                        lambda config, stage=None: (config.run_dir, {"train": TRAIN, "val": VAL}[config.data.split],
+                                                    None))
     result = CliRunner().invoke(main, ["-q", "sweep", "--out", str(tmp_path), "--name", "s", "--iou", "0.3,0.5",
                                        "--select-split", "train", "--eval-split", "val", "--select-metric",
                                        "recall@0.5", "--digits", "0"])
     assert result.exit_code == 0, result.output
     selected = next(line for line in result.stdout.splitlines()
                     if line.startswith("| tau chosen on train") and "| cam " in line)
-    assert [cell.strip() for cell in selected.split("|")[2:-1]] == ["0.4", "90", "cam", "5", "1", "10", "10"]
+    assert [cell.strip() for cell in selected.split("|")[2:-1]] == ["0.4", "90", "cam", "5", "1", "10", "10", "-"]

@@ -95,7 +95,7 @@ def test_protocol_line_names_the_box_mode_in_words(box_mode, words):
 
 
 def test_json_rows_have_the_documented_keys_and_null_for_nan():
-    rows = json.loads(render(_rows(), "json"))
+    rows = json.loads(render(_rows(), "json"))["rows"]
     assert set(rows[0]) >= {"threshold", "threshold_mode", "iou", "metric", "class", "ap", "recall", "n_gt",
                             "n_det"}
     cow = [r for r in rows if r["class"] == "cow"]
@@ -117,7 +117,7 @@ def test_per_class_table_puts_map_last():
 
 
 def test_machine_formats_with_per_class_are_one_document():
-    rows = json.loads(render(_rows(), "json", per_class=0.2))
+    rows = json.loads(render(_rows(), "json", per_class=0.2))["rows"]
     assert {r["threshold"] for r in rows} == {0.2}
     assert {r["class"] for r in rows} == {"mAP", "cat", "cow"}
     assert len(rows) == 2 * 2 * 3  # IoU x source x (2 classes + mAP)
@@ -157,3 +157,41 @@ def test_save_scores_writes_all_files(tmp_path):
     written = save_scores(_rows(), tmp_path)
     assert sorted(p.name for p in written) == ["scores.csv", "scores.json", "scores.md"]
     assert "Per class, threshold = 0.02, IoU = 0.3" in (tmp_path / "scores.md").read_text()
+
+
+def test_the_selected_tau_is_marked_and_named_with_where_it_was_chosen():
+    meta = {"method": "gradcam", "selected_threshold": 0.2, "selected_on": "train (5-fold CV)", "split": "val"}
+    text = render(_rows(), "table", meta)
+    assert "threshold = 0.2  <- the selected tau\n" in text and "threshold = 0.02\n" in text
+    assert "the selected tau is 0.2 (chosen on train (5-fold CV), scored on val)" in text
+    rows = render(_rows(), "table", meta, layout="rows")
+    assert "| 0.2 * " in rows and "| 0.02  " in rows and "* the selected tau" in rows
+    oracle = render(_rows(), "table", {**meta, "selected_on": "val"})
+    assert "chosen on val, the split scored here: an oracle choice, not a held-out result" in oracle
+    plain = render(_rows(), "table", {"method": "gradcam"})
+    assert "<- the selected tau" not in plain and "picking the best of them on this split is an oracle" in plain
+
+
+def test_headline_block_leads_the_tables_and_the_json_document():
+    headline = pd.DataFrame([
+        {"metric": "mAP@0.5", "threshold": 0.2, "value": 0.25, "low": 0.2, "high": 0.3, "note": "VOC07"},
+        {"metric": "classification mAP", "threshold": float("nan"), "value": 0.5, "low": float("nan"),
+         "high": float("nan"), "note": "tau-free"},
+        {"metric": "mAP@0.5", "threshold": 0.02, "value": 0.3, "low": float("nan"), "high": float("nan"),
+         "note": "oracle: best"}])
+    meta = {"selected_threshold": 0.2, "selected_on": "train", "split": "val"}
+    text = render(_rows(), "table", meta, headline=headline)
+    lines = text.splitlines()
+    assert lines[0] == "Headline at the selected tau = 0.2 (chosen on train, scored on val), in %:"
+    assert lines[1].split() == ["mAP@0.5", "25.00", "[20.00,", "30.00]", "VOC07"]
+    assert lines[2].split() == ["classification", "mAP", "50.00", "tau-free"]
+    assert lines[3].split()[:4] == ["mAP@0.5", "(tau", "0.02)", "30.00"]  # another tau says which
+    assert text.index("Headline") < text.index("threshold = 0.02")
+    document = json.loads(render(_rows(), "json", meta, headline=headline))
+    assert document["format"] == "gradloc.scores/1" and document["selected_threshold"] == 0.2
+    assert document["selected_on"] == "train" and document["split"] == "val"
+    assert document["headline"][1] == {"metric": "classification mAP", "threshold": None, "value": 0.5,
+                                       "low": None, "high": None, "note": "tau-free"}
+    assert "Protocol: VOC07 11-point AP" in document["protocol"] and len(document["rows"]) == len(_rows())
+    none = render(_rows(), "table", {}, headline=headline.iloc[1:])
+    assert none.startswith("Headline: no selected tau (set boxes.selected_threshold")
