@@ -196,6 +196,35 @@ def test_closed_form_equals_autograd(method: str) -> None:
     assert autograd.max() > 0
 
 
+class GapThenMlp(TinyGap):
+    """TinyGap's trunk and pooling, then a non-linear head on the pooled features (like voc+imagenet)."""
+
+    gradloc_gap_linear = None
+
+    def __init__(self, seed: int = 5) -> None:
+        super().__init__(seed)
+        self.fc2 = _init(nn.Linear(6, 6), seed + 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(torch.tanh(super().forward(x)))
+
+
+def test_xgradcam_and_hirescam_equal_gradcam_at_a_layer_before_global_average_pooling() -> None:
+    """Behind global average pooling every cell of the layer gets the same gradient, whatever the head: then
+    HiResCAM (gradient x activation per cell) and XGrad-CAM (activation-weighted mean gradient) give Grad-CAM's
+    weights, so the methods table has no rows of their own (scripts/benchmark_rows.yaml)."""
+    model = GapThenMlp().double().eval()
+    images = _images(dtype=torch.float64)
+    gradcam, _ = compute_cams(model, images, CLASSES, "gradcam")
+    for method in ("xgradcam", "hirescam"):
+        other, _ = compute_cams(model, images, CLASSES, method)
+        _assert_close(other, gradcam, tol=1e-9)
+    assert gradcam.max() > 0
+    layercam, _ = compute_cams(model, images, CLASSES, "layercam")  # relu(gradient) per cell: not the same maps
+    assert not torch.allclose(layercam / layercam.amax((2, 3), keepdim=True).clamp_min(1e-12),
+                              gradcam / gradcam.amax((2, 3), keepdim=True).clamp_min(1e-12))
+
+
 @pytest.mark.parametrize("flip", [False, True])
 @pytest.mark.parametrize("model_cls", [TinyGap, TinyHead])
 def test_gradient_methods_in_one_pass_equal_one_method_each(model_cls: type[nn.Module], flip: bool) -> None:
