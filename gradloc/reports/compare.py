@@ -262,7 +262,7 @@ def paired_differences(run_a: Run, run_b: Run, threshold: float, iou: float, met
         f"mAP@{iou:g} (tau {threshold:g}, {metric})": (map_statistic(dets_a, gt, iou, metric),
                                                        map_statistic(dets_b, gt, iou, metric)),
         f"CorLoc@0.5 (tau {threshold:g})": (corloc_statistic(dets_a, gt), corloc_statistic(dets_b, gt)),
-        "pointing@15px (TorchRay protocol, GT classes, mean over present classes)": tuple(
+        "pointing game@15px (TorchRay protocol, GT classes, mean over present classes)": tuple(
             pointing_statistic(k["image_index"], k["labels"], k["points"], gt, protocol="torchray")
             for k in (known_a, known_b)),
         "MaxBoxAccV2 (gradloc convention, GT-known)": tuple(max_box_acc_statistic(k["hits"], k["image_index"])

@@ -80,9 +80,9 @@ def score_run(run_dir: str | Path | Run, ious: Sequence[float], metric: str, onl
     return pd.concat(frames, ignore_index=True)
 
 
-POINTING_GT = "pointing@15px, GT classes (TorchRay protocol)"
-POINTING_CENTRE = "pointing@15px, image centre as the point (TorchRay protocol baseline)"
-POINTING_EXPLAINED = "pointing@15px, explained classes (a class absent from the image is a miss)"
+POINTING_GT = "pointing game@15px, GT classes (TorchRay protocol)"
+POINTING_CENTRE = "pointing game@15px, the image centre as the point (TorchRay's centre baseline)"
+POINTING_EXPLAINED = "peak on an object of its class@15px, every explained class (absent class = miss)"
 MEAN_ALL_CLASSES = "mean over all classes (absent = 0)"
 CLASSIFICATION = "classification AP (VOC07 11-point, image labels; the run's class probabilities)"
 

@@ -262,7 +262,7 @@ def test_score_writes_nothing_unless_save(tiny_run):
     result = CliRunner().invoke(main, ["score", str(run_dir), "--iou", "0.5"])
     assert result.exit_code == 0, result.output
     assert _files(run_dir) == before
-    assert "tau=nan" not in result.stdout and re.search(r"pointing@15px[^\n]*\) +\d+\.\d\d %", result.stdout)
+    assert "tau=nan" not in result.stdout and re.search(r"pointing game@15px[^\n]*\) +\d+\.\d\d %", result.stdout)
     # every option is checked before anything is printed or written
     bad = CliRunner().invoke(main, ["score", str(run_dir), "--iou", "0.5", "--save", "--per-class", "0.33"])
     assert bad.exit_code == 1 and bad.stdout == ""
