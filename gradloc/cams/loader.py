@@ -25,8 +25,9 @@ from gradloc.models.preprocessing import Preprocessing
 
 @dataclass
 class Batch:
-    """One decoded batch: ``inputs`` float32[B, 3, H, W] (None when every image failed), the ids, geometries
-    and file fingerprints of its B readable images, and the (image id, error) of the unreadable ones."""
+    """One decoded batch: ``inputs`` float32[B, 3, H, W] (None when every image failed; channels_last memory
+    when asked), the ids, geometries and file fingerprints of its B readable images, and the (image id, error)
+    of the unreadable ones."""
 
     image_ids: list[str]
     inputs: torch.Tensor | None
@@ -82,8 +83,9 @@ def shard_of(batches: Sequence[list[str]], count: int) -> dict[str, int]:
 class _BatchReader(Dataset):
     """Item k = batch k read and preprocessed (runs in a DataLoader worker)."""
 
-    def __init__(self, dataset: VOCDataset, pre: Preprocessing, batches: Sequence[list[str]]) -> None:
-        self.dataset, self.pre, self.batches = dataset, pre, list(batches)
+    def __init__(self, dataset: VOCDataset, pre: Preprocessing, batches: Sequence[list[str]],
+                 channels_last: bool) -> None:
+        self.dataset, self.pre, self.batches, self.channels_last = dataset, pre, list(batches), channels_last
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -97,7 +99,7 @@ class _BatchReader(Dataset):
                 errors.append((image_id, error))
         if not read:
             return Batch([], None, [], [], errors)
-        inputs, geometries = self.pre.batch([image for _, image, _ in read])
+        inputs, geometries = self.pre.batch([image for _, image, _ in read], self.channels_last)
         return Batch([i for i, _, _ in read], inputs, geometries, [s for _, _, s in read], errors)
 
 
@@ -118,12 +120,13 @@ def default_workers() -> int:
 
 
 def stream_batches(dataset: VOCDataset, pre: Preprocessing, batches: Sequence[list[str]], workers: int,
-                   pin_memory: bool = False) -> Iterator[Batch]:
+                   pin_memory: bool = False, channels_last: bool = False) -> Iterator[Batch]:
     """The ``batches`` (lists of image ids) read and preprocessed, in order, ``workers`` processes ahead of
-    the consumer (0 = in the calling process). Unreadable images are reported in :attr:`Batch.errors`."""
+    the consumer (0 = in the calling process); inputs in channels_last memory when asked (made so by the
+    preprocessing, no copy). Unreadable images are reported in :attr:`Batch.errors`."""
     if workers < 0:
         raise ValueError(f"--workers {workers}: give 0 (decode in-process) or more worker processes")
-    loader = DataLoader(_BatchReader(dataset, pre, batches), batch_size=None, shuffle=False,
+    loader = DataLoader(_BatchReader(dataset, pre, batches, channels_last), batch_size=None, shuffle=False,
                         num_workers=workers, collate_fn=_identity, pin_memory=pin_memory,
                         prefetch_factor=2 if workers else None, persistent_workers=False)
     yield from loader

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from gradloc.cams.activation import cam, scorecam
-from gradloc.cams.engine import check_inputs, layer_activations_and_gradients
+from gradloc.cams.engine import check_inputs, forward_precision, layer_activations_and_gradients
 from gradloc.cams.gradient import GRADIENT_CITATIONS, GRADIENT_MAPS, gradient_method
 from gradloc.cams.guided import guided_backprop, guided_gradcam
 from gradloc.cams.hooks import eval_mode
@@ -67,7 +67,9 @@ def compute_cams(model: nn.Module, images: Tensor, classes: Sequence[int], metho
 
     Gradient methods cost one forward pass plus one batched backward through the head after the layer (none
     for a declared GAP+linear head); see the module docstring. The model is in eval mode during the call
-    and its training flags are restored; hooks are removed; parameters' ``.grad`` are never written.
+    and its training flags are restored; hooks are removed; parameters' ``.grad`` are never written. Under
+    an enclosing ``torch.autocast`` only the network up to the target layer runs in the low precision
+    (:func:`gradloc.cams.engine.forward_precision`).
 
     Args:
         model: classifier returning raw scores ``[B, N]`` (pre-sigmoid).
@@ -103,7 +105,7 @@ def compute_cams(model: nn.Module, images: Tensor, classes: Sequence[int], metho
               else None)
     logger.debug("%s on layer %s for %d images x %d classes", method, target and target[0], len(images),
                  len(indices))
-    with eval_mode(model):
+    with eval_mode(model), forward_precision(images.device.type):
         maps, scores = spec.compute(model, images, indices, target, batch_size)
         if flip:
             mirrored, _ = spec.compute(model, images.flip(3), indices, target, batch_size)
@@ -129,7 +131,7 @@ def compute_gradient_cams(model: nn.Module, images: Tensor, classes: Sequence[in
         raise ValueError(f"methods {list(methods)}: give one or more of {', '.join(GRADIENT_MAPS)}")
     indices = check_inputs(images, classes)
     target = resolve_layer(model, layer if layer is not None else default_layer(model))
-    with eval_mode(model):
+    with eval_mode(model), forward_precision(images.device.type):
         activation, grads, scores = layer_activations_and_gradients(model, images, indices, target)
         maps = {m: GRADIENT_MAPS[m](activation, grads) for m in methods}
         if flip:

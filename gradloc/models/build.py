@@ -17,10 +17,11 @@ plus a *head*:
   ``score_kind = "log_prob"``). The final linear is replaced by that module, so layer names stay the
   torchvision ones.
 
-Every returned model is in eval mode and carries two attributes for the CAM engine (:mod:`gradloc.cams`):
-``gradloc_layer`` (default target layer: the last spatial feature map before global pooling) and
+Every returned model is in eval mode and carries three attributes for the CAM engine (:mod:`gradloc.cams`):
+``gradloc_layer`` (default target layer: the last spatial feature map before global pooling),
 ``gradloc_gap_linear`` (``(layer, linear)`` names when the output is exactly ``linear(GAP(layer))``, else
-None).
+None) and ``gradloc_classifier`` (the network's final linear layer or the head replacing it: its input is the
+pooled features that the cams stage caches for ``gradloc train``, :mod:`gradloc.cams.features`).
 
 Weights never come from the network. torchvision weights are read from the torch hub cache
 (``torch.hub.get_dir()/checkpoints/<file name of weights.url>``, i.e. ``$TORCH_HOME/hub/checkpoints``) and
@@ -75,7 +76,7 @@ class LoadedModel:
 
     Attributes:
         model: eval-mode module mapping float32[B, 3, S, S] inputs to float32[B, len(classes)] scores, the CAM
-            targets; carries ``gradloc_layer`` and ``gradloc_gap_linear``.
+            targets; carries ``gradloc_layer``, ``gradloc_gap_linear`` and ``gradloc_classifier``.
         classes: class names of the score columns.
         preprocessing: how images must be prepared for ``model``.
         score_kind: ``logit`` (voc head) or ``log_prob`` (imagenet head); see :meth:`probabilities`.
@@ -178,6 +179,7 @@ def _attach_voc(spec: ModelSpec, source: _Source, classes: Sequence[str] | None)
                 new.bias.copy_(old.bias[rows])
     model.gradloc_layer = getattr(model, "gradloc_layer", spec.layer)
     model.gradloc_gap_linear = (model.gradloc_layer, spec.classifier) if spec.gap_linear else None
+    model.gradloc_classifier = spec.classifier
     return model, wanted
 
 
@@ -194,6 +196,7 @@ def _attach_imagenet(spec: ModelSpec, source: _Source, classes: Sequence[str] | 
     model = ImageNetHeadModel(source.module, imagenet_groups(wanted))
     model.gradloc_layer = f"backbone.{getattr(source.module, 'gradloc_layer', spec.layer)}"
     model.gradloc_gap_linear = None  # log-sum-softmax is not linear in the pooled features
+    model.gradloc_classifier = f"backbone.{spec.classifier}"
     return model, wanted
 
 

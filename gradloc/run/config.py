@@ -100,7 +100,9 @@ class CamConfig:
     raw map with the mirrored-back map of the mirrored image (test-time flip,
     :func:`gradloc.cams.methods.compute_cams`);
     ``workers``: decode processes (None = from the CPU count, 0 = in-process; results do not depend on it);
-    ``amp``: autocast (float16) on a CUDA device; ``masked_batch``: Score-CAM's masked inputs per forward pass
+    ``amp``: autocast the network up to the target layer (bfloat16 on a CPU with native bfloat16, float16 on
+    CUDA; :mod:`gradloc.models.execution`); ``channels_last``: the model and inputs in channels_last memory
+    (None = the model family's registry fact); ``masked_batch``: Score-CAM's masked inputs per forward pass
     (None = :func:`gradloc.cams.methods.default_masked_batch` of the device; results do not depend on it)."""
 
     method: str = "gradcam"
@@ -111,6 +113,7 @@ class CamConfig:
     flip: bool = False
     workers: int | None = None
     amp: bool = False
+    channels_last: bool | None = None
     masked_batch: int | None = None
 
 
