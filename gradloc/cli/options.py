@@ -100,8 +100,9 @@ FLAG_GROUPS: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
         "flip": ("cams.flip", {"type": bool, "help": "Test-time horizontal flip: average each map with the "
                                                       "mirrored-back map of the mirrored image (--flip / --no-flip)."}),
         "device": ("cams.device", {"help": "torch device, e.g. cpu or cuda."}),
-        "workers": ("cams.workers", {"type": int, "help": "Image decoding processes (default: from the CPU count; "
-                                                         "0 = in-process). Results do not depend on it."}),
+        "workers": ("cams.workers", {"type": int, "help": "Image decoding processes (default: 0 = in-process on a "
+                                                         "CPU, from the CPU count for a GPU). Results do not "
+                                                         "depend on it."}),
         "amp": ("cams.amp", {"type": bool,
                              "help": "Autocast the network up to the CAM layer: bfloat16 on a CPU with native "
                                      "bfloat16 (AVX512-BF16/AMX; else float32 and a note), float16 on CUDA "

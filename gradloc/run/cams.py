@@ -121,7 +121,7 @@ class CamsPlan:
         model = execution.model(self.loaded.model)
         all_classes = list(range(len(self.loaded.classes)))
         layer = self.cache.key_data["layer"]
-        workers = default_workers() if config.cams.workers is None else config.cams.workers
+        workers = default_workers(execution.device.type) if config.cams.workers is None else config.cams.workers
         masked_batch = config.cams.masked_batch or default_masked_batch(execution.device)
         record = (ModuleInput(model.get_submodule(model.gradloc_classifier)) if self.features is not None
                   else None)

@@ -99,7 +99,8 @@ class CamConfig:
     """The CAM method, target layer (None = the model's default) and engine settings; ``flip``: average each
     raw map with the mirrored-back map of the mirrored image (test-time flip,
     :func:`gradloc.cams.methods.compute_cams`);
-    ``workers``: decode processes (None = from the CPU count, 0 = in-process; results do not depend on it);
+    ``workers``: decode processes (None = :func:`gradloc.cams.loader.default_workers`: in-process on a CPU, from
+    the CPU count for a GPU; 0 = in-process; results do not depend on it);
     ``amp``: autocast the network up to the target layer (bfloat16 on a CPU with native bfloat16, float16 on
     CUDA; :mod:`gradloc.models.execution`); ``channels_last``: the model and inputs in channels_last memory
     (None = the model family's registry fact); ``masked_batch``: Score-CAM's masked inputs per forward pass

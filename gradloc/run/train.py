@@ -459,7 +459,7 @@ def train_head(cfg: TrainConfig, progress: Progress = None) -> dict[str, Any]:
     lr = cfg.lr or mode.lr
     spec = get_spec(cfg.model)
     execution = resolve_execution(torch.device(cfg.device), spec.family, cfg.channels_last)
-    workers = default_workers() if cfg.workers is None else cfg.workers
+    workers = default_workers(execution.device.type) if cfg.workers is None else cfg.workers
     keep_freed_memory()
     model, resolved = build_pretrained(cfg.model, cfg.weights)  # first: a missing file fails fast
     train = VOCDataset(cfg.voc_root, year=cfg.year, split=cfg.split, classes=cfg.classes, limit=cfg.limit)

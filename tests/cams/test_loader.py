@@ -89,11 +89,12 @@ def test_resumed_run_recomputes_whole_planned_batches(demo_data, cams_config, tm
     assert map_bytes(resumed) == map_bytes(whole)
 
 
-def test_default_workers_share_the_cpus_of_the_node(monkeypatch):
+def test_default_workers_decode_in_process_on_a_cpu_and_share_the_node_for_a_gpu(monkeypatch):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(4)), raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert default_workers() == 3
+    assert default_workers("cpu") == 0
+    assert default_workers("cuda") == 3
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert default_workers() == 1
+    assert default_workers("cuda") == 1
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert default_workers() == 0
+    assert default_workers("cuda") == 0
