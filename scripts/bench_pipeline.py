@@ -19,7 +19,8 @@ weights, 320-px short side; the ``imagenet`` head unless ``--checkpoint`` gives 
 configs/voc07.yaml: the same network); ResNet50 and VGG16 (224 letterbox) and the demo CNN (128) have random
 weights (timing only). The last lines extrapolate the recommended configuration to the 4,952 images of VOC2007
 test: cams at the measured rate plus boxes + scores (configs/voc07.yaml's 10 thresholds, every class explained)
-per image as measured after the default-mode cams run.
+per image as measured after the default-mode cams run (after a warm-up on 4 images that loads numba's kernels).
+The load average of the machine is printed before and after each table (other users' processes share the cores).
 
 Other measurements (each prints its own table):
 
@@ -43,6 +44,7 @@ import argparse
 import dataclasses
 import io
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -155,6 +157,8 @@ def child(mode: str, voc_root: str, model: str, images: int, folder: str, checkp
         cache, dataset = plan.run()
         row["seconds"] = time.perf_counter() - start
         if mode == "cams" and model == "efficientnet_lite0":
+            warm = dataclasses.replace(config, name="warm-up", data=dataclasses.replace(config.data, limit=4))
+            run_boxes(warm, cache, open_dataset(warm))  # loads numba's compiled kernels: once per process
             start = time.perf_counter()
             run_boxes(config, cache, dataset)
             score_run_folder(config.run_dir, config.score.iou, config.score.metric)
@@ -177,11 +181,17 @@ def spawn(mode: str, args: argparse.Namespace, model: str, folder: Path, workers
 # --- the tables -----------------------------------------------------------------------------------------------------
 
 
+def load() -> str:
+    """The 1, 5 and 15-minute load averages."""
+    return ", ".join(f"{value:.1f}" for value in os.getloadavg())
+
+
 def stage_table(args: argparse.Namespace, tmp: Path) -> None:
     modes = list(MODES) if cpu_has_bfloat16() else [m for m in MODES if "bf16" not in m and "amp" not in m]
     print(f"\nVOC2007 val, first {args.images} images, Grad-CAM of all 20 classes, batches of 16, "
           f"{args.rounds} rounds; img/s = median over rounds; x floor = median over rounds of time per image / "
           "the round's floor time per image; peak RSS of the main process (max over rounds)")
+    print(f"load average {load()}")
     print("| model | input | " + " | ".join(MODES[m] for m in modes) + " |")
     print("|---|---|" + "---|" * len(modes))
     extrapolate: dict[str, float] = {}
@@ -202,6 +212,7 @@ def stage_table(args: argparse.Namespace, tmp: Path) -> None:
                 extrapolate[mode] = statistics.median(per_image)
         size, resize = MODELS[model]
         print(f"| {model} | {size} {resize} | " + " | ".join(cells) + " |", flush=True)
+        print(f"(load average {load()})")
         if extrapolate:
             boxes = statistics.median(r["boxes_scores_seconds"] / r["images"] for r in rows["cams"])
             for mode, per_image in extrapolate.items():
@@ -220,7 +231,7 @@ def families_table(args: argparse.Namespace) -> None:
         modes += [("contiguous", "bfloat16"), ("channels_last", "bfloat16")]
     print(f"\nall-class Grad-CAM (20 classes) of a random batch of 8, random weights, {torch.get_num_threads()} "
           f"threads, {args.rounds} interleaved repeats after one warm-up; ms per image (median) and the median "
-          "ratio to float32 NCHW")
+          f"ratio to float32 NCHW; load average {load()}")
     print("| family (model, input) | " + " | ".join(f"{p} {m}" for m, p in modes) + " |")
     print("|---|" + "---|" * len(modes))
     for name, family, size in FAMILY_MODELS:
@@ -247,7 +258,7 @@ def workers_table(args: argparse.Namespace, tmp: Path) -> None:
     counts = [int(w) for w in args.workers.split(",")]
     model = args.models.split(",")[0]
     print(f"\ncams stage (default mode) of {model}, first {args.images} val images, by decode workers "
-          f"({args.rounds} rounds, {torch.get_num_threads()} torch threads): median img/s")
+          f"({args.rounds} rounds, {torch.get_num_threads()} torch threads, load average {load()}): median img/s")
     seconds: dict[int, list[float]] = {w: [] for w in counts}
     for k in range(args.rounds):
         for w in counts:
