@@ -174,10 +174,9 @@ def _image_batches(job: _Job, rows: Sequence[int]) -> Iterator[tuple[np.ndarray,
     order of ``rows`` for the square resize modes), through the streaming loader: (int64[b] rows,
     float32[b, 3, H, W] on the job's device and memory format)."""
     dataset, rows = job.train, np.asarray(rows, dtype=np.int64)
-    sizes = [(dataset.annotation(dataset.image_ids[row]).width, dataset.annotation(dataset.image_ids[row]).height)
-             for row in rows]
-    plan = [[dataset.image_ids[row] for row in rows[indices]]
-            for indices in job.preprocessing.batches(sizes, job.cfg.batch_size)]
+    annotations = [dataset.annotation(dataset.image_ids[row]) for row in rows]
+    shapes = job.preprocessing.batches([(a.width, a.height) for a in annotations], job.cfg.batch_size)
+    plan = [[dataset.image_ids[row] for row in rows[indices]] for indices in shapes]
     index = {image_id: row for row, image_id in enumerate(dataset.image_ids)}
     for batch in stream_batches(dataset, job.preprocessing, plan, job.workers,
                                 channels_last=job.execution.channels_last):
@@ -187,7 +186,7 @@ def _image_batches(job: _Job, rows: Sequence[int]) -> Iterator[tuple[np.ndarray,
 
 
 @dataclass
-class FeaturePass:
+class _FeaturePass:
     """How pooled features are extracted: the network (architecture ``arch``) and the name of its final linear
     layer, the preprocessing, the execution, the planned batch size, the decode workers and the folder of the
     features cache (None: no cache)."""
@@ -475,7 +474,7 @@ def train_head(cfg: TrainConfig, progress: Progress = None) -> dict[str, Any]:
                             input_size=cfg.input_size or default.input_size)
     head = replace_linear(model, spec.classifier, len(cfg.classes))
     execution.model(model)
-    features_of = FeaturePass(model, cfg.model, spec.classifier, preprocessing, execution, cfg.feature_batch_size,
+    features_of = _FeaturePass(model, cfg.model, spec.classifier, preprocessing, execution, cfg.feature_batch_size,
                               workers, cfg.cache_dir)
     labels = train.image_labels()
     absent = [name for name, column in zip(cfg.classes, labels.T, strict=True) if not np.any(column == 1)]

@@ -8,14 +8,17 @@ import logging
 import pickle
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from gradloc.cams.hooks import ModuleInput
 from gradloc.models import execution as ex
+from gradloc.run.boxes import run_protocol
 from gradloc.run.cams import execution_of, plan_cams
 from gradloc.run.config import load_config
 from gradloc.run.setup import load_classifier
+from gradloc.scoring.tables import protocol_line
 
 # Documented tolerances (README "Speed"). Normalized maps: each map divided by its maximum.
 # channels_last against NCHW, float32: largest difference of a normalized map 1e-3 (measured 4.2e-5 on 32
@@ -150,3 +153,14 @@ def test_amp_maps_are_close_to_float32_maps(real_runs):
     assert np.median([np.abs(a - b).max() for a, b in pairs]) <= AMP_MEDIAN_MAP_TOL
     assert any(not np.array_equal(a, b) for a, b in pairs)
     assert np.abs(np.exp(ref_scores) - np.exp(amp_scores)).max() <= AMP_PROBABILITY_TOL  # log-probabilities
+
+
+def test_tables_name_the_precision(demo_data, cams_config, simulate_bfloat16):
+    simulate_bfloat16(True)
+    config = with_cams(cams_config(demo_data), amp=True)
+    protocol = run_protocol(config, plan_cams(config).cache)
+    assert protocol["precision"] == "bfloat16"
+    rows = pd.DataFrame({"metric": ["voc07"], "threshold_mode": ["max"], "source": ["cam"], "class": ["mAP"],
+                         "n_gt": [1]})
+    assert "(voc head, input 64 letterbox, bfloat16) on VOCdemo val" in protocol_line(rows, protocol)
+    assert run_protocol(cams_config(demo_data), plan_cams(cams_config(demo_data)).cache)["precision"] == "float32"
