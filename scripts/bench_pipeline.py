@@ -6,15 +6,18 @@ layer, batches of 16 planned as the cams stage plans them:
 
   floor         read + PIL decode + gradloc's preprocessing + one float32 NCHW no-grad forward per batch, in a
                 plain loop (no decode workers, glibc's default allocator): the network run the plain way
-  forward CL    the same loop with the model and inputs in channels_last and gradloc's allocator setting
+  floor, kept   the same loop with gradloc's allocator setting (``keep_freed_memory``)
+  forward CL    the same loop with the model and inputs in channels_last (and the allocator setting)
   forward bf16  the same loop as forward CL under bfloat16 autocast
   cams NCHW     ``plan_cams(...).run()`` into an empty cache with --no-channels-last: float32 NCHW, as before
   cams          the stage in its default mode (the family's memory format, float32)
   cams --amp    the stage with --amp (bfloat16 up to the target layer on a CPU with native bfloat16)
 
 The modes run in rounds, each mode once per round in turn, so load from other processes falls on all of them
-alike; the table gives the median images/s over rounds and the median over rounds of (time per image / the same
-round's floor time per image). EfficientNet-Lite0 runs as the recommended configuration runs it (real ImageNet
+alike. The table gives the median images/s (wall clock) over rounds, the median over rounds of (wall time per
+image / the same round's floor wall time per image), the same ratio of CPU time (user + system of all threads
+and child processes: less sensitive to other users' processes than the wall clock on a shared machine) and the
+largest peak RSS of the main process. EfficientNet-Lite0 runs as the recommended configuration runs it (real ImageNet
 weights, 320-px short side; the ``imagenet`` head unless ``--checkpoint`` gives the ``voc+imagenet`` head of
 configs/voc07.yaml: the same network); ResNet50 and VGG16 (224 letterbox) and the demo CNN (128) have random
 weights (timing only). The last lines extrapolate the recommended configuration to the 4,952 images of VOC2007
@@ -80,6 +83,7 @@ MODELS = {"efficientnet_lite0": (320, "shortside"), "resnet50": (224, "letterbox
 # mode -> (label, how the child runs it)
 MODES = {
     "floor": "floor: float32 NCHW forward, plain loop",
+    "floor_kept": "floor + allocator setting",
     "forward_cl": "forward, channels_last",
     "forward_bf16": "forward, channels_last + bfloat16",
     "cams_nchw": "cams stage, float32 NCHW (--no-channels-last)",
@@ -123,16 +127,32 @@ def classifier(config: RunConfig) -> LoadedModel:
                        {"arch": spec.name, "family": spec.family, "weights": "random (benchmark)"})
 
 
-def loop_seconds(config: RunConfig, loaded: LoadedModel, execution: Execution) -> float:
-    """Seconds of read + decode + preprocessing + one no-grad forward per planned batch, in a plain loop."""
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process (all threads) and its finished children."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+class Timer:
+    """Wall and CPU seconds of a block."""
+
+    def __enter__(self) -> Timer:
+        self.wall, self.cpu = time.perf_counter(), cpu_seconds()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall, self.cpu = time.perf_counter() - self.wall, cpu_seconds() - self.cpu
+
+
+def loop_time(config: RunConfig, loaded: LoadedModel, execution: Execution) -> Timer:
+    """Read + decode + preprocessing + one no-grad forward per planned batch, in a plain loop."""
     dataset = open_dataset(config)
     model = execution.model(loaded.model)
-    start = time.perf_counter()
-    with torch.no_grad(), execution.autocast():
+    with Timer() as timer, torch.no_grad(), execution.autocast():
         for batch in plan_batches(dataset, loaded.preprocessing, config.cams.batch_size):
             inputs, _ = loaded.preprocessing.batch([dataset.read_image(i)[0] for i in batch], execution.channels_last)
             model(execution.inputs(inputs))
-    return time.perf_counter() - start
+    return timer
 
 
 def child(mode: str, voc_root: str, model: str, images: int, folder: str, checkpoint: str | None,
@@ -146,23 +166,23 @@ def child(mode: str, voc_root: str, model: str, images: int, folder: str, checkp
         if mode != "floor":
             keep_freed_memory()
         precision = "bfloat16" if mode == "forward_bf16" else "float32"
-        row["seconds"] = loop_seconds(config, loaded, Execution(cpu, "contiguous" if mode == "floor" else
-                                                                "channels_last", precision))
+        timer = loop_time(config, loaded, Execution(cpu, "contiguous" if mode.startswith("floor") else
+                                                    "channels_last", precision))
     else:
         cams = {"cams_nchw": {"channels_last": False}, "cams": {}, "cams_amp": {"amp": True}}[mode]
         config = dataclasses.replace(config, cams=dataclasses.replace(config.cams, **cams))
         plan = plan_cams(config, loaded=loaded)
         row["execution"] = plan.execution.describe()
-        start = time.perf_counter()
-        cache, dataset = plan.run()
-        row["seconds"] = time.perf_counter() - start
+        with Timer() as timer:
+            cache, dataset = plan.run()
         if mode == "cams" and model == "efficientnet_lite0":
             warm = dataclasses.replace(config, name="warm-up", data=dataclasses.replace(config.data, limit=4))
             run_boxes(warm, cache, open_dataset(warm))  # loads numba's compiled kernels: once per process
-            start = time.perf_counter()
-            run_boxes(config, cache, dataset)
-            score_run_folder(config.run_dir, config.score.iou, config.score.metric)
-            row["boxes_scores_seconds"] = time.perf_counter() - start
+            with Timer() as boxes:
+                run_boxes(config, cache, dataset)
+                score_run_folder(config.run_dir, config.score.iou, config.score.metric)
+            row["boxes_scores_seconds"], row["boxes_scores_cpu"] = boxes.wall, boxes.cpu
+    row["seconds"], row["cpu"] = timer.wall, timer.cpu
     row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return row
 
@@ -189,39 +209,42 @@ def load() -> str:
 def stage_table(args: argparse.Namespace, tmp: Path) -> None:
     modes = list(MODES) if cpu_has_bfloat16() else [m for m in MODES if "bf16" not in m and "amp" not in m]
     print(f"\nVOC2007 val, first {args.images} images, Grad-CAM of all 20 classes, batches of 16, "
-          f"{args.rounds} rounds; img/s = median over rounds; x floor = median over rounds of time per image / "
-          "the round's floor time per image; peak RSS of the main process (max over rounds)")
+          f"{args.rounds} rounds; each cell: img/s (wall, median over rounds), wall time per image / the floor's "
+          "and CPU time per image / the floor's (medians over rounds of the ratio within a round), peak RSS of "
+          "the main process (max over rounds)")
     print(f"load average {load()}")
     print("| model | input | " + " | ".join(MODES[m] for m in modes) + " |")
     print("|---|---|" + "---|" * len(modes))
-    extrapolate: dict[str, float] = {}
     for model in args.models.split(","):
         rows: dict[str, list[dict]] = {m: [] for m in modes}
         for k in range(args.rounds):
             for mode in modes:
                 rows[mode].append(spawn(mode, args, model, tmp / f"{model}-{mode}-{k}"))
-        floor = [r["seconds"] / r["images"] for r in rows["floor"]]
         cells = []
         for mode in modes:
-            per_image = [r["seconds"] / r["images"] for r in rows[mode]]
-            ratio = statistics.median(t / f for t, f in zip(per_image, floor, strict=True))
-            rate = statistics.median(1.0 / t for t in per_image)
+            pairs = list(zip(rows[mode], rows["floor"], strict=True))
+            wall = statistics.median(r["seconds"] / f["seconds"] for r, f in pairs)
+            cpu = statistics.median(r["cpu"] / f["cpu"] for r, f in pairs)
+            rate = statistics.median(r["images"] / r["seconds"] for r in rows[mode])
             memory = max(r["peak_rss_mb"] for r in rows[mode])
-            cells.append(f"{rate:.2f} img/s" + ("" if mode == "floor" else f", {ratio:.2f}x") + f", {memory:.0f} MB")
-            if model == "efficientnet_lite0" and mode.startswith("cams") and mode != "cams_nchw":
-                extrapolate[mode] = statistics.median(per_image)
+            ratios = "" if mode == "floor" else f", {wall:.2f}x wall, {cpu:.2f}x CPU"
+            cells.append(f"{rate:.2f} img/s{ratios}, {memory:.0f} MB")
         size, resize = MODELS[model]
         print(f"| {model} | {size} {resize} | " + " | ".join(cells) + " |", flush=True)
         print(f"(load average {load()})")
-        if extrapolate:
-            boxes = statistics.median(r["boxes_scores_seconds"] / r["images"] for r in rows["cams"])
-            for mode, per_image in extrapolate.items():
-                total = VOC07_TEST_IMAGES * (per_image + boxes)
-                print(f"recommended configuration, {MODES[mode]}: VOC2007 test ({VOC07_TEST_IMAGES} images) "
-                      f"≈ {VOC07_TEST_IMAGES * per_image / 60:.1f} min cams + {VOC07_TEST_IMAGES * boxes / 60:.1f} "
-                      f"min boxes and scores = {total / 60:.1f} min (cams {per_image:.3f} s/img, boxes + scores "
-                      f"{boxes:.3f} s/img, medians over rounds)")
-            extrapolate = {}
+        if model == "efficientnet_lite0":
+            extrapolate(rows, modes)
+
+
+def extrapolate(rows: dict[str, list[dict]], modes: list[str]) -> None:
+    """The recommended configuration on VOC2007 test at the measured rates (wall, medians over rounds)."""
+    boxes = statistics.median(r["boxes_scores_seconds"] / r["images"] for r in rows["cams"])
+    for mode in (m for m in ("cams", "cams_amp") if m in modes):
+        cams = statistics.median(r["seconds"] / r["images"] for r in rows[mode])
+        print(f"recommended configuration, {MODES[mode]}: VOC2007 test ({VOC07_TEST_IMAGES} images) ≈ "
+              f"{VOC07_TEST_IMAGES * cams / 60:.1f} min cams + {VOC07_TEST_IMAGES * boxes / 60:.1f} min boxes and "
+              f"scores = {VOC07_TEST_IMAGES * (cams + boxes) / 60:.1f} min (cams {cams:.3f} s/img, boxes + scores "
+              f"{boxes:.3f} s/img, wall, medians over rounds)")
 
 
 def families_table(args: argparse.Namespace) -> None:
