@@ -13,17 +13,20 @@ layer, batches of 16 planned as the cams stage plans them:
   cams          the stage in its default mode (the family's memory format, float32)
   cams --amp    the stage with --amp (bfloat16 up to the target layer on a CPU with native bfloat16)
 
-The modes run in rounds, each mode once per round in turn, so load from other processes falls on all of them
-alike. The table gives the median images/s (wall clock) over rounds, the median over rounds of (wall time per
-image / the same round's floor wall time per image), the same ratio of CPU time (user + system of all threads
-and child processes: less sensitive to other users' processes than the wall clock on a shared machine) and the
-largest peak RSS of the main process. EfficientNet-Lite0 runs as the recommended configuration runs it (real ImageNet
-weights, 320-px short side; the ``imagenet`` head unless ``--checkpoint`` gives the ``voc+imagenet`` head of
-configs/voc07.yaml: the same network); ResNet50 and VGG16 (224 letterbox) and the demo CNN (128) have random
-weights (timing only). The last lines extrapolate the recommended configuration to the 4,952 images of VOC2007
-test: cams at the measured rate plus boxes + scores (configs/voc07.yaml's 10 thresholds, every class explained)
-per image as measured after the default-mode cams run (after a warm-up on 4 images that loads numba's kernels).
-The load average of the machine is printed before and after each table (other users' processes share the cores).
+The modes run in rounds, each mode once per round in turn (round k starts with the k-th mode), so load from
+other processes falls on all of them alike. The table gives the median images/s (wall clock) over rounds, the
+median over rounds of (wall time per image / the same round's floor wall time per image), the same ratio of CPU
+time (user + system of all threads and child processes) and the largest peak RSS of the main process. With
+``OMP_NUM_THREADS=1`` the CPU time is the work itself; with more threads it also counts threads spinning while
+they wait for a preempted one, so on a shared machine both clocks carry other users' load.
+
+EfficientNet-Lite0 runs as the recommended configuration runs it (real ImageNet weights, 320-px short side; the
+``imagenet`` head unless ``--checkpoint`` gives the ``voc+imagenet`` head of configs/voc07.yaml: the same
+network); ResNet50 and VGG16 (224 letterbox) and the demo CNN (128) have random weights (timing only). The last
+lines extrapolate the recommended configuration to the 4,952 images of VOC2007 test: cams at the measured rate
+plus boxes + scores (configs/voc07.yaml's 10 thresholds, every class explained) per image as measured after the
+default-mode cams run (after a warm-up on 4 images that loads numba's kernels). The load average of the machine
+is printed before and after each table (other users' processes share the cores).
 
 Other measurements (each prints its own table):
 
@@ -218,7 +221,7 @@ def stage_table(args: argparse.Namespace, tmp: Path) -> None:
     for model in args.models.split(","):
         rows: dict[str, list[dict]] = {m: [] for m in modes}
         for k in range(args.rounds):
-            for mode in modes:
+            for mode in modes[k % len(modes):] + modes[:k % len(modes)]:  # each round starts one mode later
                 rows[mode].append(spawn(mode, args, model, tmp / f"{model}-{mode}-{k}"))
         cells = []
         for mode in modes:
@@ -284,7 +287,7 @@ def workers_table(args: argparse.Namespace, tmp: Path) -> None:
           f"({args.rounds} rounds, {torch.get_num_threads()} torch threads, load average {load()}): median img/s")
     seconds: dict[int, list[float]] = {w: [] for w in counts}
     for k in range(args.rounds):
-        for w in counts:
+        for w in counts[k % len(counts):] + counts[:k % len(counts)]:
             row = spawn("cams", args, model, tmp / f"workers{w}-{k}", workers=w)
             seconds[w].append(row["seconds"] / row["images"])
     print("| workers | " + " | ".join(str(w) for w in counts) + " |\n|---|" + "---|" * len(counts))
