@@ -67,7 +67,9 @@ def features_cache(config: RunConfig, loaded: Any, execution: Execution) -> Feat
         return None
     key = features_key(loaded.description["arch"], backbone_digest(loaded.model, classifier),
                        loaded.preprocessing.to_dict(), execution.key())
-    return FeatureCache(config.cache_dir, key)
+    cache = FeatureCache(config.cache_dir, key)
+    cache.clean()
+    return cache
 
 
 @dataclass

@@ -219,6 +219,8 @@ class _FeaturePass:
             (float32[n_images, n_features] on the CPU, number of images read from the cache).
         """
         module, cache = self.model.get_submodule(self.classifier), self.cache()
+        if cache is not None:
+            cache.clean()
         n_features = module.in_features
         features = torch.empty(len(dataset), n_features)
         row_of = {image_id: row for row, image_id in enumerate(dataset.image_ids)}

@@ -74,3 +74,11 @@ def test_a_file_that_is_no_pickle_of_plain_data_is_refused(cache, caplog):
 def test_ids_that_are_no_file_names_are_refused(cache):
     with pytest.raises(ValueError, match="cannot be used as a cache file name"):
         cache.put("../x", np.zeros(4, np.float32), SOURCE, BATCH)
+
+
+def test_clean_removes_the_litter_of_killed_writes(cache):
+    cache.put("a", np.zeros(4, np.float32), SOURCE, BATCH)
+    litter = cache.root / ".a.pkl.999999999.x.tmp"  # a pid no process has
+    litter.write_bytes(b"partial")
+    cache.clean()
+    assert not litter.exists() and (cache.root / "a.pkl").is_file()
