@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 CONFIGS = ROOT / "configs"
-VOC_ROOT = ROOT.parent / "shared" / "voc" / "VOCdevkit"  # ../shared/voc/VOCdevkit seen from the repository root
+# ../shared/voc/VOCdevkit seen from the repository root, or $GRADLOC_VOC_ROOT (e.g. from a git worktree elsewhere)
+VOC_ROOT = Path(os.environ.get("GRADLOC_VOC_ROOT") or ROOT.parent / "shared" / "voc" / "VOCdevkit")
 
 # Parameters of the small demo dataset used by the test suite (a few dozen images, generated in ~0.3 s).
 DEMO_SMALL = {"n_train": 24, "n_val": 12, "n_test": 8, "seed": 0}

@@ -21,6 +21,12 @@ batch with one forward pass:
   is ``y_c = sum_k w_ck (1/Z) sum_ij A^k_ij + b_c`` so ``g^{kc}_{ij} = w_ck / Z`` at every cell: the
   gradients come in closed form and no backward pass runs at all (the claim is checked against the output).
 
+Under an enclosing ``torch.autocast`` (``--amp``: bfloat16 on a CPU, float16 on CUDA;
+:mod:`gradloc.models.execution`) only the network's forward passes are autocast (:func:`run_model`), and the
+hook on the target layer ends the autocast for the rest of the pass and hands on a float32 copy of the
+activation: the network up to the layer runs in the low precision; the activation ``A``, the head after it,
+the scores, the gradients and the map formulas in float32 (:func:`forward_precision`).
+
 Hooks live in context managers that remove them in ``finally``; the model is put in eval mode during the
 computation and every module's training flag is restored afterwards.
 
@@ -31,9 +37,11 @@ pictures, not boxes).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import operator
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -46,10 +54,6 @@ from gradloc.cams.layers import default_layer, resolve_layer
 logger = logging.getLogger(__name__)
 
 
-
-
-
-
 @dataclass
 class _Capture:
     """Forward hook keeping the target layer's output.
@@ -57,7 +61,8 @@ class _Capture:
     With ``track_grad`` it switches grad mode on (the caller's enclosing ``no_grad`` block restores it) and
     feeds the rest of the network a copy of the detached leaf ``activation``, so autograd records only the
     part of the network after the layer. The copy also shields ``activation`` from later in-place ops such
-    as ``ReLU(inplace=True)``.
+    as ``ReLU(inplace=True)``. Under autocast it switches autocast off for the rest of the pass (the
+    ``torch.autocast`` block of :func:`run_model` restores it) and hands on the float32 value of the output.
     """
 
     name: str
@@ -72,17 +77,43 @@ class _Capture:
         if self.activation is not None:
             raise ValueError(f"layer {self.name!r} runs more than once per forward pass; pick a module that "
                              "runs once (see gradloc.cams.layers.list_layers)")
+        value = output
+        if torch.is_autocast_enabled(output.device.type):
+            torch.set_autocast_enabled(output.device.type, False)
+            value = output.float()
         if not self.track_grad:
-            self.activation = output.detach().clone()
-            return None
+            self.activation = value.detach().clone()
+            return None if value is output else value
         torch.set_grad_enabled(True)
-        self.activation = output.detach().requires_grad_()
+        self.activation = value.detach().requires_grad_()
         return self.activation.clone()
 
 
+# The autocast dtype of the network's forward passes inside :func:`forward_precision` (None: float32).
+_FORWARD_AUTOCAST: ContextVar[torch.dtype | None] = ContextVar("gradloc_forward_autocast", default=None)
+
+
+@contextlib.contextmanager
+def forward_precision(device_type: str) -> Iterator[None]:
+    """Reserve an enclosing ``torch.autocast`` of ``device_type`` for the network's forward passes: inside
+    the block autocast is off, and :func:`run_model` turns it back on (same dtype) for each forward pass,
+    until the target layer's hook ends it. The entry points of the engine run in this block, so their own
+    arithmetic is float32 whatever the caller's autocast."""
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    token = _FORWARD_AUTOCAST.set(dtype)
+    try:
+        with torch.autocast(device_type, enabled=False):
+            yield
+    finally:
+        _FORWARD_AUTOCAST.reset(token)
+
+
 def run_model(model: nn.Module, images: Tensor) -> Tensor:
-    """Forward pass returning the ``[B, N]`` scores, with a clear error for other outputs."""
-    scores = model(images)
+    """Forward pass returning the ``[B, N]`` scores, autocast as :func:`forward_precision` says, with a clear
+    error for other outputs."""
+    dtype = _FORWARD_AUTOCAST.get()
+    with torch.autocast(images.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
+        scores = model(images)
     if not isinstance(scores, Tensor) or scores.ndim != 2 or scores.shape[0] != images.shape[0]:
         found = f"shape {tuple(scores.shape)}" if isinstance(scores, Tensor) else type(scores).__name__
         raise ValueError(f"{type(model).__name__} returned {found} for {images.shape[0]} images; CAMs need "
@@ -92,7 +123,7 @@ def run_model(model: nn.Module, images: Tensor) -> Tensor:
 
 def forward_capture(model: nn.Module, images: Tensor, layer: tuple[str, nn.Module],
                      track_grad: bool) -> tuple[Tensor, Tensor]:
-    """One forward pass (no grad before the layer) returning (activation [B, C, h, w], scores [B, N])."""
+    """One forward pass (no grad before the layer) returning (activation float32[B, C, h, w], scores [B, N])."""
     name, module = layer
     capture = _Capture(name, track_grad)
     with forward_hooks([(module, capture)]), torch.no_grad():
@@ -201,7 +232,7 @@ def activations_and_gradients(model: nn.Module, images: Tensor, classes: Sequenc
     """
     classes = check_inputs(images, classes)
     target = resolve_layer(model, layer if layer is not None else default_layer(model))
-    with eval_mode(model):
+    with eval_mode(model), forward_precision(images.device.type):
         return layer_activations_and_gradients(model, images, classes, target)
 
 

@@ -1,11 +1,12 @@
-"""Hooks and model state: forward hooks removed in ``finally``, eval mode with every training flag restored."""
+"""Hooks and model state: forward hooks removed in ``finally``, eval mode with every training flag restored, a
+module's input recorded."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
 
 @contextlib.contextmanager
@@ -31,3 +32,30 @@ def forward_hooks(hooks: Sequence[tuple[nn.Module, Callable[..., object]]]) -> I
     finally:
         for handle in handles:
             handle.remove()
+
+
+class ModuleInput:
+    """Context manager recording what a module receives (a forward pre-hook, removed on exit): e.g. the
+    pooled features entering a network's final linear layer. :meth:`take` returns the first positional input
+    of the first call since the previous :meth:`take` (the first forward pass of a batch: with a test-time
+    flip the mirrored pass comes second)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self._value: Tensor | None = None
+
+    def _hook(self, _module: nn.Module, args: tuple[Tensor, ...]) -> None:
+        if self._value is None:
+            self._value = args[0].detach()
+
+    def take(self) -> Tensor | None:
+        """The recorded input (detached; None when the module did not run), and forget it."""
+        value, self._value = self._value, None
+        return value
+
+    def __enter__(self) -> ModuleInput:
+        self._handle = self.module.register_forward_pre_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()

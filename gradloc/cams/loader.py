@@ -26,8 +26,9 @@ from gradloc.models.preprocessing import Preprocessing
 
 @dataclass
 class Batch:
-    """One decoded batch: ``inputs`` float32[B, 3, H, W] (None when every image failed), the ids, geometries
-    and file fingerprints of its B readable images, and the (image id, error) of the unreadable ones."""
+    """One decoded batch: ``inputs`` float32[B, 3, H, W] (None when every image failed; channels_last memory
+    when asked), the ids, geometries and file fingerprints of its B readable images, and the (image id, error)
+    of the unreadable ones."""
 
     image_ids: list[str]
     inputs: torch.Tensor | None
@@ -83,8 +84,9 @@ def shard_of(batches: Sequence[list[str]], count: int) -> dict[str, int]:
 class _BatchReader(Dataset):
     """Item k = batch k read and preprocessed (runs in a DataLoader worker)."""
 
-    def __init__(self, dataset: VOCDataset, pre: Preprocessing, batches: Sequence[list[str]]) -> None:
-        self.dataset, self.pre, self.batches = dataset, pre, list(batches)
+    def __init__(self, dataset: VOCDataset, pre: Preprocessing, batches: Sequence[list[str]],
+                 channels_last: bool) -> None:
+        self.dataset, self.pre, self.batches, self.channels_last = dataset, pre, list(batches), channels_last
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -98,7 +100,7 @@ class _BatchReader(Dataset):
                 errors.append((image_id, error))
         if not read:
             return Batch([], None, [], [], errors)
-        inputs, geometries = self.pre.batch([image for _, image, _ in read])
+        inputs, geometries = self.pre.batch([image for _, image, _ in read], self.channels_last)
         return Batch([i for i, _, _ in read], inputs, geometries, [s for _, _, s in read], errors)
 
 
@@ -106,10 +108,18 @@ def _identity(batch: Batch) -> Batch:
     return batch
 
 
-def default_workers() -> int:
-    """Decode workers per process: the CPUs this process may use, shared by the processes of the node
-    (``LOCAL_WORLD_SIZE`` under torchrun), minus the one computing, at most 8; 0 (decode in-process) when
-    that leaves none."""
+def default_workers(device_type: str) -> int:
+    """Decode workers per process for a model on ``device_type``.
+
+    On a CPU none: a worker process competes with torch's threads for the same cores, and decoding is a few
+    percent of the work. Measured on 2 cores (EfficientNet-Lite0 at a 320-px short side, cams stage, 64 VOC07
+    val images, 3 rounds; ``python scripts/bench_pipeline.py --workers 0,1,2 --no-stage``): 2.94 img/s with 0
+    workers, 2.04 with 1, 1.86 with 2. On a GPU the CPUs this process may use, shared by the processes of the
+    node (``LOCAL_WORLD_SIZE`` under torchrun), minus the one feeding the GPU, at most 8; 0 when that leaves
+    none.
+    """
+    if device_type == "cpu":
+        return 0
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     try:
         processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
@@ -119,12 +129,13 @@ def default_workers() -> int:
 
 
 def stream_batches(dataset: VOCDataset, pre: Preprocessing, batches: Sequence[list[str]], workers: int,
-                   pin_memory: bool = False) -> Iterator[Batch]:
+                   pin_memory: bool = False, channels_last: bool = False) -> Iterator[Batch]:
     """The ``batches`` (lists of image ids) read and preprocessed, in order, ``workers`` processes ahead of
-    the consumer (0 = in the calling process). Unreadable images are reported in :attr:`Batch.errors`."""
+    the consumer (0 = in the calling process); inputs in channels_last memory when asked (made so by the
+    preprocessing, no copy). Unreadable images are reported in :attr:`Batch.errors`."""
     if workers < 0:
         raise ValueError(f"--workers {workers}: give 0 (decode in-process) or more worker processes")
-    loader = DataLoader(_BatchReader(dataset, pre, batches), batch_size=None, shuffle=False,
+    loader = DataLoader(_BatchReader(dataset, pre, batches, channels_last), batch_size=None, shuffle=False,
                         num_workers=workers, collate_fn=_identity, pin_memory=pin_memory,
                         prefetch_factor=2 if workers else None, persistent_workers=False)
     # Workers start and stop inside fork hooks and __del__, where a KeyboardInterrupt would be swallowed:

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from gradloc.cams.activation import cam, scorecam
 from gradloc.cams.eigen import eigencam
-from gradloc.cams.engine import check_inputs, layer_activations_and_gradients
+from gradloc.cams.engine import check_inputs, forward_precision, layer_activations_and_gradients
 from gradloc.cams.gradient import GRADIENT_CITATIONS, GRADIENT_MAPS, gradient_method
 from gradloc.cams.guided import guided_backprop, guided_gradcam
 from gradloc.cams.hooks import eval_mode
@@ -136,7 +136,9 @@ def compute_cams(model: nn.Module, images: Tensor, classes: Sequence[int], metho
 
     Gradient methods cost one forward pass plus one batched backward through the head after the layer (none
     for a declared GAP+linear head); see the module docstring. The model is in eval mode during the call
-    and its training flags are restored; hooks are removed; parameters' ``.grad`` are never written.
+    and its training flags are restored; hooks are removed; parameters' ``.grad`` are never written. Under
+    an enclosing ``torch.autocast`` only the network up to the target layer runs in the low precision
+    (:func:`gradloc.cams.engine.forward_precision`).
 
     Args:
         model: classifier returning raw scores ``[B, N]`` (pre-sigmoid).
@@ -194,7 +196,7 @@ def compute_cams(model: nn.Module, images: Tensor, classes: Sequence[int], metho
         maps, scores = spec.compute(model, inputs, indices, target, batch_size, **options)
         return {method: maps}, scores
 
-    with eval_mode(model):
+    with eval_mode(model), forward_precision(images.device.type):
         maps, scores = _averaged(one_pass, images, augmentation)
     return maps[method].float().contiguous(), scores.float().contiguous()
 
@@ -239,6 +241,6 @@ def compute_gradient_cams(model: nn.Module, images: Tensor, classes: Sequence[in
         activation, grads, scores = layer_activations_and_gradients(model, inputs, indices, target)
         return {m: GRADIENT_MAPS[m](activation, grads, eigen_smooth) for m in methods}, scores
 
-    with eval_mode(model):
+    with eval_mode(model), forward_precision(images.device.type):
         maps, scores = _averaged(one_pass, images, augmentation)
     return {m: v.float().contiguous() for m, v in maps.items()}, scores.float().contiguous()

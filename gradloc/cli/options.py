@@ -153,10 +153,16 @@ FLAG_GROUPS: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
                                                                       "the weighted activations instead of their "
                                                                       "sum."}),
         "device": ("cams.device", {"help": "torch device, e.g. cpu or cuda."}),
-        "workers": ("cams.workers", {"type": int, "help": "Image decoding processes (default: from the CPU count; "
-                                                         "0 = in-process). Results do not depend on it."}),
+        "workers": ("cams.workers", {"type": int, "help": "Image decoding processes (default: 0 = in-process on a "
+                                                         "CPU, from the CPU count for a GPU). Results do not "
+                                                         "depend on it."}),
         "amp": ("cams.amp", {"type": bool,
-                             "help": "Autocast the CAM engine to float16 (CUDA only; --amp / --no-amp)."}),
+                             "help": "Autocast the network up to the CAM layer: bfloat16 on a CPU with native "
+                                     "bfloat16 (AVX512-BF16/AMX; else float32 and a note), float16 on CUDA "
+                                     "(--amp / --no-amp)."}),
+        "channels_last": ("cams.channels_last", {"type": bool,
+                                                 "help": "Model and inputs in channels_last memory (default: "
+                                                         "per model family, where measured faster)."}),
         "cache_dir": ("cache_dir", {"help": "Heatmap cache and demo data folder (default .gradloc-cache)."}),
         "seed": ("seed", {"type": int, "help": "Random seed (baselines, demo)."}),
     },

@@ -207,15 +207,17 @@ def sweep(ctx: click.Context, config_path: str | None, select_split: str, eval_s
 @click.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--threshold", type=THRESHOLD, required=True,
-              help="τ of the detections to export (a threshold of the run).")
+@click.option("--threshold", type=THRESHOLD, default=None,
+              help="τ of the detections to export (a threshold of the run) [default: the run's selected τ, "
+                   "boxes.selected_threshold of its config].")
 @click.option("--format", "fmt", type=registry_choice("gradloc.reports.export", "EXPORT_FORMATS"), default="voc",
               show_default=True,
               help="voc = the official devkit's per-class files comp4_det_<split>_<class>.txt; coco = a COCO "
                    "results JSON and the matching ground-truth JSON (pycocotools reads both).")
 @click.option("--split", default=None, help="Split in the file names (default: the run's split).")
 @click.pass_context
-def export(ctx: click.Context, run_dir: str, out_dir: str, threshold: float, fmt: str, split: str | None) -> None:
+def export(ctx: click.Context, run_dir: str, out_dir: str, threshold: float | None, fmt: str,
+           split: str | None) -> None:
     """Write a run's detections at one τ in the devkit's or COCO's results format (baselines in
     OUT_DIR/baselines/).
 
@@ -226,9 +228,9 @@ def export(ctx: click.Context, run_dir: str, out_dir: str, threshold: float, fmt
 
     \b
     Examples:
-      gradloc export results/demo --threshold 0.2 --format voc exported/
+      gradloc export results/demo exported/
       gradloc score --gt results/demo/gt.pkl --voc-results exported/
-      gradloc export results/demo --threshold 0.2 --format coco coco/
+      gradloc export results/demo coco/ --threshold 0.6 --format coco
     """
     from gradloc.reports.export import export_run
 

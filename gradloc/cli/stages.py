@@ -299,7 +299,8 @@ def train(ctx: click.Context, config_path: str | None, out: str, **options: Any)
         overrides["train.val_split"] = None
     given = {TRAIN_FLAGS[k]: f"--{k.removesuffix('_name').replace('_', '-')}" for k, v in options.items()
              if v is not None}
-    cfg = TrainConfig.from_run(checked_config(config_path, overrides, given, writes_run=False), Path(out))
+    config = checked_config(config_path, overrides, given, writes_run=False)
+    cfg = TrainConfig.from_run(config, Path(out))
     with tqdm_bar(ctx, desc="train", unit="step") as bar:
 
         def progress(done: int, total: int, loss: float) -> None:
@@ -309,7 +310,13 @@ def train(ctx: click.Context, config_path: str | None, out: str, **options: Any)
             bar.update(done - bar.n)
 
         report = train_head(cfg, progress=progress)
-    click.echo(yaml.safe_dump(report, sort_keys=False))
+    click.echo(yaml.safe_dump(report, sort_keys=False), nl=False)
+    by_head = report.get("val_map_by_head")
+    if by_head:
+        used = config.model.head if config.model.head in by_head else "voc"
+        others = "; ".join(f"{name} head {value:.2%}" for name, value in by_head.items() if name != used)
+        click.echo(f"{cfg.val_split} classification mAP (VOC07 11-point, image labels) of the {used} head "
+                   f"the run uses: {by_head[used]:.2%}" + (f" ({others})" if others else ""))
 
 
 COMMANDS = (run, demo, cams, merge, boxes, train)

@@ -124,25 +124,39 @@ def group_by_shape(geometries: Sequence[Geometry], batch_size: int) -> list[list
             for start in range(0, len(group), batch_size)]
 
 
-def preprocess_image(
-    image: Image.Image, geometry: Geometry, mean: tuple[float, float, float], std: tuple[float, float, float]
-) -> np.ndarray:
-    """Resize and pad an RGB image into the network input, normalized.
+def preprocess_into(
+    image: Image.Image, geometry: Geometry, mean: tuple[float, float, float], std: tuple[float, float, float],
+    out: np.ndarray,
+) -> None:
+    """Resize an RGB image into the network input and normalize it, writing into ``out``.
 
-    Returns:
-        float32[3, input_h, input_w]; padding holds the mean colour (0 after normalization).
+    ``out`` is float32[input_h, input_w, 3] (channels last, e.g. one image of a [B, H, W, 3] batch buffer) and
+    must hold zeros in the padding. Pixels become ``(p / 255 - mean) / std`` with the same float32 operations,
+    in the same order, as the element-wise numpy expression, so the values are identical to the bit.
     """
     if image.size != (geometry.width, geometry.height):
         raise ValueError(f"image is {image.size[0]}x{image.size[1]}, geometry expects "
                          f"{geometry.width}x{geometry.height}")
+    if out.shape != (geometry.input_h, geometry.input_w, 3) or out.dtype != np.float32:
+        raise ValueError(f"out is {out.dtype}{list(out.shape)}, expected float32[{geometry.input_h}, "
+                         f"{geometry.input_w}, 3]")
     resized = image.convert("RGB").resize((geometry.resized_w, geometry.resized_h), Image.Resampling.BILINEAR)
-    pixels = (np.asarray(resized, dtype=np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(
-        std, np.float32
-    )
+    view = out[geometry.pad_y:geometry.pad_y + geometry.resized_h, geometry.pad_x:geometry.pad_x + geometry.resized_w]
+    np.divide(np.asarray(resized), np.float32(255.0), out=view)
+    np.subtract(view, np.asarray(mean, np.float32), out=view)
+    np.divide(view, np.asarray(std, np.float32), out=view)
+
+
+def preprocess_image(
+    image: Image.Image, geometry: Geometry, mean: tuple[float, float, float], std: tuple[float, float, float]
+) -> np.ndarray:
+    """Resize and pad an RGB image into the network input, normalized (:func:`preprocess_into`).
+
+    Returns:
+        float32[3, input_h, input_w]; padding holds the mean colour (0 after normalization).
+    """
     canvas = np.zeros((geometry.input_h, geometry.input_w, 3), dtype=np.float32)
-    rows = slice(geometry.pad_y, geometry.pad_y + geometry.resized_h)
-    cols = slice(geometry.pad_x, geometry.pad_x + geometry.resized_w)
-    canvas[rows, cols] = pixels
+    preprocess_into(image, geometry, mean, std, canvas)
     return np.ascontiguousarray(canvas.transpose(2, 0, 1))
 
 

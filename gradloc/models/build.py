@@ -18,10 +18,11 @@ plus a *head*:
   torchvision ones.
 
 A layer therefore has one name whatever the head (the name ``gradloc layers`` prints and the heatmap cache key
-holds). Every returned model is in eval mode and carries two attributes for the CAM engine (:mod:`gradloc.cams`):
-``gradloc_layer`` (default target layer: the last spatial feature map before global pooling) and
+holds). Every returned model is in eval mode and carries three attributes for the CAM engine (:mod:`gradloc.cams`):
+``gradloc_layer`` (default target layer: the last spatial feature map before global pooling),
 ``gradloc_gap_linear`` (``(layer, linear)`` names when the output is exactly ``linear(GAP(layer))``, else
-None).
+None) and ``gradloc_classifier`` (the network's final linear layer or the head replacing it: its input is the
+pooled features that the cams stage caches for ``gradloc train``, :mod:`gradloc.cams.features`).
 
 Weights never come from the network. torchvision weights are read from the torch hub cache
 (``torch.hub.get_dir()/checkpoints/<file name of weights.url>``, i.e. ``$TORCH_HOME/hub/checkpoints``) and
@@ -77,7 +78,7 @@ class LoadedModel:
 
     Attributes:
         model: eval-mode module mapping float32[B, 3, S, S] inputs to float32[B, len(classes)] scores, the CAM
-            targets; carries ``gradloc_layer`` and ``gradloc_gap_linear``.
+            targets; carries ``gradloc_layer``, ``gradloc_gap_linear`` and ``gradloc_classifier``.
         classes: class names of the score columns.
         preprocessing: how images must be prepared for ``model``.
         score_kind: ``logit`` (voc head) or ``log_prob`` (imagenet head); see :meth:`probabilities`.
@@ -190,6 +191,7 @@ def _attach_voc(spec: ModelSpec, source: _Source, classes: Sequence[str] | None)
                 new.bias.copy_(old.bias[rows])
     model.gradloc_layer = getattr(model, "gradloc_layer", spec.layer)
     model.gradloc_gap_linear = (model.gradloc_layer, spec.classifier) if spec.gap_linear else None
+    model.gradloc_classifier = spec.classifier
     return model, wanted
 
 
@@ -205,6 +207,7 @@ def _attach_imagenet(spec: ModelSpec, source: _Source, classes: Sequence[str] | 
                          f"{spec.name} has {n_out}")
     model = attach_imagenet_mapping(source.module, spec.classifier, wanted)
     model.gradloc_layer = getattr(model, "gradloc_layer", spec.layer)
+    model.gradloc_classifier = spec.classifier  # the mapping module, in the classifier's place
     return model, wanted
 
 

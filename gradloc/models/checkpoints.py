@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import pickle
@@ -103,3 +104,19 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def _file_record(path: Path) -> dict[str, str]:
     return {"path": str(path.resolve()), "sha256": file_sha256(path)}
+
+
+def backbone_digest(model: nn.Module, classifier: str) -> str:
+    """sha256 of every parameter and buffer of ``model`` outside the module ``classifier`` (its final linear
+    layer or the head replacing it): dtype, shape and values in ``state_dict`` order, names left out, so a
+    network and the same network wrapped by a head (``backbone.<name>``) or with another classifier give the
+    same digest. Independent of the memory format and device."""
+    skip = f"{classifier}."
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        if name.startswith(skip):
+            continue
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{value.dtype}{tuple(value.shape)}".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

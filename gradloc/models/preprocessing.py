@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from gradloc.core.geometry import RESIZE_MODES, Geometry, group_by_shape, plan, preprocess_image
+from gradloc.core.geometry import RESIZE_MODES, Geometry, group_by_shape, plan, preprocess_image, preprocess_into
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 
@@ -66,18 +66,26 @@ class Preprocessing:
         (:func:`gradloc.core.geometry.group_by_shape`); consecutive batches for the square modes."""
         return group_by_shape([self.geometry(width, height) for width, height in sizes], batch_size)
 
-    def batch(self, images: Sequence[Image.Image]) -> tuple[Tensor, list[Geometry]]:
+    def batch(self, images: Sequence[Image.Image], channels_last: bool = False) -> tuple[Tensor, list[Geometry]]:
         """Preprocess images of one input shape into float32[B, 3, H, W] (and their geometries).
+
+        Each image is written straight into one [B, H, W, 3] buffer (:func:`preprocess_into`); with
+        ``channels_last`` the returned tensor is that buffer seen as [B, 3, H, W] (``torch.channels_last``
+        memory, no copy), otherwise a contiguous copy. The values are the same either way.
 
         Raises:
             ValueError: the images' inputs differ in shape (``shortside``); group them with :meth:`batches`.
         """
-        pairs = [self(image) for image in images]
-        shapes = sorted({array.shape[1:] for array, _ in pairs})
+        geometries = [self.geometry(image.width, image.height) for image in images]
+        shapes = sorted({(g.input_h, g.input_w) for g in geometries})
         if len(shapes) > 1:
             raise ValueError(f"resize_mode={self.resize_mode} gives inputs of shapes {shapes} in one batch; "
                              "group images with Preprocessing.batches first")
-        return torch.from_numpy(np.stack([array for array, _ in pairs])), [g for _, g in pairs]
+        buffer = np.zeros((len(images), *shapes[0], 3), dtype=np.float32)
+        for image, geometry, out in zip(images, geometries, buffer, strict=True):
+            preprocess_into(image, geometry, self.mean, self.std, out)
+        inputs = torch.from_numpy(buffer).permute(0, 3, 1, 2)
+        return (inputs if channels_last else inputs.contiguous()), geometries
 
     def to_dict(self) -> dict[str, Any]:
         return {"input_size": self.input_size, "resize_mode": self.resize_mode, "mean": list(self.mean),

@@ -41,7 +41,7 @@ EXPORT_FORMATS: dict[str, ExportFormat] = {
 EXPORT_KIND = "export"  # the marker .gradloc-export (gradloc.core.folders)
 
 
-def export_run(run_dir: str | Path, threshold: float, out_dir: str | Path, split: str | None = None,
+def export_run(run_dir: str | Path, threshold: float | None, out_dir: str | Path, split: str | None = None,
                fmt: str = "voc") -> list[Path]:
     """Write a run's detections at τ in a results format: CAM boxes in ``out_dir``, each baseline in
     ``out_dir/baselines/<name>/`` (the map baselines of the same τ, the τ-free center/full boxes), and the
@@ -54,7 +54,7 @@ def export_run(run_dir: str | Path, threshold: float, out_dir: str | Path, split
 
     Args:
         run_dir: a run folder.
-        threshold: one of the run's thresholds (matched within 1e-9).
+        threshold: one of the run's thresholds (matched within 1e-9); None: the run's selected τ.
         out_dir: the results folder.
         split: the split in the file names; default: the split the run's detections were made on.
         fmt: a key of :data:`EXPORT_FORMATS`.
@@ -71,7 +71,7 @@ def export_run(run_dir: str | Path, threshold: float, out_dir: str | Path, split
     run, out_dir = open_run(run_dir), Path(out_dir)
     if not run.thresholds:
         raise FileNotFoundError(f"{run.path}: no CAM detections files; run `gradloc boxes`")
-    tau = match_value(run.thresholds, threshold, "threshold", run.path / "detections")
+    tau = match_value(run.thresholds, run.threshold_or_selected(threshold), "threshold", run.path / "detections")
     dets = run.detections_at(tau)
     if split is None:
         dataset = str(dets.meta.get("dataset", ""))  # e.g. "VOC2007 val"

@@ -22,7 +22,8 @@ def describe_run(run: Run) -> list[tuple[str, str]]:
     data, boxes = config.get("data", {}), config.get("boxes", {})
     explained = meta.get("classes_explained") or boxes.get("explain") or boxes.get("classes")
     model = (f"{meta.get('model', config.get('model', {}).get('name'))}, {meta.get('head')} head, input "
-             f"{meta.get('input_size')} px ({meta.get('resize_mode')})")
+             f"{meta.get('input_size')} px ({meta.get('resize_mode')})"
+             + (f", {meta['precision']}" if "precision" in meta else ""))
     checkpoint = config.get("model", {}).get("checkpoint") or config.get("model", {}).get("weights")
     lines = [
         ("run", str(run.path)),

@@ -325,7 +325,7 @@ def run_samples(run_dir: str | Path, threshold: float | None = None, n: int = 10
     """
 
     run = open_run(run_dir, hint=" (for boxes only use --detections PKL --voc-root PATH)")
-    threshold = run_threshold(run, threshold)
+    threshold = run.threshold_or_selected(threshold)
     dets = run.detections_at(threshold)
     gt = run.gt
     meta = dets.meta
@@ -364,23 +364,6 @@ def run_samples(run_dir: str | Path, threshold: float | None = None, n: int = 10
                 f"({chosen_words}; {dets.threshold_mode}, {dets.box_mode}), classes explained: "
                 f"{meta.get('classes_explained', '?')}; {display.describe() if label is None else 'one class'}")
     return RunSamples(samples, list(gt.classes), protocol, selection)
-
-
-def run_threshold(run: Any, threshold: float | None) -> float:
-    """``threshold``, or the run's selected τ when None (``boxes.selected_threshold`` of its config).
-
-    Raises:
-        ValueError: None given and the run has no selected τ; the message lists the run's thresholds.
-    """
-    if threshold is not None:
-        return threshold
-    if not run.thresholds:
-        raise FileNotFoundError(f"{run.path}: no CAM detections files; run `gradloc boxes`")
-    selected = selected_tau(run.detections_at(run.thresholds[0]).meta)
-    if selected is None:
-        raise ValueError(f"{run.path}: the run has no selected tau (config boxes.selected_threshold); give "
-                         f"--threshold, one of {', '.join(f'{t:g}' for t in run.thresholds)}")
-    return selected
 
 
 def show_run(run_dir: str | Path, threshold: float | None = None, n: int = 10, seed: int = 0,

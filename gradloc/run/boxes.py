@@ -67,6 +67,7 @@ def run_protocol(config: RunConfig, cache: HeatmapCache) -> dict[str, Any]:
         "checkpoint": config.model.checkpoint,
         "input_size": cache.key_data["input_size"],
         "resize_mode": cache.key_data["resize_mode"],
+        "precision": cache.key_data.get("precision", "float32"),  # of the network up to the CAM layer (--amp)
         "dataset": f"VOC{config.data.year} {config.data.split}",
         "split": config.data.split,
         "selected_threshold": b.selected_threshold,

@@ -8,24 +8,35 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from gradloc import __version__
 from gradloc.cams.cache import HeatmapCache
+from gradloc.cams.features import FeatureCache, features_key
 from gradloc.cams.gradient import GRADIENT_MAPS
+from gradloc.cams.hooks import ModuleInput
 from gradloc.cams.layers import default_layer, resolve_layer
 from gradloc.cams.loader import default_workers, plan_batches, shard_batches, stream_batches
 from gradloc.cams.methods import compute_cams, compute_gradient_cams, default_masked_batch
 from gradloc.datasets.voc import VOCDataset
 from gradloc.models.build import resolve_device
+from gradloc.models.checkpoints import backbone_digest
+from gradloc.models.execution import Execution, keep_freed_memory, resolve_execution
 from gradloc.run.config import RunConfig, check_places, open_dataset
 from gradloc.run.setup import Progress, check_names, load_classifier, require_images, with_method
 
 logger = logging.getLogger(__name__)
 
+
+def execution_of(config: RunConfig, loaded: Any) -> Execution:
+    """How the classifier of ``config`` runs: ``cams.device``, ``cams.channels_last`` (None: the model family's
+    registry fact) and ``cams.amp`` (:func:`gradloc.models.execution.resolve_execution`)."""
+    return resolve_execution(resolve_device(config.cams.device), loaded.description["family"],
+                             config.cams.channels_last, config.cams.amp)
+
+
 def cams_cache(config: RunConfig, loaded: Any, dataset: VOCDataset) -> HeatmapCache:
-    """The cache folder for this (model, method, layer, preprocessing, classes) -- named by their hash. The
-    images are not in the key: each cached file records its image's fingerprint (see gradloc.cams.cache)."""
+    """The cache folder for this (model, method, layer, preprocessing, classes, execution) -- named by their
+    hash. The images are not in the key: each cached file records its image's fingerprint (see
+    gradloc.cams.cache)."""
 
     layer, _ = resolve_layer(loaded.model, config.cams.layer or default_layer(loaded.model))
     pre = loaded.preprocessing
@@ -44,10 +55,23 @@ def cams_cache(config: RunConfig, loaded: Any, dataset: VOCDataset) -> HeatmapCa
         **({"flip": True} if config.cams.flip else {}),  # absent when off: caches made before the option stay valid
         **({"aug_smooth": True} if config.cams.aug_smooth else {}),
         **({"eigen_smooth": True} if config.cams.eigen_smooth else {}),
-        **({"amp": "float16"} if config.cams.amp else {}),
+        **execution_of(config, loaded).key(),  # memory format and precision, absent at contiguous float32
         "gradloc": __version__,
     }
     return HeatmapCache(config.cache_dir, key)
+
+
+def features_cache(config: RunConfig, loaded: Any, execution: Execution) -> FeatureCache | None:
+    """The pooled-features cache the cams stage fills for ``gradloc train`` (:mod:`gradloc.cams.features`):
+    the input of the model's classifier (``model.gradloc_classifier``; None when the model names none)."""
+    classifier = getattr(loaded.model, "gradloc_classifier", None)
+    if classifier is None:
+        return None
+    key = features_key(loaded.description["arch"], backbone_digest(loaded.model, classifier),
+                       loaded.preprocessing.to_dict(), execution.key())
+    cache = FeatureCache(config.cache_dir, key)
+    cache.clean()
+    return cache
 
 
 @dataclass
@@ -61,7 +85,8 @@ class CamsPlan:
         pending: image ids without valid maps in at least one of the caches.
         batches: the planned batches (of this shard) holding a pending image; each is computed whole.
         shard: (i, n) or None.
-        device: where the model runs.
+        execution: where and how the model runs (device, memory format, precision).
+        features: the pooled-features cache filled beside the maps, or None.
     """
 
     config: RunConfig
@@ -71,7 +96,8 @@ class CamsPlan:
     pending: set[str]
     batches: list[list[str]]
     shard: tuple[int, int] | None
-    device: Any
+    execution: Execution
+    features: FeatureCache | None
 
     @property
     def cache(self) -> HeatmapCache:
@@ -90,45 +116,58 @@ class CamsPlan:
     def run(self, progress: Progress = None) -> tuple[HeatmapCache, VOCDataset]:
         """Compute and cache the maps; ``progress(n)`` after each batch (images stored or skipped). With
         ``data.on_error: skip`` unreadable images leave the dataset. Returns (cache, dataset)."""
-
-
         config, dataset, caches, pending = self.config, self.dataset, self.caches, self.pending
-        logger.info("%s: %d of %d images to compute (%d batches) into %s", self.description, self.n_images,
-                    len(dataset), len(self.batches), ", ".join(str(c.root) for c in caches.values()))
-        model = self.loaded.model.to(self.device)
+        execution = self.execution
+        logger.info("%s: %d of %d images to compute (%d batches, %s) into %s", self.description, self.n_images,
+                    len(dataset), len(self.batches), execution.describe(),
+                    ", ".join(str(c.root) for c in caches.values()))
+        keep_freed_memory()
+        model = execution.model(self.loaded.model)
         all_classes = list(range(len(self.loaded.classes)))
         layer = self.cache.key_data["layer"]
-        workers = default_workers() if config.cams.workers is None else config.cams.workers
-        masked_batch = config.cams.masked_batch or default_masked_batch(self.device)
-        autocast = (torch.autocast(self.device.type, dtype=torch.float16) if config.cams.amp else nullcontext())
+        workers = default_workers(execution.device.type) if config.cams.workers is None else config.cams.workers
+        masked_batch = config.cams.masked_batch or default_masked_batch(execution.device)
+        record = (ModuleInput(model.get_submodule(model.gradloc_classifier)) if self.features is not None
+                  else None)
+        with record or nullcontext():
+            for batch in stream_batches(dataset, self.loaded.preprocessing, self.batches, workers,
+                                        pin_memory=execution.device.type == "cuda",
+                                        channels_last=execution.channels_last):
+                for image_id, error in batch.errors:
+                    if config.data.on_error == "raise":
+                        raise error
+                    dataset.skip(image_id, dataset.image_path(image_id), error)
+                if batch.inputs is not None:
+                    self._compute(model, execution.inputs(batch.inputs), batch, all_classes, layer, masked_batch,
+                                  record)
+                if progress:
+                    progress(len(pending.intersection(batch.image_ids)) + len(batch.errors))
+        return self.cache, dataset
+
+    def _compute(self, model: Any, inputs: Any, batch: Any, classes: list[int], layer: str, masked_batch: int,
+                 record: ModuleInput | None) -> None:
+        """Compute one batch and store the maps (and features) of its pending images."""
+        config, caches = self.config, self.caches
         engine = {"flip": config.cams.flip, "aug_smooth": config.cams.aug_smooth,
                   "eigen_smooth": config.cams.eigen_smooth}
-        for batch in stream_batches(dataset, self.loaded.preprocessing, self.batches, workers,
-                                    pin_memory=self.device.type == "cuda"):
-            for image_id, error in batch.errors:
-                if config.data.on_error == "raise":
-                    raise error
-                dataset.skip(image_id, dataset.image_path(image_id), error)
-            if batch.inputs is not None:
-                inputs = batch.inputs.to(self.device, non_blocking=True)
-                with autocast:
-                    if len(caches) > 1:
-                        maps, scores = compute_gradient_cams(model, inputs, all_classes, list(caches), layer,
-                                                             **engine)
-                    else:
-                        one, scores = compute_cams(model, inputs, all_classes, method=config.cams.method,
-                                                   layer=layer, batch_size=masked_batch, **engine)
-                        maps = {config.cams.method: one}
-                scores_np = scores.detach().float().cpu().numpy()
-                for method, method_cache in caches.items():
-                    maps_np = maps[method].float().cpu().numpy()
-                    for i, (image_id, source) in enumerate(zip(batch.image_ids, batch.sources, strict=True)):
-                        if image_id in pending:  # batch-mates already cached are computed, not rewritten
-                            method_cache.put(image_id, maps_np[i], scores_np[i], batch.geometries[i],
-                                             config.cams.store_dtype, source)
-            if progress:
-                progress(len(pending.intersection(batch.image_ids)) + len(batch.errors))
-        return self.cache, dataset
+        with self.execution.autocast():
+            if len(caches) > 1:
+                maps, scores = compute_gradient_cams(model, inputs, classes, list(caches), layer, **engine)
+            else:
+                one, scores = compute_cams(model, inputs, classes, method=config.cams.method, layer=layer,
+                                           batch_size=masked_batch, **engine)
+                maps = {config.cams.method: one}
+        scores_np = scores.detach().float().cpu().numpy()
+        stored = [(i, image_id) for i, image_id in enumerate(batch.image_ids) if image_id in self.pending]
+        for method, method_cache in caches.items():  # batch-mates already cached are computed, not rewritten
+            maps_np = maps[method].float().cpu().numpy()
+            for i, image_id in stored:
+                method_cache.put(image_id, maps_np[i], scores_np[i], batch.geometries[i], config.cams.store_dtype,
+                                 batch.sources[i])
+        if record is not None:
+            features = record.take().flatten(1).float().cpu().numpy()
+            for i, image_id in stored:
+                self.features.put(image_id, features[i], batch.sources[i], batch.image_ids)
 
 
 def plan_cams(config: RunConfig, *, dataset: VOCDataset | None = None, loaded: Any = None,
@@ -145,16 +184,12 @@ def plan_cams(config: RunConfig, *, dataset: VOCDataset | None = None, loaded: A
     n-th planned batch from batch i.
 
     Raises:
-        ValueError: an unknown name, ``cams.amp`` off CUDA, an empty split, or ``also`` with a method that is
-            not a gradient method.
+        ValueError: an unknown name, ``cams.amp`` on a device without autocast, an empty split, or ``also``
+            with a method that is not a gradient method.
     """
 
     check_names(config)
     check_places(config, writes_run=False)
-    device = resolve_device(config.cams.device)
-    if config.cams.amp and device.type != "cuda":
-        raise ValueError(f"--amp (cams.amp) autocasts on a CUDA device, not on {device}; pass --device cuda on "
-                         "a machine with a GPU, or drop --amp")
     for method in also:
         if method not in GRADIENT_MAPS or config.cams.method not in GRADIENT_MAPS:
             raise ValueError(f"cams for {config.cams.method} and {method} in one pass: both must be gradient "
@@ -162,9 +197,11 @@ def plan_cams(config: RunConfig, *, dataset: VOCDataset | None = None, loaded: A
     dataset = dataset or open_dataset(config)
     require_images(dataset)
     loaded = loaded or load_classifier(config)
+    execution = execution_of(config, loaded)
     caches = {method: cams_cache(with_method(config, method), loaded, dataset)
               for method in (config.cams.method, *also)}
     pending = set().union(*(c.todo(dataset, config.data.on_error) for c in caches.values()))
     batches = [batch for batch in shard_batches(plan_batches(dataset, loaded.preprocessing, config.cams.batch_size),
                                                 shard) if pending.intersection(batch)]
-    return CamsPlan(config, dataset, loaded, caches, pending, batches, shard, device)
+    return CamsPlan(config, dataset, loaded, caches, pending, batches, shard, execution,
+                    features_cache(config, loaded, execution))

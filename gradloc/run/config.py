@@ -139,8 +139,11 @@ class CamConfig:
     image and its mirror at 0.9, 1, 1.1 times the input, each map scaled to max 1, averaged; not with ``flip``);
     ``eigen_smooth``: the gradient methods' maps from the first principal component of the weighted
     activations (pytorch-grad-cam's option);
-    ``workers``: decode processes (None = from the CPU count, 0 = in-process; results do not depend on it);
-    ``amp``: autocast (float16) on a CUDA device; ``masked_batch``: Score-CAM's masked inputs per forward pass
+    ``workers``: decode processes (None = :func:`gradloc.cams.loader.default_workers`: in-process on a CPU, from
+    the CPU count for a GPU; 0 = in-process; results do not depend on it);
+    ``amp``: autocast the network up to the target layer (bfloat16 on a CPU with native bfloat16, float16 on
+    CUDA; :mod:`gradloc.models.execution`); ``channels_last``: the model and inputs in channels_last memory
+    (None = the model family's registry fact); ``masked_batch``: Score-CAM's masked inputs per forward pass
     (None = :func:`gradloc.cams.methods.default_masked_batch` of the device; results do not depend on it)."""
 
     method: str = "gradcam"
@@ -153,6 +156,7 @@ class CamConfig:
     eigen_smooth: bool = False
     workers: int | None = None
     amp: bool = False
+    channels_last: bool | None = None
     masked_batch: int | None = None
 
 

@@ -45,7 +45,7 @@ from gradloc.core.formats import Detections, GroundTruth, load_detections, load_
 from gradloc.core.names import check_name, excerpt
 from gradloc.core.provenance import git_commit, package_versions
 from gradloc.core.ranges import threshold_label
-from gradloc.scoring.tables import save_scores
+from gradloc.scoring.tables import save_scores, selected_tau
 
 logger = logging.getLogger(__name__)
 
@@ -447,6 +447,22 @@ class Run:
         if not isinstance(data, dict) or data.get("format") != IMAGE_SCORES_FORMAT:
             raise ValueError(f"{path}: not a {IMAGE_SCORES_FORMAT} file")
         return data
+
+    def threshold_or_selected(self, threshold: float | None) -> float:
+        """``threshold``, or the run's selected τ when None (``boxes.selected_threshold`` of its config).
+
+        Raises:
+            ValueError: None given and the run has no selected τ; the message lists the run's thresholds.
+        """
+        if threshold is not None:
+            return threshold
+        if not self.thresholds:
+            raise FileNotFoundError(f"{self.path}: no CAM detections files; run `gradloc boxes`")
+        selected = selected_tau(self.detections_at(self.thresholds[0]).meta)
+        if selected is None:
+            raise ValueError(f"{self.path}: the run has no selected tau (config boxes.selected_threshold); give "
+                             f"--threshold, one of {', '.join(f'{t:g}' for t in self.thresholds)}")
+        return selected
 
     @property
     def gt_known(self) -> dict[str, Any]:

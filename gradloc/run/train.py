@@ -29,6 +29,14 @@ features; 10 / 30 / 100 / 300 epochs: mAP 0.633 / 0.646 / 0.649 / 0.645), never 
 
 The report gives the VOC07 11-point classification AP of every class on the held-out split (image labels,
 difficult-only images ignored) and their mean over classes with at least one positive image.
+
+Images go through the cams stage's fast path: the streaming loader (:func:`gradloc.cams.loader.stream_batches`,
+``workers`` decode processes, batches planned as :func:`gradloc.cams.loader.plan_batches` plans them with
+``feature_batch_size`` images), the model family's memory format (:mod:`gradloc.models.execution`), float32.
+With ``cache_dir`` the pooled features are read from and written to the features cache
+(:mod:`gradloc.cams.features`), which the cams stage also fills: an image whose features exist (same backbone
+weights, preprocessing, execution, image bytes and batch-mates) is not run through the network again, and the
+head is the same file either way.
 """
 
 from __future__ import annotations
@@ -46,9 +54,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gradloc.cams.features import FeatureCache, features_key
+from gradloc.cams.hooks import ModuleInput
+from gradloc.cams.loader import default_workers, plan_batches, stream_batches
 from gradloc.core.provenance import git_commit
-from gradloc.datasets.voc import VOC_CLASSES, VOCDataset
-from gradloc.models.checkpoints import save_checkpoint
+from gradloc.datasets.voc import VOC_CLASSES, VOCDataset, file_fingerprint
+from gradloc.models.checkpoints import backbone_digest, save_checkpoint
+from gradloc.models.execution import Execution, keep_freed_memory, resolve_execution
+from gradloc.models.heads import ImageNetClassifier, VocImageNetHead
+from gradloc.models.imagenet_voc import IMAGENET_VOC_GROUPS, imagenet_groups
 from gradloc.models.preprocessing import Preprocessing
 from gradloc.models.spec import ModelSpec
 from gradloc.models.zoo import build_pretrained, get_spec, replace_linear
@@ -87,7 +101,7 @@ class TrainConfig:
         mode: ``linear``, ``finetune_last`` or ``lbfgs`` (module docstring).
         epochs, lr: None means the mode's default (linear: 100 epochs, lr 1e-3; finetune_last: 5 epochs of
             fine-tuning at lr 1e-4 after the linear probe's defaults; lbfgs: 200 iterations, step 1).
-        batch_size, weight_decay: AdamW settings (batch_size also batches the feature extraction).
+        batch_size, weight_decay: AdamW settings (batch_size also batches ``finetune_last``'s images).
         l2: L2 penalty on the weights of the ``lbfgs`` head.
         seed: shuffling / augmentation seed.
         input_size: network input side (None: the weights'); resize_mode: ``letterbox``, ``stretch`` or
@@ -96,6 +110,11 @@ class TrainConfig:
         ids: train only on these image ids of ``split`` (the other folds of a cross-validation); None: all.
         device: torch device for feature extraction and training.
         out: checkpoint file to write.
+        cache_dir: folder of the features cache shared with the cams stage (None: no cache).
+        feature_batch_size: images per planned batch of the feature pass (the cams stage's ``batch_size``, so
+            that the two stages compute an image with the same batch-mates).
+        workers: decode processes (None: :func:`gradloc.cams.loader.default_workers`).
+        channels_last: memory format of the network (None: the model family's registry fact).
     """
 
     voc_root: str | Path
@@ -118,11 +137,16 @@ class TrainConfig:
     limit: int | None = None
     ids: tuple[str, ...] | None = None
     device: str = "cpu"
+    cache_dir: str | Path | None = None
+    feature_batch_size: int = 16
+    workers: int | None = None
+    channels_last: bool | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in TRAIN_MODES:
             raise ValueError(f"training mode {self.mode!r}; choose one of {', '.join(TRAIN_MODES)}")
-        for name, value in (("epochs", self.epochs), ("batch_size", self.batch_size), ("limit", self.limit)):
+        for name, value in (("epochs", self.epochs), ("batch_size", self.batch_size), ("limit", self.limit),
+                            ("feature_batch_size", self.feature_batch_size)):
             if value is not None and value < 1:
                 raise ValueError(f"{name}={value}; pass a positive whole number")
         if self.lr is not None and not self.lr > 0:
@@ -137,76 +161,104 @@ class TrainConfig:
     @classmethod
     def from_run(cls, config: RunConfig, out: str | Path, **overrides: Any) -> TrainConfig:
         """The training job of a run config: its ``train`` section, with the data, model, input size, resize
-        mode and device of the run (the head then fits the run's preprocessing); ``overrides`` win."""
+        mode, device, cache folder, batch size, workers and memory format of the run (the head then fits the
+        run's preprocessing, and the features its cams stage cached are reused); ``overrides`` win."""
         section = dataclasses.asdict(config.train)
-        data, model = config.data, config.model
+        data, model, cams = config.data, config.model, config.cams
         values = {**section, "voc_root": data.voc_root, "year": data.year, "classes": data.classes,
                   "model": model.name, "weights": model.weights, "input_size": model.input_size,
-                  "resize_mode": model.resize_mode, "device": config.cams.device, "out": out, **overrides}
+                  "resize_mode": model.resize_mode, "device": cams.device, "out": out,
+                  "cache_dir": config.cache_dir, "feature_batch_size": cams.batch_size, "workers": cams.workers,
+                  "channels_last": cams.channels_last, **overrides}
         return cls(**values)
 
 
-def _batches(dataset: VOCDataset, preprocessing: Preprocessing, rows: Sequence[int], batch_size: int
-             ) -> Iterator[tuple[np.ndarray, Tensor]]:
-    """Preprocessed images of ``rows`` in batches of one input shape (``Preprocessing.batches``; in the
-    order of ``rows`` for the square resize modes): (int64[b] rows, float32[b, 3, H, W])."""
-    rows = np.asarray(rows, dtype=np.int64)
+def _image_batches(job: _Job, rows: Sequence[int]) -> Iterator[tuple[np.ndarray, Tensor]]:
+    """Images of ``job.train`` at ``rows`` in batches of one input shape (``Preprocessing.batches``; in the
+    order of ``rows`` for the square resize modes), through the streaming loader: (int64[b] rows,
+    float32[b, 3, H, W] on the job's device and memory format)."""
+    dataset, rows = job.train, np.asarray(rows, dtype=np.int64)
     annotations = [dataset.annotation(dataset.image_ids[row]) for row in rows]
-    for indices in preprocessing.batches([(a.width, a.height) for a in annotations], batch_size):
-        chunk = rows[indices]
-        inputs, _ = preprocessing.batch([dataset.load_image(dataset.image_ids[row]) for row in chunk])
-        yield chunk, inputs
+    shapes = job.preprocessing.batches([(a.width, a.height) for a in annotations], job.cfg.batch_size)
+    plan = [[dataset.image_ids[row] for row in rows[indices]] for indices in shapes]
+    index = {image_id: row for row, image_id in enumerate(dataset.image_ids)}
+    for batch in stream_batches(dataset, job.preprocessing, plan, job.workers,
+                                channels_last=job.execution.channels_last):
+        for _, error in batch.errors:
+            raise error
+        yield np.array([index[i] for i in batch.image_ids], dtype=np.int64), job.execution.inputs(batch.inputs)
 
 
-def _n_batches(dataset: VOCDataset, preprocessing: Preprocessing, batch_size: int) -> int:
-    """Number of batches :func:`_batches` makes of the whole dataset."""
-    annotations = [dataset.annotation(image_id) for image_id in dataset.image_ids]
-    return len(preprocessing.batches([(a.width, a.height) for a in annotations], batch_size))
+@dataclass
+class _FeaturePass:
+    """How pooled features are extracted: the network (architecture ``arch``) and the name of its final linear
+    layer, the preprocessing, the execution, the planned batch size, the decode workers and the folder of the
+    features cache (None: no cache)."""
 
+    model: nn.Module
+    arch: str
+    classifier: str
+    preprocessing: Preprocessing
+    execution: Execution
+    batch_size: int
+    workers: int
+    cache_dir: str | Path | None
 
-class _ClassifierInput:
-    """Context manager recording the input of a module (the pooled features entering the final linear)."""
+    def cache(self) -> FeatureCache | None:
+        """The features cache of the network's current weights (None without ``cache_dir``)."""
+        if self.cache_dir is None:
+            return None
+        key = features_key(self.arch, backbone_digest(self.model, self.classifier), self.preprocessing.to_dict(),
+                           self.execution.key())
+        return FeatureCache(self.cache_dir, key)
 
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-        self.value: Tensor | None = None
+    def n_batches(self, dataset: VOCDataset) -> int:
+        return len(plan_batches(dataset, self.preprocessing, self.batch_size))
 
-    def _hook(self, _module: nn.Module, args: tuple[Tensor, ...]) -> None:
-        self.value = args[0]
+    def __call__(self, dataset: VOCDataset, step: Callable[[], None] | None = None) -> tuple[Tensor, int]:
+        """Inputs of the final linear layer for every image of ``dataset`` (eval mode, no gradients): from the
+        cache where valid, else computed in whole planned batches (and cached).
 
-    def __enter__(self) -> _ClassifierInput:
-        self._handle = self.module.register_forward_pre_hook(self._hook)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._handle.remove()
-
-
-def pooled_features(model: nn.Module, classifier: str, dataset: VOCDataset, preprocessing: Preprocessing,
-                    batch_size: int, device: torch.device, step: Callable[[], None] | None = None) -> Tensor:
-    """Inputs of the final linear layer for every image of ``dataset`` (eval mode, no gradients).
-
-    Returns:
-        float32[n_images, n_features] on the CPU.
-    """
-    features: Tensor | None = None
-    was_training = model.training
-    model.eval()
-    try:
-        with _ClassifierInput(model.get_submodule(classifier)) as record, torch.no_grad():
-            for rows, inputs in _batches(dataset, preprocessing, range(len(dataset)), batch_size):
-                model(inputs.to(device))
-                values = record.value.detach().flatten(1).float().cpu()
-                if features is None:
-                    features = torch.empty(len(dataset), values.shape[1])
-                features[torch.from_numpy(rows)] = values
-                if step is not None:
-                    step()
-    finally:
-        model.train(was_training)
-    if features is None:
-        raise ValueError(f"{dataset!r} holds no images")
-    return features
+        Returns:
+            (float32[n_images, n_features] on the CPU, number of images read from the cache).
+        """
+        module, cache = self.model.get_submodule(self.classifier), self.cache()
+        if cache is not None:
+            cache.clean()
+        n_features = module.in_features
+        features = torch.empty(len(dataset), n_features)
+        row_of = {image_id: row for row, image_id in enumerate(dataset.image_ids)}
+        todo, cached = [], 0
+        for batch in plan_batches(dataset, self.preprocessing, self.batch_size):
+            found = [cache.get(i, file_fingerprint(dataset.image_path(i)), n_features, batch)
+                     if cache is not None else None for i in batch]
+            if any(value is None for value in found):
+                todo.append(batch)
+                continue
+            for image_id, value in zip(batch, found, strict=True):
+                features[row_of[image_id]] = torch.from_numpy(value)
+            cached += len(batch)
+            if step is not None:
+                step()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with ModuleInput(module) as record, torch.no_grad():
+                for batch in stream_batches(dataset, self.preprocessing, todo, self.workers,
+                                            channels_last=self.execution.channels_last):
+                    for _, error in batch.errors:
+                        raise error
+                    self.model(self.execution.inputs(batch.inputs))
+                    values = record.take().flatten(1).float().cpu()
+                    for i, image_id in enumerate(batch.image_ids):
+                        features[row_of[image_id]] = values[i]
+                        if cache is not None:
+                            cache.put(image_id, values[i].numpy(), batch.sources[i], batch.image_ids)
+                    if step is not None:
+                        step()
+        finally:
+            self.model.train(was_training)
+        return features, cached
 
 
 def balanced_bce(labels: np.ndarray) -> Callable[[Tensor, Tensor], Tensor]:
@@ -324,7 +376,8 @@ class _Job:
     preprocessing: Preprocessing
     train: VOCDataset
     labels: np.ndarray
-    device: torch.device
+    execution: Execution
+    workers: int
     generator: torch.Generator
     step: Callable[[float], None]
     features: Tensor | None = None
@@ -359,9 +412,9 @@ def _train_finetune_last(job: _Job, epochs: int, lr: float) -> float:
         for _ in range(epochs):
             total = 0.0
             order = torch.randperm(len(job.train), generator=job.generator).numpy()
-            for rows, inputs in _batches(job.train, job.preprocessing, order, job.cfg.batch_size):
-                flip = torch.rand(len(rows), generator=job.generator) < 0.5
-                inputs = torch.where(flip[:, None, None, None], inputs.flip(3), inputs).to(job.device)
+            for rows, inputs in _image_batches(job, order):
+                flip = (torch.rand(len(rows), generator=job.generator) < 0.5).to(inputs.device)
+                inputs = torch.where(flip[:, None, None, None], inputs.flip(3), inputs)
                 loss = loss_fn(model(inputs), torch.from_numpy(rows))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -382,6 +435,23 @@ TRAIN_MODES: dict[str, _Mode] = {
 }
 
 
+def _val_map_by_head(cfg: TrainConfig, voc: nn.Linear, imagenet: nn.Module, features: Tensor, labels: np.ndarray,
+                     positives: dict[str, int]) -> dict[str, float]:
+    """Held-out classification mAP (:data:`METRIC`) of every head a run can build from this checkpoint: ``voc``,
+    and, when the backbone stayed at its ImageNet weights and every class has an ImageNet mapping, ``imagenet``
+    and ``voc+imagenet`` (built exactly as :func:`gradloc.models.build.load_model` builds them: the voc term
+    dropped for classes without a positive training image)."""
+    heads: dict[str, nn.Module] = {"voc": voc}
+    frozen = cfg.mode in ("linear", "lbfgs")
+    if frozen and isinstance(imagenet, nn.Linear) and all(name in IMAGENET_VOC_GROUPS for name in cfg.classes):
+        groups = imagenet_groups(list(cfg.classes))
+        heads["imagenet"] = ImageNetClassifier(imagenet, groups)
+        heads["voc+imagenet"] = VocImageNetHead(voc, imagenet, groups, [positives[n] > 0 for n in cfg.classes])
+    with torch.no_grad():
+        return {name: round(classification_map(module.to(features.device)(features).cpu().numpy(), labels)[0], 6)
+                for name, module in heads.items()}
+
+
 def _ap_dict(classes: Sequence[str], aps: np.ndarray) -> dict[str, float | None]:
     return {name: (None if math.isnan(ap) else round(float(ap), 6))
             for name, ap in zip(classes, aps, strict=True)}
@@ -397,8 +467,10 @@ def train_head(cfg: TrainConfig, progress: Progress = None) -> dict[str, Any]:
 
     Returns:
         The report (plain data): configuration, image counts, final training loss, ``val_ap`` per class
-        (None for classes without positives in the held-out split), ``val_map``, ``metric``, ``seconds``
-        and ``checkpoint``. The checkpoint's ``train`` field holds the same minus ``seconds``.
+        (None for classes without positives in the held-out split), ``val_map`` (of the voc head),
+        ``val_map_by_head`` (:func:`_val_map_by_head`), ``metric``, ``seconds``,
+        ``checkpoint`` and ``features_from_cache`` (split -> images whose features came from the features
+        cache). The checkpoint's ``train`` field holds the same minus the last three.
 
     Raises:
         FileNotFoundError: missing VOC files or ImageNet weights.
@@ -409,7 +481,9 @@ def train_head(cfg: TrainConfig, progress: Progress = None) -> dict[str, Any]:
     epochs = cfg.epochs or mode.epochs
     lr = cfg.lr or mode.lr
     spec = get_spec(cfg.model)
-    device = torch.device(cfg.device)
+    execution = resolve_execution(torch.device(cfg.device), spec.family, cfg.channels_last)
+    workers = default_workers(execution.device.type) if cfg.workers is None else cfg.workers
+    keep_freed_memory()
     model, resolved = build_pretrained(cfg.model, cfg.weights)  # first: a missing file fails fast
     train = VOCDataset(cfg.voc_root, year=cfg.year, split=cfg.split, classes=cfg.classes, limit=cfg.limit)
     if cfg.ids is not None:
@@ -424,17 +498,19 @@ def train_head(cfg: TrainConfig, progress: Progress = None) -> dict[str, Any]:
     default = resolved.preprocessing
     preprocessing = replace(default, resize_mode=cfg.resize_mode or default.resize_mode,
                             input_size=cfg.input_size or default.input_size)
+    imagenet = model.get_submodule(spec.classifier)  # kept: the held-out report scores the heads built on it
     head = replace_linear(model, spec.classifier, len(cfg.classes))
-    model.to(device)
+    execution.model(model)
+    features_of = _FeaturePass(model, cfg.model, spec.classifier, preprocessing, execution, cfg.feature_batch_size,
+                              workers, cfg.cache_dir)
     labels = train.image_labels()
     absent = [name for name, column in zip(cfg.classes, labels.T, strict=True) if not np.any(column == 1)]
     if absent:
         logger.warning("no positive training image for %s: their head only learns 'absent'",
                        ", ".join(absent))
 
-    n_batches = _n_batches(train, preprocessing, cfg.batch_size)
-    n_val_batches = _n_batches(val, preprocessing, cfg.batch_size) if val is not None else 0
-    total = n_batches + n_val_batches + epochs + (TRAIN_MODES["linear"].epochs if cfg.mode != "linear" else 0)
+    n_batches = features_of.n_batches(train) + (features_of.n_batches(val) if val is not None else 0)
+    total = n_batches + epochs + (TRAIN_MODES["linear"].epochs if cfg.mode != "linear" else 0)
     done = 0
 
     def step(loss: float = math.nan) -> None:
@@ -443,11 +519,11 @@ def train_head(cfg: TrainConfig, progress: Progress = None) -> dict[str, Any]:
         if progress is not None:
             progress(done, total, loss)
 
-    job = _Job(cfg, spec, model, head, preprocessing, train, labels, device,
+    job = _Job(cfg, spec, model, head, preprocessing, train, labels, execution, workers,
                torch.Generator().manual_seed(cfg.seed), step)
-    job.features = pooled_features(model, spec.classifier, train, preprocessing, cfg.batch_size, device, step)
-    logger.info("%s: %d training images, %d pooled features each", cfg.model, len(train),
-                job.features.shape[1])
+    job.features, from_cache = features_of(train, step)
+    logger.info("%s: %d training images, %d pooled features each (%d from the features cache)", cfg.model,
+                len(train), job.features.shape[1], from_cache)
     train_loss = mode.train(job, epochs, lr)
 
     report: dict[str, Any] = {
@@ -459,18 +535,22 @@ def train_head(cfg: TrainConfig, progress: Progress = None) -> dict[str, Any]:
         "val_overlap": overlap,
         "train_positives": {name: int(n) for name, n in zip(cfg.classes, (labels == 1).sum(0), strict=True)},
     }
+    cached = {cfg.split: from_cache}
     if val is not None:
-        features = pooled_features(model, spec.classifier, val, preprocessing, cfg.batch_size, device, step)
+        features, cached[cfg.val_split] = features_of(val, step)
         with torch.no_grad():
-            scores = head(features.to(device)).cpu().numpy()
+            scores = head(features.to(execution.device)).cpu().numpy()
         val_map, aps = classification_map(scores, val.image_labels())
-        report.update(val_ap=_ap_dict(cfg.classes, aps), val_map=round(val_map, 6), metric=METRIC)
+        report.update(val_ap=_ap_dict(cfg.classes, aps), val_map=round(val_map, 6), metric=METRIC,
+                      val_map_by_head=_val_map_by_head(cfg, head, imagenet, features.to(execution.device),
+                                                       val.image_labels(), report["train_positives"]))
         logger.info("%s %s head: %s mAP %.3f (%s)", cfg.model, cfg.mode, cfg.val_split, val_map, METRIC)
     meta = {
         "arch": cfg.model, "arch_kwargs": resolved.arch_kwargs, "weights": resolved.name, "head": "voc",
         "classes": list(cfg.classes), "train": dict(report), "git_commit": git_commit(),
         **preprocessing.to_dict(),
     }
-    save_checkpoint(cfg.out, model.cpu(), meta)
-    report.update(seconds=round(time.perf_counter() - start, 1), checkpoint=str(cfg.out))
+    save_checkpoint(cfg.out, model.cpu().to(memory_format=torch.contiguous_format), meta)
+    report.update(seconds=round(time.perf_counter() - start, 1), checkpoint=str(cfg.out),
+                  features_from_cache=cached)
     return report

@@ -205,7 +205,8 @@ def protocol_line(rows: pd.DataFrame, meta: Mapping[str, Any] | None = None, ora
     if meta:
         parts.append(
             f"CAM: {meta.get('method')} at layer {meta.get('layer')} of {meta.get('model')} "
-            f"({meta.get('head')} head, input {meta.get('input_size')} {meta.get('resize_mode')}) on "
+            f"({meta.get('head')} head, input {meta.get('input_size')} {meta.get('resize_mode')}"
+            f"{', ' + meta['precision'] if 'precision' in meta else ''}) on "
             f"{meta.get('dataset')}; boxes: {BOX_MODE_WORDS.get(meta.get('box_mode'), meta.get('box_mode'))} "
             f"(connectivity {meta.get('connectivity')}, working grid <= {meta.get('max_side') or 'full'} px); "
             f"classes explained: {meta.get('classes_explained')}; confidence: {meta.get('confidence')}"

@@ -4,12 +4,11 @@ import dataclasses
 
 import numpy as np
 import pytest
-import torch
 
 from gradloc.cams.loader import default_workers, parse_shard, plan_batches, shard_batches, shard_of
 from gradloc.cams.methods import compute_cams
 from gradloc.datasets.voc import DatasetError
-from gradloc.run.cams import plan_cams
+from gradloc.run.cams import execution_of, plan_cams
 from gradloc.run.setup import load_classifier
 
 
@@ -28,13 +27,15 @@ def test_workers_give_the_bytes_of_the_in_process_path(demo_data, cams_config, t
     assert streamed.root != inline.root
     assert len(map_bytes(inline)) == len(dataset) == 12
     assert map_bytes(streamed) == map_bytes(inline)
-    # the maps are those of the engine on the planned batches, read in the main process
+    # the maps are those of the engine on the planned batches, read in the main process, run as the stage runs
     loaded = load_classifier(base)
+    execution = execution_of(base, loaded)
+    assert execution.channels_last  # the demo family's registry fact
     first = plan_batches(dataset, loaded.preprocessing, 5)[0]
     assert first == dataset.image_ids[:5]
     inputs, _ = loaded.preprocessing.batch([dataset.load_image(image_id) for image_id in first])
-    maps, _ = compute_cams(loaded.model, inputs, list(range(len(loaded.classes))), method="gradcam",
-                           layer=inline.key_data["layer"])
+    maps, _ = compute_cams(execution.model(loaded.model), execution.inputs(inputs), list(range(len(loaded.classes))),
+                           method="gradcam", layer=inline.key_data["layer"])
     for row, image_id in enumerate(first):
         np.testing.assert_array_equal(inline.get(image_id).maps, maps[row].numpy())
 
@@ -89,18 +90,12 @@ def test_resumed_run_recomputes_whole_planned_batches(demo_data, cams_config, tm
     assert map_bytes(resumed) == map_bytes(whole)
 
 
-def test_amp_without_a_gpu_is_one_line(demo_data, cams_config):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
-    with pytest.raises(ValueError, match=r"--amp \(cams.amp\) autocasts on a CUDA device, not on cpu"):
-        plan_cams(with_cams(cams_config(demo_data), amp=True)).run()
-
-
-def test_default_workers_share_the_cpus_of_the_node(monkeypatch):
+def test_default_workers_decode_in_process_on_a_cpu_and_share_the_node_for_a_gpu(monkeypatch):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(4)), raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert default_workers() == 3
+    assert default_workers("cpu") == 0
+    assert default_workers("cuda") == 3
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert default_workers() == 1
+    assert default_workers("cuda") == 1
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert default_workers() == 0
+    assert default_workers("cuda") == 0

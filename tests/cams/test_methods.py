@@ -608,3 +608,47 @@ def test_flip_changes_nothing_for_a_mirror_equivariant_model_on_a_symmetric_inpu
     symmetric_map, _ = compute_cams(model, symmetric, CLASSES, method, flip=True)
     _assert_close(symmetric_map, symmetric_map.flip(3))
     assert float(symmetric_map.abs().max()) > 0  # not trivially zero
+
+
+# --- autocast: the network up to the layer in low precision, everything after it in float32 ---------------------
+
+
+class _Dtypes:
+    """Forward hooks recording the output dtype of modules by name."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        self.seen: dict[str, list[torch.dtype]] = {name: [] for name in names}
+        self.handles = [model.get_submodule(name).register_forward_hook(self._hook(name)) for name in names]
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, inputs: object, output: Tensor) -> None:
+            self.seen[name].append(output.dtype)
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize(("model", "flip"), [(TinyGap(), False), (TinyGap(), True), (TinyHead(), True)],
+                         ids=["closed form", "closed form + flip", "autograd + flip"])
+def test_autocast_stops_at_the_target_layer(model, flip):
+    images = _images(3)
+    dtypes = _Dtypes(model, ["conv2", "relu2", "fc" if isinstance(model, TinyGap) else "fc2"])
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            maps, scores = compute_cams(model, images, CLASSES, "gradcam", flip=flip)
+            assert torch.is_autocast_enabled("cpu")  # the caller's autocast state is back
+            activation, grads, raw = activations_and_gradients(model, images, CLASSES)
+    finally:
+        dtypes.remove()
+    passes = 3 if flip else 2  # compute_cams' passes, then activations_and_gradients'
+    assert dtypes.seen["conv2"] == [torch.bfloat16] * passes  # every pass, the flipped one too, is autocast
+    assert set(dtypes.seen.pop("relu2")) == {torch.bfloat16}  # the layer's own output, then handed on as float32
+    assert [d for name, seen in dtypes.seen.items() if name != "conv2" for d in seen] == [torch.float32] * passes
+    assert activation.dtype == grads.dtype == raw.dtype == scores.dtype == maps.dtype == torch.float32
+    if not flip:  # the map is the float32 formula on the float32 value of the bfloat16 activation
+        from gradloc.cams.gradient import gradcam_map
+
+        torch.testing.assert_close(maps, gradcam_map(activation, grads), rtol=0, atol=0)
+        torch.testing.assert_close(scores, raw, rtol=0, atol=0)

@@ -89,7 +89,7 @@ def test_info_describes_the_run(tiny_run):
     assert result.exit_code == 0, result.output
     out = result.output
     assert "{" not in out and "None" not in out  # no raw dicts, no unresolved settings
-    assert re.search(r"^model: +demo_cnn, voc head, input 128 px \(letterbox\), from /", out, re.M)
+    assert re.search(r"^model: +demo_cnn, voc head, input 128 px \(letterbox\), float32, from /", out, re.M)
     assert re.search(r"^CAM: +gradcam at layer block4$", out, re.M)
     assert re.search(r"^thresholds: +0\.1, 0\.2 \(max; boxes: largest", out, re.M)
     assert re.search(r"^data: +VOCdemo test, 12 images, 4 classes", out, re.M)

@@ -73,7 +73,7 @@ def test_entry_point_with_its_checkpoint_runs_end_to_end(own_module, demo_data, 
     assert described["arch"] == "my_models:small" and described["head"] == "voc"
     assert described["checkpoint"]["sha256"] and described["entry_point"]["file"]["sha256"]
     assert key["layer"] == "4"  # probed: the last spatial map before pooling (the ReLU)
-    assert "gradcam at layer 4 of my_models:small (voc head, input 64 letterbox)" in result.output
+    assert "gradcam at layer 4 of my_models:small (voc head, input 64 letterbox, float32)" in result.output
     # the cached maps are the engine's maps of the model the test built
     from gradloc.cams.methods import compute_cams
     from gradloc.reports.show import open_run_cache

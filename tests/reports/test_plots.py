@@ -10,7 +10,7 @@ from PIL import Image
 from gradloc.cli import main
 from gradloc.core.files import save_pickle
 from gradloc.core.formats import Detections, GroundTruth
-from gradloc.reports.plots import plot_pr_curves, plot_threshold_curves, precision_recall_curves, tied_curves
+from gradloc.reports.plots import plot_pr_curves, plot_run, plot_threshold_curves, precision_recall_curves, tied_curves
 from gradloc.run.score import score_run
 from gradloc.scoring.tables import save_scores
 from gradloc.scoring.voc import evaluate, voc_ap
@@ -168,7 +168,21 @@ def test_pr_panels_skip_classes_without_detections():
     _inside(fig)
 
 
-def test_default_threshold_is_the_best_one(tiny_run):
+def test_default_threshold_is_the_runs_selected_tau_even_when_another_scores_better(tmp_path):
+    import dataclasses
+
+    run_dir = tmp_path / "selected"
+    save_pickle(_gt(), run_dir / "gt.pkl")
+    for tau, boxes in ((0.1, [[1, 1, 100, 100]] * 6), (0.2, None)):  # 0.2 scores best at IoU 0.5
+        dets = _dets(tau, boxes)
+        save_pickle(dataclasses.replace(dets, meta={**dets.meta, "selected_threshold": 0.1, "selected_on": "train"}),
+                    run_dir / "detections" / f"thr_{tau:.3f}.pkl")
+    save_scores(score_run(run_dir, (0.3, 0.5), "voc07"), run_dir)
+    written = plot_run(run_dir, out_dir=tmp_path / "plots")
+    assert [p.name for p in written] == ["ap_recall_vs_threshold.png", "pr_thr_0.100_iou_0.5.png"]
+
+
+def test_default_threshold_without_a_selected_tau_is_the_best_one(tiny_run):
     # at IoU 0.5, tau = 0.1 (whole-image boxes) scores mAP 0, tau = 0.2 scores > 0
     result = CliRunner().invoke(main, ["plot", str(tiny_run)])
     assert result.exit_code == 0, result.output

@@ -15,6 +15,7 @@ from gradloc.datasets.voc import VOC_CLASSES, VOCDataset
 from gradloc.models.build import load_model
 from gradloc.models.checkpoints import load_checkpoint
 from gradloc.models.zoo import build_pretrained
+from gradloc.run.cams import plan_cams
 from gradloc.run.config import load_config
 from gradloc.run.train import TrainConfig, balanced_bce, fit_lbfgs, fit_linear, train_head
 from gradloc.scoring.classification import classification_map
@@ -120,10 +121,13 @@ def test_train_config_from_run_takes_the_runs_preprocessing_and_train_section(tm
     path = tmp_path / "c.yaml"
     path.write_text("data:\n  voc_root: /data/VOCdevkit\n  classes: [cat, dog]\n"
                     "model:\n  name: resnet18\n  input_size: 320\n  resize_mode: shortside\n"
-                    "cams:\n  device: cpu\ntrain:\n  mode: lbfgs\n  l2: 0.01\n  epochs: 50\n")
+                    "cams:\n  device: cpu\n  batch_size: 8\n  workers: 0\n  channels_last: false\n"
+                    "train:\n  mode: lbfgs\n  l2: 0.01\n  epochs: 50\ncache_dir: /data/cache\n")
     cfg = TrainConfig.from_run(load_config(path), tmp_path / "head.pt", split="trainval")
     assert (cfg.voc_root, cfg.classes, cfg.model, cfg.input_size, cfg.resize_mode) == (
         "/data/VOCdevkit", ("cat", "dog"), "resnet18", 320, "shortside")
+    # the features cache, batch plan, decoding and memory format of the run's cams stage
+    assert (cfg.cache_dir, cfg.feature_batch_size, cfg.workers, cfg.channels_last) == ("/data/cache", 8, 0, False)
     assert (cfg.mode, cfg.l2, cfg.epochs, cfg.split, cfg.val_split) == ("lbfgs", 0.01, 50, "trainval", "val")
     with pytest.raises(ValueError, match=re.escape("l2=-1.0; pass a number >= 0")):
         TrainConfig(voc_root=tmp_path, out=tmp_path / "x.pt", l2=-1.0)
@@ -180,6 +184,22 @@ def test_train_head_checkpoint_loads_and_beats_chance(trained: tuple[dict, Path,
     assert val_map > chance + 0.2, (val_map, chance)
     # the classes the 48 training images teach well are recognised well
     assert report["val_ap"]["car"] > 0.8 and report["val_ap"]["cat"] > 0.8
+
+
+@pytest.mark.slow
+@needs_voc
+@pytest.mark.parametrize("head", ["voc", "imagenet", "voc+imagenet"])
+def test_train_reports_the_held_out_map_of_every_head_a_run_builds(trained: tuple[dict, Path, list],
+                                                                    head: str) -> None:
+    # the model a run loads with this head reproduces the number train reports for it
+    report, out, _ = trained
+    val = VOCDataset(VOC_ROOT, "2007", "val", limit=48)
+    loaded = load_model("efficientnet_lite0", checkpoint=out if head != "imagenet" else None, head=head)
+    inputs, _ = loaded.preprocessing.batch([val.load_image(i) for i in val.image_ids])
+    with torch.no_grad():
+        scores = torch.cat([loaded.model(chunk) for chunk in inputs.split(16)]).numpy()
+    assert report["val_map_by_head"][head] == pytest.approx(classification_map(scores, val.image_labels())[0],
+                                                            abs=1e-5)
 
 
 @pytest.mark.slow
@@ -264,3 +284,32 @@ def test_lbfgs_head_at_shortside_keeps_rows_and_preprocessing(tmp_path: Path) ->
     with pytest.raises(ValueError, match="trained at input_size 160, resize_mode shortside; this run uses "
                                          "input_size 224, resize_mode shortside"):
         load_model("efficientnet_lite0", checkpoint=out, input_size=224)
+
+
+@pytest.mark.slow
+@needs_voc
+def test_cached_features_give_the_same_checkpoint(tmp_path: Path) -> None:
+    """A second `gradloc train` reads the pooled features the first one cached instead of running the network,
+    and writes the same bytes as a run without the cache."""
+    common = {"voc_root": VOC_ROOT, "limit": 12, "epochs": 5, "seed": 3, "feature_batch_size": 4,
+              "cache_dir": tmp_path / "cache"}
+    reports = {name: train_head(TrainConfig(out=tmp_path / f"{name}.pt", **common))
+               for name in ("cold", "warm")}
+    train_head(TrainConfig(out=tmp_path / "plain.pt", **{**common, "cache_dir": None}))
+    assert reports["cold"]["features_from_cache"] == {"train": 0, "val": 0}
+    assert reports["warm"]["features_from_cache"] == {"train": 12, "val": 12}
+    assert len(list((tmp_path / "cache" / "features").glob("*/*.pkl"))) == 24
+    assert (tmp_path / "cold.pt").read_bytes() == (tmp_path / "warm.pt").read_bytes() == (
+        tmp_path / "plain.pt").read_bytes()
+
+
+@pytest.mark.slow
+@needs_voc
+def test_train_reads_the_features_the_cams_stage_cached(tmp_path: Path) -> None:
+    config = load_config(None, {
+        "data.voc_root": str(VOC_ROOT), "data.split": "train", "data.limit": 12, "model.name": "efficientnet_lite0",
+        "model.head": "imagenet", "cams.batch_size": 4, "cams.workers": 0, "cache_dir": str(tmp_path / "cache"),
+        "out": str(tmp_path / "results")})
+    plan_cams(config).run()
+    report = train_head(TrainConfig.from_run(config, tmp_path / "head.pt", val_split=None, limit=12, epochs=5))
+    assert report["features_from_cache"] == {"train": 12}

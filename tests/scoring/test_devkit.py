@@ -138,6 +138,21 @@ def test_export_run_writes_cam_and_baselines_with_the_run_split(tmp_path):
     assert list(dict.fromkeys(rows["source"])) == ["cam", "center", "random"]
 
 
+def test_export_run_defaults_to_the_selected_tau_and_names_the_thresholds_without_one(tmp_path):
+    import dataclasses
+
+    run = _run_folder(tmp_path / "run")
+    with pytest.raises(ValueError, match=r"no selected tau .* give --threshold, one of 0.2, 0.3"):
+        export_run(run, None, tmp_path / "out")
+    for tau in (0.2, 0.3):  # every detections file of a run carries the selected tau in its meta
+        dets = dataclasses.replace(_dets(), threshold=tau, scores=_dets().scores / (1 if tau == 0.2 else 2),
+                                   meta={"dataset": "VOC2007 val", "selected_threshold": 0.3})
+        save_pickle(dets, run / "detections" / f"thr_{tau:.3f}.pkl")
+    export_run(run, None, tmp_path / "out")
+    assert (tmp_path / "out" / "comp4_det_val_dog.txt").read_text() == format_lines(
+        dataclasses.replace(_dets(), scores=_dets().scores / 2), 1)
+
+
 def test_export_run_errors(tmp_path):
     run = _run_folder(tmp_path / "run")
     with pytest.raises(ValueError, match=r"no threshold 0.25; available: 0.2, 0.3"):
