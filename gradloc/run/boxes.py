@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,17 +25,25 @@ from gradloc.run.config import RunConfig, check_places, open_dataset
 from gradloc.run.folder import RunWriter, new_run
 from gradloc.run.setup import Progress, check_names, load_classifier, require_images
 from gradloc.scoring.wsol import GRID, IOUS_V2, box_hits
+from gradloc.scoring.wsol_exact import EXACT_GRID, INSTALL_HINT, exact_hits, opencv
+
+logger = logging.getLogger(__name__)
 
 
 class _GtKnown:
     """Per (image, GT class) pair, from the raw map of that class (GT-known, whatever the run explains): the
-    map's peak (TorchRay's pointing game) and the wsolevaluation box hits (MaxBoxAccV2: min-max map, τ grid
-    0.01, one box per region, IoU 0.3 / 0.5 / 0.7) on the run's working grid (``boxes.max_side``)."""
+    map's peak (TorchRay's pointing game), the MaxBoxAccV2 box hits in gradloc's convention (min-max map on the
+    run's working grid ``boxes.max_side``, τ grid 0.01, one box per region, IoU 0.3 / 0.5 / 0.7;
+    :mod:`gradloc.scoring.wsol`) and, with OpenCV installed, in wsolevaluation's exact protocol (224 x 224
+    stretched frame; :mod:`gradloc.scoring.wsol_exact`)."""
 
     def __init__(self, max_side: int | None) -> None:
         self.max_side = max_side
         self.points = BoxRows(width=2)
         self.hits: list[np.ndarray] = []
+        self.hits_exact: list[np.ndarray] | None = [] if opencv() is not None else None
+        if self.hits_exact is None:  # the score stage, which leaves the rows out, says so (once per run)
+            logger.debug("OpenCV is not installed: gt_known.pkl gets no wsolevaluation-exact hits; %s", INSTALL_HINT)
 
     def add(self, index: int, entry: Any, labels: np.ndarray, boxes: np.ndarray) -> None:
         classes = np.unique(labels).astype(np.int64)
@@ -44,14 +53,20 @@ class _GtKnown:
         self.points.add(index, classes, np.zeros(len(classes)), peak_points(maps, entry.geometry))
         size = (entry.geometry.width, entry.geometry.height)
         heat = upsample(maps, entry.geometry, *working_size(*size, self.max_side))
-        self.hits.append(box_hits(heat, [boxes[labels == c] for c in classes], image_size=size))
+        gt_boxes = [boxes[labels == c] for c in classes]
+        self.hits.append(box_hits(heat, gt_boxes, image_size=size))
+        if self.hits_exact is not None:
+            self.hits_exact.append(exact_hits(maps, entry.geometry, gt_boxes))
 
     def record(self) -> dict[str, Any]:
-        hits = np.concatenate(self.hits) if self.hits else np.zeros((0, len(GRID), len(IOUS_V2)), dtype=bool)
+        def stacked(parts: list[np.ndarray], n_taus: int) -> np.ndarray:
+            return np.concatenate(parts) if parts else np.zeros((0, n_taus, len(IOUS_V2)), dtype=bool)
+
         [(image_index, labels, _, points)] = self.points.per_threshold()
-        return {"image_index": image_index, "labels": labels, "points": points, "hits": hits, "grid": GRID,
-                "ious": np.asarray(IOUS_V2),
-                "max_side": self.max_side}
+        exact = ({} if self.hits_exact is None else
+                 {"hits_exact": stacked(self.hits_exact, len(EXACT_GRID)), "grid_exact": EXACT_GRID})
+        return {"image_index": image_index, "labels": labels, "points": points, "hits": stacked(self.hits, len(GRID)),
+                "grid": GRID, "ious": np.asarray(IOUS_V2), "max_side": self.max_side, **exact}
 
 
 def run_protocol(config: RunConfig, cache: HeatmapCache) -> dict[str, Any]:

@@ -268,6 +268,15 @@ def read_pairs(path: Path, expected: str, extra: Mapping[str, str]) -> dict[str,
     return record
 
 
+def _check_hits(path: Path, record: dict[str, Any], key: str, grid: str) -> None:
+    """``record[key]`` must be bool[pairs, len(record[grid]), len(record["ious"])] (a ``gt_known.pkl`` field)."""
+    hits = record[key]
+    expected = (len(record["labels"]), len(record[grid]), len(record["ious"]))
+    if not isinstance(hits, np.ndarray) or hits.dtype != np.bool_ or hits.shape != expected:
+        found = f"{hits.dtype}{list(hits.shape)}" if isinstance(hits, np.ndarray) else type(hits).__name__
+        raise ValueError(f"{path}: field {key!r} is {found}, expected bool{list(expected)}")
+
+
 # The manifest's fields and the types a reader may rely on (dotted keys; absent keys are allowed).
 MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
     "config": (dict,), "config_as_given": (dict,), "config_hash": (str,), "cache_key": (str, type(None)),
@@ -466,14 +475,20 @@ class Run:
 
     @property
     def gt_known(self) -> dict[str, Any]:
-        """``gt_known.pkl`` (``gradloc.gt_known/1``): per (image, GT class) pair the map's peak and the
-        wsolevaluation box hits (see :func:`gradloc.run.boxes.run_boxes`), its arrays checked."""
-        record = read_pairs(self.path / GT_KNOWN_FILE, GT_KNOWN_FORMAT, {"grid": "number", "ious": "number"})
-        hits = record["hits"]
-        expected = (len(record["labels"]), len(record["grid"]), len(record["ious"]))
-        if not isinstance(hits, np.ndarray) or hits.dtype != np.bool_ or hits.shape != expected:
-            found = f"{hits.dtype}{list(hits.shape)}" if isinstance(hits, np.ndarray) else type(hits).__name__
-            raise ValueError(f"{self.path / GT_KNOWN_FILE}: field 'hits' is {found}, expected bool{list(expected)}")
+        """``gt_known.pkl`` (``gradloc.gt_known/1``): per (image, GT class) pair the map's peak (``points``) and
+        the MaxBoxAccV2 box hits bool[P, T, D] over the τ values ``grid`` and the IoUs ``ious``: ``hits`` in
+        gradloc's convention (:mod:`gradloc.scoring.wsol`) and, in runs whose boxes stage had OpenCV,
+        ``hits_exact`` over ``grid_exact`` in wsolevaluation's exact protocol
+        (:mod:`gradloc.scoring.wsol_exact`; absent otherwise). See :func:`gradloc.run.boxes.run_boxes`; the
+        arrays are checked."""
+        path = self.path / GT_KNOWN_FILE
+        record = read_pairs(path, GT_KNOWN_FORMAT, {"grid": "number", "ious": "number"})
+        _check_hits(path, record, "hits", "grid")
+        if "hits_exact" in record:
+            if "grid_exact" not in record:
+                raise ValueError(f"{path}: field 'hits_exact' without its 'grid_exact'; rerun `gradloc boxes`")
+            record["grid_exact"] = read_array(record, "grid_exact", "number", str(path))
+            _check_hits(path, record, "hits_exact", "grid_exact")
         return record
 
     @property

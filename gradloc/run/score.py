@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,10 @@ from gradloc.scoring.localization import best_box_acc, corloc, pointing_game
 from gradloc.scoring.tables import METRIC_NAMES, is_close, select_threshold
 from gradloc.scoring.voc import evaluate, score_detections
 from gradloc.scoring.wsol import max_box_acc_from_hits
+from gradloc.scoring.wsol_exact import INSTALL_HINT, exact_max_box_acc
+from gradloc.scoring.wsol_exact import LABEL as EXACT_LABEL
+
+logger = logging.getLogger(__name__)
 
 
 def _score_file(path: Path, dets: Detections, gt: GroundTruth, ious: Sequence[float], metric: str,
@@ -84,6 +89,8 @@ POINTING_GT = "pointing game@15px, GT classes (TorchRay protocol)"
 POINTING_CENTRE = "pointing game@15px, the image centre as the point (TorchRay's centre baseline)"
 POINTING_EXPLAINED = "peak on an object of its class@15px, every explained class (absent class = miss)"
 MEAN_ALL_CLASSES = "mean over all classes (absent = 0)"
+GRADLOC_V2 = "gradloc convention"
+"""The suffix of the MaxBoxAccV2 rows in gradloc's convention (:mod:`gradloc.scoring.wsol`)."""
 CLASSIFICATION = "classification AP (VOC07 11-point, image labels; the run's class probabilities)"
 
 
@@ -99,8 +106,14 @@ def localization_scores(run_dir: str | Path | Run, only: Sequence[str] = ()) -> 
       centre as the point (TorchRay's centre baseline); ``POINTING_EXPLAINED`` -- the explained classes'
       peaks, a class without GT in the image counting as a miss (with every class explained this measures how
       often a peak is on an object of its class, not how well present objects are found);
-    * ``MaxBoxAccV2@δ`` and ``MaxBoxAccV2`` (wsolevaluation: GT-known, min-max maps, 0.01 τ grid chosen on this
-      split, all boxes; :mod:`gradloc.scoring.wsol`), from ``gt_known.pkl``;
+    * ``MaxBoxAccV2@δ (gradloc convention)`` and ``MaxBoxAccV2 (gradloc convention)``, the mean over δ 0.3 /
+      0.5 / 0.7 (GT-known, min-max maps on the run's working grid against the exact VOC boxes, 0.01 τ grid
+      chosen on this split, all boxes; :mod:`gradloc.scoring.wsol`), from ``gt_known.pkl``;
+    * ``MaxBoxAccV2@δ (wsolevaluation exact, tau step 0.01)`` and ``MaxBoxAccV2 (wsolevaluation exact, tau step
+      0.01)``: the same metric computed step for step as wsolevaluation's code does it (224 x 224 stretched
+      frame, bicubic upsampling, uint8 thresholds, OpenCV contours with holes, its box and GT-resize
+      conventions; :mod:`gradloc.scoring.wsol_exact`), for runs whose boxes stage had OpenCV (otherwise
+      left out, with a logged note);
     * for runs that explain the GT classes, ``boxacc@δ, best of the run's τ``: the same idea restricted to
       the run's own τ list and box mode (not comparable with wsolevaluation's numbers).
 
@@ -145,9 +158,16 @@ def localization_scores(run_dir: str | Path | Run, only: Sequence[str] = ()) -> 
                  "n": int(np.isfinite(aps).sum())})
     if len(known["hits"]):
         frame = max_box_acc_from_hits(known["hits"])
-        rows += [{"metric": r["metric"].replace("MaxBoxAcc (all boxes)", "MaxBoxAccV2"),
+        rows += [{"metric": f"{r['metric'].replace('MaxBoxAcc (all boxes)', 'MaxBoxAccV2')} ({GRADLOC_V2})",
                   "threshold": r["best_threshold"], "class": "mean", "value": r["max_box_acc"], "n": r["n_pairs"]}
                  for r in frame.to_dict("records")]
+    if "hits_exact" not in known:
+        logger.info("%s: gt_known.pkl has no wsolevaluation-exact hits (boxes stage without OpenCV, or an older "
+                    "gradloc); %s", run.path, INSTALL_HINT)
+    elif len(known["hits_exact"]):
+        frame = exact_max_box_acc(known["hits_exact"], known["grid_exact"], known["ious"])
+        rows += [{"metric": r["metric"], "threshold": r["best_threshold"], "class": "mean", "value": r["max_box_acc"],
+                  "n": r["n_pairs"]} for r in frame.to_dict("records")]
     if dets_by_tau and next(iter(dets_by_tau.values())).meta.get("classes_explained") == "gt":
         frame = best_box_acc(dets_by_tau, gt, ious=(0.3, 0.5, 0.7))
         rows += [{"metric": f"boxacc@{r['iou']}, best of the run's tau", "threshold": r["best_threshold"],
@@ -184,7 +204,8 @@ def _keep_pairs(record: dict[str, Any], classes: Sequence[str], only: Sequence[s
     labels = class_relabel(classes, only)[record["labels"]]
     keep = labels >= 0
     return {**record, "labels": labels[keep],
-            **{key: np.asarray(record[key])[keep] for key in ("image_index", "points", "hits") if key in record}}
+            **{key: np.asarray(record[key])[keep] for key in ("image_index", "points", "hits", "hits_exact")
+                if key in record}}
 
 
 def score_run_folder(run_dir: str | Path | Run, ious: Sequence[float], metric: str, only: Sequence[str] = ()
@@ -251,12 +272,17 @@ def headline_rows(run_dir: str | Path | Run, rows: pd.DataFrame, localization: p
                         "low": found["ci_low"].iloc[0] if len(found) else np.nan,
                         "high": found["ci_high"].iloc[0] if len(found) else np.nan,
                         "note": "top box per class and image, IoU >= 0.5, mean over classes"})
+    exact = localization["metric"].str.startswith(f"MaxBoxAccV2 ({EXACT_LABEL}")
+    v2_name, v2_note = ((localization.loc[exact, "metric"].iloc[0], "wsolevaluation's code exactly (224 x 224 "
+                         "frame, OpenCV contours), GT-known, its own tau grid chosen on this split; tau-free")
+                        if exact.any() else
+                        (f"MaxBoxAccV2 ({GRADLOC_V2})", "gradloc convention of wsolevaluation's metric, GT-known, "
+                         "its own tau grid chosen on this split; tau-free"))
     for name, label, note in ((CLASSIFICATION, "classification mAP", "VOC07 11-point AP of the class "
                                "probabilities against image labels; tau-free"),
                               (POINTING_GT, "pointing game", "TorchRay protocol: every GT class, map peak within "
                                "15 px, mean over classes with GT; tau-free"),
-                              ("MaxBoxAccV2", "MaxBoxAccV2", "wsolevaluation, GT-known, its own tau grid chosen "
-                               "on this split; tau-free")):
+                              (v2_name, "MaxBoxAccV2", v2_note)):
         found = localization[(localization["metric"] == name) & (localization["class"] == "mean")]
         if len(found):
             out.append({"metric": label, "threshold": np.nan, "value": float(found["value"].iloc[0]), "note": note})

@@ -33,6 +33,11 @@ OpenCV and checks ``convention="wsolevaluation"`` against it exactly on seeded m
 measures both conventions on general seeded maps. wsolevaluation resizes images and maps to 224 x 224;
 gradloc scores maps at the original image resolution against the original VOC boxes (no resize).
 
+The ``wsolevaluation`` convention here is an OpenCV-free approximation on gradloc's grid. The metric exactly as
+wsolevaluation's code computes it (224 x 224 stretched frame, bicubic upsampling, OpenCV contours with holes,
+its GT resize) is :mod:`gradloc.scoring.wsol_exact`; the run's ``localization.csv`` has both (rows named
+``(gradloc convention)`` and ``(wsolevaluation exact, tau step 0.01)``).
+
 Difficult boxes: wsolevaluation has none; pass the GT boxes that should count
 (``gradloc.scoring.localization.box_acc_table``
 counts difficult boxes as targets, and the pipeline does the same).

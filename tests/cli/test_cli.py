@@ -527,7 +527,8 @@ def test_only_restricts_the_localization_rows(tiny_run):
     gt = run.gt
     n_pairs = len({(i, c) for i, c in zip(gt.image_index, gt.labels, strict=True)
                    if gt.classes[c] in ("square", "disc")})
-    assert pairs["MaxBoxAccV2"] == n_pairs
+    assert pairs["MaxBoxAccV2 (gradloc convention)"] == n_pairs
+    assert pairs["MaxBoxAccV2 (wsolevaluation exact, tau step 0.01)"] == n_pairs
 
 
 @pytest.mark.slow

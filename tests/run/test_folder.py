@@ -593,6 +593,21 @@ def test_points_and_gt_known_records_are_checked(tmp_path):
                           target / "gt_known.pkl")
     with pytest.raises(ValueError, match=r"gt_known\.pkl: field 'hits' is float64\[1, 100, 3\], expected bool"):
         _ = open_run(target).gt_known
+    # the wsolevaluation-exact hits are optional (runs without OpenCV have none) but checked when present
+    known = {"format": runs.GT_KNOWN_FORMAT, **common, "points": np.array([[1.0, 2.0]]),
+             "hits": np.zeros((1, 100, 3), bool), "grid": np.zeros(100), "ious": np.zeros(3)}
+    io_module.save_pickle(known, target / "gt_known.pkl")
+    assert "hits_exact" not in open_run(target).gt_known
+    io_module.save_pickle({**known, "hits_exact": np.zeros((1, 50, 3), bool), "grid_exact": np.zeros(50)},
+                          target / "gt_known.pkl")
+    assert open_run(target).gt_known["hits_exact"].shape == (1, 50, 3)
+    io_module.save_pickle({**known, "hits_exact": np.zeros((1, 50, 3), bool), "grid_exact": np.zeros(100)},
+                          target / "gt_known.pkl")
+    with pytest.raises(ValueError, match=r"field 'hits_exact' is bool\[1, 50, 3\], expected bool\[1, 100, 3\]"):
+        _ = open_run(target).gt_known
+    io_module.save_pickle({**known, "hits_exact": np.zeros((1, 50, 3), bool)}, target / "gt_known.pkl")
+    with pytest.raises(ValueError, match="without its 'grid_exact'"):
+        _ = open_run(target).gt_known
 
 
 def test_images_json_is_written_and_checked(tmp_path):

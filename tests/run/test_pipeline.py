@@ -124,7 +124,8 @@ def test_headline_rows_are_the_scores_at_the_selected_tau(demo_run):
     run = open_run(run_dir)
     dets, gt = run.detections_at(0.4), run.gt
     assert (dets.meta["selected_threshold"], dets.meta["split"]) == (0.4, "test")
-    head = headline_rows(run, rows, localization_scores(run), dets.meta).set_index("metric")
+    localization = localization_scores(run)
+    head = headline_rows(run, rows, localization, dets.meta).set_index("metric")
     for metric, expected in (("voc07", "mAP@0.5"), ("voc10", "AP10 mAP@0.5")):
         frame = evaluate(dets, gt, [0.5], metric)
         value = head.loc[[expected], "value"].iloc[0]  # mAP@0.5 also names the oracle row, which comes last
@@ -139,6 +140,13 @@ def test_headline_rows_are_the_scores_at_the_selected_tau(demo_run):
     assert oracle["value"] == cam["ap"].max() and oracle["note"].startswith("oracle")
     assert oracle["threshold"] == cam.loc[cam["ap"].idxmax(), "threshold"]
     assert head.loc["mAP@0.5"].iloc[0]["threshold"] == 0.4
+    v2 = localization.set_index("metric").loc["MaxBoxAccV2 (wsolevaluation exact, tau step 0.01)", "value"]
+    assert head.loc["MaxBoxAccV2", "value"] == v2 and "wsolevaluation's code exactly" in head.loc["MaxBoxAccV2",
+                                                                                                   "note"]
+    without_exact = localization[~localization["metric"].str.contains("wsolevaluation exact")]
+    head = headline_rows(run, rows, without_exact, dets.meta).set_index("metric")
+    v2 = localization.set_index("metric").loc["MaxBoxAccV2 (gradloc convention)", "value"]
+    assert head.loc["MaxBoxAccV2", "value"] == v2 and "gradloc convention" in head.loc["MaxBoxAccV2", "note"]
 
 
 @pytest.mark.slow
@@ -240,8 +248,8 @@ def test_gt_known_run_reports_maxboxacc_and_localization_rows(demo_run, tmp_path
     assert values.iloc[:3].is_monotonic_decreasing  # a stricter IoU never scores more
     assert values.iloc[3] == pytest.approx(values.iloc[:3].mean())
     # wsolevaluation's protocol (0.01 grid on min-max maps) over every GT pair, whatever the run explains
-    v2 = rows[rows["metric"].str.startswith("MaxBoxAccV2")].set_index("metric")
-    assert list(v2.index) == ["MaxBoxAccV2@0.3", "MaxBoxAccV2@0.5", "MaxBoxAccV2@0.7", "MaxBoxAccV2"]
+    v2 = rows[rows["metric"].str.endswith("(gradloc convention)")].set_index("metric")
+    assert list(v2.index) == [f"MaxBoxAccV2{d} (gradloc convention)" for d in ("@0.3", "@0.5", "@0.7", "")]
     assert (v2["n"] == len(pairs)).all() and v2["value"].iloc[:3].is_monotonic_decreasing
     assert v2["value"].iloc[3] == pytest.approx(v2["value"].iloc[:3].mean())
     assert all(np.isclose(t, np.arange(0, 1, 0.01)).any() for t in v2["threshold"].dropna())
@@ -281,3 +289,56 @@ def test_masked_batch_reaches_scorecam(demo_run, tmp_path, monkeypatch):
     assert seen == [2, 5]  # one batch of 4 images each; 2 = default_masked_batch on a CPU
     for image_id in dataset.image_ids:
         np.testing.assert_allclose(caches[0].get(image_id).maps, caches[1].get(image_id).maps, rtol=1e-5, atol=1e-6)
+
+
+EXACT_ROWS = [f"MaxBoxAccV2{d} (wsolevaluation exact, tau step 0.01)" for d in ("@0.3", "@0.5", "@0.7", "")]
+
+
+def test_wsolevaluation_exact_rows_in_localization_csv(cams_config, demo_data):
+    """The boxes stage stores the exact hits of every GT pair (those of its cached maps, recomputed here) and
+    localization.csv gets the four exact rows beside gradloc's: n = pairs, the mean row = mean of the δ rows."""
+    pytest.importorskip("cv2")
+    from gradloc.run.folder import open_run
+    from gradloc.run.pipeline import run
+    from gradloc.scoring.wsol_exact import EXACT_GRID, exact_hits
+
+    result = run(cams_config(demo_data))
+    known, gt = open_run(result.run_dir).gt_known, open_run(result.run_dir).gt
+    pairs = sorted({(int(i), int(c)) for i, c in zip(gt.image_index, gt.labels, strict=True)})
+    assert list(zip(known["image_index"].tolist(), known["labels"].tolist(), strict=True)) == pairs
+    assert known["hits_exact"].shape == (len(pairs), 100, 3)
+    np.testing.assert_array_equal(known["grid_exact"], EXACT_GRID)
+    expected = []
+    for index, image_id in enumerate(gt.image_ids):
+        entry, mine = result.cache.get(image_id), gt.image_index == index
+        classes = np.unique(gt.labels[mine])
+        expected.append(exact_hits(entry.maps[classes], entry.geometry,
+                                   [gt.boxes[mine & (gt.labels == c)] for c in classes]))
+    np.testing.assert_array_equal(known["hits_exact"], np.concatenate(expected))
+
+    table = open_run(result.run_dir).localization
+    exact = table[table["metric"].isin(EXACT_ROWS)].set_index("metric").loc[EXACT_ROWS]
+    assert (exact["n"] == len(pairs)).all() and set(exact["class"]) == {"mean"}
+    assert exact["value"].iloc[3] == pytest.approx(exact["value"].iloc[:3].mean())
+    assert exact["value"].iloc[:3].is_monotonic_decreasing
+    hits = known["hits_exact"]
+    assert exact["value"].iloc[:3].tolist() == pytest.approx(hits.mean(axis=0).max(axis=0).tolist())
+    assert table["metric"].eq("MaxBoxAccV2 (gradloc convention)").sum() == 1
+
+
+def test_without_opencv_the_exact_rows_are_left_out_with_one_note(cams_config, demo_data, monkeypatch, caplog):
+    import logging
+
+    import gradloc.run.boxes
+    from gradloc.run.folder import open_run
+    from gradloc.run.pipeline import run
+
+    monkeypatch.setattr(gradloc.run.boxes, "opencv", lambda: None)
+    with caplog.at_level(logging.INFO, logger="gradloc"):
+        result = run(cams_config(demo_data))
+    notes = [r for r in caplog.records if "OpenCV" in r.getMessage() and r.levelno >= logging.INFO]
+    assert len(notes) == 1 and "gradloc[wsol]" in notes[0].getMessage()
+    run_folder = open_run(result.run_dir)
+    assert "hits_exact" not in run_folder.gt_known
+    metrics = set(run_folder.localization["metric"])
+    assert not metrics & set(EXACT_ROWS) and "MaxBoxAccV2 (gradloc convention)" in metrics
