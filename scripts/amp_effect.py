@@ -25,10 +25,10 @@ import argparse
 
 import numpy as np
 
-from gradloc.cams.cache import HeatmapCache
 from gradloc.core.formats import Detections
 from gradloc.models.build import HEADS
 from gradloc.models.registry import class_probabilities
+from gradloc.reports.show import open_run_cache
 from gradloc.run.folder import Run, open_run
 from gradloc.scoring.bootstrap import map_samples, resample_weights
 from gradloc.scoring.voc import box_iou, evaluate
@@ -43,7 +43,7 @@ def normalized(maps: np.ndarray) -> np.ndarray:
 def map_differences(a: Run, b: Run) -> tuple[np.ndarray, np.ndarray, float]:
     """(largest normalized difference per map of present classes, per map of absent classes, largest
     probability difference)."""
-    caches = [HeatmapCache.open(run.manifest["cache_dir"]) for run in (a, b)]
+    caches = [open_run_cache(run) for run in (a, b)]  # serving the image contents each run recorded
     gt = a.gt
     labels = gt.image_labels() == 1
     score_kind = HEADS[a.manifest["config"]["model"]["head"]][1]

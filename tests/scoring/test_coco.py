@@ -23,8 +23,6 @@ from gradloc.scoring.coco import (
     write_coco_results,
 )
 
-pycocotools = pytest.importorskip("pycocotools")
-
 
 def _gt(boxes, labels, images, difficult=None, classes=("a", "b"), n_images=2) -> GroundTruth:
     n = len(boxes)
