@@ -164,3 +164,38 @@ def test_readme_examples_run_in_order_and_print_what_the_readme_quotes(workdir, 
         missing = [line for line in example.expected if _squeeze(line) not in printed]
         assert not missing, f"{example}: the README quotes lines it does not print:\n" + "\n".join(missing) + (
             f"\n--- it printed:\n{done.stdout[:4000]}")
+
+
+RESULTS = ROOT / "results" / "voc07-subset"
+
+
+def _pct(value: float, sign: bool = False) -> str:
+    return f"{100 * value:+.1f}" if sign else f"{100 * value:.1f}"
+
+
+def test_the_readme_quotes_the_benchmark_files():
+    """The Results section's numbers are those of results/voc07-subset (written by scripts/benchmark.py): the
+    headline with its interval, the paired differences to the baselines, and the ablation and methods tables."""
+    import json
+
+    text = " ".join(README.read_text().split())
+    rows = [json.loads(line) for line in (RESULTS / "rows.jsonl").read_text().splitlines()]
+    headline = {row["metric"]: row for row in rows[0]["headline"]}
+    main = headline["mAP@0.5 (voc07), all classes with GT"]
+    assert f"mAP@0.5 = {_pct(main['value'])} [{_pct(main['low'])}, {_pct(main['high'])}]" in text
+    big = headline["mAP@0.5 (voc07), classes with >= 10 images"]
+    assert f"{_pct(big['value'])} [{_pct(big['low'])}, {_pct(big['high'])}]" in text
+    for name in ("center", "full"):
+        diff = headline[f"mAP@0.5: CAM - {name}"]
+        assert f"{_pct(diff['value'], True)} [{_pct(diff['low'], True)}, {_pct(diff['high'], True)}]" in text, name
+    assert f"τ = {rows[0]['tau']:g}" in text
+    for line in (RESULTS / "ablations.md").read_text().splitlines():  # quoted whole
+        if line.startswith("|") and not line.startswith("|--"):
+            assert " ".join(line.split()) in text, f"ablations.md: {line}"
+    lines = {line.split("|")[1].strip(): line for line in README.read_text().splitlines() if line.startswith("| ")}
+    for row in rows:  # the methods table: one line per row with its held-out tau and val mAP@0.5 [interval]
+        numbers = {r["metric"]: r for r in row["headline"]}
+        value = numbers["mAP@0.5 (voc07), all classes with GT"]
+        line = lines.get(row["name"], "")
+        assert f"| {row['tau']:g} |" in line and (
+            f"{_pct(value['value'])} [{_pct(value['low'])}, {_pct(value['high'])}]" in line), (row["name"], line)

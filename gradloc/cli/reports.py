@@ -124,7 +124,8 @@ def plot(run_dir: str, threshold: float | None, iou: str, out_dir: str | None) -
 @click.argument("run_b", type=click.Path(file_okay=False))
 @click.option("--iou", default="0.5", show_default=True, help=SINGLE_IOU_HELP.format(what="the per-class table"))
 @click.option("--threshold", type=THRESHOLD, default=None,
-              help="τ of the per-class table (default: best mAP of RUN_A, an oracle choice).")
+              help="τ of the per-class table and the paired intervals (default: the selected τ of RUN_A; for a "
+                   "run without one, RUN_A's best mAP, an oracle choice).")
 @click.option("--top", type=click.IntRange(0, 10_000), default=5, show_default=True,
               help="How many largest disagreements to list.")
 @click.option("--format", "fmt", type=registry_choice("gradloc.scoring.tables", "TABLE_FORMATS"), default="table",

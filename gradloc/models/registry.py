@@ -197,7 +197,7 @@ EXTRA_WIRING: dict[str, Wiring] = {
 
 
 # Families whose all-class CAM batches run faster with the model and its inputs in channels_last memory
-# (NHWC), measured per family by `python scripts/bench_pipeline.py --memory-formats` (README "Speed"); the
+# (NHWC), measured per family by `python scripts/bench_pipeline.py --families --no-stage` (README "Speed"); the
 # cams stage and `gradloc train` use it for them (gradloc.models.execution). Families not listed run NCHW.
 CHANNELS_LAST_FAMILIES: frozenset[str] = frozenset({"efficientnet_lite", "resnet", "vgg", "demo"})
 
