@@ -12,7 +12,8 @@ the methods table, every choice made on held-out folds of `train` and `val` only
    of :func:`gradloc.reports.headline.headline` (BCa intervals over images, 1,000 resamples, seed 0; paired
    differences to every baseline) and per-class AP@0.5 with each class's image count. Writes ``methods.csv``
    / ``methods.md``, ``baselines.csv`` / ``baselines.md`` (the first row's baselines), ``per_class.csv`` /
-   ``per_class.md``, ``rows.jsonl`` (everything, with provenance: commit, config hash, checkpoint digest,
+   ``per_class.md``, ``paired.csv`` / ``paired.md`` (the first row minus each other row, each at its own held-out
+   τ, paired BCa intervals), ``rows.jsonl`` (everything, with provenance: commit, config hash, checkpoint digest,
    package versions, seed) and ``samples/<row>.png`` (the same seeded val images for every row).
 
 Finished rows are kept in ``rows.jsonl`` and skipped on a rerun (heatmaps and heads are cached too).
@@ -38,6 +39,7 @@ from gradloc.run.config import load_config, with_overrides
 from gradloc.run.cv import Variant, load_variants
 from gradloc.run.folder import open_run
 from gradloc.run.sweep import run_sweep, sweep_dir
+from gradloc.scoring.bootstrap import corloc_statistic, map_statistic, paired_interval
 from gradloc.scoring.voc import evaluate
 
 logger = logging.getLogger("benchmark")
@@ -112,6 +114,30 @@ def summary(entry: dict) -> dict:
     return out
 
 
+def paired_methods(out: Path, entries: list[dict]) -> list[dict]:
+    """The first row minus each other row on `val`, each at its own held-out τ: mAP@0.5 and CorLoc@0.5 with
+    paired BCa intervals (the same resamples of the images for both runs; 1,000 resamples, seed 0)."""
+    runs = {e["name"]: open_run(out / "runs" / f"{e['name']}-val") for e in entries}
+    first = entries[0]
+    gt = runs[first["name"]].gt
+    n = len(gt.image_ids)
+    statistics = {"mAP@0.5": lambda e: map_statistic(runs[e["name"]].detections_at(e["tau"]), gt, 0.5),
+                  "CorLoc@0.5": lambda e: corloc_statistic(runs[e["name"]].detections_at(e["tau"]), gt)}
+    rows = []
+    for other in entries[1:]:
+        if runs[other["name"]].gt.image_ids != gt.image_ids:
+            raise ValueError(f"{other['name']}: scored on other images than {first['name']}")
+        for metric, statistic in statistics.items():
+            found = paired_interval(statistic(first), statistic(other), n)
+            rows.append({"difference": f"{first['name']} (tau {first['tau']:g}) - {other['name']} "
+                                       f"(tau {other['tau']:g})", "metric": metric,
+                         "value [95 % CI]": _with_interval({"value": found.estimate, "low": found.low,
+                                                            "high": found.high,
+                                                            "share_at_most_zero": found.share_at_most_zero}),
+                         "method": found.method})
+    return rows
+
+
 def write_table(out: Path, name: str, rows: list[dict]) -> None:
     frame = pd.DataFrame(rows)
     atomic_write_bytes(out / f"{name}.csv", frame.to_csv(index=False).encode())
@@ -149,6 +175,7 @@ def main() -> None:
     write_table(out, "baselines", [{"row": first["name"], "metric": r["metric"], "value [95 % CI]":
                                     _with_interval(r), "note": r.get("note")} for r in first["headline"]
                                    if ": CAM - " in r["metric"]])
+    write_table(out, "paired", paired_methods(out, ordered))
     classes = list(first["per_class"])
     write_table(out, "per_class", [{"row": e["name"], **{f"{c} ({e['per_class'][c][1]} img)": _pct(e["per_class"][c][0])
                                                          for c in classes}} for e in ordered])
