@@ -31,7 +31,7 @@ from gradloc.scoring.bootstrap import (
     paired_interval,
     pointing_statistic,
 )
-from gradloc.scoring.tables import DIGITS, METRIC_NAMES, match_value, select_threshold, selected_tau
+from gradloc.scoring.tables import DIGITS, METRIC_NAMES, match_value, select_threshold
 
 logger = logging.getLogger(__name__)
 
@@ -235,13 +235,12 @@ def compare_runs(run_a: str | Path, run_b: str | Path, iou: float = 0.5, thresho
     differences = run_differences(run_a, run_b)
     if differences.ground_truth and not force:
         raise GroundTruthMismatch(differences, names)
-    meta = run_a.detections_at(run_a.thresholds[0]).meta if threshold is None and run_a.thresholds else {}
-    selected = selected_tau(meta)
+    selected, chosen_on = run_a.selection if threshold is None else (None, None)
     comparison = compare_scores(run_a.scores, run_b.scores, iou=iou, names=names, top=top,
                                 threshold=selected if threshold is None else threshold)
-    if threshold is None and selected is not None:
-        chosen_on = f", chosen on {meta['selected_on']}" if meta.get("selected_on") else ""
-        comparison = dataclasses.replace(comparison, threshold_choice=f"the selected tau of {names[0]}{chosen_on}")
+    if selected is not None:
+        where = f", chosen on {chosen_on}" if chosen_on else ""
+        comparison = dataclasses.replace(comparison, threshold_choice=f"the selected tau of {names[0]}{where}")
     paired, notes = None, list(comparison.notes)
     if differences.ground_truth:
         notes.append("no paired intervals: the runs are on different images")

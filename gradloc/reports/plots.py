@@ -32,7 +32,7 @@ from matplotlib.lines import Line2D
 from gradloc.core.formats import Detections, GroundTruth
 from gradloc.reports.draw import save_figure
 from gradloc.run.folder import open_run, threshold_filename
-from gradloc.scoring.tables import METRIC_NAMES, match_value, select_threshold, selected_tau
+from gradloc.scoring.tables import METRIC_NAMES, match_value, select_threshold
 from gradloc.scoring.voc import match_detections, voc_ap
 
 logger = logging.getLogger(__name__)
@@ -268,10 +268,9 @@ def plot_run(run_dir: str | Path, threshold: float | None = None, iou: float = 0
     rows = run.scores
     scores_path = run.scores_path
     iou = match_value(rows["iou"], iou, "IoU", scores_path)
-    selected = selected_tau(run.detections_at(run.thresholds[0]).meta) if run.thresholds else None
+    selected, chosen_on = run.selection
     if threshold is None and selected is not None:
         threshold = match_value(rows["threshold"], selected, "threshold", scores_path)
-        chosen_on = run.detections_at(threshold).meta.get("selected_on")
         choice = f"tau = {threshold:g}: the run's selected tau" + (f" (chosen on {chosen_on})" if chosen_on else "")
     elif threshold is None:
         threshold, _ = select_threshold(rows, "ap", iou)

@@ -457,6 +457,15 @@ class Run:
             raise ValueError(f"{path}: not a {IMAGE_SCORES_FORMAT} file")
         return data
 
+    @property
+    def selection(self) -> tuple[float | None, str | None]:
+        """(the run's selected τ, the split it was chosen on) from its config (``boxes.selected_threshold``,
+        ``boxes.selected_on``, stored in every detections file's meta); (None, None) for a run without one."""
+        if not self.thresholds:
+            return None, None
+        meta = self.detections_at(self.thresholds[0]).meta
+        return selected_tau(meta), meta.get("selected_on")
+
     def threshold_or_selected(self, threshold: float | None) -> float:
         """``threshold``, or the run's selected τ when None (``boxes.selected_threshold`` of its config).
 
@@ -467,7 +476,7 @@ class Run:
             return threshold
         if not self.thresholds:
             raise FileNotFoundError(f"{self.path}: no CAM detections files; run `gradloc boxes`")
-        selected = selected_tau(self.detections_at(self.thresholds[0]).meta)
+        selected, _ = self.selection
         if selected is None:
             raise ValueError(f"{self.path}: the run has no selected tau (config boxes.selected_threshold); give "
                              f"--threshold, one of {', '.join(f'{t:g}' for t in self.thresholds)}")
