@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,11 @@ ROOT = Path(__file__).resolve().parents[1]  # the repository
 CONFIGS = ROOT / "configs"
 # ../shared/voc/VOCdevkit seen from the repository root, or $GRADLOC_VOC_ROOT (e.g. from a git worktree elsewhere)
 VOC_ROOT = Path(os.environ.get("GRADLOC_VOC_ROOT") or ROOT.parent / "shared" / "voc" / "VOCdevkit")
+
+# A shell starts background jobs with SIGINT ignored (`cmd &`), and the interrupt tests assume Python's own
+# handler: give it back, so the suite behaves the same in the foreground and in the background.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Parameters of the small demo dataset used by the test suite (a few dozen images, generated in ~0.3 s).
 DEMO_SMALL = {"n_train": 24, "n_val": 12, "n_test": 8, "seed": 0}

@@ -122,6 +122,7 @@ def test_real_voc_cross_validation_refits_the_head_per_fold(tmp_path: Path) -> N
     config = load_config(CONFIGS / "voc07.yaml", {
         "data.voc_root": str(VOC_ROOT), "data.limit": 18, "train.limit": 18, "cache_dir": str(tmp_path),
         "out": str(tmp_path / "out"), "model.input_size": 160, "boxes.thresholds": [0.2, 0.25],
+        "boxes.selected_threshold": None,
         "boxes.baselines": ["center"], "cams.workers": 0})
     result = cv.cross_validate(config, "train", k=3, seed=0)
     heads = sorted((tmp_path / "heads").glob("*.pt"))
