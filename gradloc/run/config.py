@@ -322,6 +322,16 @@ def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _with_dotted(data: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` with each override (a dotted key such as ``boxes.box_mode``, or a nested dict) merged in."""
+    for dotted, value in overrides.items():
+        nested: Any = value
+        for part in reversed(dotted.split(".")):
+            nested = {part: nested}
+        data = _merge(data, nested)
+    return data
+
+
 def with_overrides(config: RunConfig, overrides: Mapping[str, Any]) -> RunConfig:
     """``config`` with ``overrides`` (dotted keys, e.g. ``{"boxes.box_mode": "union"}``) applied and the result
     validated as a loaded config is.
@@ -329,12 +339,7 @@ def with_overrides(config: RunConfig, overrides: Mapping[str, Any]) -> RunConfig
     Raises:
         ConfigError: an unknown key, a wrong type or an invalid value, naming the key.
     """
-    data = config.to_dict()
-    for dotted, value in overrides.items():
-        nested: Any = value
-        for part in reversed(dotted.split(".")):
-            nested = {part: nested}
-        data = _merge(data, nested)
+    data = _with_dotted(config.to_dict(), overrides)
     merged = _build(RunConfig, data)
     validate(merged)
     return merged
@@ -387,11 +392,7 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
             raise ConfigError(f"{path}: expected a mapping of settings at the top level, found "
                               f"{type(loaded).__name__}")
         data = dict(loaded or {})
-    for dotted, value in (overrides or {}).items():
-        nested: Any = value
-        for part in reversed(dotted.split(".")):
-            nested = {part: nested}
-        data = _merge(data, nested)
+    data = _with_dotted(data, overrides or {})
     config = _build(RunConfig, data)
     validate(config)
     return config
