@@ -22,6 +22,7 @@ Finished rows are kept in ``rows.jsonl`` and skipped on a rerun (heatmaps and he
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import time
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
+from PIL import Image
 
 from gradloc.core.files import atomic_write_bytes
 from gradloc.core.provenance import provenance
@@ -60,6 +62,16 @@ def ablation(config_path: str, variants_path: str, out: Path, folds: int) -> dic
     return next(v for v in variants if v.name == chosen).overrides
 
 
+def compact_png(path: Path) -> None:
+    """Rewrite a sample figure as a 256-colour palette PNG, dithered (a quarter of the bytes of the RGB file; the
+    heat gradients stay smooth), so the committed samples stay small."""
+    image = Image.open(path).convert("RGB")
+    palette = image.quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+    buffer = io.BytesIO()
+    image.quantize(palette=palette, dither=Image.Dither.FLOYDSTEINBERG).save(buffer, format="PNG", optimize=True)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def methods_row(spec: dict, config_path: str, chosen: dict, out: Path, folds: int) -> dict:
     """Cross-validate one row and measure it on val at its held-out τ."""
     base = load_config(config_path, {"out": str(out / "runs"), "name": spec["name"]})
@@ -78,6 +90,7 @@ def methods_row(spec: dict, config_path: str, chosen: dict, out: Path, folds: in
                  .itertuples(index=False)}
     figure = show_run(run.path, tau, n=SAMPLES, seed=SAMPLE_SEED, sample="gt")
     save_figure(figure, out / "samples" / f"{spec['name']}.png")
+    compact_png(out / "samples" / f"{spec['name']}.png")
     resolved = run.manifest["config"]
     return {"name": spec["name"], "what": spec.get("what", ""), "tau": tau, "tau chosen on": f"train ({folds} "
             "held-out folds)", "oracle tau on val": float(oracle["threshold"].iloc[0]),
