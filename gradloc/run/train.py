@@ -59,6 +59,7 @@ from gradloc.cams.hooks import ModuleInput
 from gradloc.cams.loader import default_workers, plan_batches, stream_batches
 from gradloc.core.provenance import git_commit
 from gradloc.datasets.voc import VOC_CLASSES, VOCDataset, file_fingerprint
+from gradloc.models.build import FROZEN_BACKBONE_MODES
 from gradloc.models.checkpoints import backbone_digest, save_checkpoint
 from gradloc.models.execution import Execution, keep_freed_memory, resolve_execution
 from gradloc.models.heads import ImageNetClassifier, VocImageNetHead
@@ -442,7 +443,7 @@ def _val_map_by_head(cfg: TrainConfig, voc: nn.Linear, imagenet: nn.Module, feat
     and ``voc+imagenet`` (built exactly as :func:`gradloc.models.build.load_model` builds them: the voc term
     dropped for classes without a positive training image)."""
     heads: dict[str, nn.Module] = {"voc": voc}
-    frozen = cfg.mode in ("linear", "lbfgs")
+    frozen = cfg.mode in FROZEN_BACKBONE_MODES
     if frozen and isinstance(imagenet, nn.Linear) and all(name in IMAGENET_VOC_GROUPS for name in cfg.classes):
         groups = imagenet_groups(list(cfg.classes))
         heads["imagenet"] = ImageNetClassifier(imagenet, groups)
