@@ -51,17 +51,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from gradloc.boxes.cut import BOX_MODES
-from gradloc.boxes.kernels import (
-    COL_C0,
-    COL_C1,
-    COL_FIRST,
-    COL_K,
-    COL_R0,
-    COL_R1,
-    COL_T,
-    _component_sweep,
-)
+from gradloc.boxes.cut import BOX_MODES, component_table
+from gradloc.boxes.kernels import COL_C0, COL_C1, COL_K, COL_R0, COL_R1, COL_T
 from gradloc.core.geometry import grid_boxes_to_voc
 from gradloc.core.ranges import check_ious
 from gradloc.scoring.voc import box_iou
@@ -186,9 +177,7 @@ def box_hits(
         raise ValueError(f"box_hits: maps on a {width}x{height} working grid for a {image_size[0]}x{image_size[1]}"
                          " image need convention='gradloc'; wsolevaluation's boxes are defined at full resolution")
     heat, levels = setup(normalize_minmax(maps), taus)
-    table = _component_sweep(np.ascontiguousarray(heat), np.ascontiguousarray(levels), 2, 0.0)
-    table = table[np.lexsort((table[:, COL_FIRST], table[:, COL_K], table[:, COL_T]))]
-    table = BOX_MODES[box_mode](table)
+    table = BOX_MODES[box_mode](component_table(np.ascontiguousarray(heat), np.ascontiguousarray(levels), 2, 0.0))
     if on_grid:
         boxes = grid_boxes_to_voc(table[:, [COL_C0, COL_R0, COL_C1, COL_R1]], width, height, *image_size)
     else:

@@ -411,6 +411,26 @@ def test_sweep_matches_skimage_on_back_projected_noise(seed: int) -> None:
             )
 
 
+
+@pytest.mark.parametrize("threads", [2, 3, 7, 40])
+def test_component_table_does_not_depend_on_how_the_maps_are_split(threads: int) -> None:
+    """The sweep split across threads gives the single-thread table row for row (maps of every kind: noise,
+    an all-zero map whose levels are inf, a constant map), including more threads than maps."""
+    from gradloc.boxes.cut import component_table
+    from gradloc.core.geometry import upsample
+
+    rng = np.random.default_rng(0)
+    heat = np.stack([upsample(rng.random((7, 7), dtype=np.float32), plan(80, 60, 56), 80, 60) for _ in range(20)])
+    heat[5] = 0.0
+    heat[11] = 0.5
+    levels = np.outer(heat.reshape(20, -1).max(axis=1), np.linspace(0.05, 0.95, 10))
+    levels[5] = np.inf
+    one = component_table(heat, levels, 2, 3.0, threads=1)
+    split = component_table(heat, levels, 2, 3.0, threads=threads)
+    assert one.shape[0] > 20 * 10 and set(np.unique(one[:, 0]).astype(int)) == set(range(20)) - {5}
+    np.testing.assert_array_equal(split, one)
+
+
 # --- pointing game, baselines, random maps ------------------------------------------------------------------
 
 
