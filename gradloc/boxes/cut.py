@@ -39,8 +39,8 @@ average over τ, at 1/4 of the time (112: 0.97 / 0.95, -0.006 / 0.010, 1/12 of t
 
 The sweep kernel releases the GIL: the maps of one call are split across the CPUs this process may use
 (:func:`sweep_threads`), and since the kernel's rows are sorted afterwards the result does not depend on the
-split (tested). The back-projection multiplies tiny matrices: set ``OPENBLAS_NUM_THREADS=1`` (before numpy is
-imported) on a shared machine.
+split (tested). The back-projection multiplies tiny matrices, on which BLAS threads gain nothing: the boxes
+stage runs them with one BLAS thread (:func:`gradloc.run.boxes.cut_boxes`), so the sweep's threads get the cores.
 """
 
 from __future__ import annotations
