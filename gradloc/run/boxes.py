@@ -179,6 +179,9 @@ def run_boxes(config: RunConfig, cache: HeatmapCache, dataset: VOCDataset, progr
     return config.run_dir
 
 
+# The back-projections are tiny matrix products: BLAS threads gain nothing on them, and spinning after each one
+# they take the cores the sweep kernel's threads need (gradloc.boxes.cut.component_table).
+@threadpool_limits.wrap(limits=1, user_api="blas")
 def cut_boxes(config: RunConfig, cache: HeatmapCache, dataset: VOCDataset, progress: Progress = None
               ) -> BoxesOutput:
     """The boxes stage of a split in memory: CAM boxes at every threshold, the baselines, the maps' peaks and
@@ -199,32 +202,29 @@ def cut_boxes(config: RunConfig, cache: HeatmapCache, dataset: VOCDataset, progr
     rng = np.random.default_rng(config.seed)
     partners = derangement(len(dataset.image_ids), config.seed)
     probabilities = np.zeros((len(dataset.image_ids), len(gt.classes)))
-    # The back-projections are tiny matrix products: BLAS threads gain nothing on them, and spinning after
-    # each one they take the cores the sweep kernel's threads need (gradloc.boxes.cut.component_table).
-    with threadpool_limits(limits=1, user_api="blas"):
-        for index, image_id in enumerate(dataset.image_ids):
-            entry = cache.get(image_id)
-            probs = probabilities[index] = class_probabilities(entry.scores, score_kind)
-            in_image = order[bounds[index] : bounds[index + 1]]
-            gt_known.add(index, entry, gt.labels[in_image], gt.boxes[in_image])
-            classes = explained_classes(config.boxes.explain, probs, gt.labels[in_image], config.boxes.score_cut)
-            if len(classes):
-                size = (entry.geometry.width, entry.geometry.height)
-                heat = working_heat(entry.maps[classes], entry.geometry, params.max_side)
-                cam_rows.add_sweep(index, classes, cut_heat(heat, probs[classes], *size, thresholds, params))
-                partner_heat = None
-                if "shuffled" in map_rows:  # the same classes' maps of another image, laid over this image's grid
-                    partner = cache.get(dataset.image_ids[partners[index]])
-                    partner_heat = upsample(partner.maps[classes], partner.geometry, heat.shape[2], heat.shape[1])
-                for name, rows in map_rows.items():
-                    stand_in = MAP_BASELINES[name](heat, partner_heat, rng)
-                    rows.add_sweep(index, classes, cut_heat(stand_in, probs[classes], *size, thresholds, params))
-                for name, rows in box_rows.items():
-                    box = BOX_BASELINES[name](entry.geometry, params.center_size)
-                    rows.add(index, classes, probs[classes], np.repeat(box[None], len(classes), axis=0))
-                points.add(index, classes, probs[classes], peak_points(entry.maps[classes], entry.geometry))
-            if progress:
-                progress(1)
+    for index, image_id in enumerate(dataset.image_ids):
+        entry = cache.get(image_id)
+        probs = probabilities[index] = class_probabilities(entry.scores, score_kind)
+        in_image = order[bounds[index] : bounds[index + 1]]
+        gt_known.add(index, entry, gt.labels[in_image], gt.boxes[in_image])
+        classes = explained_classes(config.boxes.explain, probs, gt.labels[in_image], config.boxes.score_cut)
+        if len(classes):
+            size = (entry.geometry.width, entry.geometry.height)
+            heat = working_heat(entry.maps[classes], entry.geometry, params.max_side)
+            cam_rows.add_sweep(index, classes, cut_heat(heat, probs[classes], *size, thresholds, params))
+            partner_heat = None
+            if "shuffled" in map_rows:  # the same classes' maps of another image, laid over this image's grid
+                partner = cache.get(dataset.image_ids[partners[index]])
+                partner_heat = upsample(partner.maps[classes], partner.geometry, heat.shape[2], heat.shape[1])
+            for name, rows in map_rows.items():
+                stand_in = MAP_BASELINES[name](heat, partner_heat, rng)
+                rows.add_sweep(index, classes, cut_heat(stand_in, probs[classes], *size, thresholds, params))
+            for name, rows in box_rows.items():
+                box = BOX_BASELINES[name](entry.geometry, params.center_size)
+                rows.add(index, classes, probs[classes], np.repeat(box[None], len(classes), axis=0))
+            points.add(index, classes, probs[classes], peak_points(entry.maps[classes], entry.geometry))
+        if progress:
+            progress(1)
 
     protocol = run_protocol(config, cache)
     common = {"classes": list(gt.classes), "image_ids": list(gt.image_ids)}
