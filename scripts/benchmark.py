@@ -34,6 +34,7 @@ from PIL import Image
 
 from gradloc.core.files import atomic_write_bytes
 from gradloc.core.provenance import provenance
+from gradloc.reports.compare import paired_differences
 from gradloc.reports.draw import save_figure
 from gradloc.reports.headline import MIN_IMAGES, headline
 from gradloc.reports.show import show_run
@@ -41,7 +42,6 @@ from gradloc.run.config import load_config, with_overrides
 from gradloc.run.cv import Variant, load_variants
 from gradloc.run.folder import open_run
 from gradloc.run.sweep import run_sweep, sweep_dir
-from gradloc.scoring.bootstrap import corloc_statistic, map_statistic, paired_interval
 from gradloc.scoring.voc import evaluate
 
 logger = logging.getLogger("benchmark")
@@ -129,25 +129,24 @@ def summary(entry: dict) -> dict:
 
 def paired_methods(out: Path, entries: list[dict]) -> list[dict]:
     """The first row minus each other row on `val`, each at its own held-out τ: mAP@0.5 and CorLoc@0.5 with
-    paired BCa intervals (the same resamples of the images for both runs; 1,000 resamples, seed 0)."""
+    paired BCa intervals (:func:`gradloc.reports.compare.paired_differences`: the same resamples of the images
+    for both runs; 1,000 resamples, seed 0)."""
     runs = {e["name"]: open_run(out / "runs" / f"{e['name']}-val") for e in entries}
     first = entries[0]
-    gt = runs[first["name"]].gt
-    n = len(gt.image_ids)
-    statistics = {"mAP@0.5": lambda e: map_statistic(runs[e["name"]].detections_at(e["tau"]), gt, 0.5),
-                  "CorLoc@0.5": lambda e: corloc_statistic(runs[e["name"]].detections_at(e["tau"]), gt)}
     rows = []
     for other in entries[1:]:
-        if runs[other["name"]].gt.image_ids != gt.image_ids:
+        if runs[other["name"]].gt.image_ids != runs[first["name"]].gt.image_ids:
             raise ValueError(f"{other['name']}: scored on other images than {first['name']}")
-        for metric, statistic in statistics.items():
-            found = paired_interval(statistic(first), statistic(other), n)
+        table = paired_differences(runs[other["name"]], runs[first["name"]], other["tau"], 0.5, "voc07",
+                                   threshold_b=first["tau"])
+        for metric in ("mAP@0.5", "CorLoc@0.5"):
+            found = table[table["metric"].str.startswith(f"{metric} (")].iloc[0]
             rows.append({"difference": f"{first['name']} (tau {first['tau']:g}) - {other['name']} "
                                        f"(tau {other['tau']:g})", "metric": metric,
-                         "value [95 % CI]": _with_interval({"value": found.estimate, "low": found.low,
-                                                            "high": found.high,
-                                                            "share_at_most_zero": found.share_at_most_zero}),
-                         "method": found.method})
+                         "value [95 % CI]": _with_interval({"value": found["diff"], "low": found["low"],
+                                                            "high": found["high"],
+                                                            "share_at_most_zero": found["share_at_most_zero"]}),
+                         "method": found["method"]})
     return rows
 
 

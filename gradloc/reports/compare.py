@@ -252,21 +252,25 @@ def compare_runs(run_a: str | Path, run_b: str | Path, iou: float = 0.5, thresho
 
 
 def paired_differences(run_a: Run, run_b: Run, threshold: float, iou: float, metric: str, *,
-                       n_resamples: int = N_RESAMPLES, seed: int = 0) -> pd.DataFrame:
+                       threshold_b: float | None = None, n_resamples: int = N_RESAMPLES,
+                       seed: int = 0) -> pd.DataFrame:
     """B - A of the headline metrics of two runs on the same images, each with its paired BCa bootstrap
     interval (both runs scored on the same resamples of the images) and the share of resamples <= 0.
 
     Rows ``metric, a, b, diff, low, high, share_at_most_zero``: mAP@``iou`` and CorLoc@0.5 of the CAM boxes at
-    τ, the TorchRay pointing game (GT classes, mean over present classes), MaxBoxAccV2 (gradloc convention).
+    τ (``threshold`` for A, ``threshold_b`` for B; None = the same τ), the TorchRay pointing game (GT
+    classes, mean over present classes), MaxBoxAccV2 (gradloc convention).
     """
     gt = run_a.gt
     n = len(gt.image_ids)
-    dets_a, dets_b = run_a.detections_at(threshold), run_b.detections_at(threshold)
+    threshold_b = threshold if threshold_b is None else threshold_b
+    dets_a, dets_b = run_a.detections_at(threshold), run_b.detections_at(threshold_b)
+    taus = f"tau {threshold:g}" + ("" if threshold_b == threshold else f" | {threshold_b:g}")
     known_a, known_b = run_a.gt_known, run_b.gt_known
     statistics = {
-        f"mAP@{iou:g} (tau {threshold:g}, {metric})": (map_statistic(dets_a, gt, iou, metric),
-                                                       map_statistic(dets_b, gt, iou, metric)),
-        f"CorLoc@0.5 (tau {threshold:g})": (corloc_statistic(dets_a, gt), corloc_statistic(dets_b, gt)),
+        f"mAP@{iou:g} ({taus}, {metric})": (map_statistic(dets_a, gt, iou, metric),
+                                            map_statistic(dets_b, gt, iou, metric)),
+        f"CorLoc@0.5 ({taus})": (corloc_statistic(dets_a, gt), corloc_statistic(dets_b, gt)),
         "pointing game@15px (TorchRay protocol, GT classes, mean over present classes)": tuple(
             pointing_statistic(k["image_index"], k["labels"], k["points"], gt, protocol="torchray")
             for k in (known_a, known_b)),

@@ -649,6 +649,24 @@ def test_compare_prints_paired_intervals_of_the_differences(tiny_run, tmp_path):
     assert rows and "+0.00 [+0.00, +0.00]" in rows[0] and rows[0].rstrip(" |").endswith("1.000")
 
 
+
+def test_paired_differences_score_each_run_at_its_own_tau(tiny_run):
+    """threshold_b: A at τ 0.1, B (the same run) at τ 0.2; the mAP row is labelled with both τ and its
+    difference is the mAP at 0.2 minus the mAP at 0.1, computed independently with evaluate."""
+    from gradloc.reports.compare import paired_differences
+    from gradloc.run.folder import open_run
+    from gradloc.scoring.voc import evaluate
+
+    root, _ = tiny_run
+    run = open_run(root / "results" / "tiny")
+    table = paired_differences(run, run, 0.1, 0.5, "voc07", threshold_b=0.2)
+    row = table[table["metric"] == "mAP@0.5 (tau 0.1 | 0.2, voc07)"].iloc[0]
+    maps = [evaluate(run.detections_at(tau), run.gt, [0.5]).query("`class` == 'mAP'")["ap"].iloc[0]
+            for tau in (0.1, 0.2)]
+    assert maps[0] != maps[1]
+    assert (row["a"], row["b"]) == pytest.approx(tuple(maps)) and row["diff"] == pytest.approx(maps[1] - maps[0])
+    assert table["metric"].str.startswith("CorLoc@0.5 (tau 0.1 | 0.2)").any()
+
 def test_score_ci_adds_bca_intervals_of_the_means(tiny_run):
     from gradloc.core.formats import load_detections, load_ground_truth
     from gradloc.scoring.bootstrap import corloc_interval, map_interval
